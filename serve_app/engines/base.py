@@ -1,0 +1,70 @@
+"""The engine interface: everything the model deployment needs from a text generator."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from serve_app.config import GenerationParams
+
+
+class GeneratedChunk(NamedTuple):
+    """A piece of the answer: its text and how many tokens it covers."""
+
+    text: str
+    num_tokens: int = 1
+
+
+class EngineError(RuntimeError):
+    """The engine failed while generating (reported as `unknown_error_occurred`)."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+class PromptFormatter(abc.ABC):
+    """Turns a conversation into the model's prompt text and measures it in tokens.
+
+    The ingress owns one (tokenizer only, no weights) so that a prompt that does not fit the
+    context is refused before it takes a generation slot.
+    """
+
+    context_length: int
+
+    @abc.abstractmethod
+    def render(self, messages: list[ChatMessage]) -> str:
+        """The prompt for `messages`, ending where the assistant's answer starts."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+
+class Engine(abc.ABC):
+    """Streams an answer for a rendered prompt.
+
+    `stream` must stop promptly when the consuming task is cancelled (or the generator is
+    closed): that is how a disconnected client frees its slot.
+    """
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights etc. Called once before the first `stream`."""
+
+    @abc.abstractmethod
+    def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]: ...
+
+    async def check_health(self) -> None:  # noqa: B027 - optional hook
+        """Raise if the engine can no longer serve."""
+
+    @property
+    def running(self) -> int:
+        """Generations in progress on this engine."""
+        return 0

@@ -1,0 +1,122 @@
+"""Run the Serve application as a child `serve run` process on a chosen loopback port.
+
+Used by tests, the load test and the benchmark: they start exactly the command a user runs,
+wait until it answers, and stop it by its own process id (SIGINT lets `serve run` shut Serve
+and its private Ray cluster down cleanly).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.config import APP_IMPORT_PATH, DEFAULT_APP_NAME, parse_args
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_config(args: dict[str, Any], port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A Serve config file (ServeDeploySchema) that runs ChatStream with `args` on `port`."""
+    parse_args(args)  # fail here, with a clear message, rather than inside the child process
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": DEFAULT_APP_NAME,
+                "route_prefix": "/",
+                "import_path": APP_IMPORT_PATH,
+                "args": args,
+            }
+        ],
+    }
+
+
+class LocalServe:
+    """`with LocalServe({"engine": "mock"}) as server: httpx.get(server.url + "/load")`."""
+
+    def __init__(
+        self,
+        args: dict[str, Any],
+        port: int | None = None,
+        startup_timeout_s: float = 180.0,
+        log_path: str | os.PathLike | None = None,
+    ) -> None:
+        self.args = args
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout_s = startup_timeout_s
+        self._dir = tempfile.TemporaryDirectory(prefix="chatstream-serve-")
+        self.log_path = Path(log_path) if log_path else Path(self._dir.name) / "serve.log"
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LocalServe:
+        config_path = Path(self._dir.name) / "serve_config.yaml"
+        config_path.write_text(yaml.safe_dump(serve_config(self.args, self.port)))
+        serve_bin = Path(sys.executable).with_name("serve")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._proc = subprocess.Popen(
+            [str(serve_bin), "run", str(config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"`serve run` exited with {self._proc.returncode}; log:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"service not ready after {self.startup_timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __exit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # `serve run` tears Serve and Ray down on Ctrl-C
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # our own process group only
+                proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        self._dir.cleanup()
