@@ -1,0 +1,319 @@
+// ChatStream web page. Talks only to its own origin through relative URLs (docs/http-api.md);
+// the HttpOnly session cookie, sent with every request, keeps the conversation on the server.
+"use strict";
+
+const MAX_BUSY_RETRIES = 10; // automatic retries after 429 before giving up
+
+const el = (id) => document.getElementById(id);
+const ui = {
+  main: document.querySelector("main"),
+  messages: el("messages"),
+  empty: el("empty"),
+  form: el("chat-form"),
+  input: el("input"),
+  send: el("send"),
+  stop: el("stop"),
+  regenerate: el("regenerate"),
+  clear: el("clear"),
+  status: el("status"),
+  settingsForm: el("settings-form"),
+  settingsStatus: el("settings-status"),
+};
+const PARAMS = ["temperature", "top_k", "top_p", "max_new_tokens"];
+
+let inFlight = null; // AbortController of the running /chat_stream request, if any
+
+// ---- HTTP helpers ---------------------------------------------------------------------------
+
+function request(path, method = "GET", body = undefined, signal = undefined) {
+  const options = { method, credentials: "same-origin", signal, headers: {} };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  return fetch(path, options);
+}
+
+// The server's explanation of a 4xx/5xx answer: {"error": code, "message": text}.
+async function errorText(resp) {
+  try {
+    const data = await resp.json();
+    return data.message || data.error || `HTTP ${resp.status}`;
+  } catch {
+    return `HTTP ${resp.status} ${resp.statusText}`.trim();
+  }
+}
+
+function retryAfterSeconds(resp) {
+  const header = resp.headers.get("Retry-After") || "";
+  let seconds = Number.parseInt(header, 10);
+  if (Number.isNaN(seconds)) {
+    const date = Date.parse(header);
+    seconds = Number.isNaN(date) ? 1 : Math.ceil((date - Date.now()) / 1000);
+  }
+  return Math.min(Math.max(seconds, 1), 60);
+}
+
+// ---- rendering ------------------------------------------------------------------------------
+
+function showStatus(text, kind = "info") {
+  ui.status.textContent = text;
+  ui.status.dataset.kind = kind;
+  ui.status.hidden = !text;
+}
+
+function nearBottom() {
+  return ui.main.scrollHeight - ui.main.scrollTop - ui.main.clientHeight < 80;
+}
+
+function scrollToEnd(force = false) {
+  if (force || nearBottom()) ui.main.scrollTop = ui.main.scrollHeight;
+}
+
+function addMessage(role, content, messageId = "", state = "done") {
+  const item = document.createElement("li");
+  item.className = `msg ${role}`;
+  item.dataset.role = role;
+  item.dataset.state = state;
+  if (messageId) item.dataset.messageId = messageId;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : "Assistant";
+  const text = document.createElement("div");
+  text.className = "content";
+  text.textContent = content;
+  item.append(who, text);
+  ui.messages.append(item);
+  refreshControls();
+  scrollToEnd(true);
+  return item;
+}
+
+function contentOf(item) {
+  return item.querySelector(".content");
+}
+
+function lastMessage() {
+  return ui.messages.lastElementChild;
+}
+
+function refreshControls() {
+  const busy = inFlight !== null;
+  const last = lastMessage();
+  ui.empty.hidden = ui.messages.childElementCount > 0;
+  ui.send.disabled = busy;
+  ui.stop.disabled = !busy;
+  ui.clear.disabled = busy;
+  ui.regenerate.disabled = busy || !last || last.dataset.role !== "assistant";
+  ui.messages.setAttribute("aria-busy", String(busy));
+}
+
+async function loadHistory() {
+  const resp = await request("history");
+  if (!resp.ok) {
+    showStatus(`Could not load the conversation: ${await errorText(resp)}`, "error");
+    return;
+  }
+  const data = await resp.json();
+  ui.messages.replaceChildren();
+  for (const m of data.messages) addMessage(m.role, m.content, m.message_id || "");
+  refreshControls();
+}
+
+// ---- streaming ------------------------------------------------------------------------------
+
+// Waits `seconds`, counting down in the status line; rejects at once if `signal` aborts.
+function busyCountdown(seconds, signal) {
+  return new Promise((resolve, reject) => {
+    let left = seconds;
+    const tick = () => {
+      if (left <= 0) return finish(resolve);
+      showStatus(`Service busy, retrying in ${left} s… (Stop cancels)`, "busy");
+      left -= 1;
+    };
+    const onAbort = () => finish(() => reject(new DOMException("Aborted", "AbortError")));
+    const timer = setInterval(tick, 1000);
+    function finish(done) {
+      clearInterval(timer);
+      signal.removeEventListener("abort", onAbort);
+      done();
+    }
+    signal.addEventListener("abort", onAbort, { once: true });
+    tick();
+  });
+}
+
+async function readStream(resp, item) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  const text = contentOf(item);
+  item.dataset.state = "streaming";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    const chunk = decoder.decode(value, { stream: true });
+    if (chunk) {
+      text.append(chunk);
+      scrollToEnd();
+    }
+  }
+  text.append(decoder.decode());
+  text.normalize();
+}
+
+// POSTs /chat_stream and streams the answer into `item`. Retries after 429.
+// Returns "done", "stopped" (Stop pressed), "rejected" (4xx/5xx answer) or "cut" (stream broke).
+async function streamAnswer(body, item) {
+  const controller = new AbortController();
+  inFlight = controller;
+  item.dataset.state = "waiting";
+  refreshControls();
+  try {
+    for (let attempt = 0; ; attempt += 1) {
+      const resp = await request("chat_stream", "POST", body, controller.signal);
+      if (resp.status === 429 && attempt < MAX_BUSY_RETRIES) {
+        await busyCountdown(retryAfterSeconds(resp), controller.signal);
+        continue;
+      }
+      if (!resp.ok) {
+        const reason = resp.status === 429 ? "Service busy; try again later." : "";
+        showStatus(reason || (await errorText(resp)), "error");
+        return "rejected";
+      }
+      showStatus("");
+      item.dataset.messageId = resp.headers.get("X-ChatStream-Last-Generated-Message-Id") || "";
+      await readStream(resp, item);
+      item.dataset.state = "done";
+      return "done";
+    }
+  } catch (err) {
+    if (controller.signal.aborted) {
+      item.dataset.state = "stopped";
+      showStatus("Stopped.", "info");
+      return "stopped";
+    }
+    item.dataset.state = "error";
+    const started = contentOf(item).textContent !== "";
+    const what = started ? "The answer was cut off" : "The request failed";
+    showStatus(`${what} (${err.message}). Try Regenerate.`, "error");
+    return "cut";
+  } finally {
+    inFlight = null;
+    refreshControls();
+    if (document.activeElement === document.body || document.activeElement === ui.stop) {
+      ui.input.focus();
+    }
+  }
+}
+
+async function sendMessage() {
+  const text = ui.input.value;
+  if (inFlight || !text.trim()) return;
+  ui.input.value = "";
+  const question = addMessage("user", text);
+  const answer = addMessage("assistant", "", "", "waiting");
+  const outcome = await streamAnswer({ user_input: text }, answer);
+  if (outcome === "rejected") {
+    // Nothing was admitted: take the turn back out of the view and give the text back.
+    question.remove();
+    answer.remove();
+    if (!ui.input.value) ui.input.value = text;
+    refreshControls();
+  } else if (outcome === "stopped" && !contentOf(answer).textContent) {
+    await loadHistory(); // stopped before the first chunk: show what the server kept
+  }
+}
+
+async function regenerate() {
+  const last = lastMessage();
+  if (inFlight || !last || last.dataset.role !== "assistant") return;
+  const before = { text: contentOf(last).textContent, id: last.dataset.messageId || "" };
+  contentOf(last).textContent = "";
+  const outcome = await streamAnswer({ regenerate: true }, last);
+  if (outcome === "rejected") {
+    contentOf(last).textContent = before.text;
+    last.dataset.messageId = before.id;
+    last.dataset.state = "done";
+  } else if (outcome === "stopped" && !contentOf(last).textContent) {
+    await loadHistory();
+  }
+}
+
+async function clearConversation() {
+  if (inFlight) return;
+  const resp = await request("clear_context", "POST");
+  if (!resp.ok) {
+    showStatus(`Could not clear: ${await errorText(resp)}`, "error");
+    return;
+  }
+  ui.messages.replaceChildren();
+  showStatus("");
+  refreshControls();
+  ui.input.focus();
+}
+
+// ---- settings -------------------------------------------------------------------------------
+
+function fillSettings(params) {
+  for (const name of PARAMS) {
+    if (params[name] !== undefined) ui.settingsForm.elements[name].value = params[name];
+  }
+}
+
+async function loadSettings() {
+  const resp = await request("generation_params");
+  if (resp.ok) fillSettings(await resp.json());
+  else ui.settingsStatus.textContent = `Could not load: ${await errorText(resp)}`;
+}
+
+async function saveSettings(event) {
+  event.preventDefault();
+  const update = {};
+  for (const name of PARAMS) {
+    const raw = ui.settingsForm.elements[name].value.trim();
+    if (raw !== "") update[name] = Number(raw);
+  }
+  ui.settingsStatus.dataset.kind = "info";
+  ui.settingsStatus.textContent = "Saving…";
+  const resp = await request("generation_params", "PUT", update);
+  if (resp.ok) {
+    fillSettings(await resp.json());
+    ui.settingsStatus.textContent = "Saved.";
+  } else {
+    ui.settingsStatus.dataset.kind = "error";
+    ui.settingsStatus.textContent = await errorText(resp);
+  }
+}
+
+// ---- wiring ---------------------------------------------------------------------------------
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sendMessage();
+});
+ui.input.addEventListener("keydown", (event) => {
+  // Enter sends, Shift+Enter inserts a newline; never send while an IME is composing.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+    event.preventDefault();
+    sendMessage();
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && inFlight) inFlight.abort();
+});
+ui.stop.addEventListener("click", () => inFlight && inFlight.abort());
+ui.regenerate.addEventListener("click", regenerate);
+ui.clear.addEventListener("click", clearConversation);
+ui.settingsForm.addEventListener("submit", saveSettings);
+
+(async () => {
+  refreshControls();
+  // One request after the other: the first answer sets the session cookie the second one uses.
+  try {
+    await loadHistory();
+    await loadSettings();
+  } catch (err) {
+    showStatus(`Cannot reach the service (${err.message}). Reload to try again.`, "error");
+  }
+  document.body.dataset.ready = "true";
+})();
