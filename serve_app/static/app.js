@@ -58,8 +58,7 @@ function retryAfterSeconds(resp) {
 
 function showStatus(text, kind = "info") {
   ui.status.textContent = text;
-  ui.status.dataset.kind = kind;
-  ui.status.hidden = !text;
+  ui.status.dataset.kind = kind; // the region stays in the page so screen readers hear changes
 }
 
 function nearBottom() {
@@ -220,7 +219,9 @@ async function sendMessage() {
     if (!ui.input.value) ui.input.value = text;
     refreshControls();
   } else if (outcome === "stopped" && !contentOf(answer).textContent) {
-    await loadHistory(); // stopped before the first chunk: show what the server kept
+    // Stopped before the first chunk: show what the server kept and give the text back.
+    if (!ui.input.value) ui.input.value = text;
+    await loadHistory();
   }
 }
 
@@ -266,8 +267,7 @@ async function loadSettings() {
   else ui.settingsStatus.textContent = `Could not load: ${await errorText(resp)}`;
 }
 
-async function saveSettings(event) {
-  event.preventDefault();
+async function saveSettings() {
   const update = {};
   for (const name of PARAMS) {
     const raw = ui.settingsForm.elements[name].value.trim();
@@ -287,24 +287,31 @@ async function saveSettings(event) {
 
 // ---- wiring ---------------------------------------------------------------------------------
 
+// Runs an async handler; a network failure becomes a visible message, not a silent rejection.
+const guarded = (handler) => (event) =>
+  handler(event).catch((err) => showStatus(`Cannot reach the service (${err.message}).`, "error"));
+
 ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
-  sendMessage();
+  guarded(sendMessage)();
 });
 ui.input.addEventListener("keydown", (event) => {
   // Enter sends, Shift+Enter inserts a newline; never send while an IME is composing.
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
     event.preventDefault();
-    sendMessage();
+    guarded(sendMessage)();
   }
 });
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && inFlight) inFlight.abort();
 });
 ui.stop.addEventListener("click", () => inFlight && inFlight.abort());
-ui.regenerate.addEventListener("click", regenerate);
-ui.clear.addEventListener("click", clearConversation);
-ui.settingsForm.addEventListener("submit", saveSettings);
+ui.regenerate.addEventListener("click", guarded(regenerate));
+ui.clear.addEventListener("click", guarded(clearConversation));
+ui.settingsForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  guarded(saveSettings)();
+});
 
 (async () => {
   refreshControls();
