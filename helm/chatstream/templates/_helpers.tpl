@@ -1,0 +1,146 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "chatstream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The prefix of every object name: fullnameOverride, else "<release>-<name>", else the release
+name alone when it already contains the chart name. Truncated to 63 characters (DNS label).
+*/}}
+{{- define "chatstream.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "<chart>-<version>" for the helm.sh/chart label. */}}
+{{- define "chatstream.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the operator pod; never change them after the first release. */}}
+{{- define "chatstream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatstream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* Labels on every object of the chart (the operator's add its component, see above). */}}
+{{- define "chatstream.labels" -}}
+app.kubernetes.io/name: {{ include "chatstream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+helm.sh/chart: {{ include "chatstream.chart" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chatstream
+{{- with .Values.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The name of the cluster-scoped objects (ClusterRole, ClusterRoleBinding): the namespace is part
+of it, so that the same release name can be installed in several namespaces.
+*/}}
+{{- define "chatstream.clusterObjectName" -}}
+{{- printf "%s-%s" (include "chatstream.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "chatstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "chatstream.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator image reference; the tag defaults to the chart's appVersion. */}}
+{{- define "chatstream.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The serve image reference; the tag defaults to the chart's appVersion. */}}
+{{- define "chatstream.serveImage" -}}
+{{- printf "%s:%s" .Values.serveImage.repository (default .Chart.AppVersion .Values.serveImage.tag) -}}
+{{- end -}}
+
+{{/*
+The namespaces the operator watches, as a list: empty when cluster-wide, else watchNamespaces
+or the release namespace.
+*/}}
+{{- define "chatstream.watchNamespaces" -}}
+{{- if not .Values.clusterWide -}}
+{{- toYaml (default (list .Release.Namespace) .Values.watchNamespaces) -}}
+{{- else -}}
+[]
+{{- end -}}
+{{- end -}}
+
+{{/* Refuse value combinations the schema cannot express. */}}
+{{- define "chatstream.validateValues" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.peering.enabled) -}}
+{{- fail "replicas > 1 needs peering.enabled=true: without peering every operator pod would handle every ChatStream" -}}
+{{- end -}}
+{{- if and .Values.clusterWide .Values.watchNamespaces -}}
+{{- fail "watchNamespaces is only used with clusterWide=false: set clusterWide=false to watch only those namespaces" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+RBAC: exactly the API calls the operator makes (checked in tests/helm against the calls the
+real operator makes in its kmock integration run). Rules on namespaced resources, granted by a
+Role in every watched namespace, or by the ClusterRole when cluster-wide.
+*/}}
+{{- define "chatstream.rbac.namespacedRules" -}}
+# ChatStreams: watch them, and write their status and kopf's bookkeeping annotations.
+- apiGroups: ["chatstream.dev"]
+  resources: ["chatstreams"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["chatstream.dev"]
+  resources: ["chatstreams/status"]
+  verbs: ["patch"]
+# The RayService each ChatStream owns.
+- apiGroups: ["ray.io"]
+  resources: ["rayservices"]
+  verbs: ["get", "create", "patch"]
+# Events on the ChatStreams about what the operator did.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if and .Values.peering.enabled (not .Values.clusterWide) }}
+# kopf's peering object in every watched namespace (namespaced operators).
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
+{{- end -}}
+
+{{/* RBAC rules on cluster-scoped resources, always granted by the ClusterRole. */}}
+{{- define "chatstream.rbac.clusterRules" -}}
+# kopf discovers which resources exist (and learns about new CRDs) by watching CRDs.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- if .Values.clusterWide }}
+# kopf follows namespaces as they come and go when it serves all of them.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- if .Values.peering.enabled }}
+# kopf's cluster-wide peering object.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
+{{- end }}
+{{- end -}}
