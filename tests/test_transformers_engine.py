@@ -1,0 +1,244 @@
+"""The transformers engine on the embedded SmolLM2-135M-Instruct GGUF (real weights, CPU).
+
+The model is loaded once for the module; generations are kept to a few tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub; never try it
+
+from serve_app.config import ChatStreamConfig, GenerationParams  # noqa: E402
+from serve_app.engines.base import ChatMessage, EngineError, GeneratedChunk  # noqa: E402
+from serve_app.engines.batching import (  # noqa: E402
+    IncrementalDetokenizer,
+    filter_logits,
+    keep_rows,
+    merge_rows,
+    sample_token,
+    stop_reason,
+)
+from serve_app.engines.transformers_engine import (  # noqa: E402
+    TransformersEngine,
+    TransformersPromptFormatter,
+    resolve_model_source,
+)
+
+pytestmark = pytest.mark.slow
+
+GREEDY = GenerationParams(temperature=0.0, max_new_tokens=16)
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "What is 2+2?",
+    "Name three colors.",
+    "Who wrote Hamlet?",
+    "Say hello in Japanese.",
+    "What is Python?",
+    "Describe a cat in one sentence.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> TransformersEngine:
+    engine = TransformersEngine(ChatStreamConfig(max_ongoing_requests=8))
+    asyncio.run(engine.start())  # the worker thread outlives this loop; streams use their own
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def formatter() -> TransformersPromptFormatter:
+    return TransformersPromptFormatter(ChatStreamConfig())
+
+
+def prompt_for(formatter: TransformersPromptFormatter, question: str) -> str:
+    return formatter.render([ChatMessage("user", question)])
+
+
+async def collect(engine: TransformersEngine, prompt: str, params: GenerationParams) -> str:
+    return "".join([chunk.text async for chunk in engine.stream(prompt, params)])
+
+
+async def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+# --- model source ------------------------------------------------------------------------------
+
+
+def test_resolve_model_source_variants(tmp_path: Path) -> None:
+    directory, gguf = resolve_model_source(ChatStreamConfig())
+    assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (Path(directory) / gguf).is_file()
+    assert resolve_model_source(ChatStreamConfig(model=str(tmp_path / "m.Q8_0.gguf"))) == (
+        str(tmp_path),
+        "m.Q8_0.gguf",
+    )
+    assert resolve_model_source(ChatStreamConfig(model="org/model")) == ("org/model", None)
+    assert resolve_model_source(ChatStreamConfig(model="org/model", gguf_file="x.gguf")) == (
+        "org/model",
+        "x.gguf",
+    )
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def test_stop_reason_order() -> None:
+    eos = frozenset({2})
+    assert stop_reason(2, 1, 10, 5, eos, 100) == "eos"
+    assert stop_reason(7, 5, 10, 5, eos, 100) == "length"
+    assert stop_reason(7, 3, 97, 5, eos, 100) == "context"
+    assert stop_reason(7, 2, 97, 5, eos, 100) is None
+
+
+def test_sampling_filters() -> None:
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
+    assert sample_token(logits, GenerationParams(temperature=0.0)) == 1
+    assert sample_token(logits, GenerationParams(temperature=1.5, top_k=1)) == 1
+    kept = filter_logits(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(kept).tolist() == [False, True, True, False]
+    # The best token alone holds ~63% of the mass here: top_p 0.5 keeps only it.
+    assert torch.isfinite(filter_logits(logits, 0, 0.5)).tolist() == [False, True, False, False]
+
+
+def test_cache_rows_merge_and_leave() -> None:
+    def cache_of(*lengths_and_values):
+        keys = [torch.full((1, 1, n, 2), float(v)) for n, v in lengths_and_values]
+        layer = SimpleNamespace(keys=torch.cat(keys), values=torch.cat(keys).clone())
+        return SimpleNamespace(layers=[layer])
+
+    batch = cache_of((2, 1.0))
+    mask = merge_rows(
+        batch,
+        torch.ones(1, 2, dtype=torch.long),
+        cache_of((4, 2.0)),
+        torch.ones(1, 4, dtype=torch.long),
+    )
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert batch.layers[0].keys[:, 0, :, 0].tolist() == [[0, 0, 1, 1], [2, 2, 2, 2]]
+    # The long row leaves: the columns that were only its own are trimmed away.
+    mask = keep_rows(batch, mask, torch.tensor([0]))
+    assert mask.tolist() == [[1, 1]]
+    assert batch.layers[0].keys[:, 0, :, 0].tolist() == [[1, 1]]
+
+
+def test_incremental_detokenizer_handles_multibyte_text(engine: TransformersEngine) -> None:
+    text = "Café — 日本語のテキスト 🙂👍🏽 naïve\n  spaced   words"
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(engine.tokenizer)
+    deltas = [detok.push(i) for i in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == engine.tokenizer.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert sum(1 for d in deltas if d) > 5  # streamed piece by piece, not all at the end
+
+
+# --- the real model ----------------------------------------------------------------------------
+
+
+def test_formatter_renders_chat_template(formatter: TransformersPromptFormatter) -> None:
+    prompt = prompt_for(formatter, "What is the capital of France?")
+    assert "What is the capital of France?" in prompt
+    assert prompt.rstrip().endswith("<|im_start|>assistant")
+    assert 10 < formatter.count_tokens(prompt) < 60
+    assert formatter.context_length == 8192
+    short = TransformersPromptFormatter(ChatStreamConfig(max_context_tokens=512))
+    assert short.context_length == 512
+
+
+async def test_streams_a_short_real_answer(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    prompt = prompt_for(formatter, "What is the capital of France?")
+    chunks = [
+        c async for c in engine.stream(prompt, GenerationParams(temperature=0, max_new_tokens=8))
+    ]
+    assert all(isinstance(c, GeneratedChunk) for c in chunks)
+    assert len(chunks) > 1  # streamed, not one block
+    assert "Paris" in "".join(c.text for c in chunks)
+    assert 1 <= sum(c.num_tokens for c in chunks) <= 8
+    assert engine.running == 0
+
+
+async def test_sampled_generation_respects_max_new_tokens(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    params = GenerationParams(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=5)
+    chunks = [c async for c in engine.stream(prompt_for(formatter, "Tell me a story."), params)]
+    assert 1 <= sum(c.num_tokens for c in chunks) <= 5
+
+
+async def test_prompt_over_the_context_is_an_engine_error(engine: TransformersEngine) -> None:
+    with pytest.raises(EngineError, match="does not fit the context"):
+        await collect(engine, "word " * 9000, GREEDY)
+    assert engine.running == 0
+
+
+async def test_greedy_output_is_identical_alone_and_beside_seven_others(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    prompts = [prompt_for(formatter, q) for q in QUESTIONS]
+    alone = [await collect(engine, p, GREEDY) for p in prompts]
+    steps_before = engine.scheduler.steps
+    together = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
+    assert together == alone
+    assert all(alone)
+    # They really shared forward passes: ~16 tokens each took far fewer than 8 x 15 steps.
+    assert engine.scheduler.steps - steps_before < 2 * 16
+
+
+async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    long = GenerationParams(temperature=0.0, max_new_tokens=400)
+    others_params = GenerationParams(temperature=0.0, max_new_tokens=24)
+    victim_chunks: list[str] = []
+
+    async def victim() -> None:
+        async for chunk in engine.stream(prompt_for(formatter, "Tell me a long story."), long):
+            victim_chunks.append(chunk.text)
+
+    victim_task = asyncio.create_task(victim())
+    others = [
+        asyncio.create_task(collect(engine, prompt_for(formatter, q), others_params))
+        for q in QUESTIONS[:2]
+    ]
+    await wait_until(lambda: len(victim_chunks) >= 3 and engine.running == 3)
+
+    steps_at_cancel = engine.scheduler.steps
+    victim_task.cancel()
+    await wait_until(lambda: engine.running == 2)
+    assert engine.scheduler.steps - steps_at_cancel <= 1
+    with pytest.raises(asyncio.CancelledError):
+        await victim_task
+
+    answers = await asyncio.gather(*others)
+    assert all(answers)
+    assert engine.running == 0
+
+
+async def test_closed_generator_frees_its_slot(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    stream = engine.stream(
+        prompt_for(formatter, "Count to one hundred."),
+        GenerationParams(temperature=0.0, max_new_tokens=400),
+    )
+    await anext(stream)
+    assert engine.running == 1
+    steps_at_close = engine.scheduler.steps
+    await stream.aclose()
+    await wait_until(lambda: engine.running == 0)
+    assert engine.scheduler.steps - steps_at_close <= 1
