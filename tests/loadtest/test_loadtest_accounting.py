@@ -1,0 +1,155 @@
+"""The accounting check fails when the server's ledger is wrong, and only then."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.accounting import (
+    ABSENT,
+    BEFORE_STREAMING,
+    SUCCESS,
+    UNKNOWN_ERROR,
+    WHILE_STREAMING,
+    ClientRecord,
+    ServerView,
+    compare,
+    counter_delta,
+    format_report,
+    rejected,
+    server_view_from_json,
+)
+
+CLIENT = [
+    ClientRecord("lt-1", "chatter", (SUCCESS,)),
+    ClientRecord("lt-2", "chatter", (SUCCESS,)),
+    ClientRecord("lt-3", "mid-stream quitter", (WHILE_STREAMING,)),
+    ClientRecord("lt-4", "early quitter", (BEFORE_STREAMING, ABSENT)),
+    ClientRecord("lt-5", "failer", (UNKNOWN_ERROR,)),
+    ClientRecord("lt-6", "chatter", (rejected("too_many_requests"),)),
+    ClientRecord("lt-7", "bad input", (rejected("invalid_json"),)),
+]
+LEDGER = {
+    "lt-1": SUCCESS,
+    "lt-2": SUCCESS,
+    "lt-3": WHILE_STREAMING,
+    "lt-4": BEFORE_STREAMING,
+    "lt-5": UNKNOWN_ERROR,
+}
+REJECTIONS = {"lt-6": "too_many_requests", "lt-7": "invalid_json"}
+
+
+def server_view(
+    outcomes: dict[str, str], rejections: dict[str, str], extra_totals: dict[str, int] | None = None
+) -> ServerView:
+    """A server whose totals are consistent with its ledger (plus `extra_totals`), built from the
+    same JSON shapes the service answers, with totals that did not start at zero."""
+    before = {"outcomes": {SUCCESS: 7, UNKNOWN_ERROR: 1}, "rejections": {"invalid_json": 2}}
+    after_outcomes = dict(before["outcomes"])
+    for outcome in outcomes.values():
+        after_outcomes[outcome] = after_outcomes.get(outcome, 0) + 1
+    for outcome, n in (extra_totals or {}).items():
+        after_outcomes[outcome] = after_outcomes.get(outcome, 0) + n
+    after_rejections = dict(before["rejections"])
+    for code in rejections.values():
+        after_rejections[code] = after_rejections.get(code, 0) + 1
+    ledger = {
+        "outcomes": {**outcomes, "other-run-1": SUCCESS},  # not this run's: ignored
+        "rejections": rejections,
+    }
+    after = {"outcomes": after_outcomes, "rejections": after_rejections}
+    return server_view_from_json(ledger, before, after, request_id_prefix="lt-")
+
+
+def test_equal_views_pass() -> None:
+    report = compare(CLIENT, server_view(LEDGER, REJECTIONS))
+    assert report.ok, format_report(report)
+    assert report.differences == ()
+    counts = {row.key: row.client for row in report.rows}
+    assert counts[SUCCESS] == 2
+    assert counts[rejected("too_many_requests")] == 1
+    assert "ACCOUNTING OK" in format_report(report)
+
+
+def test_early_quit_the_service_never_saw_is_allowed() -> None:
+    outcomes = {k: v for k, v in LEDGER.items() if k != "lt-4"}
+    report = compare(CLIENT, server_view(outcomes, REJECTIONS))
+    assert report.ok, format_report(report)
+    assert report.not_admitted == 1
+
+
+def test_dropped_outcome_fails() -> None:
+    outcomes = {k: v for k, v in LEDGER.items() if k != "lt-3"}
+    report = compare(CLIENT, server_view(outcomes, REJECTIONS))
+    assert not report.ok
+    problems = {(d.request_id, d.problem) for d in report.differences}
+    assert ("lt-3", "missing on the server") in problems
+    assert "ACCOUNTING FAILED" in format_report(report)
+
+
+def test_dropped_outcome_kept_in_totals_only_still_fails() -> None:
+    outcomes = {k: v for k, v in LEDGER.items() if k != "lt-1"}
+    report = compare(CLIENT, server_view(outcomes, REJECTIONS, extra_totals={SUCCESS: 1}))
+    assert not report.ok
+    assert any(d.request_id == "lt-1" for d in report.differences)
+
+
+def test_doubled_outcome_fails() -> None:
+    # The ledger keeps one entry per id; a second callback for lt-1 shows in the totals.
+    report = compare(CLIENT, server_view(LEDGER, REJECTIONS, extra_totals={SUCCESS: 1}))
+    assert not report.ok
+    row = next(r for r in report.rows if r.key == SUCCESS)
+    assert (row.client, row.server_ledger, row.server_totals) == (2, 2, 3)
+
+
+def test_outcome_and_rejection_for_one_id_fails() -> None:
+    report = compare(CLIENT, server_view(LEDGER, {**REJECTIONS, "lt-2": "too_many_requests"}))
+    assert not report.ok
+    assert any(d.request_id == "lt-2" and "2 times" in d.problem for d in report.differences)
+
+
+@pytest.mark.parametrize(
+    ("request_id", "wrong"),
+    [
+        ("lt-1", WHILE_STREAMING),
+        ("lt-3", SUCCESS),
+        ("lt-4", WHILE_STREAMING),
+        ("lt-5", SUCCESS),
+        ("lt-3", UNKNOWN_ERROR),
+    ],
+)
+def test_mislabelled_outcome_fails(request_id: str, wrong: str) -> None:
+    report = compare(CLIENT, server_view({**LEDGER, request_id: wrong}, REJECTIONS))
+    assert not report.ok
+    assert any(
+        d.request_id == request_id and d.problem == "mislabelled" for d in report.differences
+    )
+
+
+def test_mislabelled_rejection_fails() -> None:
+    report = compare(CLIENT, server_view(LEDGER, {**REJECTIONS, "lt-7": "invalid_request"}))
+    assert not report.ok
+
+
+def test_outcome_for_an_id_no_client_sent_fails() -> None:
+    report = compare(CLIENT, server_view({**LEDGER, "lt-99": SUCCESS}, REJECTIONS))
+    assert not report.ok
+    assert any(d.problem == "no client sent this id" for d in report.differences)
+
+
+def test_client_side_violation_fails_even_when_counts_agree() -> None:
+    records = [*CLIENT[:-1], ClientRecord("lt-7", "bad input", (SUCCESS,), "bad input got 200")]
+    outcomes = {**LEDGER, "lt-7": SUCCESS}
+    rejections = {k: v for k, v in REJECTIONS.items() if k != "lt-7"}
+    report = compare(records, server_view(outcomes, rejections))
+    assert not report.ok
+    assert [d.problem for d in report.differences] == ["bad input got 200"]
+
+
+def test_extra_failures_fail_the_report() -> None:
+    report = compare(CLIENT, server_view(LEDGER, REJECTIONS)).with_failures("1 slot still busy")
+    assert not report.ok
+    assert "FAILED CHECK: 1 slot still busy" in format_report(report)
+
+
+def test_counter_delta() -> None:
+    assert counter_delta({"a": 1, "b": 2}, {"b": 5, "c": 1}) == {"a": -1, "b": 3, "c": 1}
