@@ -65,14 +65,18 @@ class ChatStreamConfig(BaseModel):
 
     # --- concurrency and scaling -------------------------------------------------------------
     max_ongoing_requests: int = Field(
-        4, ge=1, description="Generations run at once per model replica (num_of_concurrent_executions)"
+        4,
+        ge=1,
+        description="Generations run at once per model replica (num_of_concurrent_executions)",
     )
     max_queued_requests: int = Field(
         16, ge=-1, description="Requests waiting per ingress replica; beyond it 429. -1 = unbounded"
     )
     num_replicas: int = Field(1, ge=0, description="Model replicas (ignored when autoscaling)")
     min_replicas: int = Field(0, ge=0, description="Autoscaling lower bound (with max_replicas)")
-    max_replicas: int = Field(0, ge=0, description="Autoscaling upper bound; 0 disables autoscaling")
+    max_replicas: int = Field(
+        0, ge=0, description="Autoscaling upper bound; 0 disables autoscaling"
+    )
     target_ongoing_requests: float = Field(2.0, gt=0.0)
     ingress_replicas: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica")
@@ -93,7 +97,8 @@ class ChatStreamConfig(BaseModel):
         "ray", description="'ray' shares history across ingress replicas; 'memory' is per replica"
     )
     session_secret: str = Field(
-        "", description="Cookie signing key; empty means one random key shared by the app's replicas"
+        "",
+        description="Cookie signing key; empty means one random key shared by the app's replicas",
     )
     session_cookie_name: str = "chatstream_session"
     session_ttl_sec: int = Field(86400, ge=60)

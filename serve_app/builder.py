@@ -1,0 +1,42 @@
+"""Turn application arguments into a Serve application: `serve run serve_app:app key=value`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import ChatStreamConfig, parse_args
+from serve_app.ingress import ChatStreamIngress
+from serve_app.model_deployment import ChatModel
+
+
+def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
+    """Serve options of the model deployment: the concurrency limit, the queue, replicas, GPUs."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        # Loading a model can take minutes on a cold node.
+        "health_check_timeout_s": 60,
+    }
+    if config.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": config.min_replicas,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def build_app(config: ChatStreamConfig) -> Application:
+    model = ChatModel.options(**model_deployment_options(config)).bind(config)
+    return ChatStreamIngress.options(num_replicas=config.ingress_replicas).bind(model, config)
+
+
+def app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder for `serve run serve_app:app [key=value ...]` and Serve config files
+    (`import_path: serve_app:app`, `args: {...}`); keys are ChatStreamConfig's fields."""
+    return build_app(parse_args(args))

@@ -1,0 +1,79 @@
+"""Pure logic of one chat turn: which history the answer follows, the prompt that fits the
+context, the generation parameters, and the history after the outcome is known."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.engines.base import PromptFormatter
+from serve_app.sessions import ChatPrompt, trim_history
+from serve_app.validation import ChatTurnRequest, RequestRejected
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    """What to generate: `messages` ends with the user turn the answer will follow."""
+
+    messages: list[Message]
+    prompt: str
+    prompt_tokens: int
+    params: dict[str, Any]
+
+
+def messages_before_answer(history: list[Message], turn: ChatTurnRequest) -> list[Message]:
+    """The history the new answer follows. Regenerate drops the last answer, if any, and
+    answers the last user message again; otherwise the new user input is appended."""
+    if not turn.regenerate:
+        return [*history, {"role": "user", "content": turn.user_input}]
+    base = history[:-1] if history and history[-1]["role"] == "assistant" else history
+    if not base or base[-1]["role"] != "user":
+        raise RequestRejected(409, "nothing_to_regenerate", "there is no answer to regenerate yet")
+    return list(base)
+
+
+def fit_to_context(
+    messages: list[Message], formatter: PromptFormatter, system_prompt: str
+) -> tuple[list[Message], str, int]:
+    """Drop the oldest turns until the prompt leaves room for at least one answer token.
+
+    Refuses (413) when even the last user message alone does not fit."""
+    while True:
+        prompt = ChatPrompt(messages, formatter, system_prompt).create_prompt()
+        tokens = formatter.count_tokens(prompt)
+        if tokens < formatter.context_length:
+            return messages, prompt, tokens
+        next_user = next((i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"), None)
+        if next_user is None:
+            raise RequestRejected(
+                413,
+                "prompt_too_long",
+                f"the prompt is {tokens} tokens but the model's context is "
+                f"{formatter.context_length}; send a shorter user_input",
+            )
+        messages = messages[next_user:]
+
+
+def plan_turn(
+    history: list[Message],
+    turn: ChatTurnRequest,
+    *,
+    defaults: dict[str, Any],
+    session_params: dict[str, Any],
+    formatter: PromptFormatter,
+    system_prompt: str = "",
+    max_turns: int = 50,
+) -> TurnPlan:
+    messages = trim_history(messages_before_answer(history, turn), max_turns)
+    messages, prompt, prompt_tokens = fit_to_context(messages, formatter, system_prompt)
+    params = {**defaults, **session_params, **turn.as_dict()}
+    params["max_new_tokens"] = min(
+        params["max_new_tokens"], formatter.context_length - prompt_tokens
+    )
+    return TurnPlan(messages, prompt, prompt_tokens, params)
+
+
+def history_after_answer(messages: list[Message], answer: str, message_id: str) -> list[Message]:
+    return [*messages, {"role": "assistant", "content": answer, "message_id": message_id}]

@@ -1,0 +1,94 @@
+"""The mock engine: instant start, deterministic answers, tunable speed. For tests and load tests."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections.abc import AsyncIterator
+
+from serve_app.config import ChatStreamConfig, GenerationParams
+from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
+
+_LONG_TEXT = (
+    "Streaming lets a chat client show each token the moment the model produces it, so the "
+    "user starts reading long before the answer is complete. "
+)
+# A "token" of the mock world: a word with the whitespace before it.
+_TOKEN_RE = re.compile(r"\s*\S+")
+_USER_TAG = "<|user|>\n"
+_ASSISTANT_TAG = "<|assistant|>\n"
+_END_TAG = "<|end|>\n"
+
+
+def split_tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(text)
+
+
+def last_user_message(prompt: str) -> str:
+    """The last user turn of a prompt rendered by `MockPromptFormatter`."""
+    start = prompt.rfind(_USER_TAG)
+    if start < 0:
+        return prompt
+    body = prompt[start + len(_USER_TAG) :]
+    return body.split(_END_TAG, 1)[0]
+
+
+def mock_answer_tokens(mode: str, user_text: str) -> itertools.chain[str] | list[str]:
+    """The (possibly endless) token sequence the mock answers with."""
+    if mode == "echo":
+        return split_tokens(user_text) or ["(empty)"]
+    if mode == "round":
+        return itertools.cycle(split_tokens(user_text) or ["(empty)"])
+    return itertools.cycle(split_tokens(_LONG_TEXT))
+
+
+class MockPromptFormatter(PromptFormatter):
+    """A simple tagged chat format; one token per word."""
+
+    def __init__(self, config: ChatStreamConfig) -> None:
+        self.context_length = config.max_context_tokens or 2048
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        parts = [f"<|{m.role}|>\n{m.content}{_END_TAG}" for m in messages]
+        return "".join(parts) + _ASSISTANT_TAG
+
+    def count_tokens(self, text: str) -> int:
+        return len(split_tokens(text))
+
+
+class MockEngine(Engine):
+    """Answers without a model: `echo` repeats the last user message once, `round` repeats it up
+    to `max_new_tokens`, `long` streams a long text up to `max_new_tokens`."""
+
+    def __init__(self, config: ChatStreamConfig) -> None:
+        self.mode = config.mock_mode
+        self.initial_wait_sec = config.mock_initial_wait_sec
+        self.time_per_token_sec = config.mock_time_per_token_sec
+        self.fail_marker = config.mock_fail_marker
+        self._running = 0
+
+    async def start(self) -> None:
+        return None
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]:
+        self._running += 1
+        try:
+            if self.initial_wait_sec:
+                await asyncio.sleep(self.initial_wait_sec)
+            user_text = last_user_message(prompt)
+            tokens = mock_answer_tokens(self.mode, user_text)
+            for index, token in enumerate(itertools.islice(tokens, params.max_new_tokens)):
+                if index and self.fail_marker and self.fail_marker in user_text:
+                    raise EngineError("mock engine failure requested by mock_fail_marker")
+                if self.time_per_token_sec:
+                    await asyncio.sleep(self.time_per_token_sec)
+                else:
+                    await asyncio.sleep(0)  # stay cancellable and fair to other streams
+                yield GeneratedChunk(token, 1)
+        finally:
+            self._running -= 1

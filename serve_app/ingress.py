@@ -1,0 +1,151 @@
+"""The HTTP front: FastAPI routes on a Serve ingress deployment, each a thin call into ChatStream.
+
+(No `from __future__ import annotations` here: Serve's ingress wrapper needs real annotations
+to tell FastAPI which parameter is the Request.)
+
+The ingress accepts every request at once (very large `max_ongoing_requests`): waiting for a
+generation slot happens inside it, where a client that leaves is seen and counted. See
+docs/http-api.md for the API.
+"""
+
+from pathlib import Path
+
+import psutil
+import ray
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.chat_stream import ChatStream
+from serve_app.config import ChatStreamConfig
+from serve_app.validation import RequestRejected, parse_generation_overrides, parse_json_object
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Far above any realistic concurrency: the ingress itself must never queue or refuse.
+INGRESS_MAX_ONGOING_REQUESTS = 100_000
+
+api = FastAPI(title="ChatStream", description="Streaming chat over pre-trained language models")
+api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
+
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
+@serve.ingress(api)
+class ChatStreamIngress:
+    async def __init__(self, model: DeploymentHandle, config: ChatStreamConfig) -> None:
+        self.chat_stream = await ChatStream.create(model, config)
+
+    @api.post("/chat_stream")
+    async def chat_stream_api(self, request: Request) -> Response:
+        return await self.chat_stream.handle_chat_stream_request(request)
+
+    @api.get("/history")
+    async def history(self, request: Request) -> Response:
+        view = await self.chat_stream.open_session(request)
+        return self.chat_stream.with_cookie(
+            JSONResponse({"messages": view.record["messages"]}), view
+        )
+
+    @api.get("/prompt")
+    async def prompt(self, request: Request) -> Response:
+        view = await self.chat_stream.open_session(request)
+        return self.chat_stream.with_cookie(
+            JSONResponse({"prompt": view.chat_prompt.create_prompt()}), view
+        )
+
+    @api.post("/clear_context")
+    async def clear_context(self, request: Request) -> Response:
+        view = await self.chat_stream.open_session(request)
+        await self.chat_stream.save_session(view, messages=[])
+        return self.chat_stream.with_cookie(JSONResponse({"cleared": True}), view)
+
+    @api.get("/generation_params")
+    async def get_generation_params(self, request: Request) -> Response:
+        view = await self.chat_stream.open_session(request)
+        params = {
+            **self.chat_stream.config.generation_defaults().model_dump(),
+            **view.record["params"],
+        }
+        return self.chat_stream.with_cookie(JSONResponse(params), view)
+
+    @api.put("/generation_params")
+    async def set_generation_params(self, request: Request) -> Response:
+        view = await self.chat_stream.open_session(request)
+        try:
+            update = parse_generation_overrides(await request.body())
+        except RequestRejected as rejected:
+            return rejected.response()
+        await self.chat_stream.save_session(
+            view, params={**view.record["params"], **update.as_dict()}
+        )
+        return await self.get_generation_params(request)
+
+    @api.post("/feedback")
+    async def feedback(self, request: Request) -> Response:
+        view = await self.chat_stream.open_session(request)
+        try:
+            data = parse_json_object(await request.body())
+            entry = _parse_feedback(data, view.record["messages"])
+        except RequestRejected as rejected:
+            return rejected.response()
+        feedback = {**view.record.get("feedback", {}), data["message_id"]: entry}
+        await self.chat_stream.save_session(view, feedback=feedback)
+        return self.chat_stream.with_cookie(JSONResponse({"recorded": True}), view)
+
+    @api.get("/load")
+    async def load(self) -> dict:
+        return await self.chat_stream.load()
+
+    @api.get("/resource_usage")
+    async def resource_usage(self) -> dict:
+        memory = psutil.virtual_memory()
+        return {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "memory": {
+                "total_bytes": memory.total,
+                "used_bytes": memory.used,
+                "percent": memory.percent,
+            },
+            "cluster": {"total": ray.cluster_resources(), "available": ray.available_resources()},
+        }
+
+    @api.get("/outcomes")
+    async def outcomes(self) -> dict:
+        return await self.chat_stream.state.outcome_totals.remote()
+
+    @api.get("/outcomes/ledger")
+    async def outcome_ledger(self, request_id: list[str] | None = Query(None)) -> dict:
+        return await self.chat_stream.state.outcome_ledger.remote(request_id)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/", include_in_schema=False)
+    async def index(self) -> Response:
+        index = STATIC_DIR / "index.html"
+        if not index.exists():
+            return JSONResponse(
+                {"error": "not_found", "message": "the web UI is not installed"}, 404
+            )
+        return FileResponse(index)
+
+
+def _parse_feedback(data: dict, messages: list[dict]) -> dict:
+    message_id = data.get("message_id")
+    rating = data.get("rating")
+    comment = data.get("comment", "")
+    if not isinstance(message_id, str) or not any(
+        m.get("message_id") == message_id for m in messages
+    ):
+        raise RequestRejected(
+            404, "unknown_message_id", "message_id names no answer of this session"
+        )
+    if rating not in ("good", "bad"):
+        raise RequestRejected(400, "invalid_request", "rating: must be 'good' or 'bad'")
+    if not isinstance(comment, str) or len(comment) > 2000:
+        raise RequestRejected(
+            400, "invalid_request", "comment: must be a string of at most 2000 characters"
+        )
+    return {"rating": rating, "comment": comment}

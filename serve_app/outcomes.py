@@ -1,0 +1,101 @@
+"""The four outcomes of an admitted request, how one is decided, and the ledger that counts them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict
+from enum import StrEnum
+from typing import Any
+
+from ray.exceptions import RayError
+from ray.serve.exceptions import RequestCancelledError
+from starlette.requests import ClientDisconnect
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    CLIENT_DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
+    CLIENT_DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
+    UNKNOWN_ERROR_OCCURRED = "unknown_error_occurred"
+
+
+def is_client_disconnect(exc: BaseException | None) -> bool:
+    """Whether `exc` is how a vanished client shows up in the ingress.
+
+    Ray Serve cancels the handler's task (CancelledError); Starlette raises ClientDisconnect (an
+    OSError subclass) when a send fails; a closed async generator sees GeneratorExit; a
+    downstream handle call cancelled with us raises RequestCancelledError.
+    """
+    if exc is None:
+        return False
+    if isinstance(exc, RequestCancelledError):
+        return True
+    if isinstance(exc, RayError):  # a failure inside Ray (e.g. the engine raised), even if it
+        return False  # also subclasses the cause's type, such as OSError
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit | OSError):
+        return True
+    return isinstance(exc, ClientDisconnect)
+
+
+def classify_outcome(chunks_sent: int, completed: bool, exc: BaseException | None) -> Outcome:
+    """Decide the outcome of an admitted request once its stream is over.
+
+    `completed`: every chunk of the answer was handed to the client. `chunks_sent`: how many
+    were. `exc`: what ended the stream early, if anything.
+    """
+    if completed:
+        return Outcome.SUCCESS
+    if is_client_disconnect(exc):
+        if chunks_sent > 0:
+            return Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
+        return Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
+    return Outcome.UNKNOWN_ERROR_OCCURRED
+
+
+class OutcomeLedger:
+    """Totals per outcome and per rejection reason, plus the newest `max_entries` request ids.
+
+    Pure bookkeeping; the shared-state actor holds one for all ingress replicas.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.outcome_totals: Counter[str] = Counter({o.value: 0 for o in Outcome})
+        self.rejection_totals: Counter[str] = Counter()
+        self._outcomes: OrderedDict[str, str] = OrderedDict()
+        self._rejections: OrderedDict[str, str] = OrderedDict()
+        self.repeated_request_ids = 0
+
+    @staticmethod
+    def _remember(entries: OrderedDict[str, str], key: str, value: str, limit: int) -> None:
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > limit:
+            entries.popitem(last=False)
+
+    def record_outcome(self, request_id: str, outcome: str) -> None:
+        Outcome(outcome)  # refuse anything but the four outcomes
+        if request_id in self._outcomes:
+            self.repeated_request_ids += 1
+        self.outcome_totals[outcome] += 1
+        self._remember(self._outcomes, request_id, outcome, self.max_entries)
+
+    def record_rejection(self, request_id: str, reason: str) -> None:
+        self.rejection_totals[reason] += 1
+        self._remember(self._rejections, request_id, reason, self.max_entries)
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "outcomes": dict(self.outcome_totals),
+            "rejections": dict(self.rejection_totals),
+            "admitted": sum(self.outcome_totals.values()),
+            "repeated_request_ids": self.repeated_request_ids,
+        }
+
+    def lookup(self, request_ids: list[str] | None = None) -> dict[str, dict[str, str]]:
+        if not request_ids:
+            return {"outcomes": dict(self._outcomes), "rejections": dict(self._rejections)}
+        return {
+            "outcomes": {i: self._outcomes[i] for i in request_ids if i in self._outcomes},
+            "rejections": {i: self._rejections[i] for i in request_ids if i in self._rejections},
+        }

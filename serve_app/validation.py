@@ -1,0 +1,109 @@
+"""Validation of what clients send, and the JSON errors that refuse it (before admission)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from starlette.responses import JSONResponse
+
+REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
+MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_USER_INPUT_CHARS = 32_000
+
+
+class RequestRejected(Exception):
+    """A request refused before admission: no slot taken, no callback."""
+
+    def __init__(self, status_code: int, error: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error = error
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": self.error, "message": self.message},
+            status_code=self.status_code,
+            headers=self.headers,
+        )
+
+
+class GenerationOverrides(BaseModel):
+    """Optional per-request or per-session generation parameters (validated ranges)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_k: StrictInt | None = Field(None, ge=0, le=1000)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_new_tokens: StrictInt | None = Field(None, ge=1, le=4096)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The parameters that were given (only the generation fields, even on subclasses)."""
+        return self.model_dump(include=set(GenerationOverrides.model_fields), exclude_none=True)
+
+
+class ChatTurnRequest(GenerationOverrides):
+    """The body of `POST /chat_stream`. Unknown keys are ignored (clients may send more)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user_input: StrictStr | None = Field(None, max_length=MAX_USER_INPUT_CHARS)
+    regenerate: StrictBool = False
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{field}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestRejected(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise RequestRejected(400, "invalid_json", "the body must be a JSON object")
+    return data
+
+
+def parse_chat_turn(body: bytes) -> ChatTurnRequest:
+    try:
+        turn = ChatTurnRequest.model_validate(parse_json_object(body))
+    except ValidationError as exc:
+        raise RequestRejected(400, "invalid_request", describe_validation_error(exc)) from None
+    if not turn.regenerate and not (turn.user_input and turn.user_input.strip()):
+        raise RequestRejected(
+            400, "invalid_request", "user_input: must be a non-empty string (or set regenerate)"
+        )
+    return turn
+
+
+def parse_generation_overrides(body: bytes) -> GenerationOverrides:
+    try:
+        return GenerationOverrides.model_validate(parse_json_object(body))
+    except ValidationError as exc:
+        raise RequestRejected(400, "invalid_request", describe_validation_error(exc)) from None
+
+
+def request_id_from(headers: Any) -> str:
+    """The client's request id, or a fresh one. A malformed id is refused."""
+    given = headers.get(REQUEST_ID_HEADER)
+    if given is None:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID_RE.match(given):
+        raise RequestRejected(
+            400,
+            "invalid_request",
+            f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits and . _ : -",
+        )
+    return given
