@@ -112,7 +112,8 @@ class ChatStreamConfig(BaseModel):
     def _check_consistency(self) -> ChatStreamConfig:
         if self.max_replicas and self.min_replicas > self.max_replicas:
             raise ValueError(
-                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+                f"min_replicas ({self.min_replicas}) must not exceed "
+                f"max_replicas ({self.max_replicas})"
             )
         if self.engine == "mock" and self.num_gpus > 0:
             raise ValueError("num_gpus must be 0 with the mock engine (it never uses a GPU)")

@@ -9,6 +9,7 @@ docs/http-api.md for the API.
 """
 
 from pathlib import Path
+from typing import Annotated
 
 import psutil
 import ray
@@ -115,7 +116,7 @@ class ChatStreamIngress:
         return await self.chat_stream.state.outcome_totals.remote()
 
     @api.get("/outcomes/ledger")
-    async def outcome_ledger(self, request_id: list[str] | None = Query(None)) -> dict:
+    async def outcome_ledger(self, request_id: Annotated[list[str] | None, Query()] = None) -> dict:
         return await self.chat_stream.state.outcome_ledger.remote(request_id)
 
     @api.get("/healthz")

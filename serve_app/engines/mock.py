@@ -1,4 +1,4 @@
-"""The mock engine: instant start, deterministic answers, tunable speed. For tests and load tests."""
+"""The mock engine: instant start, deterministic answers, tunable speed (tests, load tests)."""
 
 from __future__ import annotations
 
