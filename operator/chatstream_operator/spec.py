@@ -1,0 +1,108 @@
+"""The ChatStream spec: its defaults and the checks its OpenAPI schema cannot express.
+
+The API server applies the CRD's defaults before the operator sees an object; `with_defaults`
+applies the same ones again so that the renderer also works on objects that skipped it (older
+stored objects, tests). A unit test keeps DEFAULTS equal to the CRD's `default:` values.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "engine": "transformers",
+    "model": {
+        "source": "",
+        "ggufFile": "",
+        "tokenizer": "",
+        "dtype": "auto",
+        "device": "auto",
+        "maxContextTokens": 0,
+        "systemPrompt": "",
+    },
+    "mock": {"mode": "echo", "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
+    "maxOngoingRequests": 4,
+    "maxQueuedRequests": 16,
+    "retryAfterSec": 1,
+    "streamIntervalMs": 0,
+    "generation": {"temperature": 0.7, "topK": 50, "topP": 0.9, "maxNewTokens": 256},
+    "resources": {"gpus": 0, "cpus": 1, "memory": "4Gi"},
+    "ingress": {"replicas": 1},
+    "session": {
+        "store": "ray",
+        "cookieName": "chatstream_session",
+        "ttlSec": 86400,
+        "maxTurns": 50,
+        "cookieSecure": False,
+    },
+    "image": "chatstream-serve:0.1.0",
+    "imagePullPolicy": "IfNotPresent",
+    "rayVersion": "2.60.0",
+    "head": {"cpus": 2, "memory": "4Gi"},
+}
+
+# Defaults inside optional objects: they apply only when the object itself is present.
+AUTOSCALING_DEFAULTS: dict[str, Any] = {"minReplicas": 1, "targetOngoingRequests": 2}
+
+
+def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in given.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def with_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of `spec` with every schema default filled in."""
+    full = _merge(DEFAULTS, spec)
+    if full.get("autoscaling") is not None:
+        full["autoscaling"] = _merge(AUTOSCALING_DEFAULTS, full["autoscaling"])
+    return full
+
+
+def is_autoscaling(spec: Mapping[str, Any]) -> bool:
+    return spec.get("autoscaling") is not None
+
+
+def desired_replicas(spec: Mapping[str, Any]) -> int:
+    """Model replicas to start with: spec.replicas, else 1 (fixed) or minReplicas (autoscaling)."""
+    full = with_defaults(spec)
+    if full.get("replicas") is not None:
+        return int(full["replicas"])
+    if is_autoscaling(full):
+        return int(full["autoscaling"]["minReplicas"])
+    return 1
+
+
+def validate(spec: Mapping[str, Any]) -> list[str]:
+    """Problems the schema cannot catch, each naming its field. Empty when the spec is usable."""
+    full = with_defaults(spec)
+    problems: list[str] = []
+    if full["engine"] == "mock" and full["resources"]["gpus"] > 0:
+        problems.append(
+            f"spec.resources.gpus ({full['resources']['gpus']}) must be 0 with the mock engine, "
+            "which never uses a GPU"
+        )
+    if is_autoscaling(full):
+        bounds = full["autoscaling"]
+        low, high = bounds["minReplicas"], bounds["maxReplicas"]
+        if low > high:
+            problems.append(
+                f"spec.autoscaling.minReplicas ({low}) must not exceed "
+                f"spec.autoscaling.maxReplicas ({high})"
+            )
+        elif full.get("replicas") is not None and not low <= full["replicas"] <= high:
+            problems.append(
+                f"spec.replicas ({full['replicas']}) must lie within the autoscaling bounds "
+                f"[{low}, {high}]; scale within them or remove spec.autoscaling"
+            )
+    if full["model"]["device"] == "cuda" and full["resources"]["gpus"] == 0:
+        problems.append(
+            "spec.model.device is cuda but spec.resources.gpus is 0: the model pods get no GPU"
+        )
+    return problems

@@ -1,0 +1,157 @@
+"""Pure status logic: a RayService's status -> the ChatStream's status fields and conditions.
+
+Conditions:
+- Ready: the Serve application is RUNNING and the model deployment HEALTHY.
+- Progressing: a deployment, scale or cluster upgrade is under way.
+- InvalidSpec: the spec breaks a rule the schema cannot express (set by the reconcile handler;
+  the RayService mirror keeps it as it is).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .render import DEFAULT_APP_NAME, MODEL_DEPLOYMENT_NAME, WORKER_GROUP, endpoint, model_selector
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+INVALID_SPEC = "InvalidSpec"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """Conditions with `type_` set; lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    result: list[dict[str, Any]] = []
+    found = False
+    for cond in conditions:
+        cond = dict(cond)
+        if cond.get("type") == type_:
+            found = True
+            if cond.get("status") != value:
+                cond["lastTransitionTime"] = now
+            cond.update(status=value, reason=reason, message=message)
+            if generation is not None:
+                cond["observedGeneration"] = generation
+        result.append(cond)
+    if not found:
+        cond = {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now,
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        result.append(cond)
+    return result
+
+
+def _serve_state(rayservice: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(application status, model deployment status, message) of the active Ray cluster."""
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    app = (active.get("applicationStatuses") or {}).get(DEFAULT_APP_NAME) or {}
+    model = (app.get("serveDeploymentStatuses") or {}).get(MODEL_DEPLOYMENT_NAME) or {}
+    message = model.get("message") or app.get("message") or ""
+    return app.get("status", ""), model.get("status", ""), message
+
+
+def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
+    """(replicas, readyReplicas): one model replica per pod of the RayService's model group.
+
+    `replicas` is what the RayService asks for (the autoscaler's current wish when autoscaling),
+    so that an invalid or not yet applied ChatStream spec does not show up as running replicas.
+    """
+    if rayservice is None:
+        return 0, 0
+    cluster_spec = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
+    groups = [
+        g for g in cluster_spec.get("workerGroupSpecs") or [] if g.get("groupName") == WORKER_GROUP
+    ]
+    replicas = int(groups[0].get("replicas") or 0) if groups else 0
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    cluster = active.get("rayClusterStatus") or {}
+    if (
+        cluster_spec.get("enableInTreeAutoscaling")
+        and cluster.get("desiredWorkerReplicas") is not None
+    ):
+        replicas = int(cluster["desiredWorkerReplicas"])
+    _, model_status, _ = _serve_state(rayservice)
+    ready = int(cluster.get("readyWorkerReplicas") or 0)
+    if model_status not in ("HEALTHY", "UPDATING"):
+        ready = 0
+    return replicas, min(ready, replicas)
+
+
+def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bool, str, str]:
+    """(ready, reason, message, progressing, reason, message) from the RayService."""
+    if rayservice is None:
+        return (
+            False,
+            "RayServiceMissing",
+            "the RayService does not exist (yet)",
+            True,
+            "Creating",
+            "",
+        )
+    app_status, model_status, message = _serve_state(rayservice)
+    status = rayservice.get("status") or {}
+    pending = (status.get("pendingServiceStatus") or {}).get("rayClusterName")
+    generation = (rayservice.get("metadata") or {}).get("generation")
+    seen = status.get("observedGeneration")
+    behind = generation is not None and seen is not None and seen < generation
+    if app_status == "RUNNING" and model_status == "HEALTHY":
+        if pending:
+            return True, "Serving", message, True, "Upgrading", f"new Ray cluster {pending}"
+        if behind:
+            return True, "Serving", message, True, "Updating", "KubeRay has not seen the change yet"
+        return True, "Serving", message, False, "Stable", ""
+    if app_status in ("DEPLOY_FAILED", "UNHEALTHY") or model_status == "UNHEALTHY":
+        reason = "DeployFailed" if app_status == "DEPLOY_FAILED" else "Unhealthy"
+        return False, reason, message, False, reason, message
+    if not app_status:
+        return False, "WaitingForRayCluster", message, True, "Creating", "no Serve status yet"
+    return False, "Deploying", message, True, "Deploying", f"application {app_status.lower()}"
+
+
+def derive_status(
+    name: str,
+    namespace: str,
+    rayservice: Mapping[str, Any] | None,
+    conditions: Sequence[Mapping[str, Any]],
+    now: str,
+) -> dict[str, Any]:
+    """The ChatStream status fields that follow from the RayService (InvalidSpec is left alone)."""
+    replicas, ready_replicas = _counts(rayservice)
+    ready, r_reason, r_msg, progressing, p_reason, p_msg = _readiness(rayservice)
+    if not r_msg:
+        r_msg = f"{ready_replicas}/{replicas} model replicas ready"
+    conds = set_condition(conditions, READY, ready, r_reason, r_msg, now)
+    conds = set_condition(conds, PROGRESSING, progressing, p_reason, p_msg, now)
+    return {
+        "replicas": replicas,
+        "readyReplicas": ready_replicas,
+        "selector": model_selector(name),
+        "endpoint": endpoint(name, namespace),
+        "rayServiceName": name,
+        "conditions": conds,
+    }
+
+
+def status_changes(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the top-level status fields whose values differ (conditions compared whole)."""
+    return {key: value for key, value in desired.items() if current.get(key) != value}

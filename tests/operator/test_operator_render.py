@@ -1,0 +1,214 @@
+"""Pure rendering spec -> RayService: content, KubeRay's schema, and serve_app's config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from chatstream_operator import render
+from chatstream_operator.render import render_rayservice, serve_args
+from chatstream_operator.spec import validate
+from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, load_sample, validator_for
+
+from serve_app import config as serve_config_module
+from serve_app.config import ChatStreamConfig
+
+SPECS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "fixed-cpu": {"engine": "mock", "replicas": 3, "resources": {"cpus": 0.5, "memory": "1Gi"}},
+    "gpu": {
+        "model": {"source": "Qwen/Qwen2.5-7B-Instruct", "dtype": "bfloat16", "device": "cuda"},
+        "replicas": 2,
+        "resources": {
+            "gpus": 1,
+            "cpus": 4,
+            "memory": "24Gi",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+        },
+    },
+    "autoscaling": {
+        "engine": "mock",
+        "autoscaling": {"minReplicas": 2, "maxReplicas": 6, "targetOngoingRequests": 3},
+    },
+    "autoscaling-gpu-initial": {
+        "replicas": 4,
+        "resources": {"gpus": 2},
+        "autoscaling": {"minReplicas": 1, "maxReplicas": 8},
+    },
+    "sample": load_sample("chatstream-sample.yaml")["spec"],
+    "mock-sample": load_sample("chatstream-mock.yaml")["spec"],
+}
+
+
+@pytest.fixture(scope="module")
+def kuberay():
+    return validator_for(load_crd(KUBERAY_CRD_PATH), "v1")
+
+
+def _serve_config(rayservice: dict) -> dict:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+def _model(rayservice: dict) -> dict:
+    (app,) = _serve_config(rayservice)["applications"]
+    (deployment,) = app["deployments"]
+    return deployment
+
+
+def _workers(rayservice: dict) -> dict:
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group
+
+
+@pytest.mark.parametrize("case", SPECS)
+def test_rendered_rayservice_validates_against_kuberay_crd(kuberay, case):
+    assert validate(SPECS[case]) == []
+    assert errors(kuberay, render_rayservice("chat", SPECS[case])) == []
+
+
+@pytest.mark.parametrize("case", SPECS)
+def test_rendered_args_are_valid_serve_app_config(case):
+    rendered = _serve_config(render_rayservice("chat", SPECS[case]))
+    (app,) = rendered["applications"]
+    config = ChatStreamConfig.model_validate(app["args"])
+    # The args and the deployment options say the same thing.
+    model = _model(render_rayservice("chat", SPECS[case]))
+    assert model["max_ongoing_requests"] == config.max_ongoing_requests
+    assert model["max_queued_requests"] == config.max_queued_requests
+    assert model["ray_actor_options"]["num_gpus"] == config.num_gpus
+    assert model["ray_actor_options"]["num_cpus"] == config.num_cpus
+    assert ("autoscaling_config" in model) == config.autoscaling
+
+
+def test_constants_match_serve_app():
+    assert render.APP_IMPORT_PATH == serve_config_module.APP_IMPORT_PATH
+    assert render.DEFAULT_APP_NAME == serve_config_module.DEFAULT_APP_NAME
+    assert render.MODEL_DEPLOYMENT_NAME == serve_config_module.MODEL_DEPLOYMENT_NAME
+
+
+def test_application_shape():
+    rs = render_rayservice("chat", {"engine": "mock", "maxOngoingRequests": 7})
+    assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
+    assert rs["metadata"]["name"] == "chat"
+    assert rs["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "chatstream-operator"
+    (app,) = _serve_config(rs)["applications"]
+    assert (app["name"], app["import_path"], app["route_prefix"]) == (
+        "chatstream",
+        "serve_app:app",
+        "/",
+    )
+    assert app["args"]["engine"] == "mock"
+    assert app["args"]["max_ongoing_requests"] == 7
+
+
+def test_fixed_replicas_size_the_worker_group():
+    rs = render_rayservice("chat", SPECS["fixed-cpu"])
+    model, workers = _model(rs), _workers(rs)
+    assert model["num_replicas"] == 3 and "autoscaling_config" not in model
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (3, 3, 3)
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is False
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": "1Gi"}
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+
+
+def test_unset_replicas_means_one():
+    rs = render_rayservice("chat", {})
+    assert _model(rs)["num_replicas"] == 1
+    assert _workers(rs)["replicas"] == 1
+
+
+def test_autoscaling_bounds_reach_serve_and_the_worker_group():
+    rs = render_rayservice("chat", SPECS["autoscaling"])
+    model, workers = _model(rs), _workers(rs)
+    assert "num_replicas" not in model
+    assert model["autoscaling_config"] == {
+        "min_replicas": 2,
+        "initial_replicas": 2,
+        "max_replicas": 6,
+        "target_ongoing_requests": 3,
+    }
+    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (2, 2, 6)
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    args = _serve_config(rs)["applications"][0]["args"]
+    assert (args["min_replicas"], args["max_replicas"], args["target_ongoing_requests"]) == (
+        2,
+        6,
+        3,
+    )
+
+
+def test_replicas_are_the_initial_count_when_autoscaling():
+    rs = render_rayservice("chat", SPECS["autoscaling-gpu-initial"])
+    assert _model(rs)["autoscaling_config"]["initial_replicas"] == 4
+    assert _workers(rs)["replicas"] == 4
+
+
+def test_gpu_spec_requests_gpus_on_the_model_pods_only():
+    rs = render_rayservice("chat", SPECS["gpu"])
+    model, workers = _model(rs), _workers(rs)
+    assert model["ray_actor_options"] == {
+        "num_gpus": 1,
+        "num_cpus": 4,
+        "resources": {render.MODEL_SLOT: 1},
+    }
+    pod = workers["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert _serve_config(rs)["applications"][0]["args"]["model"] == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_each_worker_offers_exactly_one_model_slot():
+    """Model replicas ask for one slot, workers offer one: worker pods == model replicas."""
+    rs = render_rayservice("chat", SPECS["fixed-cpu"])
+    offered = _workers(rs)["rayStartParams"]["resources"]
+    # rayStartParams are shell-quoted JSON: "{\"chatstream_model\": 1}"
+    assert yaml.safe_load(offered.strip('"').replace('\\"', '"')) == {render.MODEL_SLOT: 1}
+    assert "resources" not in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+
+
+def test_pod_labels_match_the_scale_selector():
+    rs = render_rayservice("chat", {})
+    labels = _workers(rs)["template"]["metadata"]["labels"]
+    selector = dict(kv.split("=") for kv in render.model_selector("chat").split(","))
+    assert selector.items() <= labels.items()
+
+
+def test_endpoint_is_the_serve_service():
+    assert render.endpoint("chat", "team-a") == "http://chat-serve-svc.team-a.svc:8000"
+
+
+def test_rendering_is_deterministic():
+    assert render_rayservice("c", SPECS["gpu"]) == render_rayservice("c", SPECS["gpu"])
+    assert render_rayservice("c", {}) != render_rayservice("c", {"replicas": 2})
+
+
+INVALID = [
+    ({"engine": "mock", "resources": {"gpus": 1}}, "spec.resources.gpus"),
+    ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
+    ({"replicas": 9, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}, "spec.replicas"),
+    ({"replicas": 0, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}, "spec.replicas"),
+    ({"model": {"device": "cuda"}}, "spec.model.device"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID, ids=[f for _, f in INVALID])
+def test_invalid_specs_name_the_field(spec, field):
+    problems = validate(spec)
+    assert len(problems) == 1 and problems[0].startswith(field)
+
+
+@pytest.mark.parametrize("spec", [s for s, _ in INVALID[:2]])
+def test_what_serve_app_refuses_the_operator_refuses_first(spec):
+    """Everything ChatStreamConfig's cross-field check rejects is an InvalidSpec already."""
+    with pytest.raises(ValueError):
+        ChatStreamConfig.model_validate(serve_args(spec))
+    assert validate(spec)
