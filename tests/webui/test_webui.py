@@ -2,7 +2,7 @@
 
 The mock engine runs in echo mode (the answer is the user's text, word by word, 0.05 s per word),
 so answers are known in advance and their length sets how long a stream lasts. The model allows
-one generation at a time and no queue: a second concurrent request gets 429.
+one generation at a time and one waiting request: a third concurrent request gets 429.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ pytestmark = [
         reason="Debian's Chromium is not installed at /usr/bin/chromium "
         "(apt-get install -y --no-install-recommends chromium)",
     ),
-    pytest.mark.timeout(120),
+    pytest.mark.timeout(180),  # the first test also waits for `serve run` to start
 ]
 
 
@@ -57,7 +57,7 @@ def server():
         "mock_mode": "echo",
         "mock_time_per_token_sec": SECONDS_PER_WORD,
         "max_ongoing_requests": 1,
-        "max_queued_requests": 0,
+        "max_queued_requests": 1,  # Ray Serve refuses 0
         "retry_after_sec": 1,
     }
     with LocalServe(args, log_path=ARTIFACTS / "webui-serve.log") as running:
@@ -167,8 +167,12 @@ def test_history_survives_reload_and_screenshot(page, server):
     expect(assistant(page).locator(".content")).to_have_text(turns)
     roles = [m["role"] for m in api_get(page, server, "/history")["messages"]]
     assert roles == ["user", "assistant"] * 2
-    page.get_by_label("Message").fill("Type here; Enter sends, Shift+Enter adds a line.")
+    # The README's screenshot: a third answer caught while it streams in.
+    third = "Stop, Regenerate and Clear work while you read; Settings tune the sampling."
+    send(page, third)
+    expect(assistant(page).nth(2).locator(".content")).to_contain_text("Regenerate and")
     page.screenshot(path=str(ARTIFACTS / "webui-conversation.png"))
+    wait_answer(page, third)
 
 
 def test_stop_aborts_the_stream_and_server_counts_it(page, server):
@@ -222,25 +226,38 @@ def test_clear_empties_view_and_history(page, server):
     expect(page.locator("#messages li")).to_have_count(0)
 
 
-def test_busy_service_shows_retry_message_then_answers(page, server):
-    rejected_before = outcomes(server)["rejections"].get("too_many_requests", 0)
+def stream_in_background(server, text: str) -> tuple[threading.Thread, threading.Event]:
+    """POST /chat_stream from a thread (its own session); the event is set at the first chunk."""
     first_chunk = threading.Event()
 
-    def occupy_the_only_slot() -> None:
-        body = {"user_input": words(60, "busy")}  # 3 s of streaming
+    def run() -> None:
+        body = {"user_input": text}
         with httpx.stream("POST", server.url + "/chat_stream", json=body, timeout=30) as resp:
             for _ in resp.iter_text():
                 first_chunk.set()
 
-    occupier = threading.Thread(target=occupy_the_only_slot)
-    occupier.start()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, first_chunk
+
+
+def test_busy_service_shows_retry_message_then_answers(page, server):
+    rejected_before = outcomes(server)["rejections"].get("too_many_requests", 0)
+    # Fill the only model slot, then the only queue place: the page's request gets 429.
+    running, first_chunk = stream_in_background(server, words(40, "busy"))  # 2 s of streaming
+    assert first_chunk.wait(15), "the slot-filling stream never started"
+    queued, _ = stream_in_background(server, "queued")
+    wait_for(
+        lambda: httpx.get(server.url + "/load", timeout=10).json()["queued"] == 1,
+        what="one request waiting in the queue (GET /load)",
+    )
     try:
-        assert first_chunk.wait(15), "the occupying stream never started"
         send(page, "after the rush")
         expect(page.locator("#status")).to_contain_text("busy, retrying in")
     finally:
-        occupier.join(30)
-    wait_answer(page, "after the rush")  # retried on its own once the slot was free
+        running.join(30)
+        queued.join(30)
+    wait_answer(page, "after the rush")  # retried on its own once there was room
     expect(page.locator("#status")).to_be_empty()
     assert outcomes(server)["rejections"]["too_many_requests"] > rejected_before
 
