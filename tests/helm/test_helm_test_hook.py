@@ -52,7 +52,7 @@ class FakeChatStream(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeChatStream)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     FakeChatStream.received.clear()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -4,6 +4,12 @@ a user would try: default, namespaced RBAC, sample on, custom images, peering, m
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def only(manifests, kind):
@@ -109,7 +115,7 @@ def test_sample_is_off_by_default_and_uses_the_serve_image_when_on(render):
     sample = only(render({"sample": {"enabled": True}}), "ChatStream")
     assert sample["apiVersion"] == "chatstream.dev/v1alpha1"
     assert sample["metadata"] == sample["metadata"] | {
-        "name": "chatstream-sample",
+        "name": "chat",
         "namespace": "chatstream-system",
     }
     assert sample["spec"]["engine"] == "mock"
@@ -151,7 +157,7 @@ def test_helm_test_pod_posts_a_chat_turn_to_the_sample_serve_service(render):
 
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
-    assert env["URL"] == "http://chatstream-sample-serve-svc.chatstream-system.svc:8000/chat_stream"
+    assert env["URL"] == "http://chat-serve-svc.chatstream-system.svc:8000/chat_stream"
     assert json.loads(env["BODY"])["user_input"]
 
 
@@ -196,10 +202,14 @@ def test_monitoring_objects_appear_only_when_asked_for(render):
     service_monitor = only(manifests, "ServiceMonitor")
     assert service_monitor["metadata"]["labels"]["release"] == "prometheus"
     # KubeRay's head Services and worker pods name their metrics port "metrics".
-    assert service_monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "head"
+    # The head Service KubeRay keeps for each RayService, and the ChatStream model pods.
+    assert service_monitor["spec"]["selector"]["matchLabels"] == {
+        "ray.io/originated-from-crd": "RayService",
+        "ray.io/node-type": "head",
+    }
     assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
     pod_monitor = only(manifests, "PodMonitor")
-    assert pod_monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {"chatstream.dev/component": "model"}
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert service_monitor["spec"]["namespaceSelector"] == {"any": True}
 
@@ -253,9 +263,33 @@ def test_notes_tell_the_next_commands(notes):
     text = notes()
     assert "kubectl -n chatstream-system rollout status deployment/chatstream" in text
     assert "kubectl -n chatstream-system get chatstreams" in text
-    assert "port-forward service/chatstream-sample-serve-svc 8000:8000" in text
+    assert "port-forward service/chat-serve-svc 8000:8000" in text
     assert "helm test chatstream -n chatstream-system" in text
 
     assert "watches ChatStreams in: team-a" in notes(
         {"clusterWide": False, "watchNamespaces": ["team-a"]}
+    )
+
+
+def test_notes_sample_is_in_the_repository_and_is_what_helm_test_targets(render, notes):
+    (path,) = re.findall(r"apply -f (\S+\.yaml)", notes())
+    sample = yaml.safe_load((REPO / path).read_text())
+
+    assert sample["kind"] == "ChatStream"
+    (pod,) = [m for m in render() if m["kind"] == "Pod"]
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env["URL"].startswith(f"http://{sample['metadata']['name']}-serve-svc.")
+
+
+def test_pod_monitor_selects_the_model_pods_the_operator_renders(render):
+    from chatstream_operator.render import render_rayservice
+
+    values = {"metrics": {"podMonitor": {"enabled": True}}}
+    selector = only(render(values), "PodMonitor")["spec"]["selector"]["matchLabels"]
+    cluster = render_rayservice("chat", {"engine": "mock"})["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+
+    assert selector.items() <= workers["template"]["metadata"]["labels"].items()
+    assert (
+        not selector.items() <= cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
     )
