@@ -5,6 +5,7 @@ Kubernetes version, the sample ChatStream against the CRD's own schema."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 KUBERNETES_VERSION = "1.33.0"
+CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "chatstream"
 
 # Kinds from other projects' CRDs; neither kubernetes-validate nor this repository has their
 # schemas. test_render.py checks the fields of these that matter.
@@ -79,3 +81,24 @@ def test_sample_with_an_unknown_engine_is_refused(render, chatstream_validator):
 
     with pytest.raises(jsonschema.ValidationError, match="vllm"):
         chatstream_validator.validate(sample)
+
+
+def test_peering_crds_define_what_kopf_looks_for_and_the_chart_creates(render):
+    from kopf._cogs.structs import references  # where kopf looks for its peering objects
+
+    crds = list(yaml.safe_load_all((CHART_DIR / "peering" / "kopf-peering-crds.yaml").read_text()))
+    for crd in crds:
+        kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
+    served = {
+        (f"{c['spec']['group']}/v1", c["spec"]["names"]["plural"]): c["spec"]["names"]["kind"]
+        for c in crds
+    }
+    for selector in (references.CLUSTER_PEERINGS_K, references.NAMESPACED_PEERINGS_K):
+        assert (f"{selector.group}/{selector.version}", selector.any_name) in served
+
+    cluster_wide = render({"peering": {"enabled": True}})
+    namespaced = render({"peering": {"enabled": True}, "clusterWide": False})
+    for manifest in cluster_wide + namespaced:
+        if "Peering" in manifest["kind"]:
+            assert manifest["kind"] in served.values()
+            assert manifest["apiVersion"] == "kopf.dev/v1"
