@@ -168,9 +168,9 @@ def test_history_survives_reload_and_screenshot(page, server):
     roles = [m["role"] for m in api_get(page, server, "/history")["messages"]]
     assert roles == ["user", "assistant"] * 2
     # The README's screenshot: a third answer caught while it streams in.
-    third = "Stop, Regenerate and Clear work while you read; Settings tune the sampling."
+    third = "Answers stream in word by word; press Stop (or Escape) to cut one short."
     send(page, third)
-    expect(assistant(page).nth(2).locator(".content")).to_contain_text("Regenerate and")
+    expect(assistant(page).nth(2).locator(".content")).to_contain_text("word by word;")
     page.screenshot(path=str(ARTIFACTS / "webui-conversation.png"))
     wait_answer(page, third)
 
