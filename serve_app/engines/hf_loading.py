@@ -115,6 +115,7 @@ def load_model(config: ChatStreamConfig) -> tuple[Any, str]:
     transformers shows its own progress bars while loading (GGUF de-quantization and weight
     loading); we add a log line with the total time.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
     device = pick_device(config.device)
@@ -127,5 +128,9 @@ def load_model(config: ChatStreamConfig) -> tuple[Any, str]:
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_gguf_kwargs(gguf_file))
     model.to(device)
     model.eval()
-    logger.info("model loaded in %.1f s", time.monotonic() - started)
+    logger.info(
+        "model loaded in %.1f s (torch threads: %d)",
+        time.monotonic() - started,
+        torch.get_num_threads(),
+    )
     return model, device
