@@ -97,28 +97,30 @@ or the release namespace.
 {{- end -}}
 
 {{/*
-RBAC: exactly the API calls the operator makes (checked in tests/helm against the calls the
-real operator makes in its kmock integration run). Rules on namespaced resources, granted by a
-Role in every watched namespace, or by the ClusterRole when cluster-wide.
+RBAC: exactly the API calls the operator makes, no more (tests/helm/test_rbac.py runs the real
+operator against an emulated API server and compares its calls with these rules, both ways).
+Rules on namespaced resources: granted by a Role in each watched namespace, or by the
+ClusterRole when cluster-wide.
 */}}
 {{- define "chatstream.rbac.namespacedRules" -}}
-# ChatStreams: watch them, and write their status and kopf's bookkeeping annotations.
+# ChatStreams: kopf watches them and keeps its bookkeeping in annotations (patch); the operator
+# reads one back (get) and writes its status.
 - apiGroups: ["chatstream.dev"]
   resources: ["chatstreams"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["chatstream.dev"]
   resources: ["chatstreams/status"]
   verbs: ["patch"]
-# The RayService each ChatStream owns.
+# The RayService each ChatStream owns: watched for its status, created, kept in line.
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Events on the ChatStreams about what the operator did.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 {{- if and .Values.peering.enabled (not .Values.clusterWide) }}
-# kopf's peering object in every watched namespace (namespaced operators).
+# kopf's peering object in each watched namespace: watched, and patched with heartbeats.
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["list", "watch", "patch"]
@@ -127,20 +129,14 @@ Role in every watched namespace, or by the ClusterRole when cluster-wide.
 
 {{/* RBAC rules on cluster-scoped resources, always granted by the ClusterRole. */}}
 {{- define "chatstream.rbac.clusterRules" -}}
-# kopf discovers which resources exist (and learns about new CRDs) by watching CRDs.
+# kopf watches CRDs to learn which of its resources the cluster serves.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- if .Values.clusterWide }}
-# kopf follows namespaces as they come and go when it serves all of them.
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["list", "watch"]
-{{- if .Values.peering.enabled }}
-# kopf's cluster-wide peering object.
+{{- if and .Values.peering.enabled .Values.clusterWide }}
+# kopf's cluster-wide peering object: watched, and patched with heartbeats.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["list", "watch", "patch"]
-{{- end }}
 {{- end }}
 {{- end -}}
