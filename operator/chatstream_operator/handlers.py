@@ -2,8 +2,9 @@
 
 - reconcile (create/resume/update): validate, render, adopt, create or minimally patch the
   RayService, write the ChatStream's status; an invalid spec only sets InvalidSpec.
-- repair_drift (timer): the same apply, for edits made to the RayService behind our back.
-- mirror_status (RayService events): copy the RayService's state into its ChatStream's status.
+- follow_rayservice (RayService events): undo edits made to the RayService behind our back
+  (drift) and copy its state into the ChatStream's status.
+- repair_drift (timer): the same apply now and then, in case a watch event was missed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
+    # kopf puts a finalizer on objects with timers, to stop the timer before the object goes.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Our events carry reasons (Created, Updated, InvalidSpec, ...); kopf's per-log-line events
     # would drown them, so only its warnings and errors become events.
     settings.posting.level = logging.WARNING
@@ -81,14 +84,26 @@ def _api_errors() -> Iterator[None]:
         raise kopf.TemporaryError(f"API call failed: {e.status} {e.reason}", delay=10) from e
 
 
+_FETCH: Any = object()
+
+
 async def apply_rayservice(
-    body: kopf.Body, spec: Mapping[str, Any], name: str, namespace: str
+    body: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    name: str,
+    namespace: str,
+    *,
+    current: Mapping[str, Any] | None = _FETCH,
 ) -> tuple[str, dict[str, Any]]:
-    """Create or minimally patch the RayService. Returns (created|updated|unchanged, object)."""
+    """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
+
+    `current` is the RayService as last seen (None: absent); by default it is fetched.
+    """
     desired = render_rayservice(name, spec)
-    kopf.adopt(desired, owner=body)
+    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
     with _api_errors():
-        current = await kube.get_rayservice(namespace, name)
+        if current is _FETCH:
+            current = await kube.get_rayservice(namespace, name)
         if current is None:
             return "created", await kube.create_rayservice(namespace, desired)
         if not _controlled_by(current, body):
@@ -100,6 +115,10 @@ async def apply_rayservice(
         if not changes:
             return "unchanged", current
         return "updated", await kube.patch_rayservice(namespace, name, changes)
+
+
+def _deleting(body: Mapping[str, Any]) -> bool:
+    return bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -130,7 +149,9 @@ async def reconcile(
 
     action, rayservice = await apply_rayservice(body, spec, name, namespace)
     if action != "unchanged":
-        kopf.info(body, reason=action.capitalize(), message=f"RayService {name} {action}")
+        kopf.event(
+            body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
+        )
     conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
     patch.status.update(derive_status(name, namespace, rayservice, conditions, now))
     patch.status["observedGeneration"] = generation
@@ -147,17 +168,17 @@ async def repair_drift(
     patch: kopf.Patch,
     **_: Any,
 ) -> None:
-    if validate(spec):
-        return  # reconcile reported it; the running RayService stays as it is
+    if validate(spec) or _deleting(body):
+        return  # reconcile reported the spec; a deletion takes the RayService with it
     action, rayservice = await apply_rayservice(body, spec, name, namespace)
     if action != "unchanged":
-        kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action} to match")
+        kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
     derived = derive_status(name, namespace, rayservice, status.get("conditions") or [], now_iso())
     patch.status.update(status_changes(status, derived))
 
 
 @kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL, labels={MANAGED_BY_LABEL: OPERATOR_NAME})
-async def mirror_status(
+async def follow_rayservice(
     event: kopf.RawEvent, body: kopf.Body, namespace: str, logger: kopf.Logger, **_: Any
 ) -> None:
     owner = body.get("metadata", {}).get("labels", {}).get(NAME_LABEL)
@@ -165,14 +186,22 @@ async def mirror_status(
         return
     with _api_errors():
         chatstream = await kube.get_chatstream(namespace, owner)
-        if chatstream is None:
-            return  # the ChatStream is gone; garbage collection removes the RayService
-        rayservice = None if event["type"] == "DELETED" else dict(body)
-        current = chatstream.get("status") or {}
-        derived = derive_status(
-            owner, namespace, rayservice, current.get("conditions") or [], now_iso()
+    if chatstream is None or _deleting(chatstream):
+        return  # the ChatStream is going; garbage collection removes the RayService
+    rayservice = None if event["type"] == "DELETED" else dict(body)
+    spec = chatstream.get("spec") or {}
+    if not validate(spec):
+        action, rayservice = await apply_rayservice(
+            chatstream, spec, owner, namespace, current=rayservice
         )
-        changes = status_changes(current, derived)
-        if changes:
-            logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")
+        if action != "unchanged":
+            kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
+    current = chatstream.get("status") or {}
+    derived = derive_status(
+        owner, namespace, rayservice, current.get("conditions") or [], now_iso()
+    )
+    changes = status_changes(current, derived)
+    if changes:
+        logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")
+        with _api_errors():
             await kube.patch_chatstream_status(namespace, owner, changes)

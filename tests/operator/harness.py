@@ -1,0 +1,410 @@
+"""Run the real chatstream-operator (kopf) against kmock's Kubernetes API emulator.
+
+One scenario, used by the operator's integration tests and by the chart's RBAC test:
+
+    create a ChatStream -> its RayService appears, owned by it, status written
+    scale it (spec.replicas 1 -> 3) -> the RayService follows with one minimal patch
+    touch only an annotation -> no RayService patch at all
+    KubeRay reports the RayService running -> the ChatStream's status and conditions follow
+    someone edits the RayService -> the operator puts it back (drift)
+    an invalid spec -> InvalidSpec, RayService untouched, operator still running
+    fix the spec -> InvalidSpec cleared
+    delete the ChatStream -> handled cleanly, operator still running, then stopped
+
+Each step waits for its effect and raises AssertionError naming the step if it never comes.
+
+Importable as `harness` from tests/operator or as `tests.operator.harness` from the repo root.
+
+    from tests.operator.harness import ApiCall, run_operator_lifecycle
+    calls: list[ApiCall] = await run_operator_lifecycle()              # cluster-wide operator
+    calls = await run_operator_lifecycle(namespaces=["chat-harness"])  # namespaced operator
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import logging
+import os
+import pathlib
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import kmock
+import yaml
+
+NAMESPACE = "chat-harness"
+NAME = "chat"
+UID = "0b1c2d3e-0000-4000-8000-000000000001"
+CHATSTREAMS = "chatstream.dev/v1alpha1/chatstreams"
+RAYSERVICES = "ray.io/v1/rayservices"
+HARNESS_HEADER = "X-ChatStream-Harness"  # marks the harness's own calls, which are not recorded
+
+# What the emulator serves: the operator's resources and kopf's own backbone resources.
+RESOURCES: dict[str, dict[str, Any]] = {
+    CHATSTREAMS: {"kind": "ChatStream", "singular": "chatstream", "namespaced": True,
+                  "subresources": {"status", "scale"}},
+    RAYSERVICES: {"kind": "RayService", "singular": "rayservice", "namespaced": True,
+                  "subresources": {"status"}},
+    "v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
+    "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "namespaced": False},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition", "singular": "customresourcedefinition",
+        "namespaced": False},
+}  # fmt: skip
+VERBS = {"get", "list", "watch", "create", "update", "patch", "delete"}
+
+# What KubeRay reports once the Serve application runs on 3 ready workers.
+RAY_READY_STATUS: dict[str, Any] = {
+    "serviceStatus": "Running",
+    "activeServiceStatus": {
+        "applicationStatuses": {
+            "chatstream": {
+                "status": "RUNNING",
+                "serveDeploymentStatuses": {"ChatModel": {"status": "HEALTHY"}},
+            }
+        },
+        "rayClusterStatus": {"readyWorkerReplicas": 3, "desiredWorkerReplicas": 3},
+    },
+}
+
+SPEC: dict[str, Any] = {
+    "engine": "mock",
+    "replicas": 1,
+    "maxOngoingRequests": 4,
+    "maxQueuedRequests": 16,
+    "resources": {"cpus": 1, "memory": "1Gi"},
+}
+
+
+class ApiCall(NamedTuple):
+    """One API request the operator made, in the terms of an RBAC rule."""
+
+    verb: str  # get, list, watch, create, update, patch, delete, deletecollection
+    group: str  # "" for the core API
+    version: str
+    resource: str  # plural, e.g. "rayservices"
+    namespaced: bool  # whether the request was made within a namespace
+    subresource: str | None  # e.g. "status"; None for the object itself
+
+
+@dataclasses.dataclass
+class LifecycleResult:
+    """What the scenario saw: the calls, the objects at each step, events and error logs."""
+
+    calls: list[ApiCall]
+    snapshots: dict[str, dict[str, Any]]  # step -> {"chatstream": ..., "rayservice": ...}
+    rayservice_patches: dict[str, int]  # step -> PATCH requests on the RayService in that step
+    events: list[dict[str, Any]]  # Kubernetes events the operator posted
+    error_logs: list[str]  # operator log records at ERROR level or above
+    stopped_cleanly: bool
+
+
+def _verb(request: kmock.Request) -> str:
+    method = str(request.method.value).upper()
+    if method == "GET":
+        if request.action == kmock.action.WATCH or request.params.get("watch") in ("true", "1"):
+            return "watch"
+        return "get" if request.name else "list"
+    if method == "DELETE" and not request.name:
+        return "deletecollection"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+
+
+def api_call(request: kmock.Request) -> ApiCall | None:
+    """The RBAC view of one request; None for discovery and other non-resource URLs."""
+    res = request.resource
+    if res is None or not res.plural:
+        return None
+    return ApiCall(
+        _verb(request),
+        res.group or "",
+        res.version or "",
+        res.plural,
+        request.namespace is not None,
+        request.subresource or None,
+    )
+
+
+def _is_harness(request: kmock.Request) -> bool:
+    return any(k.lower() == HARNESS_HEADER.lower() for k in request.headers)
+
+
+class _ApiServer(kmock.KubernetesEmulator):
+    """kmock plus the API server's bookkeeping that the operator relies on.
+
+    kmock stores objects as sent. A real API server also sets uid, generation and
+    resourceVersion, names objects from generateName (kopf's events), and bumps generation
+    when the spec changes; the operator reads all of these.
+    """
+
+    async def _handle(self, request: kmock.Request) -> Any:
+        data = request.data
+        if request.resource is not None and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("generation", 1)
+                # Constant: kopf's patches test it, and kmock applies changes one at a time.
+                meta.setdefault("resourceVersion", "1")
+            elif request.action == kmock.action.UPDATE and not request.subresource:
+                key = (request.resource, request.namespace, request.name)
+                if "spec" in data and key in self.objects and not self.objects[key].deleted:
+                    meta["generation"] = (
+                        _plain(self.objects[key])["metadata"].get("generation") or 0
+                    ) + 1
+            if not meta:
+                del data["metadata"]
+        return await super()._handle(request)
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy made of plain dicts and lists (kmock hands out views)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _kubeconfig(url: str) -> Iterator[None]:
+    """Point the operator's normal login (kubeconfig) at the emulator, and only there."""
+    saved = {k: os.environ.get(k) for k in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "kubeconfig"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                    "users": [{"name": "kmock", "user": {"token": "kmock"}}],
+                    "contexts": [
+                        {"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}
+                    ],
+                    "current-context": "kmock",
+                }
+            )
+        )
+        os.environ["KUBECONFIG"] = str(path)
+        os.environ.pop("KUBERNETES_SERVICE_HOST", None)  # never the real cluster
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+class _ErrorLogs(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.asynccontextmanager
+async def _running_operator(namespaces: Sequence[str] | None) -> AsyncIterator[asyncio.Task]:
+    import kopf
+    from chatstream_operator import handlers  # noqa: F401  (registers the real handlers)
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+    scope: dict[str, Any] = (
+        {"namespaces": list(namespaces)} if namespaces else {"clusterwide": True}
+    )
+    task = asyncio.create_task(
+        kopf.operator(standalone=True, stop_flag=stop, ready_flag=ready, **scope)
+    )
+    try:
+        await asyncio.wait_for(ready.wait(), timeout=30)
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), timeout=15)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _wait(step: str, check: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except (KeyError, IndexError, TypeError):
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"step {step!r}: the operator's effect did not show in {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def run_lifecycle_scenario(
+    *, namespaces: Sequence[str] | None = None, step_timeout: float = 20.0
+) -> LifecycleResult:
+    """Run the whole scenario once; see the module docstring. Takes about 10 seconds."""
+    async with (
+        _ApiServer() as emulator,
+        kmock.Server(emulator, host="127.0.0.1") as server,
+    ):
+        for resource, info in RESOURCES.items():
+            emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
+        with _kubeconfig(str(server.url)):
+            return await _scenario(emulator, namespaces, step_timeout)
+
+
+async def _scenario(
+    emulator: _ApiServer, namespaces: Sequence[str] | None, timeout: float
+) -> LifecycleResult:
+    cs_key, rs_key = (CHATSTREAMS, NAMESPACE, NAME), (RAYSERVICES, NAMESPACE, NAME)
+    cs_path = f"/apis/chatstream.dev/v1alpha1/namespaces/{NAMESPACE}/chatstreams"
+    rs_path = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices/{NAME}"
+    headers = {HARNESS_HEADER: "1"}
+    snapshots: dict[str, dict[str, Any]] = {}
+    rs_patches: dict[str, int] = {}
+
+    def chatstream() -> dict[str, Any]:
+        return _plain(emulator.objects[cs_key])
+
+    def rayservice() -> dict[str, Any]:
+        return _plain(emulator.objects[rs_key])
+
+    def status() -> dict[str, Any]:
+        return chatstream().get("status") or {}
+
+    def condition(type_: str) -> dict[str, Any]:
+        return next((c for c in status().get("conditions", []) if c["type"] == type_), {})
+
+    def worker_replicas() -> int:
+        return rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"]
+
+    def count_rs_patches() -> int:
+        return sum(
+            1
+            for r in emulator
+            if not _is_harness(r) and r.resource == RAYSERVICES and _verb(r) == "patch"
+        )
+
+    async def send(method: str, path: str, body: Any) -> None:
+        async with emulator.request(method, path, json=body, headers=headers) as response:
+            assert response.status < 400, f"{method} {path}: {response.status}"
+
+    async def step(name: str, action: Awaitable[None], effect: Callable[[], Any]) -> None:
+        before = count_rs_patches()
+        await action
+        await _wait(name, effect, timeout)
+        await asyncio.sleep(0.3)  # let late, unwanted reactions show up in the counts
+        rs_patches[name] = count_rs_patches() - before
+        snapshots[name] = {"chatstream": chatstream(), "rayservice": rayservice()}
+
+    errors = _ErrorLogs()
+    logging.getLogger().addHandler(errors)
+    stopped = False
+    try:
+        async with _running_operator(namespaces) as task:
+            created = {
+                "apiVersion": "chatstream.dev/v1alpha1",
+                "kind": "ChatStream",
+                "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": UID},
+                "spec": copy.deepcopy(SPEC),
+            }
+            await step(
+                "create",
+                send("POST", cs_path, created),
+                lambda: status().get("observedGeneration") == 1 and rayservice(),
+            )
+            await step(
+                "scale",
+                send("PATCH", f"{cs_path}/{NAME}", {"spec": {"replicas": 3}}),
+                lambda: worker_replicas() == 3 and status().get("observedGeneration") == 2,
+            )
+            touch = {"metadata": {"annotations": {"example.com/touched": "yes"}}}
+            await step(
+                "no-op",
+                send("PATCH", f"{cs_path}/{NAME}", touch),
+                lambda: status().get("reconcile", {}).get("action") == "unchanged",
+            )
+            generation = rayservice()["metadata"]["generation"]
+            ray_ready = {**RAY_READY_STATUS, "observedGeneration": generation}
+            await step(
+                "ray-ready",
+                send("PATCH", f"{rs_path}/status", {"status": ray_ready}),
+                lambda: (
+                    status().get("readyReplicas") == 3 and condition("Ready")["status"] == "True"
+                ),
+            )
+            groups = rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+            groups[0]["replicas"] = 7  # someone edits the RayService by hand
+            await step(
+                "drift",
+                send(
+                    "PATCH", rs_path, {"spec": {"rayClusterConfig": {"workerGroupSpecs": groups}}}
+                ),
+                lambda: worker_replicas() == 3,
+            )
+            bad = {"spec": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}
+            await step(
+                "invalid",
+                send("PATCH", f"{cs_path}/{NAME}", bad),
+                lambda: (
+                    condition("InvalidSpec")["status"] == "True"
+                    and status().get("observedGeneration") == 3
+                ),
+            )
+            assert not task.done(), "the operator stopped after an invalid spec"
+            await step(
+                "fixed",
+                send("PATCH", f"{cs_path}/{NAME}", {"spec": {"autoscaling": None}}),
+                lambda: (
+                    condition("InvalidSpec")["status"] == "False"
+                    and status().get("observedGeneration") == 4
+                ),
+            )
+            errors_before_delete = len(errors.messages)
+            async with emulator.request("DELETE", f"{cs_path}/{NAME}", headers=headers) as resp:
+                assert resp.status < 400, f"DELETE: {resp.status}"
+            await _wait("delete", lambda: emulator.objects[cs_key].deleted, timeout)
+            await asyncio.sleep(1.0)  # the operator sees the deletion and must stay calm
+            assert not task.done(), "the operator stopped after the ChatStream was deleted"
+            assert errors.messages[errors_before_delete:] == [], "errors after the deletion"
+        stopped = task.done() and not task.cancelled() and task.exception() is None
+    finally:
+        logging.getLogger().removeHandler(errors)
+
+    calls = [c for r in emulator if not _is_harness(r) for c in [api_call(r)] if c is not None]
+    events = [
+        _plain(r.data) for r in emulator if r.resource == "v1/events" and _verb(r) == "create"
+    ]
+    return LifecycleResult(calls, snapshots, rs_patches, events, errors.messages, stopped)
+
+
+async def run_operator_lifecycle(*, namespaces: Sequence[str] | None = None) -> list[ApiCall]:
+    """Run the scenario against kmock and return every API call the operator made, in order.
+
+    Signature: `async def run_operator_lifecycle(*, namespaces: Sequence[str] | None = None)
+    -> list[ApiCall]`, where `ApiCall` is the NamedTuple
+    `(verb, group, version, resource, namespaced, subresource)`: `verb` is the Kubernetes RBAC
+    verb (get, list, watch, create, update, patch, delete), `group` is "" for the core API,
+    `resource` the plural, `namespaced` whether the request was namespace-scoped, `subresource`
+    e.g. "status" or None. `namespaces=None` runs the operator cluster-wide (`--all-namespaces`);
+    a list runs it for those namespaces only (the objects live in NAMESPACE). Discovery requests
+    (/api, /apis/...) are left out: every authenticated user may make them. The harness's own
+    requests (which stand in for kubectl and KubeRay) are left out too.
+    Raises AssertionError if any step of the scenario fails.
+    """
+    return (await run_lifecycle_scenario(namespaces=namespaces)).calls
