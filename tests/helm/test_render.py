@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -293,3 +294,26 @@ def test_pod_monitor_selects_the_model_pods_the_operator_renders(render):
     assert (
         not selector.items() <= cluster["headGroupSpec"]["template"]["metadata"]["labels"].items()
     )
+
+
+@pytest.mark.parametrize(
+    ("values", "scope"),
+    [
+        ({}, {"clusterwide": True}),
+        ({"clusterWide": False, "watchNamespaces": ["a", "b"]}, {"namespaces": ["a", "b"]}),
+    ],
+)
+def test_operator_command_line_takes_the_rendered_args(render, values, scope):
+    from chatstream_operator.__main__ import operator_kwargs, parse_args
+
+    container = operator_container(render(values))
+    kwargs = operator_kwargs(parse_args(container["args"]))
+
+    assert scope.items() <= kwargs.items()
+    probe = container["livenessProbe"]["httpGet"]
+    assert kwargs["liveness_endpoint"] == f"http://0.0.0.0:8080{probe['path']}"
+    assert kwargs["standalone"] is True and kwargs["peering_name"] is None
+
+    peered = operator_container(render({**values, "replicas": 2, "peering": {"enabled": True}}))
+    kwargs = operator_kwargs(parse_args(peered["args"]))
+    assert kwargs["peering_name"] == "chatstream" and kwargs["standalone"] is False
