@@ -192,9 +192,9 @@ async function streamAnswer(body, item) {
       return "stopped";
     }
     item.dataset.state = "error";
-    const started = contentOf(item).textContent !== "";
-    const what = started ? "The answer was cut off" : "The request failed";
-    showStatus(`${what} (${err.message}). Try Regenerate.`, "error");
+    // A stream cut by the server loses the chunks the page had not read yet (Streams spec).
+    const what = item.dataset.state === "streaming" ? "The answer was cut off" : "The request failed";
+    showStatus(`${what} (${err.message}). Please try again.`, "error");
     return "cut";
   } finally {
     inFlight = null;
@@ -218,10 +218,12 @@ async function sendMessage() {
     answer.remove();
     if (!ui.input.value) ui.input.value = text;
     refreshControls();
-  } else if (outcome === "stopped" && !contentOf(answer).textContent) {
-    // Stopped before the first chunk: show what the server kept and give the text back.
-    if (!ui.input.value) ui.input.value = text;
+  } else if (outcome === "cut" || (outcome === "stopped" && !contentOf(answer).textContent)) {
+    // The server keeps a turn only once chunks reached us: show what it kept and, if it
+    // dropped this turn, give the text back.
     await loadHistory();
+    const kept = [...ui.messages.querySelectorAll("li.user")].pop();
+    if (!ui.input.value && (!kept || contentOf(kept).textContent !== text)) ui.input.value = text;
   }
 }
 
@@ -235,8 +237,8 @@ async function regenerate() {
     contentOf(last).textContent = before.text;
     last.dataset.messageId = before.id;
     last.dataset.state = "done";
-  } else if (outcome === "stopped" && !contentOf(last).textContent) {
-    await loadHistory();
+  } else if (outcome === "cut" || (outcome === "stopped" && !contentOf(last).textContent)) {
+    await loadHistory(); // the server still has the previous answer
   }
 }
 

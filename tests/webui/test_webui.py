@@ -7,6 +7,7 @@ one generation at a time and one waiting request: a third concurrent request get
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SECONDS_PER_WORD = 0.05
+FAIL_MARKER = "FAIL-AFTER-FIRST-WORD"  # the mock engine raises after one word of such a prompt
 
 pytestmark = [
     pytest.mark.skipif(
@@ -59,6 +61,7 @@ def server():
         "max_ongoing_requests": 1,
         "max_queued_requests": 1,  # Ray Serve refuses 0
         "retry_after_sec": 1,
+        "mock_fail_marker": FAIL_MARKER,
     }
     with LocalServe(args, log_path=ARTIFACTS / "webui-serve.log") as running:
         yield running
@@ -244,7 +247,7 @@ def stream_in_background(server, text: str) -> tuple[threading.Thread, threading
 def test_busy_service_shows_retry_message_then_answers(page, server):
     rejected_before = outcomes(server)["rejections"].get("too_many_requests", 0)
     # Fill the only model slot, then the only queue place: the page's request gets 429.
-    running, first_chunk = stream_in_background(server, words(40, "busy"))  # 2 s of streaming
+    running, first_chunk = stream_in_background(server, words(80, "busy"))  # 4 s of streaming
     assert first_chunk.wait(15), "the slot-filling stream never started"
     queued, _ = stream_in_background(server, "queued")
     wait_for(
@@ -274,6 +277,25 @@ def test_client_error_shows_server_message_and_keeps_text(page, server):
     expect(status).to_have_attribute("data-kind", "error")
     expect(page.locator("#messages li")).to_have_count(0)  # the refused turn is not shown
     expect(page.get_by_label("Message")).to_have_value(too_long)  # and its text is not lost
+
+
+def test_engine_failure_mid_stream_is_reported(page, server):
+    failed_before = outcomes(server)["outcomes"]["unknown_error_occurred"]
+    text = f"first {FAIL_MARKER} then nothing"
+    send(page, text)
+    # Chromium reports the cut body as "network error", before or after the first chunk.
+    expect(page.locator("#status")).to_have_text(
+        re.compile(r"^(The answer was cut off|The request failed) \(.+\)\. Please try again\.$")
+    )
+    expect(page.locator("#status")).to_have_attribute("data-kind", "error")
+    wait_for(
+        lambda: outcomes(server)["outcomes"]["unknown_error_occurred"] == failed_before + 1,
+        what="unknown_error_occurred to grow by one",
+    )
+    # The server kept nothing of the failed turn; the page shows that and gives the text back.
+    assert api_get(page, server, "/history")["messages"] == []
+    expect(page.locator("#messages li")).to_have_count(0)
+    expect(page.get_by_label("Message")).to_have_value(text)
 
 
 def test_settings_panel_updates_session_params(page, server):
@@ -313,6 +335,15 @@ def test_keyboard_only(page):
         page.keyboard.press("Tab")
         reached.add(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
     assert {"regenerate", "clear", "SUMMARY", "input", "send"} <= reached
+    # Every control has a name a screen reader can announce.
+    page.get_by_text("Settings", exact=True).click()
+    unnamed = page.evaluate(
+        """() => [...document.querySelectorAll('input, textarea, button, select')]
+            .filter((c) => !(c.labels && c.labels.length) && !c.getAttribute('aria-label')
+                && !c.textContent.trim())
+            .map((c) => c.outerHTML)"""
+    )
+    assert unnamed == []
     # Escape stops a running answer.
     page.get_by_label("Message").focus()
     page.keyboard.type(words(100, "k"))
