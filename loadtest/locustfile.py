@@ -1,0 +1,712 @@
+"""ChatStream load test: four client behaviours, and a final check that the server's outcome
+accounting matches what the clients saw, request id by request id.
+
+    locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8000 -u 14 -r 7 -t 45s
+
+Users (weights are options, see `--help`), and the outcome each implies:
+- ChatUser: multi-turn conversations, reads every answer to the end -> success
+- EarlyQuitterUser: closes before the first chunk (queued for a slot) -> ..._before_streaming
+- MidStreamQuitterUser: reads 1-3 chunks of a long answer, then closes -> ..._while_streaming
+- BadInputUser: malformed JSON, missing/empty/oversized input, bad params -> 4xx, not admitted
+- FailingPromptUser (opt-in): the mock engine's fail marker -> unknown_error_occurred
+
+At test stop: wait until the service is quiet (0 ongoing, 0 queued), compare every request id's
+outcome or rejection with the server's ledger, compare the totals, check that no slot is left
+occupied and that one fresh request streams at once; print the table; any difference makes the
+process exit code 1. The service must serve no other traffic during the run (totals are
+compared as deltas). Single-process Locust only (the client records live in this process).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gevent
+import requests
+from locust import HttpUser, between, events, task
+from locust.env import Environment
+from locust.runners import MasterRunner, WorkerRunner
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # `locust -f` puts only loadtest/ on the path
+    sys.path.insert(0, str(_ROOT))
+
+from loadtest.accounting import (  # noqa: E402
+    ABSENT,
+    BEFORE_STREAMING,
+    SUCCESS,
+    UNKNOWN_ERROR,
+    WHILE_STREAMING,
+    AccountingReport,
+    ClientRecord,
+    compare,
+    format_report,
+    rejected,
+    report_as_dict,
+    server_view_from_json,
+)
+
+logger = logging.getLogger("chatstream.loadtest")
+
+REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
+WORDS = ("river", "cloud", "lantern", "harbor", "meadow", "signal", "copper", "orbit", "garden")
+
+
+# --------------------------------------------------------------------------- options
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser: Any) -> None:
+    group = parser.add_argument_group("ChatStream load test")
+    group.add_argument("--chatter-weight", type=int, default=6, help="weight of ChatUser")
+    group.add_argument("--early-quitter-weight", type=int, default=3, help="EarlyQuitterUser")
+    group.add_argument("--mid-stream-quitter-weight", type=int, default=3, help="MidStream...")
+    group.add_argument("--bad-input-weight", type=int, default=2, help="weight of BadInputUser")
+    group.add_argument(
+        "--failing-prompt-weight",
+        type=int,
+        default=0,
+        help="weight of FailingPromptUser (needs --fail-marker = the service's mock_fail_marker)",
+    )
+    group.add_argument("--fail-marker", default="", help="the service's mock_fail_marker")
+    group.add_argument(
+        "--early-quit-sec",
+        type=float,
+        default=0.25,
+        help="early quitters close this long after sending; must be below the service's time "
+        "to first token (mock_initial_wait_sec) so that no chunk can have been sent",
+    )
+    group.add_argument("--answer-tokens", type=int, default=16, help="chatters' max_new_tokens")
+    group.add_argument(
+        "--long-answer-tokens",
+        type=int,
+        default=200,
+        help="mid-stream quitters' max_new_tokens (and prompt words, for echo mode)",
+    )
+    group.add_argument("--turns", type=int, default=4, help="chat turns before clear_context")
+    group.add_argument(
+        "--too-long-words", type=int, default=3000, help="words of the prompt_too_long probe"
+    )
+    group.add_argument("--request-timeout", type=float, default=60.0, help="client read timeout")
+    group.add_argument("--quiesce-timeout", type=float, default=30.0, help="wait at test stop")
+    group.add_argument(
+        "--fresh-ttfb-max", type=float, default=5.0, help="fresh request's first-chunk bound"
+    )
+    group.add_argument(
+        "--fault-at",
+        type=float,
+        default=0.0,
+        help="kill the model replica this many seconds after the start (0: never)",
+    )
+    group.add_argument(
+        "--fault-ray-address", default="", help="GCS address (ip:port) of the service's Ray cluster"
+    )
+    group.add_argument("--fault-app", default="chatstream", help="Serve application name")
+    group.add_argument("--fault-deployment", default="ChatModel", help="deployment to kill")
+    group.add_argument(
+        "--accounting-report", default="", help="also write the accounting report as JSON here"
+    )
+
+
+@dataclass(frozen=True)
+class Options:
+    """The custom options with their defaults (also when Locust runs without a parser)."""
+
+    chatter_weight: int = 6
+    early_quitter_weight: int = 3
+    mid_stream_quitter_weight: int = 3
+    bad_input_weight: int = 2
+    failing_prompt_weight: int = 0
+    fail_marker: str = ""
+    early_quit_sec: float = 0.25
+    answer_tokens: int = 16
+    long_answer_tokens: int = 200
+    turns: int = 4
+    too_long_words: int = 3000
+    request_timeout: float = 60.0
+    quiesce_timeout: float = 30.0
+    fresh_ttfb_max: float = 5.0
+    fault_at: float = 0.0
+    fault_ray_address: str = ""
+    fault_app: str = "chatstream"
+    fault_deployment: str = "ChatModel"
+    accounting_report: str = ""
+
+    @classmethod
+    def from_environment(cls, environment: Environment) -> Options:
+        parsed = environment.parsed_options
+        return cls(
+            **{k: getattr(parsed, k) for k in cls.__dataclass_fields__ if hasattr(parsed, k)}
+        )
+
+
+# --------------------------------------------------------------------------- run state
+@dataclass
+class FaultResult:
+    attempted: bool = False
+    killed: str = ""
+    recovered: bool = False
+    detail: str = ""
+
+
+@dataclass
+class RunState:
+    """Everything the users observed in this run (reset at each test start)."""
+
+    options: Options = field(default_factory=Options)
+    prefix: str = ""
+    records: list[ClientRecord] = field(default_factory=list)
+    totals_before: dict[str, Any] = field(default_factory=dict)
+    quitters_in_flight: int = 0
+    quiet: bool = False  # quitters pause while the fault injector works
+    fault: FaultResult = field(default_factory=FaultResult)
+    warnings: list[str] = field(default_factory=list)
+    unsupported: str = ""
+    report: AccountingReport | None = None
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def reset(self, options: Options) -> None:
+        """Forget the previous run (the web UI may start several in one process)."""
+        self.__init__(options=options)  # type: ignore[misc]
+        self.prefix = f"lt{time.strftime('%H%M%S')}{uuid.uuid4().hex[:6]}"
+
+    def new_id(self, kind: str) -> str:
+        return f"{self.prefix}-{kind}-{next(self._ids)}"
+
+    def record(self, request_id: str, behaviour: str, *accepts: str, violation: str = "") -> None:
+        self.records.append(ClientRecord(request_id, behaviour, tuple(accepts), violation))
+
+    @property
+    def errors_expected(self) -> bool:
+        """Engine errors are part of the scenario only when a replica is killed."""
+        return self.options.fault_at > 0
+
+
+RUN = RunState()
+
+
+def _error_code(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("error", f"http_{response.status_code}"))
+    except ValueError:
+        return f"http_{response.status_code}"
+
+
+def _prompt(words: int) -> str:
+    return " ".join(random.choice(WORDS) for _ in range(words))
+
+
+# --------------------------------------------------------------------------- users
+class ChatStreamUser(HttpUser):
+    abstract = True
+    behaviour = "?"
+
+    def post_chat(self, body: Any, request_id: str, name: str) -> Any:
+        """POST /chat_stream, streamed, with Locust's catch_response context manager."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.client.post(
+            "/chat_stream",
+            data=data,
+            headers={REQUEST_ID_HEADER: request_id, "Content-Type": "application/json"},
+            stream=True,
+            catch_response=True,
+            name=name,
+            timeout=(5.0, RUN.options.request_timeout),
+        )
+
+    def refused(self, response: Any, request_id: str, *allowed: str) -> None:
+        """Record a non-200 answer; `allowed` are the error codes this behaviour expects."""
+        if response.status_code == 0:  # no HTTP answer at all (connection refused or cut)
+            RUN.record(
+                request_id,
+                self.behaviour,
+                ABSENT,
+                UNKNOWN_ERROR,
+                violation="" if RUN.errors_expected else f"no answer: {response.error}",
+            )
+            response.failure(f"no answer: {response.error}")
+            return
+        code = _error_code(response)
+        if response.status_code == 500 and code == UNKNOWN_ERROR:
+            # admitted, failed before its first chunk
+            ok = RUN.errors_expected or UNKNOWN_ERROR in allowed
+            RUN.record(
+                request_id, self.behaviour, UNKNOWN_ERROR, violation="" if ok else "HTTP 500"
+            )
+            response.failure("500 unknown_error_occurred")
+            return
+        if response.status_code >= 500:  # not ours: a proxy error; the ingress never saw it
+            RUN.record(
+                request_id,
+                self.behaviour,
+                ABSENT,
+                violation="" if RUN.errors_expected else f"HTTP {response.status_code}",
+            )
+            response.failure(f"HTTP {response.status_code}")
+            return
+        violation = "" if code in allowed else f"unexpected HTTP {response.status_code} {code}"
+        RUN.record(request_id, self.behaviour, rejected(code), violation=violation)
+        if code == "too_many_requests":
+            response.failure("429 too_many_requests (expected while saturated)")
+        elif violation:
+            response.failure(violation)
+        else:
+            response.success()
+
+    def read_to_end(self, response: Any, request_id: str, expect_error: bool = False) -> None:
+        """Read a 200 stream to its end and record success, or an engine error if it was cut."""
+        chunks = size = 0
+        started = time.perf_counter()
+        try:
+            for chunk in response.iter_content(chunk_size=None):
+                chunks += 1
+                size += len(chunk)
+        except requests.RequestException as exc:
+            ok = expect_error or RUN.errors_expected
+            RUN.record(
+                request_id,
+                self.behaviour,
+                UNKNOWN_ERROR,
+                violation="" if ok else f"stream cut after {chunks} chunks",
+            )
+            if expect_error:
+                response.success()
+            else:
+                response.failure(f"stream cut after {chunks} chunks: {type(exc).__name__}")
+            return
+        finally:
+            response.request_meta["response_time"] += (time.perf_counter() - started) * 1000
+            response.request_meta["response_length"] = size
+        if expect_error:
+            RUN.record(
+                request_id, self.behaviour, SUCCESS, violation="expected an engine error, got 200"
+            )
+            response.failure("expected an engine error")
+        else:
+            RUN.record(request_id, self.behaviour, SUCCESS)
+            response.success()
+
+
+class ChatUser(ChatStreamUser):
+    """Holds multi-turn conversations and reads every answer to the end."""
+
+    behaviour = "chatter"
+    weight = 6
+    wait_time = between(0.5, 2.0)
+
+    def on_start(self) -> None:
+        self.turns = 0
+        self.has_answer = False
+
+    def turn(self, body: dict[str, Any], name: str) -> None:
+        request_id = RUN.new_id("chat")
+        with self.post_chat(body, request_id, name) as response:
+            if response.status_code != 200:
+                self.refused(response, request_id, "too_many_requests")
+                return
+            self.read_to_end(response, request_id)
+            self.turns += 1
+            self.has_answer = True
+
+    @task(6)
+    def chat(self) -> None:
+        if self.turns >= RUN.options.turns:
+            self.client.post("/clear_context", name="/clear_context")
+            self.turns, self.has_answer = 0, False
+        body = {
+            "user_input": _prompt(random.randint(3, 12)),
+            "max_new_tokens": RUN.options.answer_tokens,
+        }
+        self.turn(body, "chat turn")
+
+    @task(1)
+    def regenerate(self) -> None:
+        if not self.has_answer:
+            return self.chat()
+        self.turn({"regenerate": True, "max_new_tokens": RUN.options.answer_tokens}, "regenerate")
+
+
+class EarlyQuitterUser(ChatStreamUser):
+    """Sends a turn and closes the connection before the first chunk can exist."""
+
+    behaviour = "early quitter"
+    weight = 3
+    wait_time = between(0.2, 1.0)
+
+    @task
+    def quit_before_first_chunk(self) -> None:
+        if RUN.quiet:
+            return
+        request_id = RUN.new_id("early")
+        body = {"user_input": _prompt(5), "max_new_tokens": RUN.options.answer_tokens}
+        deadline = gevent.Timeout(RUN.options.early_quit_sec)
+        RUN.quitters_in_flight += 1
+        started = time.perf_counter()
+        deadline.start()
+        try:
+            response = self.post_chat(body, request_id, "early quit")
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            # urllib3 closes the connection when a request is interrupted: the service sees
+            # the client leave while its request waits for a slot (or its first token).
+            RUN.record(request_id, self.behaviour, BEFORE_STREAMING, ABSENT)
+            self.environment.events.request.fire(
+                request_type="POST",
+                name="early quit",
+                response_time=(time.perf_counter() - started) * 1000,
+                response_length=0,
+                exception=None,
+                context={},
+            )
+            return
+        finally:
+            deadline.close()
+            RUN.quitters_in_flight -= 1
+        with response:
+            if response.status_code != 200:
+                self.refused(response, request_id, "too_many_requests")
+                return
+            # The first chunk came before our deadline: the scenario is not saturating enough
+            # or --early-quit-sec is above the service's time to first token. Still close now.
+            response.close()
+            RUN.record(request_id, self.behaviour, WHILE_STREAMING, SUCCESS, BEFORE_STREAMING)
+            RUN.warnings.append(f"{request_id}: first chunk arrived before --early-quit-sec")
+            response.success()
+
+
+class MidStreamQuitterUser(ChatStreamUser):
+    """Asks for a long answer, reads 1-3 chunks, closes the connection."""
+
+    behaviour = "mid-stream quitter"
+    weight = 3
+    wait_time = between(0.5, 1.5)
+
+    @task
+    def quit_while_streaming(self) -> None:
+        if RUN.quiet:
+            return
+        request_id = RUN.new_id("mid")
+        tokens = RUN.options.long_answer_tokens
+        body = {"user_input": _prompt(tokens), "max_new_tokens": tokens}
+        want = random.randint(1, 3)
+        RUN.quitters_in_flight += 1
+        try:
+            with self.post_chat(body, request_id, "quit mid-stream") as response:
+                if response.status_code != 200:
+                    self.refused(response, request_id, "too_many_requests")
+                    return
+                got = 0
+                try:
+                    for chunk in response.iter_content(chunk_size=None):
+                        got += 1 if chunk else 0
+                        if got >= want:
+                            break
+                    else:  # the whole answer was shorter than `want` chunks
+                        RUN.record(request_id, self.behaviour, SUCCESS)
+                        response.success()
+                        return
+                except requests.RequestException:
+                    ok = RUN.errors_expected
+                    RUN.record(
+                        request_id,
+                        self.behaviour,
+                        UNKNOWN_ERROR,
+                        violation="" if ok else f"stream cut after {got} chunks",
+                    )
+                    response.failure(f"stream cut after {got} chunks")
+                    return
+                response.close()  # closes the socket: the service sees the client leave
+                RUN.record(request_id, self.behaviour, WHILE_STREAMING)
+                response.success()
+        finally:
+            RUN.quitters_in_flight -= 1
+
+
+def bad_inputs(options: Options) -> list[tuple[str, Any, str]]:
+    """(case, body, expected error code). Each is refused before admission."""
+    return [
+        ("malformed json", b'{"user_input": "hello"', "invalid_json"),
+        ("not an object", b'["hello"]', "invalid_json"),
+        ("missing user_input", {"max_new_tokens": 4}, "invalid_request"),
+        ("empty user_input", {"user_input": "   "}, "invalid_request"),
+        ("user_input not a string", {"user_input": 42}, "invalid_request"),
+        ("oversized user_input", {"user_input": "x" * 40_000}, "invalid_request"),
+        ("temperature out of range", {"user_input": "hi", "temperature": 5.0}, "invalid_request"),
+        ("max_new_tokens 0", {"user_input": "hi", "max_new_tokens": 0}, "invalid_request"),
+        ("top_p 0", {"user_input": "hi", "top_p": 0.0}, "invalid_request"),
+        ("top_k not an int", {"user_input": "hi", "top_k": "many"}, "invalid_request"),
+        ("regenerate without history", {"regenerate": True}, "nothing_to_regenerate"),
+        (
+            "prompt over the context",
+            {"user_input": " ".join(["word"] * options.too_long_words)},
+            "prompt_too_long",
+        ),
+    ]
+
+
+class BadInputUser(ChatStreamUser):
+    """Sends requests the service must refuse with a 4xx before admission (it never chats, so
+    its session has nothing to regenerate)."""
+
+    behaviour = "bad input"
+    weight = 2
+    wait_time = between(0.5, 1.5)
+
+    @task
+    def send_bad_input(self) -> None:
+        case, body, code = random.choice(bad_inputs(RUN.options))
+        request_id = RUN.new_id("bad")
+        with self.post_chat(body, request_id, f"bad input: {case}") as response:
+            if response.status_code == 200:
+                response.close()
+                RUN.record(
+                    request_id,
+                    self.behaviour,
+                    SUCCESS,
+                    WHILE_STREAMING,
+                    violation=f"{case}: answered 200 instead of {code}",
+                )
+                response.failure("bad input was admitted")
+                return
+            self.refused(response, request_id, code)
+
+
+class FailingPromptUser(ChatStreamUser):
+    """Sends a prompt containing the mock engine's fail marker: the engine raises after its
+    first token, so the stream is cut and the outcome is unknown_error_occurred."""
+
+    behaviour = "failing prompt"
+    weight = 1  # set from --failing-prompt-weight at init (0 unless --fail-marker is given)
+    wait_time = between(1.0, 3.0)
+
+    @task
+    def provoke_engine_error(self) -> None:
+        request_id = RUN.new_id("fail")
+        body = {"user_input": f"please {RUN.options.fail_marker} now", "max_new_tokens": 8}
+        with self.post_chat(body, request_id, "engine failure") as response:
+            if response.status_code != 200:
+                self.refused(response, request_id, "too_many_requests", UNKNOWN_ERROR)
+                return
+            self.read_to_end(response, request_id, expect_error=True)
+
+
+# --------------------------------------------------------------------------- fault injection
+def inject_fault(environment: Environment) -> None:
+    """Kill the model replica once, `--fault-at` seconds into the run, with Ray's own API.
+
+    Quitters pause first (and their in-flight requests finish), so that no quit races the kill:
+    a stream the kill cuts ends as unknown_error_occurred on both sides, unambiguously.
+    """
+    options = RUN.options
+    gevent.sleep(options.fault_at)
+    RUN.quiet = True
+    RUN.fault.attempted = True
+    try:
+        deadline = time.monotonic() + 30
+        while RUN.quitters_in_flight and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        command = [
+            sys.executable,
+            "-m",
+            "loadtest.fault",
+            "--address",
+            options.fault_ray_address,
+            "--app",
+            options.fault_app,
+            "--deployment",
+            options.fault_deployment,
+        ]
+        logger.info("fault injection: %s", " ".join(command))
+        done = subprocess.run(
+            command, cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False
+        )
+        result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+        RUN.fault.killed = result.get("killed", "")
+        RUN.fault.recovered = bool(result.get("recovered"))
+        RUN.fault.detail = result.get("detail", "") or done.stderr.strip()[-2000:]
+        logger.info("fault injection result: %s", result or done.stderr[-2000:])
+    except Exception as exc:  # reported as a failed check at the end
+        RUN.fault.detail = f"{type(exc).__name__}: {exc}"
+        logger.exception("fault injection failed")
+    finally:
+        RUN.quiet = False
+
+
+# --------------------------------------------------------------------------- event hooks
+@events.init.add_listener
+def _on_init(environment: Environment, **_: Any) -> None:
+    options = Options.from_environment(environment)
+    RUN.options = options
+    weights = {
+        ChatUser: options.chatter_weight,
+        EarlyQuitterUser: options.early_quitter_weight,
+        MidStreamQuitterUser: options.mid_stream_quitter_weight,
+        BadInputUser: options.bad_input_weight,
+        FailingPromptUser: options.failing_prompt_weight if options.fail_marker else 0,
+    }
+    for user_class, weight in weights.items():
+        user_class.weight = weight
+    environment.user_classes = [c for c in environment.user_classes if c.weight > 0]
+    if not environment.stop_timeout:
+        # Users must finish the request they are in: a user killed mid-request would close its
+        # connection without recording what it saw, and the accounting could not match.
+        environment.stop_timeout = options.request_timeout
+
+
+@events.test_start.add_listener
+def _on_test_start(environment: Environment, **_: Any) -> None:
+    options = RUN.options
+    RUN.reset(options)
+    if isinstance(environment.runner, MasterRunner | WorkerRunner):
+        RUN.unsupported = "distributed Locust is not supported: client records are per process"
+    try:
+        RUN.totals_before = requests.get(f"{environment.host}/outcomes", timeout=10).json()
+    except (requests.RequestException, ValueError) as exc:
+        RUN.warnings.append(f"could not read /outcomes at the start: {exc}")
+    if options.fault_at > 0:
+        if not options.fault_ray_address:
+            RUN.unsupported = "--fault-at needs --fault-ray-address (the service's Ray cluster)"
+        else:
+            gevent.spawn(inject_fault, environment)
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment: Environment, **_: Any) -> None:
+    RUN.report = final_check(environment.host or "")
+    print(format_report(RUN.report), flush=True)
+    print(run_summary(), flush=True)
+    if RUN.options.accounting_report:
+        path = Path(RUN.options.accounting_report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**report_as_dict(RUN.report), "run": run_facts()}, indent=2))
+
+
+@events.quitting.add_listener
+def _on_quitting(environment: Environment, **_: Any) -> None:
+    if RUN.report is None or not RUN.report.ok:
+        environment.process_exit_code = 1
+    else:
+        environment.process_exit_code = 0  # expected 429s / quits are not failures of the run
+
+
+# --------------------------------------------------------------------------- the final check
+def wait_until_quiet(host: str, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Wait until no request is queued or ongoing and the totals stopped changing; return the
+    last /load and /outcomes answers (empty dicts if the service did not answer)."""
+    deadline = time.monotonic() + timeout
+    load: dict[str, Any] = {}
+    previous: dict[str, Any] | None = None
+    while True:
+        try:
+            load = requests.get(f"{host}/load", timeout=5).json()
+            totals = requests.get(f"{host}/outcomes", timeout=5).json()
+        except (requests.RequestException, ValueError):
+            load, totals = {}, {}
+        idle = load.get("ongoing") == 0 and load.get("queued") == 0
+        if idle and totals and totals == previous:
+            return load, totals
+        if time.monotonic() > deadline:
+            return load, totals
+        previous = totals if idle else None
+        time.sleep(0.5)
+
+
+def fresh_request(host: str, prefix: str, max_ttfb: float) -> tuple[str, str]:
+    """One new request must stream at once and be recorded as success. Returns (id, failure)."""
+    request_id = f"{prefix}-fresh"
+    started = time.monotonic()
+    try:
+        with requests.post(
+            f"{host}/chat_stream",
+            json={"user_input": "are you still there", "max_new_tokens": 4},
+            headers={REQUEST_ID_HEADER: request_id},
+            stream=True,
+            timeout=(5, max_ttfb + 30),
+        ) as response:
+            if response.status_code != 200:
+                return request_id, f"fresh request answered {response.status_code}"
+            chunks = response.iter_content(chunk_size=None)
+            next(chunks)
+            ttfb = time.monotonic() - started
+            for _ in chunks:
+                pass
+    except (requests.RequestException, StopIteration) as exc:
+        return request_id, f"fresh request failed: {exc!r}"
+    if ttfb > max_ttfb:
+        return request_id, f"fresh request's first chunk took {ttfb:.2f}s (> {max_ttfb}s)"
+    return request_id, ""
+
+
+def final_check(host: str) -> AccountingReport:
+    options = RUN.options
+    load, totals_after = wait_until_quiet(host, options.quiesce_timeout)
+    try:
+        ledger = requests.get(f"{host}/outcomes/ledger", timeout=30).json()
+    except (requests.RequestException, ValueError) as exc:
+        ledger = {}
+        RUN.warnings.append(f"could not read the ledger: {exc}")
+    view = server_view_from_json(ledger, RUN.totals_before, totals_after, RUN.prefix)
+    failures = [RUN.unsupported]
+    if not totals_after:
+        failures.append("the service did not answer /outcomes at the end")
+    if load.get("ongoing") != 0 or load.get("queued") != 0:
+        failures.append(f"slots still occupied after {options.quiesce_timeout}s: /load = {load}")
+    if RUN.fault.attempted and not (RUN.fault.killed and RUN.fault.recovered):
+        failures.append(f"fault injection did not kill and recover: {RUN.fault.detail}")
+    if options.fault_at > 0 and not RUN.fault.attempted:
+        failures.append("the run ended before the fault injection (raise -t or lower --fault-at)")
+    report = compare(RUN.records, view)
+    # One fresh request must stream at once, be recorded, and leave the service idle again.
+    fresh_id, fresh_failure = fresh_request(host, RUN.prefix, options.fresh_ttfb_max)
+    failures.append(fresh_failure)
+    if not fresh_failure:
+        fresh_load, _ = wait_until_quiet(host, options.quiesce_timeout)
+        try:
+            fresh = requests.get(
+                f"{host}/outcomes/ledger", params={"request_id": fresh_id}, timeout=10
+            ).json()
+        except (requests.RequestException, ValueError):
+            fresh = {}
+        if fresh.get("outcomes", {}).get(fresh_id) != SUCCESS:
+            failures.append(f"fresh request {fresh_id} not recorded as success: {fresh}")
+        if fresh_load.get("ongoing") != 0 or fresh_load.get("queued") != 0:
+            failures.append(f"slot still occupied after the fresh request: {fresh_load}")
+    return report.with_failures(*failures)
+
+
+def run_facts() -> dict[str, Any]:
+    by_behaviour: dict[str, int] = {}
+    for record in RUN.records:
+        by_behaviour[record.behaviour] = by_behaviour.get(record.behaviour, 0) + 1
+    disconnects = sum(1 for r in RUN.records if r.accepts[0] in (BEFORE_STREAMING, WHILE_STREAMING))
+    return {
+        "request_id_prefix": RUN.prefix,
+        "requests_by_behaviour": by_behaviour,
+        "disconnect_fraction": round(disconnects / len(RUN.records), 3) if RUN.records else 0.0,
+        "fault": RUN.fault.__dict__,
+        "warnings": RUN.warnings[:20],
+    }
+
+
+def run_summary() -> str:
+    facts = run_facts()
+    lines = [
+        f"run {facts['request_id_prefix']}: requests by behaviour {facts['requests_by_behaviour']}",
+        f"disconnects: {facts['disconnect_fraction']:.0%} of requests",
+    ]
+    if RUN.fault.attempted:
+        lines.append(
+            f"fault: killed {RUN.fault.killed or '-'}; recovered: {RUN.fault.recovered}; "
+            f"{RUN.fault.detail[:300]}"
+        )
+    lines.extend(f"warning: {w}" for w in RUN.warnings[:20])
+    return "\n".join(lines)

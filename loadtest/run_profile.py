@@ -1,0 +1,217 @@
+"""Run a load-test profile: start ChatStream on loopback (mock engine), run Locust headless
+against it, stop the service. The exit code is Locust's: 0 only if the accounting matched.
+
+    python -m loadtest.run_profile --profile ci          # ~1 min, what CI runs
+    python -m loadtest.run_profile --profile ci fault    # both on one service start
+    python -m loadtest.run_profile --profile long        # >= 5 min, 60 users, >= 30 % disconnects
+    python -m loadtest.run_profile --profile ci --url http://127.0.0.1:8000   # a running service
+
+Reports (Locust CSV + HTML, the accounting JSON, the service log) go to loadtest/reports/.
+Anything after `--` is passed to Locust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOADTEST_DIR = Path(__file__).resolve().parent
+ROOT = LOADTEST_DIR.parent
+LOCUSTFILE = LOADTEST_DIR / "locustfile.py"
+FAIL_MARKER = "__chatstream_fail__"
+
+# A small, saturable service: 2 generation slots, 4 queue places, a first token that takes
+# 0.5 s (early quitters leave after 0.25 s, so no chunk can have been sent), 20 ms per token.
+SMALL_MOCK_SERVICE: dict[str, Any] = {
+    "engine": "mock",
+    "mock_mode": "long",
+    "mock_initial_wait_sec": 0.5,
+    "mock_time_per_token_sec": 0.02,
+    "mock_fail_marker": FAIL_MARKER,
+    "max_ongoing_requests": 2,
+    "max_queued_requests": 4,
+}
+LARGER_MOCK_SERVICE: dict[str, Any] = {
+    **SMALL_MOCK_SERVICE,
+    "max_ongoing_requests": 8,
+    "max_queued_requests": 24,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    description: str
+    service: dict[str, Any]
+    users: int
+    spawn_rate: float
+    run_time: str
+    options: dict[str, Any] = field(default_factory=dict)  # the locustfile's custom options
+
+
+PROFILES: dict[str, Profile] = {
+    "ci": Profile(
+        "short CI run: every behaviour, saturated (429s), engine failures by fail marker",
+        SMALL_MOCK_SERVICE,
+        users=15,
+        spawn_rate=15,
+        run_time="40s",
+        options={
+            "chatter-weight": 6,
+            "early-quitter-weight": 3,
+            "mid-stream-quitter-weight": 3,
+            "bad-input-weight": 2,
+            "failing-prompt-weight": 1,
+            "fail-marker": FAIL_MARKER,
+        },
+    ),
+    "fault": Profile(
+        "kills the model replica once mid-run; counts still match and the service recovers",
+        SMALL_MOCK_SERVICE,
+        users=10,
+        spawn_rate=10,
+        run_time="35s",
+        options={
+            "chatter-weight": 6,
+            "early-quitter-weight": 2,
+            "mid-stream-quitter-weight": 2,
+            "bad-input-weight": 1,
+            "fault-at": 8,
+        },
+    ),
+    "long": Profile(
+        "soak: 6 minutes, 60 users, about half of them disconnecting",
+        LARGER_MOCK_SERVICE,
+        users=60,
+        spawn_rate=5,
+        run_time="6m",
+        options={
+            "chatter-weight": 4,
+            "early-quitter-weight": 3,
+            "mid-stream-quitter-weight": 3,
+            "bad-input-weight": 1,
+            "failing-prompt-weight": 1,
+            "fail-marker": FAIL_MARKER,
+        },
+    ),
+}
+
+
+def locust_command(
+    name: str,
+    profile: Profile,
+    url: str,
+    reports_dir: Path,
+    ray_address: str = "",
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The Locust command line of one profile (exactly what a user could type)."""
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        url,
+        "-u",
+        str(profile.users),
+        "-r",
+        str(profile.spawn_rate),
+        "-t",
+        profile.run_time,
+        "--stop-timeout",
+        "60",
+        "--only-summary",
+        "--csv",
+        str(reports_dir / name),
+        "--html",
+        str(reports_dir / f"{name}.html"),
+        "--accounting-report",
+        str(reports_dir / f"{name}-accounting.json"),
+    ]
+    for option, value in profile.options.items():
+        command += [f"--{option}", str(value)]
+    if ray_address:
+        command += ["--fault-ray-address", ray_address]
+    return command + list(extra or [])
+
+
+def run_locust(command: list[str]) -> int:
+    print("$", " ".join(command), flush=True)
+    started = time.monotonic()
+    code = subprocess.run(command, cwd=ROOT, check=False).returncode
+    print(f"locust exited with {code} after {time.monotonic() - started:.0f}s", flush=True)
+    return code
+
+
+def run_profiles(
+    names: list[str],
+    url: str = "",
+    ray_address: str = "",
+    reports_dir: Path = LOADTEST_DIR / "reports",
+    extra: list[str] | None = None,
+) -> int:
+    """Run the profiles in order; consecutive ones with the same service share one start."""
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    codes: list[int] = []
+    groups: list[tuple[dict[str, Any], list[str]]] = []
+    for name in names:
+        if groups and groups[-1][0] == PROFILES[name].service:
+            groups[-1][1].append(name)
+        else:
+            groups.append((PROFILES[name].service, [name]))
+
+    for service, group in groups:
+        if url:
+            for name in group:
+                command = locust_command(name, PROFILES[name], url, reports_dir, ray_address, extra)
+                codes.append(run_locust(command))
+            continue
+        from loadtest.fault import gcs_address_for_port
+        from serve_app.local_server import LocalServe
+
+        log_path = reports_dir / f"serve-{'-'.join(group)}.log"
+        print(f"starting ChatStream on loopback with {service} (log: {log_path})", flush=True)
+        started = time.monotonic()
+        with LocalServe(service, log_path=log_path) as server:
+            print(f"service ready at {server.url} in {time.monotonic() - started:.0f}s", flush=True)
+            address = ""
+            if any(PROFILES[name].options.get("fault-at") for name in group):
+                address = gcs_address_for_port(server.port)
+                print(f"the service's Ray cluster: {address or 'NOT FOUND'}", flush=True)
+            for name in group:
+                command = locust_command(
+                    name, PROFILES[name], server.url, reports_dir, address, extra
+                )
+                codes.append(run_locust(command))
+    return max(codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="profiles: " + "; ".join(f"{k}: {p.description}" for k, p in PROFILES.items()),
+    )
+    parser.add_argument("--profile", nargs="+", choices=sorted(PROFILES), default=["ci"])
+    parser.add_argument("--url", default="", help="test this running service instead")
+    parser.add_argument(
+        "--ray-address", default="", help="with --url: the service's Ray GCS address (fault)"
+    )
+    parser.add_argument("--reports-dir", type=Path, default=LOADTEST_DIR / "reports")
+    args = parser.parse_args(argv)
+    return run_profiles(args.profile, args.url, args.ray_address, args.reports_dir, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
