@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.ingress import ChatStreamIngress
@@ -31,9 +31,10 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(config: ChatStreamConfig) -> Application:
+def build_app(config: ChatStreamConfig, ingress: Deployment = ChatStreamIngress) -> Application:
+    """The model deployment behind `ingress` (ours, or your own that uses ChatStream)."""
     model = ChatModel.options(**model_deployment_options(config)).bind(config)
-    return ChatStreamIngress.options(num_replicas=config.ingress_replicas).bind(model, config)
+    return ingress.options(num_replicas=config.ingress_replicas).bind(model, config)
 
 
 def app(args: dict[str, Any] | None = None) -> Application:

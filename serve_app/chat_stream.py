@@ -11,6 +11,7 @@ cancelled request still completes its bookkeeping).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -328,7 +329,9 @@ class ChatStream:
 
     # ------------------------------------------------------------------ after the stream
     def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        # A fresh context: in the request's context, Serve would cancel the task's Ray calls
+        # along with the (possibly cancelled) request.
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._tasks.add(task)  # keep a reference until done
         task.add_done_callback(self._tasks.discard)
 

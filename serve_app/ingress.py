@@ -21,7 +21,12 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.chat_stream import ChatStream
 from serve_app.config import ChatStreamConfig
-from serve_app.validation import RequestRejected, parse_generation_overrides, parse_json_object
+from serve_app.validation import (
+    RequestRejected,
+    parse_feedback,
+    parse_generation_overrides,
+    parse_json_object,
+)
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Far above any realistic concurrency: the ingress itself must never queue or refuse.
@@ -87,7 +92,7 @@ class ChatStreamIngress:
         view = await self.chat_stream.open_session(request)
         try:
             data = parse_json_object(await request.body())
-            entry = _parse_feedback(data, view.record["messages"])
+            entry = parse_feedback(data, view.record["messages"])
         except RequestRejected as rejected:
             return rejected.response()
         feedback = {**view.record.get("feedback", {}), data["message_id"]: entry}
@@ -131,22 +136,3 @@ class ChatStreamIngress:
                 {"error": "not_found", "message": "the web UI is not installed"}, 404
             )
         return FileResponse(index)
-
-
-def _parse_feedback(data: dict, messages: list[dict]) -> dict:
-    message_id = data.get("message_id")
-    rating = data.get("rating")
-    comment = data.get("comment", "")
-    if not isinstance(message_id, str) or not any(
-        m.get("message_id") == message_id for m in messages
-    ):
-        raise RequestRejected(
-            404, "unknown_message_id", "message_id names no answer of this session"
-        )
-    if rating not in ("good", "bad"):
-        raise RequestRejected(400, "invalid_request", "rating: must be 'good' or 'bad'")
-    if not isinstance(comment, str) or len(comment) > 2000:
-        raise RequestRejected(
-            400, "invalid_request", "comment: must be a string of at most 2000 characters"
-        )
-    return {"rating": rating, "comment": comment}

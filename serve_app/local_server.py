@@ -30,7 +30,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_config(args: dict[str, Any], port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+def serve_config(
+    args: dict[str, Any],
+    port: int,
+    host: str = "127.0.0.1",
+    import_path: str = APP_IMPORT_PATH,
+) -> dict[str, Any]:
     """A Serve config file (ServeDeploySchema) that runs ChatStream with `args` on `port`."""
     parse_args(args)  # fail here, with a clear message, rather than inside the child process
     return {
@@ -40,7 +45,7 @@ def serve_config(args: dict[str, Any], port: int, host: str = "127.0.0.1") -> di
             {
                 "name": DEFAULT_APP_NAME,
                 "route_prefix": "/",
-                "import_path": APP_IMPORT_PATH,
+                "import_path": import_path,
                 "args": args,
             }
         ],
@@ -56,8 +61,10 @@ class LocalServe:
         port: int | None = None,
         startup_timeout_s: float = 180.0,
         log_path: str | os.PathLike | None = None,
+        import_path: str = APP_IMPORT_PATH,
     ) -> None:
         self.args = args
+        self.import_path = import_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout_s = startup_timeout_s
@@ -67,7 +74,9 @@ class LocalServe:
 
     def __enter__(self) -> LocalServe:
         config_path = Path(self._dir.name) / "serve_config.yaml"
-        config_path.write_text(yaml.safe_dump(serve_config(self.args, self.port)))
+        config_path.write_text(
+            yaml.safe_dump(serve_config(self.args, self.port, import_path=self.import_path))
+        )
         serve_bin = Path(sys.executable).with_name("serve")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -107,3 +107,23 @@ def request_id_from(headers: Any) -> str:
             f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits and . _ : -",
         )
     return given
+
+
+def parse_feedback(data: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, str]:
+    """A `POST /feedback` entry for one of this session's answers."""
+    message_id = data.get("message_id")
+    rating = data.get("rating")
+    comment = data.get("comment", "")
+    if not isinstance(message_id, str) or not any(
+        m.get("message_id") == message_id for m in messages
+    ):
+        raise RequestRejected(
+            404, "unknown_message_id", "message_id names no answer of this session"
+        )
+    if rating not in ("good", "bad"):
+        raise RequestRejected(400, "invalid_request", "rating: must be 'good' or 'bad'")
+    if not isinstance(comment, str) or len(comment) > 2000:
+        raise RequestRejected(
+            400, "invalid_request", "comment: must be a string of at most 2000 characters"
+        )
+    return {"rating": rating, "comment": comment}

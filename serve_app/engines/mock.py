@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from serve_app.config import ChatStreamConfig, GenerationParams
 from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
@@ -34,13 +34,22 @@ def last_user_message(prompt: str) -> str:
     return body.split(_END_TAG, 1)[0]
 
 
-def mock_answer_tokens(mode: str, user_text: str) -> itertools.chain[str] | list[str]:
+def _repeat_words(tokens: list[str]) -> Iterator[str]:
+    """Tokens over and over, with a space between the repetitions."""
+    yield from tokens
+    spaced = [tokens[0] if tokens[0][:1].isspace() else " " + tokens[0], *tokens[1:]]
+    while True:
+        yield from spaced
+
+
+def mock_answer_tokens(mode: str, user_text: str) -> Iterable[str]:
     """The (possibly endless) token sequence the mock answers with."""
+    words = split_tokens(user_text.strip()) or ["(empty)"]
     if mode == "echo":
-        return split_tokens(user_text) or ["(empty)"]
+        return words
     if mode == "round":
-        return itertools.cycle(split_tokens(user_text) or ["(empty)"])
-    return itertools.cycle(split_tokens(_LONG_TEXT))
+        return _repeat_words(words)
+    return _repeat_words(split_tokens(_LONG_TEXT.strip()))
 
 
 class MockPromptFormatter(PromptFormatter):

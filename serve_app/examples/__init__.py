@@ -1,0 +1,1 @@
+"""Runnable examples of the ChatStream facade in your own FastAPI routes."""
