@@ -191,9 +191,9 @@ async function streamAnswer(body, item) {
       showStatus("Stopped.", "info");
       return "stopped";
     }
-    item.dataset.state = "error";
     // A stream cut by the server loses the chunks the page had not read yet (Streams spec).
     const what = item.dataset.state === "streaming" ? "The answer was cut off" : "The request failed";
+    item.dataset.state = "error";
     showStatus(`${what} (${err.message}). Please try again.`, "error");
     return "cut";
   } finally {
@@ -265,8 +265,12 @@ function fillSettings(params) {
 
 async function loadSettings() {
   const resp = await request("generation_params");
-  if (resp.ok) fillSettings(await resp.json());
-  else ui.settingsStatus.textContent = `Could not load: ${await errorText(resp)}`;
+  if (resp.ok) {
+    fillSettings(await resp.json());
+  } else {
+    ui.settingsStatus.dataset.kind = "error";
+    ui.settingsStatus.textContent = `Could not load: ${await errorText(resp)}`;
+  }
 }
 
 async function saveSettings() {
