@@ -140,15 +140,16 @@ def test_disconnect_while_waiting_for_a_slot(service):
 
 def test_engine_failure_is_unknown_error_and_cuts_the_stream(service, client):
     request_id = new_request_id("fail")
-    with pytest.raises(httpx.HTTPError):  # the stream ends without its final chunk
-        with client.stream(
-            "POST",
-            "/chat_stream",
-            json={"user_input": f"{FAIL_MARKER} now", "max_new_tokens": 5},
-            headers={"X-ChatStream-Request-Id": request_id},
-        ) as response:
-            for _ in response.iter_text():
-                pass
+    failing = client.stream(
+        "POST",
+        "/chat_stream",
+        json={"user_input": f"{FAIL_MARKER} now", "max_new_tokens": 5},
+        headers={"X-ChatStream-Request-Id": request_id},
+    )
+    # The stream ends without its final chunk: the client sees a broken response.
+    with pytest.raises(httpx.HTTPError), failing as response:
+        for _ in response.iter_text():
+            pass
     assert outcome_of(service.url, request_id) == "unknown_error_occurred"
     wait_for(lambda: idle(service))
 
