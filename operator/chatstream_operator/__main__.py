@@ -77,9 +77,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _exact(pattern: str) -> bool:
+    return not any(char in pattern for char in "*?[!")
+
+
 def operator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of `kopf.operator` for the parsed command line."""
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    # Exact namespace names need no cluster-wide scan of namespaces and CRDs, so a namespaced
+    # install needs no cluster-scoped RBAC at all. (Resources are then discovered at startup
+    # only: install KubeRay before the operator, or restart it after.)
+    settings.scanning.disabled = bool(args.namespaces) and all(map(_exact, args.namespaces))
     kwargs: dict[str, Any] = {
+        "settings": settings,
         "liveness_endpoint": args.liveness or None,
         "priority": args.priority,
         "standalone": bool(args.standalone),

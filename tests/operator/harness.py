@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import kmock
 import yaml
+from kubernetes.config import kube_config
 
 NAMESPACE = "chat-harness"
 NAME = "chat"
@@ -196,9 +197,13 @@ def _kubeconfig(url: str) -> Iterator[None]:
         )
         os.environ["KUBECONFIG"] = str(path)
         os.environ.pop("KUBERNETES_SERVICE_HOST", None)  # never the real cluster
+        # The client reads $KUBECONFIG once, at import; later runs need the module global set.
+        saved_default = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
         try:
             yield
         finally:
+            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_default
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -217,16 +222,15 @@ class _ErrorLogs(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def _running_operator(namespaces: Sequence[str] | None) -> AsyncIterator[asyncio.Task]:
+    """The operator as `chatstream-operator --standalone [-A | -n NS ...]` runs it."""
     import kopf
     from chatstream_operator import handlers  # noqa: F401  (registers the real handlers)
+    from chatstream_operator.__main__ import operator_kwargs, parse_args
 
+    scope = [f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"]
+    kwargs = operator_kwargs(parse_args(["--standalone", "--liveness=", *scope]))
     stop, ready = asyncio.Event(), asyncio.Event()
-    scope: dict[str, Any] = (
-        {"namespaces": list(namespaces)} if namespaces else {"clusterwide": True}
-    )
-    task = asyncio.create_task(
-        kopf.operator(standalone=True, stop_flag=stop, ready_flag=ready, **scope)
-    )
+    task = asyncio.create_task(kopf.operator(stop_flag=stop, ready_flag=ready, **kwargs))
     try:
         await asyncio.wait_for(ready.wait(), timeout=30)
         yield task

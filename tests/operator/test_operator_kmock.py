@@ -10,7 +10,16 @@ import asyncio
 import pytest
 import yaml
 from chatstream_operator.render import render_rayservice
-from harness import NAME, NAMESPACE, SPEC, UID, ApiCall, LifecycleResult, run_lifecycle_scenario
+from harness import (
+    NAME,
+    NAMESPACE,
+    SPEC,
+    UID,
+    ApiCall,
+    LifecycleResult,
+    run_lifecycle_scenario,
+    run_operator_lifecycle,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -166,3 +175,15 @@ def test_calls_are_recorded_as_rbac_verbs(run):
     assert expected <= calls, expected - calls
     # It never deletes anything: garbage collection removes the RayService with its owner.
     assert not {c for c in calls if c.verb == "delete"}
+
+
+def test_a_namespaced_operator_makes_only_namespaced_calls():
+    """`--namespace=NS` needs a Role in NS and nothing cluster-scoped."""
+    calls = set(asyncio.run(run_operator_lifecycle(namespaces=[NAMESPACE])))
+    assert {c for c in calls if not c.namespaced} == set()
+    resources = {(c.group, c.resource) for c in calls}
+    assert resources == {
+        ("chatstream.dev", "chatstreams"),
+        ("ray.io", "rayservices"),
+        ("", "events"),
+    }
