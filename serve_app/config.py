@@ -115,6 +115,11 @@ class ChatStreamConfig(BaseModel):
                 f"min_replicas ({self.min_replicas}) must not exceed "
                 f"max_replicas ({self.max_replicas})"
             )
+        if self.max_queued_requests == 0:
+            raise ValueError(
+                "max_queued_requests must be -1 (no limit) or at least 1 (Ray Serve has no "
+                "zero-length queue)"
+            )
         if self.engine == "mock" and self.num_gpus > 0:
             raise ValueError("num_gpus must be 0 with the mock engine (it never uses a GPU)")
         return self

