@@ -1,0 +1,122 @@
+"""apply_rayservice with the API calls replaced: create, patch, leave alone, refuse, retry."""
+
+from __future__ import annotations
+
+import copy
+
+import kopf
+import kubernetes
+import pytest
+from chatstream_operator import handlers, kube
+from chatstream_operator.render import render_rayservice
+
+OWNER = {
+    "apiVersion": "chatstream.dev/v1alpha1",
+    "kind": "ChatStream",
+    "metadata": {"name": "chat", "namespace": "ns", "uid": "uid-1", "labels": {"team": "a"}},
+}
+
+
+class FakeApi:
+    def __init__(self, current=None, error=None):
+        self.current, self.error, self.calls = current, error, []
+
+    async def get_rayservice(self, namespace, name):
+        self.calls.append(("get", namespace, name))
+        if self.error:
+            raise self.error
+        return copy.deepcopy(self.current)
+
+    async def create_rayservice(self, namespace, body):
+        self.calls.append(("create", namespace, body))
+        return body
+
+    async def patch_rayservice(self, namespace, name, patch):
+        self.calls.append(("patch", namespace, patch))
+        return {**self.current, "patched": patch}
+
+
+@pytest.fixture
+def api(monkeypatch):
+    def install(**kwargs):
+        fake = FakeApi(**kwargs)
+        for name in ("get_rayservice", "create_rayservice", "patch_rayservice"):
+            monkeypatch.setattr(kube, name, getattr(fake, name))
+        return fake
+
+    return install
+
+
+def _owned(spec):
+    desired = render_rayservice("chat", spec)
+    kopf.adopt(desired, owner=OWNER)
+    desired["metadata"]["resourceVersion"] = "7"
+    return desired
+
+
+async def test_creates_an_adopted_rayservice(api):
+    fake = api(current=None)
+    action, body = await handlers.apply_rayservice(OWNER, {"replicas": 2}, "chat", "ns")
+    assert action == "created"
+    (_, (verb, namespace, sent)) = fake.calls
+    assert (verb, namespace) == ("create", "ns")
+    assert sent["metadata"]["namespace"] == "ns"
+    assert sent["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert sent["metadata"]["labels"]["team"] == "a"  # the owner's labels propagate
+    assert sent["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "chatstream-operator"
+
+
+async def test_leaves_an_up_to_date_rayservice_alone(api):
+    fake = api(current=_owned({"replicas": 2}))
+    action, _ = await handlers.apply_rayservice(OWNER, {"replicas": 2}, "chat", "ns")
+    assert action == "unchanged"
+    assert [c[0] for c in fake.calls] == ["get"]
+
+
+async def test_patches_only_the_difference(api):
+    fake = api(current=_owned({"replicas": 2}))
+    action, _ = await handlers.apply_rayservice(OWNER, {"replicas": 4}, "chat", "ns")
+    assert action == "updated"
+    (_, (verb, _, patch)) = fake.calls
+    assert verb == "patch" and set(patch) == {"spec"}
+
+
+async def test_an_event_body_saves_the_fetch(api):
+    fake = api(current=None)
+    current = _owned({"replicas": 2})
+    action, _ = await handlers.apply_rayservice(
+        OWNER, {"replicas": 2}, "chat", "ns", current=current
+    )
+    assert action == "unchanged" and fake.calls == []
+
+
+async def test_refuses_to_take_over_a_foreign_rayservice(api):
+    foreign = render_rayservice("chat", {})
+    foreign["metadata"]["ownerReferences"] = [
+        {"apiVersion": "x/v1", "kind": "Other", "name": "chat", "uid": "u", "controller": True}
+    ]
+    fake = api(current=foreign)
+    with pytest.raises(kopf.PermanentError, match="not controlled by this ChatStream"):
+        await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
+    assert [c[0] for c in fake.calls] == ["get"]
+
+
+async def test_a_same_named_chatstream_with_another_uid_is_foreign(api):
+    stale = _owned({})
+    stale["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-chatstream"
+    api(current=stale)
+    with pytest.raises(kopf.PermanentError):
+        await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
+
+
+@pytest.mark.parametrize(
+    ("error", "match"),
+    [
+        (kube.NotFound("no such resource"), "is KubeRay installed"),
+        (kubernetes.client.ApiException(status=503, reason="Unavailable"), "503"),
+    ],
+)
+async def test_api_failures_are_retried(api, error, match):
+    api(error=error)
+    with pytest.raises(kopf.TemporaryError, match=match):
+        await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
