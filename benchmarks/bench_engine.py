@@ -222,7 +222,12 @@ async def measure_cancellation(engine: TransformersEngine, prompts: list[str]) -
     task.cancel()
     while engine.running >= before:
         await asyncio.sleep(0.0005)
-    freed = {"steps": engine.scheduler.steps - steps, "ms": (time.perf_counter() - start) * 1000}
+    reason, left_at_step = engine.scheduler.last_finished
+    freed = {
+        "reason": reason,
+        "steps": left_at_step - steps,
+        "ms": (time.perf_counter() - start) * 1000,
+    }
     for other in others:
         other.cancel()
     await asyncio.gather(task, *others, return_exceptions=True)

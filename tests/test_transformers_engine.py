@@ -220,7 +220,9 @@ async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
     steps_at_cancel = engine.scheduler.steps
     victim_task.cancel()
     await wait_until(lambda: engine.running == 2)
-    assert engine.scheduler.steps - steps_at_cancel <= 1
+    reason, left_at_step = engine.scheduler.last_finished
+    assert reason == "cancelled"
+    assert left_at_step - steps_at_cancel <= 1
     with pytest.raises(asyncio.CancelledError):
         await victim_task
 
@@ -241,4 +243,6 @@ async def test_closed_generator_frees_its_slot(
     steps_at_close = engine.scheduler.steps
     await stream.aclose()
     await wait_until(lambda: engine.running == 0)
-    assert engine.scheduler.steps - steps_at_close <= 1
+    reason, left_at_step = engine.scheduler.last_finished
+    assert reason == "cancelled"
+    assert left_at_step - steps_at_close <= 1

@@ -259,7 +259,10 @@ class BatchScheduler:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.steps = 0  # decode steps run so far (tests use it to count steps)
+        self.steps = 0  # decode steps run so far
+        # (reason, `steps` at that moment) of the latest request to end: lets tests and the
+        # benchmark see exactly when a cancelled request left, whatever the event loop's lag.
+        self.last_finished: tuple[str, int] | None = None
         self.fatal_error: BaseException | None = None
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
@@ -458,6 +461,7 @@ class BatchScheduler:
 
     def _finish_locked(self, request: Request, end: StreamEnd) -> None:
         self._running -= 1
+        self.last_finished = (end.reason, self.steps)
         try:
             request.emit(end)
         except Exception:  # the consumer's loop may be gone; nothing left to tell it
