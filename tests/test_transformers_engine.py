@@ -23,6 +23,7 @@ from serve_app.engines.batching import (  # noqa: E402
     keep_rows,
     merge_rows,
     sample_token,
+    sample_tokens,
     stop_reason,
 )
 from serve_app.engines.transformers_engine import (  # noqa: E402
@@ -107,6 +108,9 @@ def test_sampling_filters() -> None:
     logits = torch.tensor([1.0, 3.0, 2.0, 0.5])
     assert sample_token(logits, GenerationParams(temperature=0.0)) == 1
     assert sample_token(logits, GenerationParams(temperature=1.5, top_k=1)) == 1
+    batch = torch.stack([logits, -logits])
+    greedy, sampled = GenerationParams(temperature=0.0), GenerationParams(temperature=1.0, top_k=1)
+    assert sample_tokens(batch, [greedy, sampled]) == [1, 3]
     kept = filter_logits(logits, top_k=2, top_p=1.0)
     assert torch.isfinite(kept).tolist() == [False, True, True, False]
     # The best token alone holds ~63% of the mass here: top_p 0.5 keeps only it.

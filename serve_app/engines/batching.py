@@ -66,6 +66,19 @@ def sample_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def sample_tokens(logits: torch.Tensor, params: Sequence[GenerationParams]) -> list[int]:
+    """Next token ids for a batch of logit rows, each with its own parameters.
+
+    Greedy rows share one argmax and a single device-to-host copy (on a GPU, one sync per step
+    rather than one per row); only sampled rows are handled one by one.
+    """
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for row, row_params in enumerate(params):
+        if row_params.temperature != 0.0:
+            tokens[row] = sample_token(logits[row], row_params)
+    return tokens
+
+
 def stop_reason(
     token_id: int,
     num_generated: int,
@@ -391,10 +404,10 @@ class BatchScheduler:
             return
         self.steps += 1
         self._mask = mask
-        logits = out.logits[:, -1, :]
+        tokens = sample_tokens(out.logits[:, -1, :], [r.params for r in self._active])
         keep: list[int] = []
-        for row, request in enumerate(self._active):
-            if self._accept_token(request, sample_token(logits[row], request.params)):
+        for row, (request, token) in enumerate(zip(self._active, tokens, strict=True)):
+            if self._accept_token(request, token):
                 keep.append(row)
         self._retain(keep)
 
