@@ -6,8 +6,11 @@ a slot", "queue full" and "slot freed" are easy to arrange.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from tests.support import new_request_id, outcome_of, wait_for
 
 TOKEN_SEC = 0.05
 FAIL_MARKER = "PLEASE-FAIL"
+PROMETHEUS_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
 SERVICE_ARGS = {
     "engine": "mock",
     "mock_mode": "round",  # repeats the user's words up to max_new_tokens
@@ -346,3 +350,29 @@ def test_load_resource_usage_and_outcome_totals(service, client):
         "unknown_error_occurred",
     }
     assert totals["admitted"] == sum(totals["outcomes"].values())
+
+
+def test_outcomes_rejections_and_ttft_are_prometheus_metrics(client):
+    """Ray exports our custom metrics on each node's metrics port (found via Ray's Prometheus
+    service-discovery file); they show up after Ray's reporting interval."""
+    chat(client, "count me", max_new_tokens=1)
+    client.post("/chat_stream", content=b"{oops")
+    wanted = (
+        "ray_chatstream_outcomes_total{",
+        "ray_chatstream_rejections_total{",
+        "ray_chatstream_time_to_first_token_seconds_bucket{",
+        "ray_chatstream_generated_tokens_total{",
+    )
+
+    def exported() -> list[str]:
+        targets = json.loads(PROMETHEUS_DISCOVERY.read_text())[0]["targets"]
+        lines = []
+        for target in targets:
+            with contextlib.suppress(httpx.HTTPError):
+                lines += httpx.get(f"http://{target}/metrics", timeout=5).text.splitlines()
+        found = [prefix for prefix in wanted if any(line.startswith(prefix) for line in lines)]
+        success = [line for line in lines if line.startswith(wanted[0]) and "success" in line]
+        return len(found) == len(wanted) and success
+
+    (success_line, *_) = wait_for(exported, timeout_s=60, interval_s=2)
+    assert 'outcome="success"' in success_line
