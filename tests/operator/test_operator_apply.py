@@ -120,3 +120,41 @@ async def test_api_failures_are_retried(api, error, match):
     api(error=error)
     with pytest.raises(kopf.TemporaryError, match=match):
         await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
+
+
+@pytest.fixture
+def posted(monkeypatch):
+    """Events the handlers post (kopf's poster needs a running operator)."""
+    events = []
+    monkeypatch.setattr(kopf, "warn", lambda body, **kw: events.append(("Warning", kw)))
+    monkeypatch.setattr(kopf, "event", lambda body, **kw: events.append((kw["type"], kw)))
+    return events
+
+
+async def test_the_timer_repairs_drift_and_refreshes_the_status(api, posted):
+    drifted = _owned({"replicas": 2})
+    drifted["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = 9
+    fake = api(current=drifted)
+    patch = kopf.Patch()
+    await handlers.repair_drift(
+        body=OWNER, spec={"replicas": 2}, status={}, name="chat", namespace="ns", patch=patch
+    )
+    (_, (verb, _, sent)) = fake.calls
+    assert verb == "patch"
+    assert sent["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
+    assert [(t, e["reason"]) for t, e in posted] == [("Warning", "DriftRepaired")]
+    assert patch["status"]["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
+
+
+async def test_the_timer_leaves_an_invalid_or_deleting_chatstream_alone(api, posted):
+    fake = api(current=None)
+    for body, spec in [
+        (OWNER, {"engine": "mock", "resources": {"gpus": 1}}),
+        ({**OWNER, "metadata": {**OWNER["metadata"], "deletionTimestamp": "2026-01-01"}}, {}),
+    ]:
+        patch = kopf.Patch()
+        await handlers.repair_drift(
+            body=body, spec=spec, status={}, name="chat", namespace="ns", patch=patch
+        )
+        assert not patch
+    assert fake.calls == [] and posted == []
