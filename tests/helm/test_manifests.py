@@ -83,22 +83,29 @@ def test_sample_with_an_unknown_engine_is_refused(render, chatstream_validator):
         chatstream_validator.validate(sample)
 
 
-def test_peering_crds_define_what_kopf_looks_for_and_the_chart_creates(render):
-    from kopf._cogs.structs import references  # where kopf looks for its peering objects
-
+def test_peering_crds_define_what_the_chart_creates(render):
+    """kopf looks for its peering objects as kopf.dev/v1 clusterkopfpeerings and kopfpeerings
+    (test_rbac.py runs a peered operator against them)."""
     crds = list(yaml.safe_load_all((CHART_DIR / "peering" / "kopf-peering-crds.yaml").read_text()))
     for crd in crds:
         kubernetes_validate.validate(crd, KUBERNETES_VERSION, strict=True)
     served = {
-        (f"{c['spec']['group']}/v1", c["spec"]["names"]["plural"]): c["spec"]["names"]["kind"]
+        c["spec"]["names"]["kind"]: (
+            c["spec"]["group"],
+            c["spec"]["names"]["plural"],
+            c["spec"]["scope"],
+        )
         for c in crds
     }
-    for selector in (references.CLUSTER_PEERINGS_K, references.NAMESPACED_PEERINGS_K):
-        assert (f"{selector.group}/{selector.version}", selector.any_name) in served
+    assert served == {
+        "ClusterKopfPeering": ("kopf.dev", "clusterkopfpeerings", "Cluster"),
+        "KopfPeering": ("kopf.dev", "kopfpeerings", "Namespaced"),
+    }
 
     cluster_wide = render({"peering": {"enabled": True}})
     namespaced = render({"peering": {"enabled": True}, "clusterWide": False})
-    for manifest in cluster_wide + namespaced:
-        if "Peering" in manifest["kind"]:
-            assert manifest["kind"] in served.values()
-            assert manifest["apiVersion"] == "kopf.dev/v1"
+    peerings = [m for m in cluster_wide + namespaced if "Peering" in m["kind"]]
+    assert sorted(m["kind"] for m in peerings) == ["ClusterKopfPeering", "KopfPeering"]
+    for manifest in peerings:
+        assert manifest["apiVersion"] == "kopf.dev/v1"
+        assert ("namespace" in manifest["metadata"]) == (manifest["kind"] == "KopfPeering")

@@ -127,16 +127,21 @@ ClusterRole when cluster-wide.
 {{- end }}
 {{- end -}}
 
-{{/* RBAC rules on cluster-scoped resources, always granted by the ClusterRole. */}}
+{{/*
+RBAC rules on cluster-scoped resources, granted by the ClusterRole. A namespaced operator needs
+none: given exact namespace names, it scans neither namespaces nor CRDs.
+*/}}
 {{- define "chatstream.rbac.clusterRules" -}}
+{{- if .Values.clusterWide }}
 # kopf watches CRDs to learn which of its resources the cluster serves.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- if and .Values.peering.enabled .Values.clusterWide }}
+{{- if .Values.peering.enabled }}
 # kopf's cluster-wide peering object: watched, and patched with heartbeats.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
   verbs: ["list", "watch", "patch"]
+{{- end }}
 {{- end }}
 {{- end -}}
