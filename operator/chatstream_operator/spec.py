@@ -101,6 +101,17 @@ def validate(spec: Mapping[str, Any]) -> list[str]:
                 f"spec.replicas ({full['replicas']}) must lie within the autoscaling bounds "
                 f"[{low}, {high}]; scale within them or remove spec.autoscaling"
             )
+    if full["maxQueuedRequests"] == 0:
+        problems.append(
+            "spec.maxQueuedRequests must be -1 (no limit) or at least 1: "
+            "Ray Serve has no zero-length queue"
+        )
+    ingress, head_cpus = full["ingress"]["replicas"], full["head"]["cpus"]
+    if ingress > head_cpus:
+        problems.append(
+            f"spec.ingress.replicas ({ingress}) exceeds spec.head.cpus ({head_cpus}): each "
+            "ingress replica takes one CPU of the head pod"
+        )
     if full["model"]["device"] == "cuda" and full["resources"]["gpus"] == 0:
         problems.append(
             "spec.model.device is cuda but spec.resources.gpus is 0: the model pods get no GPU"

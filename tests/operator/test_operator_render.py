@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -196,6 +197,8 @@ INVALID = [
     ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "spec.autoscaling.minReplicas"),
     ({"replicas": 9, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}, "spec.replicas"),
     ({"replicas": 0, "autoscaling": {"minReplicas": 1, "maxReplicas": 4}}, "spec.replicas"),
+    ({"maxQueuedRequests": 0}, "spec.maxQueuedRequests"),
+    ({"ingress": {"replicas": 3}, "head": {"cpus": 2}}, "spec.ingress.replicas"),
     ({"model": {"device": "cuda"}}, "spec.model.device"),
 ]
 
@@ -206,9 +209,43 @@ def test_invalid_specs_name_the_field(spec, field):
     assert len(problems) == 1 and problems[0].startswith(field)
 
 
-@pytest.mark.parametrize("spec", [s for s, _ in INVALID[:2]])
+SERVE_APP_REFUSES = [
+    {"engine": "mock", "resources": {"gpus": 1}},
+    {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
+    {"maxQueuedRequests": 0},
+]
+
+
+@pytest.mark.parametrize("spec", SERVE_APP_REFUSES)
 def test_what_serve_app_refuses_the_operator_refuses_first(spec):
     """Everything ChatStreamConfig's cross-field check rejects is an InvalidSpec already."""
     with pytest.raises(ValueError):
         ChatStreamConfig.model_validate(serve_args(spec))
     assert validate(spec)
+
+
+def _grid():
+    """Specs over the knobs that serve_app's cross-field checks look at."""
+    engines, gpus, queues = ("mock", "transformers"), (0, 1), (-1, 0, 1)
+    bounds, replicas = (None, (1, 4), (5, 2), (0, 1)), (None, 0, 3, 9)
+    for engine, gpu, queue, bound, count in itertools.product(
+        engines, gpus, queues, bounds, replicas
+    ):
+        spec: dict[str, Any] = {
+            "engine": engine,
+            "resources": {"gpus": gpu},
+            "maxQueuedRequests": queue,
+        }
+        if bound:
+            spec["autoscaling"] = {"minReplicas": bound[0], "maxReplicas": bound[1]}
+        if count is not None:
+            spec["replicas"] = count
+        yield spec
+
+
+def test_every_spec_the_operator_accepts_is_a_valid_serve_app_config():
+    """Over a grid of the cross-field knobs: what validate() lets through, serve_app accepts."""
+    accepted = [spec for spec in _grid() if not validate(spec)]
+    for spec in accepted:
+        ChatStreamConfig.model_validate(serve_args(spec))
+    assert 20 < len(accepted) < len(list(_grid()))
