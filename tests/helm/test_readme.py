@@ -24,7 +24,8 @@ def leaf_paths(values: dict, prefix: str = "") -> set[str]:
 
 def test_values_table_matches_values_yaml():
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
-    rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", README, re.MULTILINE))
+    table = README.split("\n## Values\n", 1)[1]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", table, re.MULTILINE))
 
     for key, default in rows.items():
         value = values
@@ -54,3 +55,15 @@ def test_readme_commands_name_what_the_chart_renders(render):
     assert "helm test chatstream -n chatstream-system" in README
     assert f"`{url}`" in README
     assert f"wait chatstream/{sample['metadata']['name']} " in README
+
+
+def test_rbac_table_lists_the_rendered_rules(render):
+    peering = {"replicas": 2, "peering": {"enabled": True}}
+    for values in (peering, {**peering, "clusterWide": False}):
+        for manifest in render(values):
+            for rule in manifest.get("rules", []):
+                (group,), (resource,) = rule["apiGroups"], rule["resources"]
+                (row,) = [line for line in README.splitlines() if f"`{resource}`" in line]
+                shown_group = group or '""'  # the core API group
+                assert f"`{shown_group}`" in row
+                assert ", ".join(rule["verbs"]) in row
