@@ -62,12 +62,11 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 def _controlled_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
-    owner_meta = owner.get("metadata", {})
+    """Whether `owner` (this very object: same name and uid) is the child's controller."""
+    meta = owner.get("metadata", {})
     for ref in child.get("metadata", {}).get("ownerReferences") or []:
         if ref.get("controller") and ref.get("kind") == KIND:
-            return ref.get("name") == owner_meta.get("name") and ref.get("uid") == owner_meta.get(
-                "uid"
-            )
+            return (ref.get("name"), ref.get("uid")) == (meta.get("name"), meta.get("uid"))
     return False
 
 
@@ -84,26 +83,15 @@ def _api_errors() -> Iterator[None]:
         raise kopf.TemporaryError(f"API call failed: {e.status} {e.reason}", delay=10) from e
 
 
-_FETCH: Any = object()
-
-
 async def apply_rayservice(
-    body: Mapping[str, Any],
-    spec: Mapping[str, Any],
-    name: str,
-    namespace: str,
-    *,
-    current: Mapping[str, Any] | None = _FETCH,
+    body: Mapping[str, Any], spec: Mapping[str, Any], name: str, namespace: str
 ) -> tuple[str, dict[str, Any]]:
-    """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
-
-    `current` is the RayService as last seen (None: absent); by default it is fetched.
-    """
+    """Create or minimally patch the RayService. Returns (created|updated|unchanged, object)."""
     desired = render_rayservice(name, spec)
     kopf.adopt(desired, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
     with _api_errors():
-        if current is _FETCH:
-            current = await kube.get_rayservice(namespace, name)
+        # Always the fresh object: a patch computed from a stale event would undo newer changes.
+        current = await kube.get_rayservice(namespace, name)
         if current is None:
             return "created", await kube.create_rayservice(namespace, desired)
         if not _controlled_by(current, body):
@@ -191,9 +179,7 @@ async def follow_rayservice(
     rayservice = None if event["type"] == "DELETED" else dict(body)
     spec = chatstream.get("spec") or {}
     if not validate(spec):
-        action, rayservice = await apply_rayservice(
-            chatstream, spec, owner, namespace, current=rayservice
-        )
+        action, rayservice = await apply_rayservice(chatstream, spec, owner, namespace)
         if action != "unchanged":
             kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
     current = chatstream.get("status") or {}

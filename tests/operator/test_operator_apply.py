@@ -81,15 +81,6 @@ async def test_patches_only_the_difference(api):
     assert verb == "patch" and set(patch) == {"spec"}
 
 
-async def test_an_event_body_saves_the_fetch(api):
-    fake = api(current=None)
-    current = _owned({"replicas": 2})
-    action, _ = await handlers.apply_rayservice(
-        OWNER, {"replicas": 2}, "chat", "ns", current=current
-    )
-    assert action == "unchanged" and fake.calls == []
-
-
 async def test_refuses_to_take_over_a_foreign_rayservice(api):
     foreign = render_rayservice("chat", {})
     foreign["metadata"]["ownerReferences"] = [
