@@ -313,3 +313,13 @@ def test_operator_command_line_takes_the_rendered_args(render, values, scope):
     peered = operator_container(render({**values, "replicas": 2, "peering": {"enabled": True}}))
     kwargs = operator_kwargs(parse_args(peered["args"]))
     assert kwargs["peering_name"] == "chatstream" and kwargs["standalone"] is False
+
+
+def test_example_chatstream_lives_in_a_watched_namespace(render, notes):
+    values = {"clusterWide": False, "watchNamespaces": ["team-a"], "sample": {"enabled": True}}
+    manifests = render(values)
+
+    assert only(manifests, "ChatStream")["metadata"]["namespace"] == "team-a"
+    env = {e["name"]: e["value"] for e in only(manifests, "Pod")["spec"]["containers"][0]["env"]}
+    assert env["URL"] == "http://chat-serve-svc.team-a.svc:8000/chat_stream"
+    assert "kubectl -n team-a get chatstreams" in notes(values)

@@ -86,6 +86,23 @@ or the release namespace.
 {{- end -}}
 {{- end -}}
 
+{{/*
+The namespace of the example ChatStream (the chart's sample, NOTES.txt, `helm test`):
+tests.namespace, else the first watched namespace, else the release namespace.
+*/}}
+{{- define "chatstream.exampleNamespace" -}}
+{{- if .Values.tests.namespace -}}
+{{- .Values.tests.namespace -}}
+{{- else -}}
+{{- $watched := include "chatstream.watchNamespaces" . | fromYamlArray -}}
+{{- if $watched -}}
+{{- first $watched -}}
+{{- else -}}
+{{- .Release.Namespace -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Refuse value combinations the schema cannot express. */}}
 {{- define "chatstream.validateValues" -}}
 {{- if and (gt (int .Values.replicas) 1) (not .Values.peering.enabled) -}}
