@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -119,3 +120,16 @@ def test_docker_build_context_holds_what_the_dockerfiles_copy():
     for name in ("Dockerfile.serve", "Dockerfile.operator"):
         for sources in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile(name), re.MULTILINE):
             assert set(sources.split()) <= allowed, name
+
+
+def test_running_the_operator_loads_no_serve_runtime():
+    """Importing everything the operator runs pulls in none of the serve image's packages."""
+    heavy = ["serve_app", "ray", "torch", "transformers"]
+    probe = (
+        "import sys, chatstream_operator.__main__, chatstream_operator.handlers; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
