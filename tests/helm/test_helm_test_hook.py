@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -70,7 +71,7 @@ def run_test_pod(render, tmp_path):
     def run(url: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             container["command"],
-            env={**env, "URL": url, "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+            env={**env, "URL": url, "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]},
             capture_output=True,
             text=True,
             timeout=60,
