@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery-timeout", type=float, default=90.0)
     args = parser.parse_args(argv)
 
+    # A local cluster started by `ray.init()` (as `serve run` does) uses token authentication
+    # with the token in ~/.ray/auth_token; a driver that connects to it must opt in.
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     ray.init(

@@ -170,6 +170,7 @@ class RunState:
     fault: FaultResult = field(default_factory=FaultResult)
     warnings: list[str] = field(default_factory=list)
     unsupported: str = ""
+    fault_greenlet: gevent.Greenlet | None = None
     report: AccountingReport | None = None
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -576,7 +577,7 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         if not options.fault_ray_address:
             RUN.unsupported = "--fault-at needs --fault-ray-address (the service's Ray cluster)"
         else:
-            gevent.spawn(inject_fault, environment)
+            RUN.fault_greenlet = gevent.spawn(inject_fault, environment)
 
 
 @events.test_stop.add_listener
@@ -648,6 +649,8 @@ def fresh_request(host: str, prefix: str, max_ttfb: float) -> tuple[str, str]:
 
 def final_check(host: str) -> AccountingReport:
     options = RUN.options
+    if RUN.fault_greenlet is not None:
+        RUN.fault_greenlet.join(timeout=150)  # the injector waits for the new replica itself
     load, totals_after = wait_until_quiet(host, options.quiesce_timeout)
     try:
         ledger = requests.get(f"{host}/outcomes/ledger", timeout=30).json()

@@ -59,7 +59,7 @@ PROFILES: dict[str, Profile] = {
         SMALL_MOCK_SERVICE,
         users=15,
         spawn_rate=15,
-        run_time="40s",
+        run_time="35s",
         options={
             "chatter-weight": 6,
             "early-quitter-weight": 3,
@@ -74,13 +74,13 @@ PROFILES: dict[str, Profile] = {
         SMALL_MOCK_SERVICE,
         users=10,
         spawn_rate=10,
-        run_time="35s",
+        run_time="30s",
         options={
             "chatter-weight": 6,
             "early-quitter-weight": 2,
             "mid-stream-quitter-weight": 2,
             "bad-input-weight": 1,
-            "fault-at": 8,
+            "fault-at": 6,
         },
     ),
     "long": Profile(
