@@ -1,0 +1,155 @@
+"""Pure parts of serve_app: configuration, outcome classification, the ledger, turn planning."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.exceptions import RayTaskError
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.builder import model_deployment_options
+from serve_app.config import ChatStreamConfig, parse_args
+from serve_app.conversation import history_after_answer, plan_turn
+from serve_app.engines.mock import MockPromptFormatter
+from serve_app.outcomes import Outcome, OutcomeLedger, classify_outcome
+from serve_app.sessions import CookieSigner, SessionTable, trim_history
+from serve_app.validation import ChatTurnRequest, RequestRejected
+
+
+# --------------------------------------------------------------------------- configuration
+def test_serve_config_file_validates_with_serves_schema():
+    with open("serve_config.yaml") as f:
+        document = yaml.safe_load(f)
+    schema = ServeDeploySchema.model_validate(document)
+    (application,) = schema.applications
+    assert application.import_path == "serve_app:app"
+    assert parse_args(application.args).engine == "transformers"
+
+
+def test_command_line_strings_are_coerced_and_checked():
+    config = parse_args({"engine": "mock", "max_ongoing_requests": "2", "cookie_secure": "true"})
+    assert config.max_ongoing_requests == 2 and config.cookie_secure is True
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        parse_args({"max_ongoing_requests": "0"})
+    with pytest.raises(ValidationError, match="no_such_knob"):
+        parse_args({"no_such_knob": "1"})
+    with pytest.raises(ValidationError, match="min_replicas"):
+        parse_args({"min_replicas": 3, "max_replicas": 2})
+    with pytest.raises(ValidationError, match="num_gpus"):
+        parse_args({"engine": "mock", "num_gpus": 1})
+    with pytest.raises(ValidationError, match="max_queued_requests"):
+        parse_args({"max_queued_requests": 0})
+
+
+def test_model_deployment_options_follow_the_config():
+    fixed = model_deployment_options(parse_args({"num_replicas": 3, "num_gpus": 1}))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    scaled = model_deployment_options(parse_args({"min_replicas": 1, "max_replicas": 4}))
+    assert scaled["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in scaled
+    assert scaled["max_ongoing_requests"] == 4 and scaled["max_queued_requests"] == 16
+
+
+# --------------------------------------------------------------------------- outcomes
+@pytest.mark.parametrize(
+    ("sent", "completed", "exc", "expected"),
+    [
+        (3, True, None, Outcome.SUCCESS),
+        (0, True, None, Outcome.SUCCESS),  # an empty answer, fully sent
+        (2, False, asyncio.CancelledError(), Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING),
+        (0, False, asyncio.CancelledError(), Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING),
+        (1, False, GeneratorExit(), Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING),
+        (1, False, ConnectionResetError(), Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING),
+        (1, False, RuntimeError("engine"), Outcome.UNKNOWN_ERROR_OCCURRED),
+        (0, False, RuntimeError("engine"), Outcome.UNKNOWN_ERROR_OCCURRED),
+    ],
+)
+def test_classify_outcome(sent, completed, exc, expected):
+    assert classify_outcome(sent, completed, exc) is expected
+
+
+def test_an_engine_oserror_is_not_mistaken_for_a_disconnect():
+    # Ray re-raises a remote error as a subclass of both RayTaskError and the cause's type.
+    remote = RayTaskError("generate", "traceback", OSError("disk")).as_instanceof_cause()
+    assert isinstance(remote, OSError)
+    assert classify_outcome(1, False, remote) is Outcome.UNKNOWN_ERROR_OCCURRED
+
+
+def test_ledger_counts_and_keeps_the_newest_ids():
+    ledger = OutcomeLedger(max_entries=2)
+    ledger.record_outcome("a", "success")
+    ledger.record_outcome("b", "client_disconnected_while_streaming")
+    ledger.record_outcome("c", "success")
+    ledger.record_rejection("d", "too_many_requests")
+    totals = ledger.totals()
+    assert totals["outcomes"]["success"] == 2 and totals["admitted"] == 3
+    assert totals["rejections"] == {"too_many_requests": 1}
+    assert ledger.lookup(["a", "b", "c"])["outcomes"] == {
+        "b": "client_disconnected_while_streaming",
+        "c": "success",
+    }
+    with pytest.raises(ValueError):
+        ledger.record_outcome("e", "finished")
+
+
+# --------------------------------------------------------------------------- turns and sessions
+FORMATTER = MockPromptFormatter(ChatStreamConfig(engine="mock", max_context_tokens=40))
+DEFAULTS = ChatStreamConfig().generation_defaults().model_dump()
+
+
+def plan(history, **turn):
+    return plan_turn(
+        history, ChatTurnRequest(**turn), defaults=DEFAULTS, session_params={}, formatter=FORMATTER
+    )
+
+
+def test_a_turn_appends_the_user_input_and_caps_the_answer_to_the_context():
+    result = plan([], user_input="hello there", max_new_tokens=1000)
+    assert result.messages == [{"role": "user", "content": "hello there"}]
+    assert result.params["max_new_tokens"] == 40 - result.prompt_tokens
+
+
+def test_regenerate_answers_the_last_user_message_again():
+    history = history_after_answer([{"role": "user", "content": "q"}], "a", "m1")
+    assert plan(history, regenerate=True).messages == [{"role": "user", "content": "q"}]
+    with pytest.raises(RequestRejected) as refused:
+        plan([], regenerate=True)
+    assert refused.value.status_code == 409
+
+
+def test_oldest_turns_are_dropped_to_fit_and_a_lone_oversized_input_is_refused():
+    history = []
+    for index in range(4):
+        history = history_after_answer(
+            [*history, {"role": "user", "content": f"q{index} " + "w " * 8}], "a " * 4, str(index)
+        )
+    result = plan(history, user_input="latest")
+    assert result.prompt_tokens < 40 and result.messages[-1]["content"] == "latest"
+    assert result.messages[0]["role"] == "user" and len(result.messages) < len(history) + 1
+    with pytest.raises(RequestRejected) as refused:
+        plan([], user_input="w " * 60)
+    assert refused.value.status_code == 413
+
+
+def test_trim_history_keeps_whole_turns():
+    history = [{"role": r, "content": str(i)} for i in range(3) for r in ("user", "assistant")]
+    assert [m["content"] for m in trim_history(history, 2)] == ["1", "1", "2", "2"]
+
+
+def test_signed_cookie_round_trip_and_forgery():
+    signer = CookieSigner("secret", max_age_sec=60)
+    assert signer.unsign(signer.sign("session-1")) == "session-1"
+    assert signer.unsign("session-1") is None
+    assert CookieSigner("other", 60).unsign(signer.sign("session-1")) is None
+
+
+def test_session_table_evicts_least_recently_used():
+    table = SessionTable(ttl_sec=60, max_sessions=2)
+    table.put("a", {"n": 1})
+    table.put("b", {"n": 2})
+    table.get("a")
+    table.put("c", {"n": 3})
+    assert table.get("b") is None and table.get("a") == {"n": 1}
