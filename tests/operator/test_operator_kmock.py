@@ -10,6 +10,7 @@ import asyncio
 import pytest
 import yaml
 from chatstream_operator.render import render_rayservice
+from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, validator_for
 from harness import (
     NAME,
     NAMESPACE,
@@ -82,6 +83,12 @@ def test_create_writes_status(run):
     assert status["reconcile"]["action"] in ("created", "unchanged")
     creates = [c for c in run.calls if c.verb == "create" and c.resource == "rayservices"]
     assert len(creates) == 1
+
+
+def test_every_rayservice_the_operator_wrote_is_valid_for_kuberay(run):
+    validator = validator_for(load_crd(KUBERAY_CRD_PATH), "v1")
+    for step, snapshot in run.snapshots.items():
+        assert errors(validator, snapshot["rayservice"]) == [], step
 
 
 def test_scaling_follows_with_one_patch(run):
