@@ -109,6 +109,18 @@ def _deleting(body: Mapping[str, Any]) -> bool:
     return bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
+def _repairable(body: Mapping[str, Any]) -> bool:
+    """Whether a difference to the rendered RayService is drift: the spec was reconciled
+    (its generation observed), is valid, and the ChatStream is not being deleted. A spec change
+    that reconcile has not handled yet is reconcile's job, not a repair."""
+    meta, status = body.get("metadata", {}), body.get("status") or {}
+    return (
+        status.get("observedGeneration") == meta.get("generation")
+        and not validate(body.get("spec") or {})
+        and not _deleting(body)
+    )
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
@@ -156,8 +168,8 @@ async def repair_drift(
     patch: kopf.Patch,
     **_: Any,
 ) -> None:
-    if validate(spec) or _deleting(body):
-        return  # reconcile reported the spec; a deletion takes the RayService with it
+    if not _repairable(body):
+        return
     action, rayservice = await apply_rayservice(body, spec, name, namespace)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
@@ -177,8 +189,8 @@ async def follow_rayservice(
     if chatstream is None or _deleting(chatstream):
         return  # the ChatStream is going; garbage collection removes the RayService
     rayservice = None if event["type"] == "DELETED" else dict(body)
-    spec = chatstream.get("spec") or {}
-    if not validate(spec):
+    if _repairable(chatstream):
+        spec = chatstream.get("spec") or {}
         action, rayservice = await apply_rayservice(chatstream, spec, owner, namespace)
         if action != "unchanged":
             kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")

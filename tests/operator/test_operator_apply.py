@@ -137,12 +137,16 @@ async def test_the_timer_repairs_drift_and_refreshes_the_status(api, posted):
     assert patch["status"]["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
 
 
-async def test_the_timer_leaves_an_invalid_or_deleting_chatstream_alone(api, posted):
+async def test_the_timer_leaves_invalid_unreconciled_or_deleting_chatstreams_alone(api, posted):
     fake = api(current=None)
+    invalid = {"engine": "mock", "resources": {"gpus": 1}}
     for body, spec in [
-        (OWNER, {"engine": "mock", "resources": {"gpus": 1}}),
+        ({**OWNER, "spec": invalid}, invalid),
+        # A spec change reconcile has not handled yet is not drift.
+        ({**OWNER, "metadata": {**OWNER["metadata"], "generation": 2},
+          "status": {"observedGeneration": 1}}, {}),
         ({**OWNER, "metadata": {**OWNER["metadata"], "deletionTimestamp": "2026-01-01"}}, {}),
-    ]:
+    ]:  # fmt: skip
         patch = kopf.Patch()
         await handlers.repair_drift(
             body=body, spec=spec, status={}, name="chat", namespace="ns", patch=patch
