@@ -63,14 +63,22 @@ def gcs_address_under(pid: int) -> str:
 
 
 def replica_names(app: str, deployment: str) -> list[str]:
+    """Names of the live replica actors of `deployment` in `app` (any app when `app` is "")."""
     import ray
 
-    prefix = f"{REPLICA_PREFIX}{app}#{deployment}#"
-    return sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["namespace"] == SERVE_NAMESPACE and actor["name"].startswith(prefix)
-    )
+    names = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if actor["namespace"] != SERVE_NAMESPACE or not name.startswith(REPLICA_PREFIX):
+            continue
+        replica_app, _, rest = name[len(REPLICA_PREFIX) :].partition("#")
+        if rest.partition("#")[0] == deployment and (not app or replica_app == app):
+            names.append(name)
+    return sorted(names)
+
+
+def app_of(replica_name: str) -> str:
+    return replica_name[len(REPLICA_PREFIX) :].partition("#")[0]
 
 
 def running_replicas(app: str, deployment: str) -> int:
@@ -90,8 +98,11 @@ def kill_one_replica(app: str, deployment: str, recovery_timeout: float) -> dict
 
     before = replica_names(app, deployment)
     if not before:
-        return {"killed": "", "recovered": False, "detail": f"no replica of {app}#{deployment}"}
+        where = f"{app}#{deployment}" if app else f"any app's {deployment}"
+        return {"killed": "", "recovered": False, "detail": f"no replica of {where}"}
     victim = before[0]
+    app = app_of(victim)
+    before = replica_names(app, deployment)
     ray.kill(ray.get_actor(victim, namespace=SERVE_NAMESPACE), no_restart=True)
     killed_at = time.monotonic()
     deadline = killed_at + recovery_timeout
@@ -111,7 +122,7 @@ def kill_one_replica(app: str, deployment: str, recovery_timeout: float) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", required=True, help="GCS address of the Ray cluster")
-    parser.add_argument("--app", default="chatstream")
+    parser.add_argument("--app", default="", help="Serve application (default: any)")
     parser.add_argument("--deployment", default="ChatModel")
     parser.add_argument("--recovery-timeout", type=float, default=90.0)
     args = parser.parse_args(argv)

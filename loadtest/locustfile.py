@@ -109,7 +109,9 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument(
         "--fault-ray-address", default="", help="GCS address (ip:port) of the service's Ray cluster"
     )
-    group.add_argument("--fault-app", default="chatstream", help="Serve application name")
+    group.add_argument(
+        "--fault-app", default="", help="Serve application of the deployment (default: any)"
+    )
     group.add_argument("--fault-deployment", default="ChatModel", help="deployment to kill")
     group.add_argument(
         "--accounting-report", default="", help="also write the accounting report as JSON here"
@@ -136,7 +138,7 @@ class Options:
     fresh_ttfb_max: float = 5.0
     fault_at: float = 0.0
     fault_ray_address: str = ""
-    fault_app: str = "chatstream"
+    fault_app: str = ""
     fault_deployment: str = "ChatModel"
     accounting_report: str = ""
 
