@@ -250,3 +250,37 @@ async def test_closed_generator_frees_its_slot(
     reason, left_at_step = engine.scheduler.last_finished
     assert reason == "cancelled"
     assert left_at_step - steps_at_close <= 1
+
+
+class FailingDecode:
+    """The real model, except that every batched decode step raises."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config = model.config
+        self.generation_config = model.generation_config
+
+    def __call__(self, **kwargs):
+        if "attention_mask" in kwargs:
+            raise RuntimeError("boom")
+        return self.model(**kwargs)
+
+
+async def test_model_failure_is_an_engine_error_and_stop_is_reported(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    failing = TransformersEngine(ChatStreamConfig())
+    failing.start_with(FailingDecode(engine.model), engine.tokenizer, "cpu", 8192)
+    chunks = []
+    with pytest.raises(EngineError, match="decode step failed"):
+        async for chunk in failing.stream(prompt_for(formatter, "Hi!"), GREEDY):
+            chunks.append(chunk)
+    assert len(chunks) == 1  # the prefill's token came out before the failing step
+    assert failing.running == 0
+    await failing.check_health()  # one failed step does not kill the worker
+
+    failing.shutdown()
+    with pytest.raises(EngineError):
+        await failing.check_health()
+    with pytest.raises(EngineError, match="stopped"):
+        await collect(failing, prompt_for(formatter, "Hi!"), GREEDY)

@@ -322,6 +322,8 @@ class BatchScheduler:
         except BaseException as exc:  # keep the reason for check_health, fail everyone
             logger.exception("engine worker died")
             self.fatal_error = exc
+            with self._cond:
+                self._stopped = True  # later submits fail at once instead of waiting forever
             self._fail_all(f"engine worker died: {exc!r}")
             raise
 

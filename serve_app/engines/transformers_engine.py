@@ -65,12 +65,16 @@ class TransformersEngine(Engine):
         if self._scheduler is not None:
             return
         # Loading takes seconds (GGUF de-quantization); keep the event loop free meanwhile.
-        self.model, self.tokenizer, device, limit = await asyncio.to_thread(self._load)
+        self.start_with(*await asyncio.to_thread(self._load))
+
+    def start_with(self, model: Any, tokenizer: Any, device: str, context_length: int) -> None:
+        """Start the worker on an already loaded model (what `start` does after loading)."""
+        self.model, self.tokenizer = model, tokenizer
         self._scheduler = BatchScheduler(
-            self.model,
-            self.tokenizer,
+            model,
+            tokenizer,
             device=device,
-            context_length=limit,
+            context_length=context_length,
             max_batch_size=self.config.max_ongoing_requests,
         )
         self._thread = threading.Thread(
@@ -108,7 +112,10 @@ class TransformersEngine(Engine):
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         request = Request(prompt=prompt, params=params, emit=emit)
-        scheduler.submit(request)
+        try:
+            scheduler.submit(request)
+        except RuntimeError as exc:  # stopped, or its worker died
+            raise EngineError(str(exc)) from exc
         try:
             while True:
                 event = await events.get()
