@@ -88,8 +88,10 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument(
         "--long-answer-tokens",
         type=int,
-        default=200,
-        help="mid-stream quitters' max_new_tokens (and prompt words, for echo mode)",
+        default=2000,
+        help="mid-stream quitters' max_new_tokens: so long that the service cannot finish the "
+        "answer before their close reaches it, however far the client lags (echo mode answers "
+        "with the prompt: up to 300 words)",
     )
     group.add_argument("--turns", type=int, default=4, help="chat turns before clear_context")
     group.add_argument(
@@ -130,7 +132,7 @@ class Options:
     fail_marker: str = ""
     early_quit_sec: float = 0.25
     answer_tokens: int = 16
-    long_answer_tokens: int = 200
+    long_answer_tokens: int = 2000
     turns: int = 4
     too_long_words: int = 3000
     request_timeout: float = 60.0
@@ -399,7 +401,10 @@ class MidStreamQuitterUser(ChatStreamUser):
             return
         request_id = RUN.new_id("mid")
         tokens = RUN.options.long_answer_tokens
-        body = {"user_input": _prompt(tokens), "max_new_tokens": tokens}
+        body = {"user_input": _prompt(min(tokens, 300)), "max_new_tokens": tokens}
+        # A new session each time: a growing history would shrink the room left for the answer
+        # in the context (the service clamps max_new_tokens), and a short answer is ambiguous.
+        self.client.cookies.clear()
         want = random.randint(1, 3)
         RUN.quitters_in_flight += 1
         try:

@@ -36,8 +36,11 @@ SMALL_MOCK_SERVICE: dict[str, Any] = {
     "max_ongoing_requests": 2,
     "max_queued_requests": 4,
 }
+# The soak service: more slots, and a first token after 1 s, which keeps early quits (0.25 s)
+# unambiguous even when the machine is overloaded and a close takes long to reach the server.
 LARGER_MOCK_SERVICE: dict[str, Any] = {
     **SMALL_MOCK_SERVICE,
+    "mock_initial_wait_sec": 1.0,
     "max_ongoing_requests": 8,
     "max_queued_requests": 24,
 }
