@@ -244,7 +244,7 @@ Event = GeneratedChunk | StreamEnd
 class Request:
     prompt: str
     params: GenerationParams
-    emit: Callable[[Event], None]  # called from the worker thread; must be thread-safe
+    consumer: Any = None  # where its events go; opaque here, read by the `deliver` callback
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the worker:
     prompt_len: int = 0
@@ -255,8 +255,16 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
 
 
+Deliver = Callable[[list[tuple[Request, Event]]], None]
+
+
 class BatchScheduler:
-    """Owns the model: call `run()` in a dedicated thread, `submit`/`cancel` from anywhere."""
+    """Owns the model: call `run()` in a dedicated thread, `submit`/`cancel` from anywhere.
+
+    Events are handed to `deliver` (from the worker thread) once per prefill and once per
+    decode step, all requests together: one wake-up of the consumers' event loop per step
+    instead of one per stream per token, which matters when the loop shares the CPU.
+    """
 
     def __init__(
         self,
@@ -265,8 +273,11 @@ class BatchScheduler:
         device: str,
         context_length: int,
         max_batch_size: int,
+        deliver: Deliver,
     ) -> None:
         self.model = model
+        self.deliver = deliver
+        self._outbox: list[tuple[Request, Event]] = []  # worker thread only
         self.tokenizer = tokenizer
         self.device = device
         self.context_length = context_length
@@ -326,6 +337,8 @@ class BatchScheduler:
                 self._stopped = True  # later submits fail at once instead of waiting forever
             self._fail_all(f"engine worker died: {exc!r}")
             raise
+        finally:
+            self._flush()
 
     def _iterate(self) -> bool:
         with self._cond:
@@ -346,9 +359,23 @@ class BatchScheduler:
         self._drop_cancelled()
         for request in admitted:
             self._prefill(request)
+            self._flush()  # its first token goes out now, not after the next decode step
         if self._active:
             self._decode_step()
+        self._flush()
         return True
+
+    def _emit(self, request: Request, event: Event) -> None:
+        self._outbox.append((request, event))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            self.deliver(batch)
+        except Exception:  # a consumer that is gone must not take the worker down
+            logger.exception("could not deliver stream events")
 
     def _prefill(self, request: Request) -> None:
         """Process the prompt alone, emit the first token, and let the request join the batch."""
@@ -429,13 +456,13 @@ class BatchScheduler:
             request.pending_tokens += 1
             text = request.detokenizer.push(token)
             if text:
-                request.emit(GeneratedChunk(text, request.pending_tokens))
+                self._emit(request, GeneratedChunk(text, request.pending_tokens))
                 request.pending_tokens = 0
         if reason is None:
             return True
         tail = request.detokenizer.flush()
         if tail or request.pending_tokens:
-            request.emit(GeneratedChunk(tail, request.pending_tokens))
+            self._emit(request, GeneratedChunk(tail, request.pending_tokens))
         self._finish(request, StreamEnd(reason))
         return False
 
@@ -477,7 +504,4 @@ class BatchScheduler:
     def _finish_locked(self, request: Request, end: StreamEnd) -> None:
         self._running -= 1
         self.last_finished = (end.reason, self.steps)
-        try:
-            request.emit(end)
-        except Exception:  # the consumer's loop may be gone; nothing left to tell it
-            logger.debug("could not deliver the end of a stream", exc_info=True)
+        self._emit(request, end)

@@ -48,6 +48,22 @@ class TransformersPromptFormatter(PromptFormatter):
         return len(prompt_token_ids(self.tokenizer, text))
 
 
+def deliver_to_event_loops(batch: list[tuple[Request, Event]]) -> None:
+    """Hand a step's events to their streams: one thread-safe call per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+    for request, event in batch:
+        loop, queue = request.consumer
+        by_loop.setdefault(loop, []).append((queue, event))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # loop closed: its consumers are gone
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 def coalesce(chunks: list[GeneratedChunk]) -> GeneratedChunk:
     """One chunk standing for several consecutive ones."""
     return GeneratedChunk("".join(c.text for c in chunks), sum(c.num_tokens for c in chunks))
@@ -76,6 +92,7 @@ class TransformersEngine(Engine):
             device=device,
             context_length=context_length,
             max_batch_size=self.config.max_ongoing_requests,
+            deliver=deliver_to_event_loops,
         )
         self._thread = threading.Thread(
             target=self._scheduler.run, name="transformers-engine", daemon=True
@@ -104,14 +121,9 @@ class TransformersEngine(Engine):
 
     async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]:
         scheduler = self.scheduler
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event) -> None:  # runs in the worker thread
-            with contextlib.suppress(RuntimeError):  # loop closed: the consumer is gone
-                loop.call_soon_threadsafe(events.put_nowait, event)
-
-        request = Request(prompt=prompt, params=params, emit=emit)
+        consumer = (asyncio.get_running_loop(), events)
+        request = Request(prompt=prompt, params=params, consumer=consumer)
         try:
             scheduler.submit(request)
         except RuntimeError as exc:  # stopped, or its worker died
