@@ -195,12 +195,24 @@ async def test_greedy_output_is_identical_alone_and_beside_seven_others(
 ) -> None:
     prompts = [prompt_for(formatter, q) for q in QUESTIONS]
     alone = [await collect(engine, p, GREEDY) for p in prompts]
+    assert all(alone)
+
     steps_before = engine.scheduler.steps
     together = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
     assert together == alone
-    assert all(alone)
     # They really shared forward passes: ~16 tokens each took far fewer than 8 x 15 steps.
     assert engine.scheduler.steps - steps_before < 2 * 16
+
+    # Again, arriving while another stream is mid-decode: they wait for the step to end, share
+    # one left-padded prefill, and join a batch that already has a (longer) row.
+    blocker = engine.stream(prompt_for(formatter, "Tell me a long story."), GenerationParams(
+        temperature=0.0, max_new_tokens=200))  # fmt: skip
+    await anext(blocker)
+    passes_before = engine.scheduler.prefill_passes
+    together = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
+    await blocker.aclose()
+    assert together == alone
+    assert engine.scheduler.prefill_passes - passes_before < len(prompts)
 
 
 async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
@@ -253,7 +265,7 @@ async def test_closed_generator_frees_its_slot(
 
 
 class FailingDecode:
-    """The real model, except that every batched decode step raises."""
+    """The real model, except that every decode step (a pass over a non-empty cache) raises."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -261,7 +273,7 @@ class FailingDecode:
         self.generation_config = model.generation_config
 
     def __call__(self, **kwargs):
-        if "attention_mask" in kwargs:
+        if kwargs["past_key_values"].get_seq_length() > 0:
             raise RuntimeError("boom")
         return self.model(**kwargs)
 

@@ -1,10 +1,10 @@
 """Continuous batching over a Hugging Face causal LM's KV cache, in one worker thread.
 
-Every concurrent stream of an engine shares one forward pass per decode step. A new request is
-prefilled on its own (batch 1, so its prompt is processed exactly as if it were alone) between
-two decode steps and then joins the batch; a finished or cancelled request leaves before the
-next step. The batch keeps one `DynamicCache` whose rows are left-padded to a common length;
-an attention mask hides the padding and each row carries its own position ids.
+Every concurrent stream of an engine shares one forward pass per decode step. New requests are
+prefilled (together when several arrived at once) between two decode steps and then join the
+batch; a finished or cancelled request leaves before the next step. The batch keeps one
+`DynamicCache` whose rows are left-padded to a common length; an attention mask hides the
+padding and each row carries its own position ids.
 
 Why not transformers' own `ContinuousBatchingManager` (transformers 5.23, `generate_batch` /
 `init_continuous_batching`)? Measured on this 2-core CPU box with SmolLM2-135M float32, 8 chat
@@ -284,6 +284,7 @@ class BatchScheduler:
         self.max_batch_size = max_batch_size
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.steps = 0  # decode steps run so far
+        self.prefill_passes = 0  # prefill forward passes (several prompts may share one)
         # (reason, `steps` at that moment) of the latest request to end: lets tests and the
         # benchmark see exactly when a cancelled request left, whatever the event loop's lag.
         self.last_finished: tuple[str, int] | None = None
@@ -357,9 +358,9 @@ class BatchScheduler:
                     self._pending.remove(request)
                     admitted.append(request)
         self._drop_cancelled()
-        for request in admitted:
-            self._prefill(request)
-            self._flush()  # its first token goes out now, not after the next decode step
+        if admitted:
+            self._prefill(admitted)
+            self._flush()  # first tokens go out now, not after the next decode step
         if self._active:
             self._decode_step()
         self._flush()
@@ -377,41 +378,73 @@ class BatchScheduler:
         except Exception:  # a consumer that is gone must not take the worker down
             logger.exception("could not deliver stream events")
 
-    def _prefill(self, request: Request) -> None:
-        """Process the prompt alone, emit the first token, and let the request join the batch."""
-        try:
-            ids = prompt_token_ids(self.tokenizer, request.prompt)
+    def _prefill(self, requests: list[Request]) -> None:
+        """Process the prompts of newly admitted requests in one forward pass, emit their first
+        tokens, and let them join the batch.
+
+        Requests that arrive together (a burst of users) share one left-padded prefill instead
+        of one pass each: fewer, larger matrix products, so a burst's first tokens come sooner.
+        A lone request (or prompts of equal length) runs without padding or mask.
+        """
+        ready: list[tuple[Request, list[int]]] = []
+        for request in requests:
+            try:
+                ids = prompt_token_ids(self.tokenizer, request.prompt)
+            except Exception as exc:
+                self._finish(request, StreamEnd("error", f"tokenization failed: {exc!r}"))
+                continue
             if len(ids) >= self.context_length:
-                self._finish(
-                    request,
-                    StreamEnd(
-                        "error",
-                        f"prompt of {len(ids)} tokens does not "
-                        f"fit the context of {self.context_length}",
-                    ),
+                message = (
+                    f"prompt of {len(ids)} tokens does not fit the context of {self.context_length}"
                 )
-                return
+                self._finish(request, StreamEnd("error", message))
+                continue
             request.prompt_len = len(ids)
             request.max_new_tokens = request.params.max_new_tokens
             request.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            ready.append((request, ids))
+        if not ready:
+            return
+        width = max(len(ids) for _, ids in ready)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor(
+            [[pad_id] * (width - len(ids)) + ids for _, ids in ready], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in ready], device=self.device
+        )
+        padded = any(len(ids) < width for _, ids in ready)
+        try:
             cache = _new_cache(self.model)
-            input_ids = torch.tensor([ids], device=self.device)
             out = self.model(
-                input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=input_ids,
+                attention_mask=mask if padded else None,
+                position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-            token = sample_token(out.logits[0, -1], request.params)
+            tokens = sample_tokens(out.logits[:, -1, :], [r.params for r, _ in ready])
+            self.prefill_passes += 1
         except Exception as exc:
             logger.exception("prefill failed")
-            self._finish(request, StreamEnd("error", f"prefill failed: {exc!r}"))
+            for request, _ in ready:
+                self._finish(request, StreamEnd("error", f"prefill failed: {exc!r}"))
             return
-        if not self._accept_token(request, token):
+        keep = [
+            row
+            for row, ((request, _), token) in enumerate(zip(ready, tokens, strict=True))
+            if self._accept_token(request, token)
+        ]
+        if not keep:
             return
-        mask = torch.ones(1, len(ids), dtype=torch.long, device=self.device)
+        if len(keep) < len(ready):
+            mask = keep_rows(cache, mask, torch.tensor(keep, device=self.device))
         if not self._active:
             self._cache, self._mask = cache, mask
         else:
             self._mask = merge_rows(self._cache, self._mask, cache, mask)
-        self._active.append(request)
+        self._active.extend(ready[row][0] for row in keep)
 
     def _decode_step(self) -> None:
         batch = len(self._active)
