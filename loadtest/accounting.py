@@ -8,7 +8,8 @@ Vocabulary. For one request id the server holds an *entry*: one of the four outc
 lists the entries its observation is consistent with (``accepts``); almost always exactly one.
 ``ABSENT`` among them means "the server may have no entry": only an early quitter that closed
 before it got any answer needs it, because a request the Serve proxy had not yet handed to the
-ingress is dropped there and never admitted (documented Ray Serve behaviour).
+ingress is dropped there and never admitted (documented Ray Serve behaviour). In the totals a
+record counts under the entry the server holds when it is acceptable, else under its first.
 """
 
 from __future__ import annotations

@@ -229,12 +229,13 @@ class ChatStreamUser(HttpUser):
 
     def refused(self, response: Any, request_id: str, *allowed: str) -> None:
         """Record a non-200 answer; `allowed` are the error codes this behaviour expects."""
-        if response.status_code == 0:  # no HTTP answer at all (connection refused or cut)
+        if response.status_code == 0:  # no HTTP answer: refused, cut, or we timed out waiting
             RUN.record(
                 request_id,
                 self.behaviour,
                 ABSENT,
                 UNKNOWN_ERROR,
+                BEFORE_STREAMING,
                 violation="" if RUN.errors_expected else f"no answer: {response.error}",
             )
             response.failure(f"no answer: {response.error}")
@@ -362,8 +363,17 @@ class EarlyQuitterUser(ChatStreamUser):
             if exc is not deadline:
                 raise
             # urllib3 closes the connection when a request is interrupted: the service sees
-            # the client leave while its request waits for a slot (or its first token).
-            RUN.record(request_id, self.behaviour, BEFORE_STREAMING, ABSENT)
+            # the client leave while its request waits for a slot (or its first token). Two
+            # other endings are consistent with what this client saw (nothing): the proxy
+            # dropped the request before the ingress got it (no entry), or the service refused
+            # it with a 429 that was still on its way (busy machine).
+            RUN.record(
+                request_id,
+                self.behaviour,
+                BEFORE_STREAMING,
+                ABSENT,
+                rejected("too_many_requests"),
+            )
             self.environment.events.request.fire(
                 request_type="POST",
                 name="early quit",
