@@ -16,6 +16,7 @@ import inspect
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,9 @@ class _OutcomeStreamingResponse(StreamingResponse):
     def __init__(self, exchange: _Exchange, content: AsyncIterator[str], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._exchange = exchange
+        # If the request is cancelled after the route returned this response but before the
+        # server called it, only garbage collection sees it go: finish the exchange then.
+        weakref.finalize(self, exchange.finish, asyncio.CancelledError("response never sent"))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         error: BaseException | None = None
@@ -152,6 +156,7 @@ class ChatStream:
         self._model = model.options(stream=True)
         self._defaults = config.generation_defaults().model_dump()
         self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.get_running_loop()
         self._outcomes = Counter(
             "chatstream_outcomes_total",
             description="Admitted requests by outcome",
@@ -329,9 +334,13 @@ class ChatStream:
 
     # ------------------------------------------------------------------ after the stream
     def spawn(self, coro: Any) -> None:
-        # A fresh context: in the request's context, Serve would cancel the task's Ray calls
-        # along with the (possibly cancelled) request.
-        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called by a finalizer outside the event loop's thread
+            self._loop.call_soon_threadsafe(self.spawn, coro)
+            return
+        # A fresh context: the request's context (and its cancellation) is not inherited.
+        task = loop.create_task(coro, context=contextvars.Context())
         self._tasks.add(task)  # keep a reference until done
         task.add_done_callback(self._tasks.discard)
 

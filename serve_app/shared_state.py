@@ -4,6 +4,7 @@ classes it wraps (`SessionTable`, `OutcomeLedger`)."""
 
 from __future__ import annotations
 
+import contextvars
 import secrets
 from typing import Any
 
@@ -54,15 +55,41 @@ class SharedState:
         }
 
 
-def get_shared_state(app_name: str, session_ttl_sec: float, ledger_size: int) -> Any:
+class _DetachedMethod:
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return contextvars.Context().run(self._method.remote, *args, **kwargs)
+
+
+class DetachedActor:
+    """An actor handle whose calls are submitted outside the current request's context.
+
+    Inside a Serve request, Ray treats an actor call as a child of the request: when the client
+    disconnects and Serve cancels the request, calls not yet sent are cancelled too, and the
+    actor then stalls (up to 30 s) waiting for the missing sequence number, holding up every
+    other replica's calls. Bookkeeping must survive the request it describes, so each call is
+    made from a fresh, empty context.
+    """
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def __getattr__(self, name: str) -> _DetachedMethod:
+        return _DetachedMethod(getattr(self._actor, name))
+
+
+def get_shared_state(app_name: str, session_ttl_sec: float, ledger_size: int) -> DetachedActor:
     """The app's shared-state actor, created by whichever replica asks first.
 
     Detached so that it outlives a redeploy of the app's replicas (sessions survive updates);
     it goes away with the Ray cluster.
     """
-    return SharedState.options(
+    actor = SharedState.options(
         name=f"chatstream-state-{app_name}",
         namespace=STATE_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
     ).remote(session_ttl_sec, ledger_size)
+    return DetachedActor(actor)
