@@ -99,8 +99,10 @@ class _Exchange:
         self.finished = True
         if not self.completed:
             self.model_stream.cancel()  # frees the engine's slot at once
-        board = self.chat_stream.load_board
-        board.change(ongoing=-1) if self.holds_slot else board.change(queued=-1)
+        if self.holds_slot:
+            self.chat_stream.load_board.change(ongoing=-1)
+        else:
+            self.chat_stream.load_board.change(queued=-1)
         outcome = classify_outcome(len(self.sent), self.completed, exc)
         if outcome is Outcome.UNKNOWN_ERROR_OCCURRED:
             logger.error("request %s failed: %r", self.request_id, exc)
