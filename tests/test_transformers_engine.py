@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -296,3 +297,11 @@ async def test_model_failure_is_an_engine_error_and_stop_is_reported(
         await failing.check_health()
     with pytest.raises(EngineError, match="stopped"):
         await collect(failing, prompt_for(formatter, "Hi!"), GREEDY)
+
+
+async def test_run_on_model_thread_uses_the_worker_thread(engine: TransformersEngine) -> None:
+    assert await engine.run_on_model_thread(lambda: threading.current_thread().name) == (
+        "transformers-engine"
+    )
+    with pytest.raises(ZeroDivisionError):
+        await engine.run_on_model_thread(lambda: 1 / 0)

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from serve_app.config import ChatStreamConfig, GenerationParams
 from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
-from serve_app.engines.batching import BatchScheduler, Event, Request, StreamEnd
+from serve_app.engines.batching import (
+    BatchScheduler,
+    Event,
+    Request,
+    StreamEnd,
+    prompt_token_ids,
+)
 from serve_app.engines.hf_loading import (
     context_length,
     load_model,
@@ -26,8 +31,6 @@ from serve_app.engines.hf_loading import (
 )
 
 __all__ = ["TransformersEngine", "TransformersPromptFormatter", "resolve_model_source"]
-
-logger = logging.getLogger(__name__)
 
 
 class TransformersPromptFormatter(PromptFormatter):
@@ -43,8 +46,6 @@ class TransformersPromptFormatter(PromptFormatter):
         )
 
     def count_tokens(self, text: str) -> int:
-        from serve_app.engines.batching import prompt_token_ids
-
         return len(prompt_token_ids(self.tokenizer, text))
 
 
@@ -149,6 +150,14 @@ class TransformersEngine(Engine):
             # Cancelled task, closed generator or normal end: the worker drops the request
             # before its next decode step (a no-op when it already finished).
             scheduler.cancel(request)
+
+    async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` on the engine's worker thread between decode steps (`BatchScheduler.call`)."""
+        try:
+            future = self.scheduler.call(fn)
+        except RuntimeError as exc:
+            raise EngineError(str(exc)) from exc
+        return await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
         """Stop the worker thread (pending and running streams end with an EngineError)."""
