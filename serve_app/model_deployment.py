@@ -29,12 +29,12 @@ class ChatModel:
         )
 
     async def generate(self, prompt: str, params: dict[str, Any]) -> AsyncIterator[str]:
-        """Yield SLOT_ACQUIRED, then the answer's text chunks, coalesced over
-        `stream_interval_ms` when that is set (it spares per-chunk overhead at high rates)."""
+        """Yield SLOT_ACQUIRED, then the answer's text chunks. With `stream_interval_ms`, chunks
+        after the first are coalesced over that interval (it spares per-chunk overhead)."""
         yield SLOT_ACQUIRED
         pending: list[str] = []
         pending_tokens = 0
-        last_flush = time.monotonic()
+        last_flush = float("-inf")  # the first chunk goes out at once: it sets time to first token
         async for chunk in self.engine.stream(prompt, GenerationParams(**params)):
             pending.append(chunk.text)
             pending_tokens += chunk.num_tokens
