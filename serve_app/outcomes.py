@@ -7,8 +7,7 @@ from collections import Counter, OrderedDict
 from enum import StrEnum
 from typing import Any
 
-from ray.exceptions import RayError
-from ray.serve.exceptions import RequestCancelledError
+from ray.exceptions import RayError, TaskCancelledError
 from starlette.requests import ClientDisconnect
 
 
@@ -24,11 +23,14 @@ def is_client_disconnect(exc: BaseException | None) -> bool:
 
     Ray Serve cancels the handler's task (CancelledError); Starlette raises ClientDisconnect (an
     OSError subclass) when a send fails; a closed async generator sees GeneratorExit; a
-    downstream handle call cancelled with us raises RequestCancelledError.
+    downstream Ray call cancelled with us raises TaskCancelledError (RequestCancelledError for a
+    handle call); Starlette's disconnect listener can surface that too.
     """
     if exc is None:
         return False
-    if isinstance(exc, RequestCancelledError):
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_client_disconnect(e) for e in exc.exceptions)
+    if isinstance(exc, TaskCancelledError):
         return True
     if isinstance(exc, RayError):  # a failure inside Ray (e.g. the engine raised), even if it
         return False  # also subclasses the cause's type, such as OSError

@@ -153,3 +153,19 @@ def test_session_table_evicts_least_recently_used():
     table.get("a")
     table.put("c", {"n": 3})
     assert table.get("b") is None and table.get("a") == {"n": 1}
+
+
+def test_cancellations_surfacing_through_ray_or_task_groups_are_disconnects():
+    from ray.exceptions import TaskCancelledError
+    from ray.serve.exceptions import RequestCancelledError
+
+    assert classify_outcome(1, False, TaskCancelledError()) is (
+        Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
+    )
+    assert classify_outcome(0, False, RequestCancelledError("r1")) is (
+        Outcome.CLIENT_DISCONNECTED_BEFORE_STREAMING
+    )
+    group = BaseExceptionGroup("stream", [asyncio.CancelledError(), TaskCancelledError()])
+    assert classify_outcome(1, False, group) is Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
+    mixed = BaseExceptionGroup("stream", [asyncio.CancelledError(), RuntimeError("engine")])
+    assert classify_outcome(1, False, mixed) is Outcome.UNKNOWN_ERROR_OCCURRED
