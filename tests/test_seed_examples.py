@@ -22,6 +22,11 @@ def client(service):
         yield c
 
 
+def callbacks_for(client: httpx.Client, request_id: str) -> list[dict]:
+    """What the example's completion callback recorded for `request_id`."""
+    return [c for c in client.get("/callbacks").json() if c["request_id"] == request_id]
+
+
 def test_plain_endpoint_streams_the_answer(service, client):
     request_id = new_request_id("plain")
     response = client.post(
@@ -52,10 +57,7 @@ def test_callback_fires_once_with_the_session_prompt(service, client):
     )
     assert response.text == "call me back"
 
-    def calls():
-        return [c for c in client.get("/callbacks").json() if c["request_id"] == request_id]
-
-    (call,) = wait_for(calls)
+    (call,) = wait_for(lambda: callbacks_for(client, request_id))
     assert call["message"] == "success"
     assert call["prompt"].count("call me back") == 2  # the question and the saved answer
 
@@ -70,8 +72,5 @@ def test_callback_reports_a_disconnect(service, client):
     ) as response:
         next(response.iter_text())
 
-    def calls():
-        return [c for c in client.get("/callbacks").json() if c["request_id"] == request_id]
-
-    (call,) = wait_for(calls)
+    (call,) = wait_for(lambda: callbacks_for(client, request_id))
     assert call["message"] == "client_disconnected_while_streaming"
