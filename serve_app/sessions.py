@@ -119,9 +119,8 @@ class ChatPrompt:
         self.formatter = formatter
         self.system_prompt = system_prompt
 
-    def chat_messages(self, messages: list[dict[str, Any]] | None = None) -> list[ChatMessage]:
-        source = self.messages if messages is None else messages
-        turns = [ChatMessage(m["role"], m["content"]) for m in source]
+    def chat_messages(self) -> list[ChatMessage]:
+        turns = [ChatMessage(m["role"], m["content"]) for m in self.messages]
         if self.system_prompt:
             turns.insert(0, ChatMessage("system", self.system_prompt))
         return turns
@@ -129,9 +128,6 @@ class ChatPrompt:
     def create_prompt(self) -> str:
         """The prompt text for the history so far, ready for the model's next answer."""
         return self.formatter.render(self.chat_messages())
-
-    def get_messages(self) -> list[dict[str, Any]]:
-        return [dict(m) for m in self.messages]
 
 
 class SessionView:

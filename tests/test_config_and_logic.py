@@ -15,7 +15,13 @@ from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.conversation import history_after_answer, plan_turn
 from serve_app.engines.mock import MockPromptFormatter
 from serve_app.outcomes import Outcome, OutcomeLedger, classify_outcome
-from serve_app.sessions import CookieSigner, SessionTable, trim_history
+from serve_app.sessions import (
+    ChatPrompt,
+    CookieSigner,
+    InMemorySessionStore,
+    SessionTable,
+    trim_history,
+)
 from serve_app.validation import ChatTurnRequest, RequestRejected
 
 
@@ -169,3 +175,18 @@ def test_cancellations_surfacing_through_ray_or_task_groups_are_disconnects():
     assert classify_outcome(1, False, group) is Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
     mixed = BaseExceptionGroup("stream", [asyncio.CancelledError(), RuntimeError("engine")])
     assert classify_outcome(1, False, mixed) is Outcome.UNKNOWN_ERROR_OCCURRED
+
+
+async def test_in_memory_session_store_round_trip():
+    store = InMemorySessionStore(ttl_sec=60)
+    assert await store.load("s1") is None
+    await store.save("s1", {"messages": [{"role": "user", "content": "hi"}]})
+    assert (await store.load("s1"))["messages"][0]["content"] == "hi"
+
+
+def test_chat_prompt_renders_the_system_prompt_first():
+    prompt = ChatPrompt([{"role": "user", "content": "hi"}], FORMATTER, "be brief")
+    assert (
+        prompt.create_prompt()
+        == "<|system|>\nbe brief<|end|>\n<|user|>\nhi<|end|>\n<|assistant|>\n"
+    )
