@@ -216,6 +216,10 @@ class ChatStream:
         await self.sessions.save(view.session_id, record)
         view.update(record)
 
+    def generation_params(self, view: SessionView) -> dict[str, Any]:
+        """The session's generation parameters: the app's defaults, overridden by the session's."""
+        return {**self._defaults, **view.record["params"]}
+
     def with_cookie(self, response: Response, view: SessionView) -> Response:
         if view.is_new:
             response.set_cookie(

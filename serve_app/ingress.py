@@ -69,10 +69,7 @@ class ChatStreamIngress:
     @api.get("/generation_params")
     async def get_generation_params(self, request: Request) -> Response:
         view = await self.chat_stream.open_session(request)
-        params = {
-            **self.chat_stream.config.generation_defaults().model_dump(),
-            **view.record["params"],
-        }
+        params = self.chat_stream.generation_params(view)
         return self.chat_stream.with_cookie(JSONResponse(params), view)
 
     @api.put("/generation_params")
@@ -85,7 +82,9 @@ class ChatStreamIngress:
         await self.chat_stream.save_session(
             view, params={**view.record["params"], **update.as_dict()}
         )
-        return await self.get_generation_params(request)
+        # The same view, not a second lookup: a first-time client has no cookie to look up by.
+        params = self.chat_stream.generation_params(view)
+        return self.chat_stream.with_cookie(JSONResponse(params), view)
 
     @api.post("/feedback")
     async def feedback(self, request: Request) -> Response:

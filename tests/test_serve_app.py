@@ -325,6 +325,12 @@ def test_generation_params_are_per_session_and_validated(service, client):
         assert other.get("/generation_params").json() == defaults
 
 
+def test_first_contact_put_of_generation_params_keeps_its_session(service):
+    with httpx.Client(base_url=service.url, timeout=30) as fresh:
+        assert fresh.put("/generation_params", json={"top_k": 7}).json()["top_k"] == 7
+        assert fresh.get("/generation_params").json()["top_k"] == 7
+
+
 def test_feedback_on_a_message_id(client):
     response = chat(client, "rate me", max_new_tokens=1)
     message_id = response.headers["X-ChatStream-Last-Generated-Message-Id"]
