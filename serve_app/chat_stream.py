@@ -1,24 +1,22 @@
 """The ChatStream facade: `await chat_stream.handle_chat_stream_request(request, request_body,
 callback)` from any FastAPI route of a Serve ingress, exactly as in ChatStream's original post.
 
-One admitted request walks through: validate -> plan the turn -> wait for a generation slot on
-the model deployment (429 when its queue is full) -> wait for the first chunk -> stream the
-rest. Whatever ends it, `_Exchange.finish` runs once and decides the outcome; the history is
-saved, the outcome recorded, and the callback called, in that order, in a task of its own (so a
-cancelled request still completes its bookkeeping).
+One request walks through: validate -> take the session's turn (409 if one is streaming) ->
+plan the prompt -> wait for a generation slot on the model deployment (429 when its queue is
+full) -> wait for the first chunk -> stream the rest. From admission on, an `Exchange`
+(serve_app/exchange.py) decides the single outcome and does the bookkeeping.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import inspect
+import dataclasses
 import logging
+import os
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -28,20 +26,21 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve_app.config import ChatStreamConfig
-from serve_app.conversation import TurnPlan, history_after_answer, plan_turn
+from serve_app.config import REDIS_URL_ENV, SESSION_SECRET_ENV, ChatStreamConfig
+from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines import PromptFormatter, make_prompt_formatter
-from serve_app.outcomes import Outcome, classify_outcome, is_client_disconnect
-from serve_app.sessions import (
-    ChatPrompt,
-    CookieSigner,
-    InMemorySessionStore,
-    RaySessionStore,
-    SessionView,
-    new_session_id,
-    new_session_record,
+from serve_app.exchange import Bookkeeping, Callback, Exchange, Turn
+from serve_app.outcomes import is_client_disconnect
+from serve_app.session_state import (
+    SessionChange,
+    SessionLimits,
+    TurnInProgress,
+    begin_turn,
+    finish_turn,
+    new_record,
 )
-from serve_app.shared_state import get_shared_state
+from serve_app.sessions import CookieSigner, SessionView, new_session_id
+from serve_app.stores import StateStore, StoreSettings, StoreUnavailable, make_store
 from serve_app.validation import (
     MESSAGE_ID_HEADER,
     REQUEST_ID_HEADER,
@@ -52,67 +51,11 @@ from serve_app.validation import (
 
 logger = logging.getLogger("ray.serve")
 
-Callback = Callable[[Request, str], Any]
-
-
-class _LoadBoard:
-    """This ingress replica's admitted requests: waiting for a slot, or holding one.
-
-    Each change is reported (absolute numbers, fire-and-forget, in order) to the shared state,
-    which sums all replicas for `GET /load`."""
-
-    def __init__(self, state: Any, replica_id: str) -> None:
-        self._state = state
-        self._replica_id = replica_id
-        self.queued = 0
-        self.ongoing = 0
-
-    def change(self, queued: int = 0, ongoing: int = 0) -> None:
-        self.queued += queued
-        self.ongoing += ongoing
-        self._state.report_load.remote(self._replica_id, self.ongoing, self.queued)
-
-
-@dataclass(eq=False)
-class _Exchange:
-    """One admitted request, from admission to its single outcome."""
-
-    chat_stream: ChatStream
-    request: Request
-    request_id: str
-    message_id: str
-    session: SessionView
-    plan: TurnPlan
-    model_stream: DeploymentResponseGenerator
-    callback: Callback | None
-    admitted_at: float = field(default_factory=time.monotonic)
-    holds_slot: bool = False
-    sent: list[str] = field(default_factory=list)
-    completed: bool = False
-    finished: bool = False
-
-    def finish(self, exc: BaseException | None) -> None:
-        """Decide the outcome (once) and start the bookkeeping. Never awaits: it is called from
-        `finally` blocks of cancelled tasks."""
-        if self.finished:
-            return
-        self.finished = True
-        if not self.completed:
-            self.model_stream.cancel()  # frees the engine's slot at once
-        if self.holds_slot:
-            self.chat_stream.load_board.change(ongoing=-1)
-        else:
-            self.chat_stream.load_board.change(queued=-1)
-        outcome = classify_outcome(len(self.sent), self.completed, exc)
-        if outcome is Outcome.UNKNOWN_ERROR_OCCURRED:
-            logger.error("request %s failed: %r", self.request_id, exc)
-        self.chat_stream.spawn(self.chat_stream.complete(self, outcome))
-
 
 class _OutcomeStreamingResponse(StreamingResponse):
     """A StreamingResponse that reports how sending ended, even if its body never started."""
 
-    def __init__(self, exchange: _Exchange, content: AsyncIterator[str], **kwargs: Any) -> None:
+    def __init__(self, exchange: Exchange, content: AsyncIterator[str], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._exchange = exchange
         # If the request is cancelled after the route returned this response but before the
@@ -132,6 +75,20 @@ class _OutcomeStreamingResponse(StreamingResponse):
             self._exchange.finish(error)
 
 
+def store_settings(config: ChatStreamConfig, namespace: str) -> StoreSettings:
+    return StoreSettings(
+        namespace=namespace,
+        session_ttl_sec=config.session_ttl_sec,
+        max_sessions=config.max_sessions,
+        max_new_sessions=config.max_new_sessions,
+        limits=SessionLimits(
+            max_turns=config.session_max_turns, max_feedback=config.session_max_feedback
+        ),
+        ledger_size=config.ledger_size,
+        signing_key=os.environ.get(SESSION_SECRET_ENV, ""),
+    )
+
+
 class ChatStream:
     """Streaming chat with sessions, admission control and exactly-once outcome callbacks."""
 
@@ -141,29 +98,21 @@ class ChatStream:
         config: ChatStreamConfig,
         model: DeploymentHandle,
         formatter: PromptFormatter,
-        state: Any,
+        store: StateStore,
         signer: CookieSigner,
         replica_id: str,
     ) -> None:
         self.config = config
         self.formatter = formatter
-        self.state = state
+        self.store = store
         self.signer = signer
-        self.sessions = (
-            RaySessionStore(state)
-            if config.session_store == "ray"
-            else InMemorySessionStore(config.session_ttl_sec)
+        self.bookkeeping = Bookkeeping(
+            store,
+            SessionLimits(config.session_max_turns, config.session_max_feedback),
+            replica_id,
         )
-        self.load_board = _LoadBoard(state, replica_id)
         self._model = model.options(stream=True)
         self._defaults = config.generation_defaults().model_dump()
-        self._tasks: set[asyncio.Task] = set()
-        self._loop = asyncio.get_running_loop()
-        self._outcomes = Counter(
-            "chatstream_outcomes_total",
-            description="Admitted requests by outcome",
-            tag_keys=("outcome",),
-        )
         self._rejections = Counter(
             "chatstream_rejections_total",
             description="Requests refused before admission, by reason",
@@ -179,49 +128,66 @@ class ChatStream:
     async def create(cls, model: DeploymentHandle, config: ChatStreamConfig) -> ChatStream:
         """Build it inside a Serve ingress replica (e.g. in an `async def __init__`)."""
         context = serve.get_replica_context()
-        state = get_shared_state(context.app_name, config.session_ttl_sec, config.ledger_size)
-        secret = config.session_secret or await state.session_secret.remote()
+        store = make_store(
+            config.session_store,
+            store_settings(config, context.app_name),
+            redis_url=os.environ.get(REDIS_URL_ENV, ""),
+        )
         formatter = await asyncio.to_thread(make_prompt_formatter, config)
         return cls(
             config=config,
             model=model,
             formatter=formatter,
-            state=state,
-            signer=CookieSigner(secret, config.session_ttl_sec),
+            store=store,
+            signer=CookieSigner(await store.signing_key(), config.session_ttl_sec),
             replica_id=context.replica_id.unique_id,
         )
 
     # ------------------------------------------------------------------ sessions
+    def store_unavailable(self, exc: StoreUnavailable) -> RequestRejected:
+        logger.warning("state store unavailable: %s", exc)
+        return RequestRejected(
+            503,
+            "store_unavailable",
+            "the session store cannot be reached right now; retry shortly",
+            {"Retry-After": str(self.config.store_retry_after_sec)},
+        )
+
     async def open_session(self, request: Request) -> SessionView:
-        """Load (or start) the request's session and expose it as `request.state.session`."""
+        """The request's session (a new, not yet stored one if the cookie names none), also
+        exposed as `request.state.session`. Raises RequestRejected (503) if the store is down."""
         session_id = self.signer.unsign(request.cookies.get(self.config.session_cookie_name))
-        record = await self.sessions.load(session_id) if session_id else None
-        is_new = session_id is None
-        session_id = session_id or new_session_id()
-        record = record or new_session_record()
+        try:
+            record = await self.store.load_session(session_id) if session_id else None
+        except StoreUnavailable as exc:
+            raise self.store_unavailable(exc) from None
+        stored = record is not None
         view = SessionView(
-            session_id,
-            record,
-            ChatPrompt(record["messages"], self.formatter, self.config.system_prompt),
-            is_new=is_new,
+            session_id if stored else new_session_id(),
+            record if stored else new_record(),
+            ChatPrompt(
+                record["messages"] if stored else [], self.formatter, self.config.system_prompt
+            ),
+            stored=stored,
         )
         request.state.session = view
         return view
 
-    async def save_session(self, view: SessionView, **changes: Any) -> None:
-        """Apply `changes` to the newest stored record (other fields may have changed
-        meanwhile, e.g. params set by another request) and keep the view in step."""
-        record = await self.sessions.load(view.session_id) or new_session_record()
-        record.update(changes)
-        await self.sessions.save(view.session_id, record)
-        view.update(record)
+    async def change_session(self, view: SessionView, change: SessionChange) -> None:
+        """Apply `change` to the stored session (atomically, on the store's side) and keep the
+        view in step. Raises RequestRejected (503) if the store is down."""
+        try:
+            view.update(await self.store.change_session(view.session_id, change))
+        except StoreUnavailable as exc:
+            raise self.store_unavailable(exc) from None
 
     def generation_params(self, view: SessionView) -> dict[str, Any]:
         """The session's generation parameters: the app's defaults, overridden by the session's."""
         return {**self._defaults, **view.record["params"]}
 
     def with_cookie(self, response: Response, view: SessionView) -> Response:
-        if view.is_new:
+        """Set (or refresh: expiry counts from last use) the cookie of a stored session."""
+        if view.stored:
             response.set_cookie(
                 self.config.session_cookie_name,
                 self.signer.sign(view.session_id),
@@ -243,14 +209,17 @@ class ChatStream:
         the body; `callback(request, message)` (sync or async) is called exactly once per
         admitted request with one of the four outcomes."""
         request_id = uuid.uuid4().hex
+        view: SessionView | None = None
+        turn: Turn | None = None
         try:
             request_id = request_id_from(request.headers)
-            view = await self.open_session(request)
             body = request_body if request_body is not None else await request.body()
-            turn = parse_chat_turn(body)
+            turn_request = parse_chat_turn(body)
+            view = await self.open_session(request)
+            turn = await self._begin_turn(view, turn_request.user_input, turn_request.regenerate)
             plan = plan_turn(
                 view.record["messages"],
-                turn,
+                turn_request,
                 defaults=self._defaults,
                 session_params=view.record.get("params", {}),
                 formatter=self.formatter,
@@ -258,27 +227,32 @@ class ChatStream:
                 max_turns=self.config.session_max_turns,
             )
         except RequestRejected as rejected:
-            return await self.reject(request_id, rejected)
+            await self._release_turn(view, turn)
+            return await self.reject(request_id, rejected, view)
+        turn = dataclasses.replace(turn, kept_messages=len(plan.messages))
 
-        exchange = _Exchange(
-            chat_stream=self,
+        exchange = Exchange(
             request=request,
             request_id=request_id,
+            record_id=uuid.uuid4().hex,
             message_id=uuid.uuid4().hex,
             session=view,
-            plan=plan,
+            turn=turn,
             model_stream=self._model.generate.remote(plan.prompt, plan.params),
             callback=callback,
+            bookkeeping=self.bookkeeping,
         )
-        self.load_board.change(queued=1)
+        load_board = self.bookkeeping.load_board
+        load_board.change(queued=1)
         try:
             await exchange.model_stream.__anext__()  # SLOT_ACQUIRED: a generation slot is ours
             exchange.holds_slot = True
-            self.load_board.change(queued=-1, ongoing=1)
+            load_board.change(queued=-1, ongoing=1)
             first_chunk = await self._next_chunk(exchange.model_stream)
         except BackPressureError:
             exchange.finished = True  # refused, not admitted: no outcome, no callback
-            self.load_board.change(queued=-1)
+            load_board.change(queued=-1)
+            await self._release_turn(view, turn)
             return await self.reject(
                 request_id,
                 RequestRejected(
@@ -287,6 +261,7 @@ class ChatStream:
                     "all generation slots and queue places are taken; retry later",
                     {"Retry-After": str(self.config.retry_after_sec)},
                 ),
+                view,
             )
         except BaseException as exc:
             exchange.finish(exc)
@@ -309,6 +284,32 @@ class ChatStream:
         )
         return self.with_cookie(response, view)
 
+    async def _begin_turn(self, view: SessionView, user_input: str | None, regenerate: bool):
+        """Take the session's one active turn (409 if another is streaming)."""
+        turn_id = uuid.uuid4().hex
+        try:
+            await self.change_session(
+                view, begin_turn(turn_id, time.time(), self.config.turn_lock_ttl_sec)
+            )
+        except TurnInProgress:
+            raise RequestRejected(
+                409,
+                "turn_in_progress",
+                "this session's previous answer is still streaming; wait for it to finish "
+                "(or stop it) before sending the next turn",
+            ) from None
+        user_message = None if regenerate else {"role": "user", "content": user_input}
+        return Turn(turn_id, view.record["epoch"], user_message)
+
+    async def _release_turn(self, view: SessionView | None, turn: Turn | None) -> None:
+        """Give back a turn that was never admitted (nothing is saved)."""
+        if view is None or turn is None:
+            return
+        try:
+            await self.store.change_session(view.session_id, finish_turn(turn.turn_id, turn.epoch))
+        except StoreUnavailable:
+            logger.warning("could not release turn %s; its lease will expire", turn.turn_id)
+
     @staticmethod
     async def _next_chunk(model_stream: DeploymentResponseGenerator) -> str | None:
         """The next non-empty chunk, or None at the end of the answer."""
@@ -317,7 +318,7 @@ class ChatStream:
                 return chunk
         return None
 
-    async def _relay(self, exchange: _Exchange, chunk: str | None) -> AsyncIterator[str]:
+    async def _relay(self, exchange: Exchange, chunk: str | None) -> AsyncIterator[str]:
         error: BaseException | None = None
         try:
             while chunk is not None:
@@ -331,57 +332,23 @@ class ChatStream:
         finally:
             exchange.finish(error)
 
-    async def reject(self, request_id: str, rejected: RequestRejected) -> Response:
+    async def reject(
+        self, request_id: str, rejected: RequestRejected, view: SessionView | None = None
+    ) -> Response:
         self._rejections.inc(tags={"reason": rejected.error})
-        await self.state.record_rejection.remote(request_id, rejected.error)
+        try:
+            await self.store.record_rejection(request_id, rejected.error)
+        except StoreUnavailable:
+            logger.warning(
+                "request %s: rejection %s not recorded (store down)", request_id, rejected.error
+            )
         response = rejected.response()
         response.headers[REQUEST_ID_HEADER] = request_id
-        return response
-
-    # ------------------------------------------------------------------ after the stream
-    def spawn(self, coro: Any) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # called by a finalizer outside the event loop's thread
-            self._loop.call_soon_threadsafe(self.spawn, coro)
-            return
-        # A fresh context: the request's context (and its cancellation) is not inherited.
-        task = loop.create_task(coro, context=contextvars.Context())
-        self._tasks.add(task)  # keep a reference until done
-        task.add_done_callback(self._tasks.discard)
-
-    async def complete(self, exchange: _Exchange, outcome: Outcome) -> None:
-        """Save history, record the outcome, call the callback. Each step runs even if an
-        earlier one failed, so the callback fires exactly once."""
-        if exchange.sent and outcome in (
-            Outcome.SUCCESS,
-            Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING,
-        ):
-            messages = history_after_answer(
-                exchange.plan.messages, "".join(exchange.sent), exchange.message_id
-            )
-            await self._guarded(
-                "saving the session", self.save_session(exchange.session, messages=messages)
-            )
-        self._outcomes.inc(tags={"outcome": outcome.value})
-        await self._guarded(
-            "recording the outcome",
-            self.state.record_outcome.remote(exchange.request_id, outcome.value),
-        )
-        if exchange.callback is not None:
-            await self._guarded(
-                "the completion callback", _call(exchange.callback, exchange.request, outcome.value)
-            )
-
-    async def _guarded(self, what: str, awaitable: Any) -> None:
-        try:
-            await awaitable
-        except Exception:
-            logger.exception("ChatStream: %s failed", what)
+        return self.with_cookie(response, view) if view is not None else response
 
     # ------------------------------------------------------------------ inspection
     async def load(self) -> dict[str, int]:
-        totals = await self.state.load.remote()
+        totals = await self.store.load()
         queue = self.config.max_queued_requests
         replicas = self.config.max_replicas if self.config.autoscaling else self.config.num_replicas
         return {
@@ -391,9 +358,3 @@ class ChatStream:
                 -1 if queue < 0 else queue * self.config.ingress_replicas  # per ingress replica
             ),
         }
-
-
-async def _call(callback: Callback, request: Request, message: str) -> None:
-    result = callback(request, message)
-    if inspect.isawaitable(result):
-        await result

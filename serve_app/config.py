@@ -18,6 +18,15 @@ DEFAULT_APP_NAME = "chatstream"
 MODEL_DEPLOYMENT_NAME = "ChatModel"
 INGRESS_DEPLOYMENT_NAME = "ChatStreamIngress"
 
+# Secrets reach the app only through these environment variables (a Kubernetes Secret in a
+# cluster), never through the Serve config: that is visible to anyone who can read the
+# RayService.
+REDIS_URL_ENV = "CHATSTREAM_REDIS_URL"
+SESSION_SECRET_ENV = "CHATSTREAM_SESSION_SECRET"
+ADMIN_TOKEN_ENV = "CHATSTREAM_ADMIN_TOKEN"
+API_KEYS_ENV = "CHATSTREAM_API_KEYS"
+API_KEYS_FILE_ENV = "CHATSTREAM_API_KEYS_FILE"
+
 
 class GenerationParams(BaseModel):
     """Sampling parameters of one generation. Ranges are enforced; out-of-range values are a 4xx."""
@@ -93,12 +102,12 @@ class ChatStreamConfig(BaseModel):
     max_new_tokens: int = Field(256, ge=1, le=4096)
 
     # --- sessions ----------------------------------------------------------------------------
-    session_store: Literal["ray", "memory"] = Field(
-        "ray", description="'ray' shares history across ingress replicas; 'memory' is per replica"
-    )
-    session_secret: str = Field(
-        "",
-        description="Cookie signing key; empty means one random key shared by the app's replicas",
+    session_store: Literal["ray", "memory", "redis"] = Field(
+        "ray",
+        description=(
+            "'ray': shared by the ingress replicas, gone with the Ray cluster; 'redis': durable "
+            f"(URL from the environment variable {REDIS_URL_ENV}); 'memory': per replica"
+        ),
     )
     session_cookie_name: str = "chatstream_session"
     session_ttl_sec: int = Field(86400, ge=60)
@@ -122,6 +131,26 @@ class ChatStreamConfig(BaseModel):
             )
         if self.engine == "mock" and self.num_gpus > 0:
             raise ValueError("num_gpus must be 0 with the mock engine (it never uses a GPU)")
+    session_max_feedback: int = Field(
+        200, ge=1, description="Feedback entries kept per session; the oldest are dropped beyond"
+    )
+    max_sessions: int = Field(
+        100_000, ge=1, description="Sessions with history kept (least recently used go first)"
+    )
+    max_new_sessions: int = Field(
+        10_000,
+        ge=1,
+        description="Sessions without history kept; a flood of new clients evicts only these",
+    )
+    turn_lock_ttl_sec: float = Field(
+        600.0,
+        gt=0,
+        description="A session's active turn is released after this if its ingress replica "
+        "died without releasing it",
+    )
+    store_retry_after_sec: int = Field(
+        2, ge=0, description="Retry-After header value on 503 store_unavailable"
+    )
         return self
 
     @property

@@ -6,11 +6,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.engines.base import PromptFormatter
-from serve_app.sessions import ChatPrompt, trim_history
+from serve_app.engines.base import ChatMessage, PromptFormatter
+from serve_app.session_state import trim_history
 from serve_app.validation import ChatTurnRequest, RequestRejected
 
 Message = dict[str, Any]
+
+
+class ChatPrompt:
+    """The conversation of one session, as the model sees it (the seed's `chat_prompt`)."""
+
+    def __init__(
+        self, messages: list[dict[str, Any]], formatter: PromptFormatter, system_prompt: str = ""
+    ) -> None:
+        self.messages = messages
+        self.formatter = formatter
+        self.system_prompt = system_prompt
+
+    def chat_messages(self) -> list[ChatMessage]:
+        turns = [ChatMessage(m["role"], m["content"]) for m in self.messages]
+        if self.system_prompt:
+            turns.insert(0, ChatMessage("system", self.system_prompt))
+        return turns
+
+    def create_prompt(self) -> str:
+        """The prompt text for the history so far, ready for the model's next answer."""
+        return self.formatter.render(self.chat_messages())
 
 
 @dataclass(frozen=True)
@@ -73,7 +94,3 @@ def plan_turn(
         params["max_new_tokens"], formatter.context_length - prompt_tokens
     )
     return TurnPlan(messages, prompt, prompt_tokens, params)
-
-
-def history_after_answer(messages: list[Message], answer: str, message_id: str) -> list[Message]:
-    return [*messages, {"role": "assistant", "content": answer, "message_id": message_id}]

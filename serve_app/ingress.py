@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import session_state
 from serve_app.chat_stream import ChatStream
 from serve_app.config import ChatStreamConfig
 from serve_app.validation import (
@@ -34,6 +35,12 @@ INGRESS_MAX_ONGOING_REQUESTS = 100_000
 
 api = FastAPI(title="ChatStream", description="Streaming chat over pre-trained language models")
 api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
+
+@api.exception_handler(RequestRejected)
+async def _rejected(request: Request, rejected: RequestRejected) -> Response:
+    """Routes raise RequestRejected for a 4xx/503; this turns it into the JSON error."""
+    return rejected.response()
 
 
 @serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
@@ -63,7 +70,8 @@ class ChatStreamIngress:
     @api.post("/clear_context")
     async def clear_context(self, request: Request) -> Response:
         view = await self.chat_stream.open_session(request)
-        await self.chat_stream.save_session(view, messages=[])
+        if view.stored:  # a client with no session has nothing to clear
+            await self.chat_stream.change_session(view, session_state.clear())
         return self.chat_stream.with_cookie(JSONResponse({"cleared": True}), view)
 
     @api.get("/generation_params")
@@ -74,28 +82,24 @@ class ChatStreamIngress:
 
     @api.put("/generation_params")
     async def set_generation_params(self, request: Request) -> Response:
+        update = parse_generation_overrides(await request.body())
         view = await self.chat_stream.open_session(request)
-        try:
-            update = parse_generation_overrides(await request.body())
-        except RequestRejected as rejected:
-            return rejected.response()
-        await self.chat_stream.save_session(
-            view, params={**view.record["params"], **update.as_dict()}
-        )
-        # The same view, not a second lookup: a first-time client has no cookie to look up by.
+        await self.chat_stream.change_session(view, session_state.set_params(update.as_dict()))
         params = self.chat_stream.generation_params(view)
         return self.chat_stream.with_cookie(JSONResponse(params), view)
 
     @api.post("/feedback")
     async def feedback(self, request: Request) -> Response:
+        message_id, entry = parse_feedback(parse_json_object(await request.body()))
         view = await self.chat_stream.open_session(request)
         try:
-            data = parse_json_object(await request.body())
-            entry = parse_feedback(data, view.record["messages"])
-        except RequestRejected as rejected:
-            return rejected.response()
-        feedback = {**view.record.get("feedback", {}), data["message_id"]: entry}
-        await self.chat_stream.save_session(view, feedback=feedback)
+            await self.chat_stream.change_session(
+                view, session_state.add_feedback(message_id, entry)
+            )
+        except session_state.UnknownMessage:
+            raise RequestRejected(
+                404, "unknown_message_id", "message_id names no answer of this session"
+            ) from None
         return self.chat_stream.with_cookie(JSONResponse({"recorded": True}), view)
 
     @api.get("/load")
@@ -117,11 +121,11 @@ class ChatStreamIngress:
 
     @api.get("/outcomes")
     async def outcomes(self) -> dict:
-        return await self.chat_stream.state.outcome_totals.remote()
+        return await self.chat_stream.store.outcome_totals()
 
     @api.get("/outcomes/ledger")
     async def outcome_ledger(self, request_id: Annotated[list[str] | None, Query()] = None) -> dict:
-        return await self.chat_stream.state.outcome_ledger.remote(request_id)
+        return await self.chat_stream.store.outcome_ledger(request_id)
 
     @api.get("/healthz")
     async def healthz(self) -> Response:

@@ -62,8 +62,10 @@ class LocalServe:
         startup_timeout_s: float = 180.0,
         log_path: str | os.PathLike | None = None,
         import_path: str = APP_IMPORT_PATH,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.args = args
+        self.extra_env = dict(env or {})  # e.g. secrets: CHATSTREAM_REDIS_URL
         self.import_path = import_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -80,6 +82,7 @@ class LocalServe:
         serve_bin = Path(sys.executable).with_name("serve")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env.update(self.extra_env)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
         self._proc = subprocess.Popen(
             [str(serve_bin), "run", str(config_path)],

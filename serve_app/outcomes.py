@@ -66,6 +66,7 @@ class OutcomeLedger:
         self.rejection_totals: Counter[str] = Counter()
         self._outcomes: OrderedDict[str, str] = OrderedDict()
         self._rejections: OrderedDict[str, str] = OrderedDict()
+        self._record_ids: OrderedDict[str, None] = OrderedDict()
         self.repeated_request_ids = 0
 
     @staticmethod
@@ -75,8 +76,12 @@ class OutcomeLedger:
         while len(entries) > limit:
             entries.popitem(last=False)
 
-    def record_outcome(self, request_id: str, outcome: str) -> None:
+    def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+        """Count `outcome` once per `record_id` (a retried write is not counted again)."""
         Outcome(outcome)  # refuse anything but the four outcomes
+        if record_id in self._record_ids:
+            return
+        self._remember(self._record_ids, record_id, None, self.max_entries)
         if request_id in self._outcomes:
             self.repeated_request_ids += 1
         self.outcome_totals[outcome] += 1

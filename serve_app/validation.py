@@ -109,21 +109,18 @@ def request_id_from(headers: Any) -> str:
     return given
 
 
-def parse_feedback(data: dict[str, Any], messages: list[dict[str, Any]]) -> dict[str, str]:
-    """A `POST /feedback` entry for one of this session's answers."""
+def parse_feedback(data: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """A `POST /feedback` body: the answer's message id and the entry to store for it. (Whether
+    the id names one of the session's answers is checked where the session changes.)"""
     message_id = data.get("message_id")
     rating = data.get("rating")
     comment = data.get("comment", "")
-    if not isinstance(message_id, str) or not any(
-        m.get("message_id") == message_id for m in messages
-    ):
-        raise RequestRejected(
-            404, "unknown_message_id", "message_id names no answer of this session"
-        )
+    if not isinstance(message_id, str) or not message_id:
+        raise RequestRejected(400, "invalid_request", "message_id: must be a non-empty string")
     if rating not in ("good", "bad"):
         raise RequestRejected(400, "invalid_request", "rating: must be 'good' or 'bad'")
     if not isinstance(comment, str) or len(comment) > 2000:
         raise RequestRejected(
             400, "invalid_request", "comment: must be a string of at most 2000 characters"
         )
-    return {"rating": rating, "comment": comment}
+    return message_id, {"rating": rating, "comment": comment}

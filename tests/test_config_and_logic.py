@@ -12,16 +12,11 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.builder import model_deployment_options
 from serve_app.config import ChatStreamConfig, parse_args
-from serve_app.conversation import history_after_answer, plan_turn
+from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines.mock import MockPromptFormatter
 from serve_app.outcomes import Outcome, OutcomeLedger, classify_outcome
-from serve_app.sessions import (
-    ChatPrompt,
-    CookieSigner,
-    InMemorySessionStore,
-    SessionTable,
-    trim_history,
-)
+from serve_app.session_state import trim_history
+from serve_app.sessions import CookieSigner
 from serve_app.validation import ChatTurnRequest, RequestRejected
 
 
@@ -86,9 +81,9 @@ def test_an_engine_oserror_is_not_mistaken_for_a_disconnect():
 
 def test_ledger_counts_and_keeps_the_newest_ids():
     ledger = OutcomeLedger(max_entries=2)
-    ledger.record_outcome("a", "success")
-    ledger.record_outcome("b", "client_disconnected_while_streaming")
-    ledger.record_outcome("c", "success")
+    ledger.record_outcome("r-a", "a", "success")
+    ledger.record_outcome("r-b", "b", "client_disconnected_while_streaming")
+    ledger.record_outcome("r-c", "c", "success")
     ledger.record_rejection("d", "too_many_requests")
     totals = ledger.totals()
     assert totals["outcomes"]["success"] == 2 and totals["admitted"] == 3
@@ -98,12 +93,18 @@ def test_ledger_counts_and_keeps_the_newest_ids():
         "c": "success",
     }
     with pytest.raises(ValueError):
-        ledger.record_outcome("e", "finished")
+        ledger.record_outcome("r-e", "e", "finished")
+    ledger.record_outcome("r-c", "c", "success")  # a retried write of the same record
+    assert ledger.totals()["admitted"] == 3
 
 
 # --------------------------------------------------------------------------- turns and sessions
 FORMATTER = MockPromptFormatter(ChatStreamConfig(engine="mock", max_context_tokens=40))
 DEFAULTS = ChatStreamConfig().generation_defaults().model_dump()
+
+
+def history_after_answer(messages, answer: str, message_id: str) -> list[dict]:
+    return [*messages, {"role": "assistant", "content": answer, "message_id": message_id}]
 
 
 def plan(history, **turn):
@@ -152,15 +153,6 @@ def test_signed_cookie_round_trip_and_forgery():
     assert CookieSigner("other", 60).unsign(signer.sign("session-1")) is None
 
 
-def test_session_table_evicts_least_recently_used():
-    table = SessionTable(ttl_sec=60, max_sessions=2)
-    table.put("a", {"n": 1})
-    table.put("b", {"n": 2})
-    table.get("a")
-    table.put("c", {"n": 3})
-    assert table.get("b") is None and table.get("a") == {"n": 1}
-
-
 def test_cancellations_surfacing_through_ray_or_task_groups_are_disconnects():
     from ray.exceptions import TaskCancelledError
     from ray.serve.exceptions import RequestCancelledError
@@ -175,13 +167,6 @@ def test_cancellations_surfacing_through_ray_or_task_groups_are_disconnects():
     assert classify_outcome(1, False, group) is Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING
     mixed = BaseExceptionGroup("stream", [asyncio.CancelledError(), RuntimeError("engine")])
     assert classify_outcome(1, False, mixed) is Outcome.UNKNOWN_ERROR_OCCURRED
-
-
-async def test_in_memory_session_store_round_trip():
-    store = InMemorySessionStore(ttl_sec=60)
-    assert await store.load("s1") is None
-    await store.save("s1", {"messages": [{"role": "user", "content": "hi"}]})
-    assert (await store.load("s1"))["messages"][0]["content"] == "hi"
 
 
 def test_chat_prompt_renders_the_system_prompt_first():

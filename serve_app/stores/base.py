@@ -1,0 +1,76 @@
+"""The state store interface: sessions, the outcome ledger and totals, the load board, and
+the cookie-signing key, behind one small async API with three backends (one module each):
+
+- `memory`: one ingress replica's own state (tests);
+- `ray`: an actor shared by the app's replicas; the embedded default, gone with the Ray cluster;
+- `redis`: the production store, which survives restarts, upgrades and cluster replacement.
+
+Every session change is atomic on the store's side (see `serve_app.session_state`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.session_state import Record, SessionChange, SessionLimits
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now; new requests get 503 until it is back."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    namespace: str  # the Serve application's name: one app's state never mixes with another's
+    session_ttl_sec: float = 86400
+    # Bounds: sessions with history (only a completed answer makes one), and sessions without
+    # (a flood of new clients fills, and evicts, only these).
+    max_sessions: int = 100_000
+    max_new_sessions: int = 10_000
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    ledger_size: int = 100_000
+    signing_key: str = ""  # from the environment; empty: the store generates and keeps one
+
+
+class StateStore(abc.ABC):
+    @abc.abstractmethod
+    async def load_session(self, session_id: str) -> Record | None:
+        """The session's record (its expiry restarts), or None if there is none."""
+
+    @abc.abstractmethod
+    async def change_session(self, session_id: str, change: SessionChange) -> Record:
+        """Apply `change` atomically to the stored record (a new one if there is none) and
+        return the result. Raises what `apply_change` raises to refuse it."""
+
+    @abc.abstractmethod
+    async def signing_key(self) -> str:
+        """The app's cookie-signing key: configured, or generated once and kept."""
+
+    @abc.abstractmethod
+    async def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+        """Count one outcome. Idempotent per `record_id`, so a retried write counts once."""
+
+    @abc.abstractmethod
+    async def record_rejection(self, request_id: str, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    async def outcome_totals(self) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def outcome_ledger(self, request_ids: list[str] | None) -> dict[str, dict[str, str]]: ...
+
+    @abc.abstractmethod
+    async def report_load(
+        self, replica_id: str, seq: int, ongoing: int, queued: int, expires_at: float
+    ) -> None:
+        """One ingress replica's load (absolute figures). Reports older than the stored one
+        (lower `seq`) are ignored; a report counts until `expires_at` (wall clock)."""
+
+    @abc.abstractmethod
+    async def load(self) -> dict[str, int]:
+        """Requests waiting for a slot and holding one, summed over live ingress replicas."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

@@ -1,0 +1,118 @@
+"""`session_store=ray`: the app's state in one Ray actor shared by every ingress replica.
+
+The actor's single thread applies each change to the current record, so changes are atomic.
+The state lives as long as the Ray cluster; the generated cookie-signing key is kept in Ray's
+GCS key-value store, so an actor restart keeps cookies valid (a new cluster does not).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from typing import Any
+
+import ray
+from ray.experimental import internal_kv
+
+from serve_app.session_state import Record, SessionChange
+from serve_app.stores.base import StateStore, StoreSettings
+from serve_app.stores.memory import MemoryState
+
+STATE_NAMESPACE = "chatstream"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class SharedState:
+    def __init__(self, settings: StoreSettings) -> None:
+        self._state = MemoryState(settings)
+        if not settings.signing_key:
+            kv_key = f"chatstream/{settings.namespace}/signing-key".encode()
+            # First writer wins; a restarted actor reads the same key back.
+            internal_kv._internal_kv_put(kv_key, self._state.key.encode(), overwrite=False)
+            self._state.key = internal_kv._internal_kv_get(kv_key).decode()
+
+    def load_session(self, session_id: str) -> Record | None:
+        return self._state.sessions.get(session_id)
+
+    def change_session(self, session_id: str, change: SessionChange) -> Record | Exception:
+        try:
+            return self._state.change_session(session_id, change)
+        except Exception as refused:  # returned, not raised: Ray would wrap it in RayTaskError
+            return refused
+
+    def signing_key(self) -> str:
+        return self._state.key
+
+    def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+        self._state.ledger.record_outcome(record_id, request_id, outcome)
+
+    def record_rejection(self, request_id: str, reason: str) -> None:
+        self._state.ledger.record_rejection(request_id, reason)
+
+    def outcome_totals(self) -> dict[str, Any]:
+        return self._state.ledger.totals()
+
+    def outcome_ledger(self, request_ids: list[str] | None) -> dict[str, dict[str, str]]:
+        return self._state.ledger.lookup(request_ids)
+
+    def report_load(
+        self, replica_id: str, seq: int, ongoing: int, queued: int, expires_at: float
+    ) -> None:
+        self._state.load_table.report(replica_id, seq, ongoing, queued, expires_at)
+
+    def load(self) -> dict[str, int]:
+        return self._state.load_table.totals(time.time())
+
+
+class RayStore(StateStore):
+    """Calls the app's `SharedState` actor, created by whichever replica asks first.
+
+    Detached, so that it outlives a redeploy of the app's replicas. Every call is submitted
+    from a fresh, empty context: inside a Serve request Ray treats an actor call as a child of
+    the request, and when Serve cancels the request (client gone) calls not yet sent are
+    cancelled too; the actor then stalls (up to 30 s) on the missing sequence number. Our
+    bookkeeping must outlive the request it describes.
+    """
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self._actor = SharedState.options(
+            name=f"chatstream-state-{settings.namespace}",
+            namespace=STATE_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+        ).remote(settings)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return contextvars.Context().run(getattr(self._actor, method).remote, *args)
+
+    async def load_session(self, session_id: str) -> Record | None:
+        return await self._call("load_session", session_id)
+
+    async def change_session(self, session_id: str, change: SessionChange) -> Record:
+        result = await self._call("change_session", session_id, change)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def signing_key(self) -> str:
+        return await self._call("signing_key")
+
+    async def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+        await self._call("record_outcome", record_id, request_id, outcome)
+
+    async def record_rejection(self, request_id: str, reason: str) -> None:
+        await self._call("record_rejection", request_id, reason)
+
+    async def outcome_totals(self) -> dict[str, Any]:
+        return await self._call("outcome_totals")
+
+    async def outcome_ledger(self, request_ids: list[str] | None) -> dict[str, dict[str, str]]:
+        return await self._call("outcome_ledger", request_ids)
+
+    async def report_load(
+        self, replica_id: str, seq: int, ongoing: int, queued: int, expires_at: float
+    ) -> None:
+        await self._call("report_load", replica_id, seq, ongoing, queued, expires_at)
+
+    async def load(self) -> dict[str, int]:
+        return await self._call("load")
