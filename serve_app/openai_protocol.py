@@ -613,7 +613,6 @@ class StopMatcher:
 
     def __init__(self, stops: Iterable[str] = ()) -> None:
         self.stops = tuple(s for s in stops if s)
-        self._longest = max((len(s) for s in self.stops), default=0)
         self._held = ""
         self.stopped = False
 
@@ -636,12 +635,17 @@ class StopMatcher:
         return buffer[: len(buffer) - keep]
 
     def _partial_stop_length(self, buffer: str) -> int:
-        """The longest tail of `buffer` that is a proper prefix of some stop string."""
-        for length in range(min(len(buffer), self._longest - 1), 0, -1):
-            tail = buffer[-length:]
-            if any(stop.startswith(tail) for stop in self.stops):
-                return length
-        return 0
+        """The longest tail of `buffer` that is a proper prefix of some stop string. Only
+        tails starting with a stop string's first character are compared."""
+        best = 0
+        for stop in self.stops:
+            start = max(0, len(buffer) - len(stop) + 1)
+            while (start := buffer.find(stop[0], start)) >= 0 and len(buffer) - start > best:
+                if stop.startswith(buffer[start:]):
+                    best = len(buffer) - start
+                    break
+                start += 1
+        return best
 
     def flush(self) -> str:
         """The held-back tail, at the end of an answer that met no stop string."""
@@ -651,3 +655,51 @@ class StopMatcher:
     @property
     def held(self) -> str:
         return self._held
+
+
+# ---------------------------------------------------------------------------------- SSE stream
+class StreamEncoder:
+    """The SSE text of one streamed answer, from the engine's text chunks.
+
+    `feed(text)` returns what to send now ("" when nothing: send nothing, it is no chunk);
+    the first text goes out with `role: assistant`. Check `stopped` after each feed: a stop
+    string completed, so cancel the generation and `end()`. `end()` returns the rest: the
+    held-back text, the `finish_reason` chunk, the usage chunk if asked for, `data: [DONE]`.
+    """
+
+    def __init__(self, request: ChatCompletionRequest, builder: ChunkBuilder | None = None):
+        self.builder = builder or ChunkBuilder(request.model, include_usage=request.include_usage)
+        self.include_usage = request.include_usage
+        self.matcher = StopMatcher(request.stop)
+        self.text: list[str] = []  # the answer as sent
+        self._started = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def _delta(self, text: str) -> str:
+        if not text and self._started:
+            return ""
+        self.text.append(text)
+        event = sse_event(self.builder.delta(text, first=not self._started))
+        self._started = True
+        return event
+
+    def feed(self, text: str) -> str:
+        sendable = self.matcher.feed(text)
+        return self._delta(sendable) if sendable else ""
+
+    def end(self, *, prompt_tokens: int, completion_tokens: int, max_new_tokens: int) -> str:
+        """Everything after the last text. `completion_tokens`: tokens the engine generated
+        (a stop string may have dropped some of them from the text)."""
+        reason = finish_reason(
+            stopped=self.stopped,
+            completion_tokens=completion_tokens,
+            max_new_tokens=max_new_tokens,
+        )
+        events = [self._delta(self.matcher.flush()), sse_event(self.builder.finish(reason))]
+        if self.include_usage:
+            events.append(sse_event(self.builder.usage(prompt_tokens, completion_tokens)))
+        events.append(SSE_DONE)
+        return "".join(events)

@@ -24,6 +24,7 @@ from serve_app.openai_protocol import (
     ChunkBuilder,
     OpenAIHTTPError,
     StopMatcher,
+    StreamEncoder,
     authentication_error,
     chat_completion,
     finish_reason,
@@ -323,8 +324,8 @@ def test_stop_matcher_holds_back_a_possible_stop():
 def test_stop_matcher_is_independent_of_chunking():
     rng = random.Random(12)
     for _ in range(3000):
-        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 14)))
-        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 4)))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 20)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 6)))
                  for _ in range(rng.randint(1, 3))]  # fmt: skip
         cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, len(text) + 1)))
         chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
@@ -335,6 +336,47 @@ def test_stop_matcher_is_independent_of_chunking():
         for piece in pieces[:-1]:
             sent += piece
             assert reference_cut(text, stops)[0].startswith(sent)
+
+
+def sse_objects(text: str) -> list:
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    return [e[len("data: ") :] for e in events]
+
+
+def test_stream_encoder_events():
+    request = parse({"messages": USER, "stream": True, "stream_options": {"include_usage": True},
+                     "stop": ["STOP"]})  # fmt: skip
+    encoder = StreamEncoder(request)
+    assert encoder.feed("") == "" and encoder.feed("ST") == ""  # held back: no chunk yet
+    first = encoder.feed("ill here")
+    chunk = ChatCompletionChunk.model_validate_json(sse_objects(first)[0])
+    assert (chunk.choices[0].delta.role, chunk.choices[0].delta.content) == (
+        "assistant",
+        "STill here",
+    )
+    second = ChatCompletionChunk.model_validate_json(sse_objects(encoder.feed(" and ST"))[0])
+    assert (second.choices[0].delta.role, second.choices[0].delta.content) == (None, " and ")
+    assert encoder.feed("OP tail") == "" and encoder.stopped
+    assert encoder.feed("more") == ""
+    rest = sse_objects(encoder.end(prompt_tokens=3, completion_tokens=6, max_new_tokens=6))
+    assert rest[-1] == "[DONE]"
+    finish, usage_chunk = (ChatCompletionChunk.model_validate_json(o) for o in rest[:-1])
+    assert finish.choices[0].finish_reason == "stop"  # a stop string, though the budget ran out
+    assert usage_chunk.usage.total_tokens == 9
+    assert "".join(encoder.text) == "STill here and "
+
+
+def test_stream_encoder_empty_answer_still_sends_the_role():
+    encoder = StreamEncoder(parse({"messages": USER, "stream": True, "stop": "x"}))
+    assert encoder.feed("x") == "" and encoder.stopped
+    end = encoder.end(prompt_tokens=1, completion_tokens=1, max_new_tokens=9)
+    assert end.endswith(SSE_DONE)
+    objects = sse_objects(end)
+    first, finish = (ChatCompletionChunk.model_validate_json(o) for o in objects[:-1])
+    assert (first.choices[0].delta.role, first.choices[0].delta.content) == ("assistant", "")
+    assert finish.choices[0].finish_reason == "stop" and finish.usage is None
+    assert objects[-1] == "[DONE]"
 
 
 # ---------------------------------------------------------------------------------- the SDK
@@ -361,6 +403,8 @@ class FakeServer:
         words = chat.messages[-1]["content"].split(" ")
         tokens = [w + " " for w in words[:-1]] + words[-1:]
         tokens = tokens[: params["max_new_tokens"]]
+        if chat.stream:
+            return self.stream(chat, tokens, len(words), params["max_new_tokens"])
         matcher = StopMatcher(chat.stop)
         sent, generated = [], 0
         for token in tokens:
@@ -374,22 +418,29 @@ class FakeServer:
             completion_tokens=generated,
             max_new_tokens=params["max_new_tokens"],
         )
-        if not chat.stream:
-            body = chat_completion(
-                model=MODEL, content="".join(sent), finish_reason=reason, prompt_tokens=len(words),
-                completion_tokens=generated,
-            )  # fmt: skip
-            return httpx2.Response(200, json=body)
-        builder = ChunkBuilder(MODEL, include_usage=chat.include_usage)
-        pieces = [p for p in sent if p]
-        events = [sse_event(builder.delta(pieces[0] if pieces else "", first=True))]
-        events += [sse_event(builder.delta(p)) for p in pieces[1:]]
+        body = chat_completion(
+            model=MODEL, content="".join(sent), finish_reason=reason, prompt_tokens=len(words),
+            completion_tokens=generated,
+        )  # fmt: skip
+        return httpx2.Response(200, json=body)
+
+    def stream(self, chat, tokens, prompt_tokens, max_new_tokens) -> httpx2.Response:
+        encoder = StreamEncoder(chat)
+        events, generated = [], 0
+        for token in tokens:
+            generated += 1
+            events.append(encoder.feed(token))
+            if encoder.stopped:
+                break
         if self.fail_mid_stream:
             events.append(server_error().sse())
-        events.append(sse_event(builder.finish(reason)))
-        if chat.include_usage:
-            events.append(sse_event(builder.usage(len(words), generated)))
-        events.append(SSE_DONE)
+        events.append(
+            encoder.end(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=generated,
+                max_new_tokens=max_new_tokens,
+            )
+        )
         return httpx2.Response(
             200, content="".join(events).encode(), headers={"content-type": "text/event-stream"}
         )
