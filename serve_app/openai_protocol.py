@@ -65,7 +65,7 @@ _SUPPORTED = {
 }  # fmt: skip
 _HARMLESS = {
     "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
-    "safety_identifier", "parallel_tool_calls",
+    "safety_identifier", "parallel_tool_calls", "prompt_cache_options",
 }  # fmt: skip
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,),

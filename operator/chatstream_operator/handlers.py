@@ -4,12 +4,17 @@
   RayService, write the ChatStream's status; an invalid spec only sets InvalidSpec.
 - follow_rayservice (RayService events): undo edits made to the RayService behind our back
   (drift) and copy its state into the ChatStream's status.
-- repair_drift (timer): the same apply now and then, in case a watch event was missed.
+- repair_drift (timer, only with --drift-interval > 0): the same apply now and then.
+
+No finalizer by default: kopf adds one only for timers, so without the timer nothing keeps a
+deleted ChatStream in Terminating when the operator is gone (uninstalled, scaled to zero).
+Garbage collection removes the RayService, the NetworkPolicy and the generated Secret.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -31,13 +36,40 @@ from . import (
     VERSION,
     kube,
 )
+from .credentials import generated_secret_name, render_generated_secret
+from .network import DEFAULT_CONTROL_PLANE_PEERS, network_policy_name, render_network_policy
 from .patching import merge_patch
 from .render import render_rayservice
 from .spec import validate
 from .status import INVALID_SPEC, derive_status, now_iso, set_condition, status_changes
 
-# Read at import: kopf fixes a timer's interval when the handler is registered.
-DRIFT_INTERVAL_SEC = float(os.environ.get("CHATSTREAM_DRIFT_INTERVAL_SEC", "60"))
+# Read at import: kopf fixes a timer's interval when the handler is registered. 0: no timer
+# (and no finalizer); drift is then repaired from the RayService watch alone.
+DRIFT_INTERVAL_SEC = float(os.environ.get("CHATSTREAM_DRIFT_INTERVAL_SEC", "0"))
+# Seconds between attempts while a RayService of a deleted ChatStream of the same name awaits
+# garbage collection.
+RECREATE_RETRY_SEC = float(os.environ.get("CHATSTREAM_RECREATE_RETRY_SEC", "5"))
+
+
+def allowed_image_repositories() -> list[str]:
+    """--allowed-image-repository (CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES, comma-separated)."""
+    value = os.environ.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "")
+    return [repo.strip() for repo in value.split(",") if repo.strip()]
+
+
+def network_policy_settings() -> tuple[bool, list[Any], list[Any]]:
+    """(enabled, control-plane peers, metrics peers) from the operator's environment
+    (CHATSTREAM_NETWORK_POLICY, CHATSTREAM_CONTROL_PLANE_PEERS, CHATSTREAM_METRICS_PEERS; the
+    peers are JSON lists of NetworkPolicyPeer objects)."""
+    env = os.environ
+    enabled = env.get("CHATSTREAM_NETWORK_POLICY", "1") != "0"
+    control = env.get("CHATSTREAM_CONTROL_PLANE_PEERS")
+    metrics = env.get("CHATSTREAM_METRICS_PEERS")
+    return (
+        enabled,
+        json.loads(control) if control else DEFAULT_CONTROL_PLANE_PEERS,
+        json.loads(metrics) if metrics else [],
+    )
 
 
 @kopf.on.startup()
@@ -70,6 +102,73 @@ def _controlled_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     return False
 
 
+def _check_controller(child: Mapping[str, Any], owner: Mapping[str, Any], what: str) -> None:
+    """Refuse, for now, a child this ChatStream does not control. A child of an earlier
+    ChatStream of the same name (deleted and re-created) is garbage soon: retry shortly, so the
+    new one is reconciled once the old child is gone. Another owner's: retry now and then (the
+    user may delete or rename it), never give up for good."""
+    if _controlled_by(child, owner):
+        return
+    name = owner.get("metadata", {}).get("name")
+    refs = child.get("metadata", {}).get("ownerReferences") or []
+    ours = [r for r in refs if r.get("controller") and r.get("kind") == KIND]
+    if child.get("metadata", {}).get("deletionTimestamp") or (
+        ours and ours[0].get("name") == name
+    ):
+        raise kopf.TemporaryError(
+            f"{what} {name} belongs to a deleted ChatStream of the same name; waiting for "
+            "garbage collection to remove it",
+            delay=RECREATE_RETRY_SEC,
+        )
+    raise kopf.TemporaryError(
+        f"{what} {name} exists but is not controlled by this ChatStream; delete or rename it",
+        delay=60,
+    )
+
+
+async def ensure_secret(body: Mapping[str, Any], spec: Mapping[str, Any], name: str) -> str:
+    """Create the generated Secret (signing key, admin token) if the spec needs it.
+    Returns created|exists|unneeded. An existing Secret of that name is left as it is: the
+    operator cannot read Secrets (RBAC: create only), and never rewrites keys."""
+    secret = render_generated_secret(name, spec)
+    if secret is None:
+        return "unneeded"
+    kopf.adopt(secret, owner=body)  # type: ignore[arg-type]
+    namespace = secret["metadata"]["namespace"]
+    try:
+        with _api_errors():
+            await kube.create_secret(namespace, secret)
+    except kube.AlreadyExists:
+        return "exists"
+    kopf.event(
+        body,
+        type="Normal",
+        reason="SecretCreated",
+        message=f"Secret {generated_secret_name(name)} created (session-secret, admin-token)",
+    )
+    return "created"
+
+
+async def apply_network_policy(body: Mapping[str, Any], name: str, namespace: str) -> str:
+    """Create or minimally patch the NetworkPolicy of the Ray pods (see network.py)."""
+    enabled, control_plane, metrics = network_policy_settings()
+    if not enabled:
+        return "disabled"
+    desired = render_network_policy(name, control_plane, metrics)
+    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
+    with _api_errors():
+        current = await kube.get_network_policy(namespace, network_policy_name(name))
+        if current is None:
+            await kube.create_network_policy(namespace, desired)
+            return "created"
+        _check_controller(current, body, "NetworkPolicy")
+        changes = merge_patch(current, desired)
+        if not changes:
+            return "unchanged"
+        await kube.patch_network_policy(namespace, network_policy_name(name), changes)
+        return "updated"
+
+
 @contextlib.contextmanager
 def _api_errors() -> Iterator[None]:
     """API failures are worth a retry; a missing RayService CRD means KubeRay is not installed."""
@@ -84,21 +183,29 @@ def _api_errors() -> Iterator[None]:
 
 
 async def apply_rayservice(
-    body: Mapping[str, Any], spec: Mapping[str, Any], name: str, namespace: str
+    body: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    name: str,
+    namespace: str,
+    *,
+    children: bool = False,
 ) -> tuple[str, dict[str, Any]]:
-    """Create or minimally patch the RayService. Returns (created|updated|unchanged, object)."""
+    """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
+    With `children`, first the generated Secret and the NetworkPolicy (once the RayService is
+    known to be this ChatStream's or absent), so that the pods find their Secret at once."""
     desired = render_rayservice(name, spec)
     kopf.adopt(desired, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
     with _api_errors():
         # Always the fresh object: a patch computed from a stale event would undo newer changes.
         current = await kube.get_rayservice(namespace, name)
+    if current is not None:
+        _check_controller(current, body, "RayService")
+    if children:
+        await ensure_secret(body, spec, name)
+        await apply_network_policy(body, name, namespace)
+    with _api_errors():
         if current is None:
             return "created", await kube.create_rayservice(namespace, desired)
-        if not _controlled_by(current, body):
-            raise kopf.PermanentError(
-                f"RayService {name} exists but is not controlled by this ChatStream; "
-                "delete or rename it"
-            )
         changes = merge_patch(current, desired)
         if not changes:
             return "unchanged", current
@@ -116,7 +223,7 @@ def _repairable(body: Mapping[str, Any]) -> bool:
     meta, status = body.get("metadata", {}), body.get("status") or {}
     return (
         status.get("observedGeneration") == meta.get("generation")
-        and not validate(body.get("spec") or {})
+        and not validate(body.get("spec") or {}, allowed_image_repositories())
         and not _deleting(body)
     )
 
@@ -136,7 +243,7 @@ async def reconcile(
 ) -> dict[str, str]:
     now, generation = now_iso(), meta.get("generation")
     conditions = status.get("conditions") or []
-    problems = validate(spec)
+    problems = validate(spec, allowed_image_repositories())
     if problems:
         message = "; ".join(problems)
         patch.status["conditions"] = set_condition(
@@ -147,7 +254,7 @@ async def reconcile(
         # Permanent: retrying cannot help; the next edit of the spec runs this handler again.
         raise kopf.PermanentError(message)
 
-    action, rayservice = await apply_rayservice(body, spec, name, namespace)
+    action, rayservice = await apply_rayservice(body, spec, name, namespace, children=True)
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
@@ -158,7 +265,6 @@ async def reconcile(
     return {"rayService": name, "action": action}
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=DRIFT_INTERVAL_SEC, initial_delay=DRIFT_INTERVAL_SEC)
 async def repair_drift(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -175,6 +281,13 @@ async def repair_drift(
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
     derived = derive_status(name, namespace, rayservice, status.get("conditions") or [], now_iso())
     patch.status.update(status_changes(status, derived))
+
+
+if DRIFT_INTERVAL_SEC > 0:
+    # Opt-in: kopf keeps a finalizer on every ChatStream that has a timer.
+    kopf.timer(
+        GROUP, VERSION, PLURAL, interval=DRIFT_INTERVAL_SEC, initial_delay=DRIFT_INTERVAL_SEC
+    )(repair_drift)
 
 
 @kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL, labels={MANAGED_BY_LABEL: OPERATOR_NAME})

@@ -86,3 +86,55 @@ async def patch_chatstream_status(
         name,
         {"status": dict(status)},
     )
+
+
+class AlreadyExists(Exception):
+    """An object of that name exists already."""
+
+
+async def _call_typed(api_class: str, method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """A call of a typed API (CoreV1Api, NetworkingV1Api, ...), its answer as a plain dict."""
+
+    def run() -> dict[str, Any]:
+        client = kubernetes.client.ApiClient()
+        try:
+            result = getattr(getattr(kubernetes.client, api_class)(client), method)(*args, **kwargs)
+            return client.sanitize_for_serialization(result)
+        finally:
+            client.close()
+
+    try:
+        return await asyncio.to_thread(run)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            raise NotFound(f"{method}: {e.reason}") from e
+        if e.status == 409:
+            raise AlreadyExists(f"{method}: {e.reason}") from e
+        raise
+
+
+async def create_secret(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Create a Secret; AlreadyExists if there is one. The operator never reads Secrets (no
+    `get` on them in its RBAC): an existing one is left as it is."""
+    return await _call_typed("CoreV1Api", "create_namespaced_secret", namespace, body)
+
+
+async def get_network_policy(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return await _call_typed(
+            "NetworkingV1Api", "read_namespaced_network_policy", name, namespace
+        )
+    except NotFound:
+        return None
+
+
+async def create_network_policy(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    return await _call_typed("NetworkingV1Api", "create_namespaced_network_policy", namespace, body)
+
+
+async def patch_network_policy(
+    namespace: str, name: str, patch: Mapping[str, Any]
+) -> dict[str, Any]:
+    return await _call_typed(
+        "NetworkingV1Api", "patch_namespaced_network_policy", name, namespace, patch
+    )

@@ -28,6 +28,7 @@ from . import (
     RAY_GROUP,
     RAY_VERSION,
 )
+from .credentials import secret_env
 from .spec import desired_replicas, is_autoscaling, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
@@ -179,6 +180,7 @@ def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
                             {"name": "serve", "containerPort": SERVE_PORT},
                         ],
                         "resources": {"requests": dict(size), "limits": dict(size)},
+                        "env": secret_env(name, s),
                     }
                 ]
             },
@@ -202,6 +204,7 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
                 "image": s["image"],
                 "imagePullPolicy": s["imagePullPolicy"],
                 "resources": {"requests": dict(size), "limits": dict(size)},
+                "env": secret_env(name, s),
             }
         ]
     }
@@ -224,10 +227,28 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def gcs_fault_tolerance(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """KubeRay's gcsFaultToleranceOptions: the GCS keeps its state in Redis, so a restarted head
+    pod finds the cluster and the Serve application as they were. The password comes from a
+    Secret key, never a literal."""
+    ft = with_defaults(spec).get("gcsFaultTolerance")
+    if not ft:
+        return None
+    options: dict[str, Any] = {"redisAddress": ft["redisAddress"]}
+    if ft.get("redisPasswordSecretRef"):
+        ref = ft["redisPasswordSecretRef"]
+        options["redisPassword"] = {
+            "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}
+        }
+    if ft.get("externalStorageNamespace"):
+        options["externalStorageNamespace"] = ft["externalStorageNamespace"]
+    return options
+
+
 def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """The desired RayService for ChatStream `name`, without namespace and owner (see adopt)."""
     s = with_defaults(spec)
-    return {
+    rayservice: dict[str, Any] = {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
         "kind": "RayService",
         "metadata": {"name": name, "labels": labels(name)},
@@ -242,3 +263,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
             },
         },
     }
+    ft = gcs_fault_tolerance(s)
+    if ft:
+        rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] = ft
+    return rayservice

@@ -8,7 +8,7 @@ stored objects, tests). A unit test keeps DEFAULTS equal to the CRD's `default:`
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 DEFAULTS: dict[str, Any] = {
@@ -79,12 +79,47 @@ def desired_replicas(spec: Mapping[str, Any]) -> int:
     return 1
 
 
-def validate(spec: Mapping[str, Any]) -> list[str]:
-    """Problems the schema cannot catch, each naming its field. Empty when the spec is usable."""
+def image_repository(image: str) -> str:
+    """The repository of an image reference: without its tag and digest, as written (a registry
+    port stays: `host:5000/team/app:1.0` -> `host:5000/team/app`)."""
+    repository = image.split("@", 1)[0]
+    slash, colon = repository.rfind("/"), repository.rfind(":")
+    return repository[:colon] if colon > slash else repository
+
+
+def image_allowed(image: str, allowed: Sequence[str]) -> bool:
+    """Whether `image` is in one of the `allowed` repositories, or below one of them
+    (`registry.example.com/ml` allows `registry.example.com/ml/chatstream-serve:1.0`, not
+    `registry.example.com/ml-other/x`). No list means every image is allowed."""
+    if not allowed:
+        return True
+    repository = image_repository(image)
+    return any(
+        repository == prefix.rstrip("/") or repository.startswith(prefix.rstrip("/") + "/")
+        for prefix in allowed
+    )
+
+
+def validate(
+    spec: Mapping[str, Any], allowed_image_repositories: Sequence[str] = ()
+) -> list[str]:
+    """Problems the schema cannot catch, each naming its field. Empty when the spec is usable.
+    `allowed_image_repositories` is the operator's allow-list for spec.image (empty: any)."""
     full = with_defaults(spec)
     problems: list[str] = []
     if full["engine"] == "mock" and full["resources"]["gpus"] > 0:
         problems.append(
+    if not image_allowed(full["image"], allowed_image_repositories):
+        problems.append(
+            f"spec.image ({full['image']}) is not in an allowed repository "
+            f"({', '.join(allowed_image_repositories)})"
+        )
+    session = full["session"]
+    if session["store"] == "redis" and not session.get("redisUrlSecretRef"):
+        problems.append(
+            "spec.session.store is redis but spec.session.redisUrlSecretRef is not set: "
+            "name the Secret key that holds the Redis URL"
+        )
             f"spec.resources.gpus ({full['resources']['gpus']}) must be 0 with the mock engine, "
             "which never uses a GPU"
         )

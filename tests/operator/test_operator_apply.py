@@ -87,17 +87,26 @@ async def test_refuses_to_take_over_a_foreign_rayservice(api):
         {"apiVersion": "x/v1", "kind": "Other", "name": "chat", "uid": "u", "controller": True}
     ]
     fake = api(current=foreign)
-    with pytest.raises(kopf.PermanentError, match="not controlled by this ChatStream"):
+    # Not for good: the user may delete or rename it, and then the ChatStream is reconciled.
+    with pytest.raises(kopf.TemporaryError, match="not controlled by this ChatStream") as error:
         await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
+    assert error.value.delay == 60
     assert [c[0] for c in fake.calls] == ["get"]
 
 
-async def test_a_same_named_chatstream_with_another_uid_is_foreign(api):
+@pytest.mark.parametrize("deleting", [False, True])
+async def test_the_rayservice_of_a_deleted_same_named_chatstream_is_waited_for(api, deleting):
+    """Deleted and re-created: the old RayService awaits garbage collection. Retry soon (the
+    old code gave up with a PermanentError and never reconciled the new ChatStream)."""
     stale = _owned({})
     stale["metadata"]["ownerReferences"][0]["uid"] = "uid-of-a-deleted-chatstream"
-    api(current=stale)
-    with pytest.raises(kopf.PermanentError):
-        await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
+    if deleting:
+        stale["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    fake = api(current=stale)
+    with pytest.raises(kopf.TemporaryError, match="deleted ChatStream of the same name") as error:
+        await handlers.apply_rayservice(OWNER, {}, "chat", "ns", children=True)
+    assert error.value.delay == handlers.RECREATE_RETRY_SEC <= 10
+    assert [c[0] for c in fake.calls] == ["get"]  # no Secret, no NetworkPolicy, no patch yet
 
 
 @pytest.mark.parametrize(

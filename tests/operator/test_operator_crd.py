@@ -137,7 +137,12 @@ MALFORMED = [
     ("spec.autoscaling.targetOngoingRequests", 0),
     ("spec.resources.gpus", 1.5),
     ("spec.resources.memory", "lots"),
-    ("spec.session.store", "redis"),
+    ("spec.session.store", "etcd"),
+    ("spec.session.redisUrlSecretRef", {"name": "redis"}),  # key is required
+    ("spec.session.signingKeySecretRef", {"name": "Bad_Name", "key": "k"}),
+    ("spec.auth.adminTokenSecretRef", {"name": "s", "key": "a key"}),
+    ("spec.auth.apiKeysSecretRef", "keys"),
+    ("spec.gcsFaultTolerance", {"redisPasswordSecretRef": {"name": "r", "key": "p"}}),
     ("spec.session.ttlSec", 10),
     ("spec.session.cookieName", "a cookie"),
     ("spec.image", ""),
