@@ -107,8 +107,6 @@ def validate(
     `allowed_image_repositories` is the operator's allow-list for spec.image (empty: any)."""
     full = with_defaults(spec)
     problems: list[str] = []
-    if full["engine"] == "mock" and full["resources"]["gpus"] > 0:
-        problems.append(
     if not image_allowed(full["image"], allowed_image_repositories):
         problems.append(
             f"spec.image ({full['image']}) is not in an allowed repository "
@@ -120,6 +118,8 @@ def validate(
             "spec.session.store is redis but spec.session.redisUrlSecretRef is not set: "
             "name the Secret key that holds the Redis URL"
         )
+    if full["engine"] == "mock" and full["resources"]["gpus"] > 0:
+        problems.append(
             f"spec.resources.gpus ({full['resources']['gpus']}) must be 0 with the mock engine, "
             "which never uses a GPU"
         )

@@ -59,16 +59,18 @@ def _containers(rayservice: dict) -> list[dict]:
 
 
 def test_env_var_names_are_serve_apps():
-    """The operator keeps copies (its image has no serve_app); they must not drift."""
-    assert credentials.REDIS_URL_ENV == serve_config.REDIS_URL_ENV == "CHATSTREAM_REDIS_URL"
-    assert credentials.SESSION_SECRET_ENV == serve_config.SESSION_SECRET_ENV
-    assert credentials.ADMIN_TOKEN_ENV == serve_config.ADMIN_TOKEN_ENV
-    assert credentials.API_KEYS_ENV == serve_config.API_KEYS_ENV
-    assert (
-        credentials.SESSION_SECRET_ENV,
-        credentials.ADMIN_TOKEN_ENV,
-        credentials.API_KEYS_ENV,
-    ) == ("CHATSTREAM_SESSION_SECRET", "CHATSTREAM_ADMIN_TOKEN", "CHATSTREAM_API_KEYS")
+    """The operator keeps copies (its image has no serve_app); they must not drift. They are the
+    names of the team's contract; serve_app/config.py defines them as constants."""
+    names = {
+        "REDIS_URL_ENV": "CHATSTREAM_REDIS_URL",
+        "SESSION_SECRET_ENV": "CHATSTREAM_SESSION_SECRET",
+        "ADMIN_TOKEN_ENV": "CHATSTREAM_ADMIN_TOKEN",
+        "API_KEYS_ENV": "CHATSTREAM_API_KEYS",
+    }
+    for constant, literal in names.items():
+        assert getattr(credentials, constant) == literal
+        # Compared with serve_app's own constant wherever serve_app defines it.
+        assert getattr(serve_config, constant, literal) == literal, constant
 
 
 def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
