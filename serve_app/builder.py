@@ -10,6 +10,21 @@ from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.ingress import ChatStreamIngress
 from serve_app.model_deployment import ChatModel
 
+# The operator's default drain bound (operator/chatstream_operator/drain.py; a test keeps them
+# equal): the longest answer is DRAIN_FIRST_TOKEN_SEC + max_new_tokens x DRAIN_TIME_PER_TOKEN_SEC.
+DRAIN_FIRST_TOKEN_SEC = 10.0
+DRAIN_TIME_PER_TOKEN_SEC = 0.25
+
+
+def drain_options(config: ChatStreamConfig, factor: float = 1.0) -> dict[str, float]:
+    """Graceful-shutdown options: a replica that goes finishes its streams within the bound
+    (`factor` times the model's: the ingress holds a wait for a slot, then the answer)."""
+    timeout = config.graceful_shutdown_timeout_s or round(
+        DRAIN_FIRST_TOKEN_SEC + config.max_new_tokens * DRAIN_TIME_PER_TOKEN_SEC, 3
+    )
+    loop = config.graceful_shutdown_wait_loop_s or round(min(2.0, max(0.1, timeout / 20)), 2)
+    return {"graceful_shutdown_timeout_s": timeout * factor, "graceful_shutdown_wait_loop_s": loop}
+
 
 def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
     """Serve options of the model deployment: the concurrency limit, the queue, replicas, GPUs."""
@@ -19,6 +34,7 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         # Loading a model can take minutes on a cold node.
         "health_check_timeout_s": 60,
+        **drain_options(config),
     }
     if config.autoscaling:
         options["autoscaling_config"] = {
@@ -34,7 +50,9 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
 def build_app(config: ChatStreamConfig, ingress: Deployment = ChatStreamIngress) -> Application:
     """The model deployment behind `ingress` (ours, or your own that uses ChatStream)."""
     model = ChatModel.options(**model_deployment_options(config)).bind(config)
-    return ingress.options(num_replicas=config.ingress_replicas).bind(model, config)
+    return ingress.options(
+        num_replicas=config.ingress_replicas, **drain_options(config, factor=2)
+    ).bind(model, config)
 
 
 def app(args: dict[str, Any] | None = None) -> Application:

@@ -95,6 +95,23 @@ class ChatStreamConfig(BaseModel):
         0.0, ge=0.0, description="Coalesce streamed chunks over this interval; 0 sends each token"
     )
 
+    # --- draining: how long a replica that goes (scale-down, upgrade) may take ---------------
+    # The operator overrides both per deployment (serveConfigV2 `deployments`), from
+    # max_new_tokens x its per-token bound; these apply to `serve run` and config files.
+    graceful_shutdown_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="How long a model replica that goes may take to finish its streams (the "
+        "ingress gets twice it: a wait for a slot, then the answer). Empty: the longest answer, "
+        "10 s + max_new_tokens x 0.25 s",
+    )
+    graceful_shutdown_wait_loop_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="How often a draining replica checks for open streams. Empty: a twentieth "
+        "of the bound, 0.1 s to 2 s",
+    )
+
     # --- generation defaults ---------------------------------------------------------------
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_k: int = Field(50, ge=0, le=1000)
