@@ -52,15 +52,26 @@ from serve_app.validation import (
 logger = logging.getLogger("ray.serve")
 
 
-class _OutcomeStreamingResponse(StreamingResponse):
+class GenerationFailed(Exception):
+    """The engine failed before the first chunk (the outcome is already recorded)."""
+
+
+class OutcomeStreamingResponse(StreamingResponse):
     """A StreamingResponse that reports how sending ended, even if its body never started."""
 
     def __init__(self, exchange: Exchange, content: AsyncIterator[str], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self._exchange = exchange
         # If the request is cancelled after the route returned this response but before the
-        # server called it, only garbage collection sees it go: finish the exchange then.
-        weakref.finalize(self, exchange.finish, asyncio.CancelledError("response never sent"))
+        # server called it, only garbage collection sees it go: finish the exchange then. The
+        # collector may run in any thread, or in the middle of other code on the loop's
+        # thread, so the finish is queued on the event loop, never run in place.
+        weakref.finalize(
+            self,
+            exchange.bookkeeping.call_soon,
+            exchange.finish,
+            asyncio.CancelledError("response never sent"),
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         error: BaseException | None = None
@@ -110,6 +121,8 @@ class ChatStream:
             store,
             SessionLimits(config.session_max_turns, config.session_max_feedback),
             replica_id,
+            callback_timeout_sec=config.callback_timeout_sec,
+            callback_threads=config.callback_threads,
         )
         self._model = model.options(stream=True)
         self._defaults = config.generation_defaults().model_dump()
@@ -231,14 +244,55 @@ class ChatStream:
             return await self.reject(request_id, rejected, view)
         turn = dataclasses.replace(turn, kept_messages=len(plan.messages))
 
+        try:
+            exchange, first_chunk = await self.admit(
+                request, request_id, plan.prompt, plan.params, callback, view, turn
+            )
+        except RequestRejected as rejected:  # 429: not admitted
+            await self._release_turn(view, turn)
+            return await self.reject(request_id, rejected, view)
+        except GenerationFailed:
+            return JSONResponse(
+                {
+                    "error": "unknown_error_occurred",
+                    "message": "generation failed; see server logs",
+                },
+                status_code=500,
+                headers={REQUEST_ID_HEADER: request_id},
+            )
+        response = OutcomeStreamingResponse(
+            exchange,
+            self.relay(exchange, first_chunk),
+            media_type="text/plain; charset=utf-8",
+            headers={REQUEST_ID_HEADER: request_id, MESSAGE_ID_HEADER: exchange.message_id},
+        )
+        return self.with_cookie(response, view)
+
+    async def admit(
+        self,
+        request: Request,
+        request_id: str,
+        prompt: str,
+        params: dict[str, Any],
+        callback: Callback | None,
+        session: SessionView | None = None,
+        turn: Turn | None = None,
+    ) -> tuple[Exchange, str | None]:
+        """Wait for a generation slot and the answer's first chunk (None: an empty answer).
+
+        From the call on, the request is admitted: its Exchange decides one outcome. Raises
+        RequestRejected (429, not admitted) when the queue is full, GenerationFailed when the
+        engine failed before the first chunk (outcome recorded), and re-raises a client
+        disconnect (outcome recorded). Stream the rest with `relay`, inside an
+        OutcomeStreamingResponse."""
         exchange = Exchange(
             request=request,
             request_id=request_id,
             record_id=uuid.uuid4().hex,
             message_id=uuid.uuid4().hex,
-            session=view,
+            session=session,
             turn=turn,
-            model_stream=self._model.generate.remote(plan.prompt, plan.params),
+            model_stream=self._model.generate.remote(prompt, params),
             callback=callback,
             bookkeeping=self.bookkeeping,
         )
@@ -252,37 +306,19 @@ class ChatStream:
         except BackPressureError:
             exchange.finished = True  # refused, not admitted: no outcome, no callback
             load_board.change(queued=-1)
-            await self._release_turn(view, turn)
-            return await self.reject(
-                request_id,
-                RequestRejected(
-                    429,
-                    "too_many_requests",
-                    "all generation slots and queue places are taken; retry later",
-                    {"Retry-After": str(self.config.retry_after_sec)},
-                ),
-                view,
-            )
+            raise RequestRejected(
+                429,
+                "too_many_requests",
+                "all generation slots and queue places are taken; retry later",
+                {"Retry-After": str(self.config.retry_after_sec)},
+            ) from None
         except BaseException as exc:
             exchange.finish(exc)
             if is_client_disconnect(exc):
                 raise
-            return JSONResponse(
-                {
-                    "error": "unknown_error_occurred",
-                    "message": "generation failed; see server logs",
-                },
-                status_code=500,
-                headers={REQUEST_ID_HEADER: request_id},
-            )
+            raise GenerationFailed(request_id) from exc
         self._ttft.observe(time.monotonic() - exchange.admitted_at)
-        response = _OutcomeStreamingResponse(
-            exchange,
-            self._relay(exchange, first_chunk),
-            media_type="text/plain; charset=utf-8",
-            headers={REQUEST_ID_HEADER: request_id, MESSAGE_ID_HEADER: exchange.message_id},
-        )
-        return self.with_cookie(response, view)
+        return exchange, first_chunk
 
     async def _begin_turn(self, view: SessionView, user_input: str | None, regenerate: bool):
         """Take the session's one active turn (409 if another is streaming)."""
@@ -318,7 +354,10 @@ class ChatStream:
                 return chunk
         return None
 
-    async def _relay(self, exchange: Exchange, chunk: str | None) -> AsyncIterator[str]:
+    async def relay(self, exchange: Exchange, chunk: str | None) -> AsyncIterator[str]:
+        """The answer's chunks from `chunk` (admit's first) on. A chunk counts as sent once the
+        consumer asks for the next one; to end early with success (e.g. a stop string), call
+        `exchange.stop()` and close this generator."""
         error: BaseException | None = None
         try:
             while chunk is not None:

@@ -28,15 +28,40 @@ API_KEYS_ENV = "CHATSTREAM_API_KEYS"
 API_KEYS_FILE_ENV = "CHATSTREAM_API_KEYS_FILE"
 
 
+# Below this, logits / temperature overflow float32 and sampling produces NaN.
+MIN_TEMPERATURE = 0.01
+
+
+def _check_temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE}; a smaller temperature overflows "
+            "the sampler"
+        )
+    return value
+
+
+# The one definition of each sampling parameter's range: the app's defaults, a session's
+# params and a request's overrides all use these.
+Temperature = Annotated[
+    float,
+    Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy decoding"),
+    AfterValidator(_check_temperature),
+]
+TopK = Annotated[int, Field(ge=0, le=1000, description="0 disables top-k filtering")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+MaxNewTokens = Annotated[int, Field(ge=1, le=4096)]
+
+
 class GenerationParams(BaseModel):
     """Sampling parameters of one generation. Ranges are enforced; out-of-range values are a 4xx."""
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy decoding")
-    top_k: int = Field(50, ge=0, le=1000, description="0 disables top-k filtering")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1, le=4096)
+    temperature: Temperature = 0.7
+    top_k: TopK = 50
+    top_p: TopP = 0.9
+    max_new_tokens: MaxNewTokens = 256
 
 
 class ChatStreamConfig(BaseModel):
@@ -113,10 +138,10 @@ class ChatStreamConfig(BaseModel):
     )
 
     # --- generation defaults ---------------------------------------------------------------
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_k: int = Field(50, ge=0, le=1000)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1, le=4096)
+    temperature: Temperature = 0.7
+    top_k: TopK = 50
+    top_p: TopP = 0.9
+    max_new_tokens: MaxNewTokens = 256
 
     # --- sessions ----------------------------------------------------------------------------
     session_store: Literal["ray", "memory", "redis"] = Field(
@@ -168,6 +193,36 @@ class ChatStreamConfig(BaseModel):
     store_retry_after_sec: int = Field(
         2, ge=0, description="Retry-After header value on 503 store_unavailable"
     )
+    cookie_secure: bool = False
+
+    # --- completion callbacks ------------------------------------------------------------------
+    callback_timeout_sec: float = Field(
+        30.0, gt=0, description="A callback still running after this is logged and counted"
+    )
+    callback_threads: int = Field(
+        8, ge=1, description="Threads that run synchronous callbacks (never the event loop)"
+    )
+    shutdown_drain_sec: float = Field(
+        30.0, ge=0, description="On shutdown, how long pending bookkeeping and callbacks get"
+    )
+
+    # --- accounting --------------------------------------------------------------------------
+    ledger_size: int = Field(100_000, ge=1, description="Per-request outcomes kept for inspection")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ChatStreamConfig:
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed "
+                f"max_replicas ({self.max_replicas})"
+            )
+        if self.max_queued_requests == 0:
+            raise ValueError(
+                "max_queued_requests must be -1 (no limit) or at least 1 (Ray Serve has no "
+                "zero-length queue)"
+            )
+        if self.engine == "mock" and self.num_gpus > 0:
+            raise ValueError("num_gpus must be 0 with the mock engine (it never uses a GPU)")
         return self
 
     @property

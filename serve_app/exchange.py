@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,8 @@ class Exchange:
     request_id: str
     record_id: str  # the server's own id: counts the outcome once, even if the write is retried
     message_id: str
-    session: SessionView
-    turn: Turn
+    session: SessionView | None  # None on stateless routes (/v1)
+    turn: Turn | None
     model_stream: DeploymentResponseGenerator
     callback: Callback | None
     bookkeeping: Bookkeeping
@@ -67,7 +68,14 @@ class Exchange:
     holds_slot: bool = False
     sent: list[str] = field(default_factory=list)
     completed: bool = False
+    stopped_early: bool = False
     finished: bool = False
+
+    def stop(self) -> None:
+        """The client has the whole answer it asked for (e.g. a stop string matched): the
+        outcome is success, and the rest of the generation is cancelled."""
+        self.completed = True
+        self.stopped_early = True
 
     def finish(self, exc: BaseException | None) -> None:
         """Decide the outcome (once) and start the bookkeeping. Never awaits: it is called from
@@ -78,7 +86,7 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if not self.completed:
+        if not self.completed or self.stopped_early:
             self.model_stream.cancel()  # frees the engine's slot at once
         if self.holds_slot:
             self.bookkeeping.load_board.change(ongoing=-1)
@@ -126,14 +134,25 @@ class Bookkeeping:
     """Everything that happens after an exchange's outcome is decided, in background tasks
     that the request's cancellation cannot reach."""
 
-    def __init__(self, store: StateStore, limits: SessionLimits, replica_id: str) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        limits: SessionLimits,
+        replica_id: str,
+        callback_timeout_sec: float = 30.0,
+        callback_threads: int = 8,
+    ) -> None:
         self.store = store
         self._limits = limits
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._tasks: set[asyncio.Task] = set()
+        self._callback_timeout_sec = callback_timeout_sec
+        self._callback_threads = ThreadPoolExecutor(
+            callback_threads, thread_name_prefix="chatstream-callback"
+        )
         self.load_board = LoadBoard(store, replica_id, self.spawn)
-        self.spawn(self.load_board.heartbeat())
+        self._heartbeat = self.spawn(self.load_board.heartbeat())
         self._outcomes = Counter(
             "chatstream_outcomes_total",
             description="Admitted requests by outcome",
@@ -145,6 +164,12 @@ class Bookkeeping:
             "unreachable (each is retried in the background)",
             tag_keys=("operation",),
         )
+        self._callback_failures = Counter(
+            "chatstream_callback_failures_total",
+            description="Completion callbacks that raised or timed out (each still counts as "
+            "its request's one call)",
+            tag_keys=("reason",),
+        )
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
@@ -152,16 +177,64 @@ class Bookkeeping:
     def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
         self._loop.call_soon_threadsafe(function, *args)
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         # A fresh context: the request's context (and its cancellation) is not inherited.
         task = self._loop.create_task(coro, context=contextvars.Context())
         self._tasks.add(task)  # keep a reference until done
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def complete(self, exchange: Exchange, outcome: Outcome) -> None:
         """Release the turn (saving the answer when the client got some of it), record the
         outcome, call the callback. Each step runs even if an earlier one failed, so the
         callback fires exactly once."""
+        if exchange.turn is not None and exchange.session is not None:
+            await self._finish_turn(exchange, outcome)
+        self._outcomes.inc(tags={"outcome": outcome.value})
+        record = (exchange.record_id, exchange.request_id, outcome.value)
+        record_outcome = self.store.record_outcome
+        try:
+            await record_outcome(*record)
+        except Exception as exc:
+            self._write_later("record_outcome", exchange.request_id, exc, record_outcome, *record)
+        if exchange.callback is not None:
+            await self._call_back(exchange, outcome)
+
+    async def _call_back(self, exchange: Exchange, outcome: Outcome) -> None:
+        """The callback, once: a sync one on the callback threads (never on the event loop),
+        either kind bounded by the timeout. One that fails or times out still had its call."""
+        callback, request = exchange.callback, exchange.request
+        try:
+            if inspect.iscoroutinefunction(callback):
+                call = callback(request, outcome.value)
+            else:
+                call = self._loop.run_in_executor(
+                    self._callback_threads, callback, request, outcome.value
+                )
+            result = await asyncio.wait_for(call, self._callback_timeout_sec)
+            if inspect.isawaitable(result):  # a sync function that returned an awaitable
+                await asyncio.wait_for(result, self._callback_timeout_sec)
+        except TimeoutError:
+            self._callback_failures.inc(tags={"reason": "timeout"})
+            logger.error(
+                "request %s: the completion callback did not return within %s s",
+                exchange.request_id,
+                self._callback_timeout_sec,
+            )
+        except Exception:
+            self._callback_failures.inc(tags={"reason": "error"})
+            logger.exception("request %s: the completion callback failed", exchange.request_id)
+
+    async def drain(self, timeout_sec: float) -> None:
+        """On shutdown: wait (bounded) for bookkeeping and callbacks still under way."""
+        pending = [t for t in self._tasks if t is not self._heartbeat]
+        if pending:
+            logger.info("waiting up to %s s for %d bookkeeping tasks", timeout_sec, len(pending))
+            await asyncio.wait(pending, timeout=timeout_sec)
+        self._heartbeat.cancel()
+
+    async def _finish_turn(self, exchange: Exchange, outcome: Outcome) -> None:
+        """Release the session's turn, saving the answer if the client got some of it."""
         turn = exchange.turn
         answer = None
         if exchange.sent and outcome in (
@@ -183,24 +256,12 @@ class Bookkeeping:
         )
         view = exchange.session
         change_session = functools.partial(self.store.change_session, view.session_id)
-        record_outcome = self.store.record_outcome
         try:
             view.update(await change_session(change))
         except Exception as exc:
             self._write_later("finish_turn", exchange.request_id, exc, change_session, change)
             # The callback still sees the conversation as it will be.
             view.update(apply_change(view.record, change, self._limits))
-        self._outcomes.inc(tags={"outcome": outcome.value})
-        record = (exchange.record_id, exchange.request_id, outcome.value)
-        try:
-            await self.store.record_outcome(*record)
-        except Exception as exc:
-            self._write_later("record_outcome", exchange.request_id, exc, record_outcome, *record)
-        if exchange.callback is not None:
-            try:
-                await _call(exchange.callback, exchange.request, outcome.value)
-            except Exception:
-                logger.exception("request %s: the completion callback failed", exchange.request_id)
 
     def _write_later(
         self,
@@ -241,9 +302,3 @@ class Bookkeeping:
             except Exception:
                 delay = min(delay * 2, 10.0)
         logger.error("request %s: gave up writing %s to the state store", request_id, operation)
-
-
-async def _call(callback: Callback, request: Request, message: str) -> None:
-    result = callback(request, message)
-    if inspect.isawaitable(result):
-        await result

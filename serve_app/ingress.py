@@ -8,6 +8,7 @@ generation slot happens inside it, where a client that leaves is seen and counte
 docs/http-api.md for the API.
 """
 
+import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -43,11 +44,29 @@ async def _rejected(request: Request, rejected: RequestRejected) -> Response:
     return rejected.response()
 
 
+def _resource_usage() -> dict:
+    # Defined before the deployment class: Serve pickles the class when it is decorated.
+    memory = psutil.virtual_memory()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "memory": {
+            "total_bytes": memory.total,
+            "used_bytes": memory.used,
+            "percent": memory.percent,
+        },
+        "cluster": {"total": ray.cluster_resources(), "available": ray.available_resources()},
+    }
+
+
 @serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
 @serve.ingress(api)
 class ChatStreamIngress:
     async def __init__(self, model: DeploymentHandle, config: ChatStreamConfig) -> None:
         self.chat_stream = await ChatStream.create(model, config)
+
+    async def __del__(self) -> None:
+        """Serve calls this on shutdown: pending bookkeeping and callbacks get a deadline."""
+        await self.chat_stream.bookkeeping.drain(self.chat_stream.config.shutdown_drain_sec)
 
     @api.post("/chat_stream")
     async def chat_stream_api(self, request: Request) -> Response:
@@ -108,16 +127,8 @@ class ChatStreamIngress:
 
     @api.get("/resource_usage")
     async def resource_usage(self) -> dict:
-        memory = psutil.virtual_memory()
-        return {
-            "cpu_percent": psutil.cpu_percent(interval=None),
-            "memory": {
-                "total_bytes": memory.total,
-                "used_bytes": memory.used,
-                "percent": memory.percent,
-            },
-            "cluster": {"total": ray.cluster_resources(), "available": ray.available_resources()},
-        }
+        # Ray's resource calls block: they run on a worker thread, not the event loop.
+        return await asyncio.to_thread(_resource_usage)
 
     @api.get("/outcomes")
     async def outcomes(self) -> dict:
@@ -131,7 +142,8 @@ class ChatStreamIngress:
     async def healthz(self) -> Response:
         """200 once the whole application (model included) is running, 503 before."""
         app_name = serve.get_replica_context().app_name
-        app_status = serve.status().applications.get(app_name)
+        status = await asyncio.to_thread(serve.status)  # a blocking call to the controller
+        app_status = status.applications.get(app_name)
         if app_status is None or app_status.status != "RUNNING":
             state = app_status.status if app_status else "UNKNOWN"
             return JSONResponse({"status": "starting", "application": state}, 503)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidationError
 from starlette.responses import JSONResponse
+
+from serve_app.config import MaxNewTokens, Temperature, TopK, TopP
 
 REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
@@ -39,10 +41,10 @@ class GenerationOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_k: StrictInt | None = Field(None, ge=0, le=1000)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_new_tokens: StrictInt | None = Field(None, ge=1, le=4096)
+    temperature: Temperature | None = None
+    top_k: Annotated[TopK, Strict()] | None = None
+    top_p: TopP | None = None
+    max_new_tokens: Annotated[MaxNewTokens, Strict()] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The parameters that were given (only the generation fields, even on subclasses)."""
