@@ -4,12 +4,21 @@ No API calls here. The handler adds ownership (`kopf.adopt`) and applies the res
 
 Layout of what is rendered:
 - `serveConfigV2`: one Serve application running `serve_app:app` with the spec mapped onto the
-  application's arguments (names of serve_app/config.py's ChatStreamConfig), and the model
-  deployment's replicas / autoscaling, concurrency limits and Ray resources.
+  application's arguments (names of serve_app/config.py's ChatStreamConfig), and per-deployment
+  overrides: the model deployment's replicas / autoscaling, concurrency limits and Ray
+  resources, and both deployments' drain bounds (drain.py). Replica counts are never in the
+  arguments: Serve rebuilds the whole application (every replica of every deployment) when the
+  arguments change, but applies a changed `num_replicas` / `autoscaling_config` in place.
 - a CPU head group: Serve's controller, the HTTP proxy and the ingress replicas run there.
 - one worker group "model": one pod per model replica. Each worker advertises one unit of the
   custom Ray resource MODEL_SLOT and each model replica asks for one, so the worker count is the
-  model replica count and model replicas never land on the head.
+  model replica count and model replicas never land on the head. Ray's autoscaler (KubeRay's
+  in-tree autoscaling, always on) sizes the group: it adds a pod for a model replica that
+  waits for a slot, and removes a pod only once it is idle, i.e. after Serve's replica on it
+  has drained and exited. Pods follow Serve, never the other way round.
+- KubeRay's upgrade strategy `NewCluster`: a change of the Ray cluster's spec (image, model
+  pods' resources, ...) starts a new cluster, switches traffic when it serves, and deletes the
+  old one after the drain bound.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from . import (
     RAY_VERSION,
 )
 from .credentials import secret_env
+from .drain import drain_bounds
 from .spec import desired_replicas, is_autoscaling, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
@@ -36,10 +46,18 @@ from .spec import desired_replicas, is_autoscaling, with_defaults
 APP_IMPORT_PATH = "serve_app:app"
 DEFAULT_APP_NAME = "chatstream"
 MODEL_DEPLOYMENT_NAME = "ChatModel"
+INGRESS_DEPLOYMENT_NAME = "ChatStreamIngress"
 
 MODEL_SLOT = "chatstream_model"
 SERVE_PORT = 8000
 WORKER_GROUP = "model"
+# The worker group's maxReplicas. KubeRay never copies a changed min/maxReplicas of a RayService
+# into its running RayCluster, so a bound derived from the spec would go stale at the first
+# scale-up past it. No ceiling (KubeRay's own default) instead: the pods never outnumber the
+# model replicas, because the autoscaler adds a pod only for a replica that waits for a slot.
+WORKER_POD_CEILING = 2**31 - 1
+# KubeRay's zero-downtime upgrade: a new Ray cluster, traffic switched once it serves.
+UPGRADE_STRATEGY = "NewCluster"
 
 
 def serve_service_name(name: str) -> str:
@@ -90,9 +108,6 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
         "mock_fail_marker": mock["failMarker"],
         "max_ongoing_requests": s["maxOngoingRequests"],
         "max_queued_requests": s["maxQueuedRequests"],
-        "num_replicas": desired_replicas(s),
-        "min_replicas": 0,
-        "max_replicas": 0,
         "ingress_replicas": s["ingress"]["replicas"],
         "num_gpus": res["gpus"],
         "num_cpus": res["cpus"],
@@ -108,20 +123,22 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
         "session_max_turns": sess["maxTurns"],
         "cookie_secure": sess["cookieSecure"],
     }
-    if is_autoscaling(s):
-        bounds = s["autoscaling"]
-        args["min_replicas"] = bounds["minReplicas"]
-        args["max_replicas"] = bounds["maxReplicas"]
-        args["target_ongoing_requests"] = bounds["targetOngoingRequests"]
     return args
 
 
 def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Serve deployment options of the model deployment (they override the builder's)."""
+    """Serve deployment options of the model deployment (they override the builder's).
+
+    Every option here is one Serve applies to running replicas, except `ray_actor_options`,
+    whose change restarts (drains) the model replicas; none rebuilds the application.
+    """
     s = with_defaults(spec)
+    drain = drain_bounds(s)
     deployment: dict[str, Any] = {"name": MODEL_DEPLOYMENT_NAME}
     if is_autoscaling(s):
         bounds = s["autoscaling"]
+        # null, as Serve's own `num_replicas: auto` does: the builder's count gives way.
+        deployment["num_replicas"] = None
         deployment["autoscaling_config"] = {
             "min_replicas": bounds["minReplicas"],
             "initial_replicas": desired_replicas(s),
@@ -137,7 +154,19 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
         "num_cpus": s["resources"]["cpus"],
         "resources": {MODEL_SLOT: 1},
     }
+    deployment["graceful_shutdown_timeout_s"] = drain.answer_s
+    deployment["graceful_shutdown_wait_loop_s"] = drain.wait_loop_s
     return deployment
+
+
+def ingress_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Serve deployment options of the ingress: its drain bounds (applied without a restart)."""
+    drain = drain_bounds(spec)
+    return {
+        "name": INGRESS_DEPLOYMENT_NAME,
+        "graceful_shutdown_timeout_s": drain.ingress_s,
+        "graceful_shutdown_wait_loop_s": drain.wait_loop_s,
+    }
 
 
 def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,7 +178,7 @@ def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
                 "import_path": APP_IMPORT_PATH,
                 "route_prefix": "/",
                 "args": serve_args(spec),
-                "deployments": [model_deployment(spec)],
+                "deployments": [model_deployment(spec), ingress_deployment(spec)],
             }
         ]
     }
@@ -193,10 +222,6 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     size: dict[str, str] = {"cpu": _cpu_quantity(res["cpus"]), "memory": res["memory"]}
     if res["gpus"]:
         size["nvidia.com/gpu"] = str(res["gpus"])
-    if is_autoscaling(s):
-        low, high = s["autoscaling"]["minReplicas"], s["autoscaling"]["maxReplicas"]
-    else:
-        low = high = desired_replicas(s)
     pod_spec: dict[str, Any] = {
         "containers": [
             {
@@ -216,9 +241,11 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     slot = '"' + json.dumps({MODEL_SLOT: 1}).replace('"', '\\"') + '"'
     return {
         "groupName": WORKER_GROUP,
+        # The pods a new Ray cluster starts with (creation, upgrade). KubeRay leaves a running
+        # cluster's replica counts to Ray's autoscaler, which follows Serve's replicas.
         "replicas": desired_replicas(s),
-        "minReplicas": low,
-        "maxReplicas": high,
+        "minReplicas": 0,
+        "maxReplicas": WORKER_POD_CEILING,
         "rayStartParams": {"resources": slot},
         "template": {
             "metadata": {"labels": {NAME_LABEL: name, COMPONENT_LABEL: "model"}},
@@ -248,16 +275,21 @@ def gcs_fault_tolerance(spec: Mapping[str, Any]) -> dict[str, Any] | None:
 def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """The desired RayService for ChatStream `name`, without namespace and owner (see adopt)."""
     s = with_defaults(spec)
+    drain = drain_bounds(s)
     rayservice: dict[str, Any] = {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
         "kind": "RayService",
         "metadata": {"name": name, "labels": labels(name)},
         "spec": {
+            "upgradeStrategy": {"type": UPGRADE_STRATEGY},
+            # The old cluster after an upgrade finishes the streams it holds.
+            "rayClusterDeletionDelaySeconds": drain.cluster_deletion_delay_s,
             "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": s["rayVersion"],
-                # Explicit false rather than absent, so that leaving autoscaling is a real change.
-                "enableInTreeAutoscaling": is_autoscaling(s),
+                # Always: Ray's autoscaler removes a worker pod only once Serve is done with it.
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"idleTimeoutSeconds": drain.pod_idle_timeout_s},
                 "headGroupSpec": _head_group(name, s),
                 "workerGroupSpecs": [_worker_group(name, s)],
             },

@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
     "rayVersion": "2.60.0",
     "head": {"cpus": 2, "memory": "4Gi"},
+    # How long a scale-down or an upgrade may take (see drain.py).
+    "drain": {"timePerTokenSec": 0.25, "firstTokenSec": 10, "podIdleTimeoutSec": 60},
 }
 
 # Defaults inside optional objects: they apply only when the object itself is present.

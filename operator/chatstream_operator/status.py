@@ -2,7 +2,10 @@
 
 Conditions:
 - Ready: the Serve application is RUNNING and the model deployment HEALTHY.
-- Progressing: a deployment, scale or cluster upgrade is under way.
+- Progressing: a deployment, scale or cluster upgrade is under way. Its reason names the phase
+  (`kubectl get chs` shows it): Creating, Deploying, Updating, Upgrading (a new Ray cluster),
+  ScalingUp, ScalingDown (Serve drains the model replicas it removes), ReleasingPods (Serve is
+  done; Ray's autoscaler removes the idle worker pods), then Stable.
 - InvalidSpec: the spec breaks a rule the schema cannot express (set by the reconcile handler;
   the RayService mirror keeps it as it is).
 """
@@ -13,7 +16,12 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
+
 from .render import DEFAULT_APP_NAME, MODEL_DEPLOYMENT_NAME, WORKER_GROUP, endpoint, model_selector
+
+# Model deployment states in which the application serves (a scale keeps the other replicas).
+SERVING_MODEL_STATES = ("HEALTHY", "UPSCALING", "DOWNSCALING")
 
 READY = "Ready"
 PROGRESSING = "Progressing"
@@ -70,6 +78,50 @@ def _serve_state(rayservice: Mapping[str, Any]) -> tuple[str, str, str]:
     return app.get("status", ""), model.get("status", ""), message
 
 
+def _model_override(rayservice: Mapping[str, Any]) -> dict[str, Any]:
+    """The model deployment's options in the RayService's serveConfigV2 ({} if unreadable)."""
+    try:
+        config = yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "") or {}
+        apps = [a for a in config.get("applications") or [] if a.get("name") == DEFAULT_APP_NAME]
+        deployments = apps[0].get("deployments") or [] if apps else []
+    except (yaml.YAMLError, AttributeError):
+        return {}
+    return next((d for d in deployments if d.get("name") == MODEL_DEPLOYMENT_NAME), {})
+
+
+def _scale_phase(rayservice: Mapping[str, Any], model_status: str) -> tuple[str, str]:
+    """(reason, message) of a scale in progress, ("", "") when there is none.
+
+    Serve goes first: it starts or drains model replicas (UPSCALING / DOWNSCALING). The pods
+    follow: Ray's autoscaler adds a pod for each replica waiting for a slot, and removes a pod
+    once it has been idle, i.e. after its replica drained and exited (ReleasingPods).
+    """
+    model = _model_override(rayservice)
+    cluster_config = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
+    idle = (cluster_config.get("autoscalerOptions") or {}).get("idleTimeoutSeconds")
+    active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
+    pods = (active.get("rayClusterStatus") or {}).get("desiredWorkerReplicas")
+    if model_status == "DOWNSCALING":
+        bound = model.get("graceful_shutdown_timeout_s")
+        within = f", each within {bound:g}s" if isinstance(bound, (int, float)) else ""
+        return "ScalingDown", f"Serve drains the model replicas it removes{within}"
+    if model_status == "UPSCALING":
+        return "ScalingUp", "Serve starts model replicas; Ray's autoscaler adds their pods"
+    target = model.get("num_replicas")
+    if not isinstance(target, int) or pods is None:
+        return "", ""  # Serve autoscales: the pods follow its own decisions
+    if pods > target:
+        after = f" once idle for {idle}s" if idle is not None else " once idle"
+        return (
+            "ReleasingPods",
+            f"Serve runs {target} model replicas; {pods - target} worker pods without one "
+            f"go{after}",
+        )
+    if pods < target:
+        return "ScalingUp", f"{pods}/{target} worker pods; Ray's autoscaler adds the rest"
+    return "", ""
+
+
 def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
     """(replicas, readyReplicas): one model replica per pod of the RayService's model group.
 
@@ -92,7 +144,7 @@ def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
         replicas = int(cluster["desiredWorkerReplicas"])
     _, model_status, _ = _serve_state(rayservice)
     ready = int(cluster.get("readyWorkerReplicas") or 0)
-    if model_status not in ("HEALTHY", "UPDATING"):
+    if model_status not in (*SERVING_MODEL_STATES, "UPDATING"):
         ready = 0
     return replicas, min(ready, replicas)
 
@@ -114,11 +166,16 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
     generation = (rayservice.get("metadata") or {}).get("generation")
     seen = status.get("observedGeneration")
     behind = generation is not None and seen is not None and seen < generation
-    if app_status == "RUNNING" and model_status == "HEALTHY":
+    # A scale (Serve reports DEPLOYING for one it was told to make) keeps serving.
+    scaling = app_status == "DEPLOYING" and model_status in SERVING_MODEL_STATES[1:]
+    if (app_status == "RUNNING" and model_status in SERVING_MODEL_STATES) or scaling:
         if pending:
             return True, "Serving", message, True, "Upgrading", f"new Ray cluster {pending}"
         if behind:
             return True, "Serving", message, True, "Updating", "KubeRay has not seen the change yet"
+        phase, detail = _scale_phase(rayservice, model_status)
+        if phase:
+            return True, "Serving", message, True, phase, detail
         return True, "Serving", message, False, "Stable", ""
     if app_status in ("DEPLOY_FAILED", "UNHEALTHY") or model_status == "UNHEALTHY":
         reason = "DeployFailed" if app_status == "DEPLOY_FAILED" else "Unhealthy"

@@ -54,10 +54,14 @@ def _serve_config(rayservice: dict) -> dict:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
 
 
-def _model(rayservice: dict) -> dict:
+def _deployment(rayservice: dict, name: str) -> dict:
     (app,) = _serve_config(rayservice)["applications"]
-    (deployment,) = app["deployments"]
+    (deployment,) = [d for d in app["deployments"] if d["name"] == name]
     return deployment
+
+
+def _model(rayservice: dict) -> dict:
+    return _deployment(rayservice, render.MODEL_DEPLOYMENT_NAME)
 
 
 def _workers(rayservice: dict) -> dict:
@@ -82,7 +86,9 @@ def test_rendered_args_are_valid_serve_app_config(case):
     assert model["max_queued_requests"] == config.max_queued_requests
     assert model["ray_actor_options"]["num_gpus"] == config.num_gpus
     assert model["ray_actor_options"]["num_cpus"] == config.num_cpus
-    assert ("autoscaling_config" in model) == config.autoscaling
+    # Replica counts live in the deployment override only (a scale is not an args change).
+    assert not config.autoscaling
+    assert not {"num_replicas", "min_replicas", "max_replicas"} & app["args"].keys()
 
 
 def test_constants_match_serve_app():
@@ -110,8 +116,10 @@ def test_fixed_replicas_size_the_worker_group():
     rs = render_rayservice("chat", SPECS["fixed-cpu"])
     model, workers = _model(rs), _workers(rs)
     assert model["num_replicas"] == 3 and "autoscaling_config" not in model
-    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (3, 3, 3)
-    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is False
+    # A new cluster starts with 3 pods; Ray's autoscaler then follows Serve's replicas.
+    assert (workers["replicas"], workers["minReplicas"]) == (3, 0)
+    assert workers["maxReplicas"] == render.WORKER_POD_CEILING
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     (container,) = workers["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"cpu": "500m", "memory": "1Gi"}
     assert "nvidia.com/gpu" not in container["resources"]["requests"]
@@ -126,21 +134,15 @@ def test_unset_replicas_means_one():
 def test_autoscaling_bounds_reach_serve_and_the_worker_group():
     rs = render_rayservice("chat", SPECS["autoscaling"])
     model, workers = _model(rs), _workers(rs)
-    assert "num_replicas" not in model
+    assert model["num_replicas"] is None  # as Serve's `num_replicas: auto` sets it
     assert model["autoscaling_config"] == {
         "min_replicas": 2,
         "initial_replicas": 2,
         "max_replicas": 6,
         "target_ongoing_requests": 3,
     }
-    assert (workers["replicas"], workers["minReplicas"], workers["maxReplicas"]) == (2, 2, 6)
+    assert (workers["replicas"], workers["minReplicas"]) == (2, 0)
     assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
-    args = _serve_config(rs)["applications"][0]["args"]
-    assert (args["min_replicas"], args["max_replicas"], args["target_ongoing_requests"]) == (
-        2,
-        6,
-        3,
-    )
 
 
 def test_replicas_are_the_initial_count_when_autoscaling():
@@ -209,9 +211,9 @@ def test_invalid_specs_name_the_field(spec, field):
     assert len(problems) == 1 and problems[0].startswith(field)
 
 
+# (Autoscaling bounds are not in the args, so serve_app never sees them; INVALID covers them.)
 SERVE_APP_REFUSES = [
     {"engine": "mock", "resources": {"gpus": 1}},
-    {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
     {"maxQueuedRequests": 0},
 ]
 

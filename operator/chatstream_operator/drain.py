@@ -1,0 +1,55 @@
+"""Drain bounds: how long a scale-down or an upgrade may take, derived from the longest answer.
+
+One number drives them all, the longest answer the service allows:
+
+    answer_s = drain.firstTokenSec + generation.maxNewTokens * drain.timePerTokenSec
+
+- A model replica that Serve removes (scale-down, autoscaling, a restart for new options)
+  finishes the streams it holds: its `graceful_shutdown_timeout_s` is `answer_s`.
+- An ingress replica also holds requests that still wait for a model slot: a wait for one
+  running answer, then its own, so `2 * answer_s`.
+- Serve checks a draining replica's ongoing requests every `graceful_shutdown_wait_loop_s`;
+  a drained replica exits within one period, so the period is a twentieth of the bound
+  (0.1 s to 2 s, Serve's default being 2 s).
+- After an upgrade, KubeRay keeps the old Ray cluster for `rayClusterDeletionDelaySeconds`:
+  the ingress bound plus SWITCH_SLACK_SEC for requests that reach the old cluster while the
+  Service's endpoints change.
+- A worker pod whose model replica is gone is removed by Ray's autoscaler once it has been
+  idle for `drain.podIdleTimeoutSec`; a pod still holding a draining replica is never idle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from .spec import with_defaults
+
+SWITCH_SLACK_SEC = 30
+MIN_WAIT_LOOP_S, MAX_WAIT_LOOP_S = 0.1, 2.0
+
+
+class DrainBounds(NamedTuple):
+    answer_s: float  # the longest answer: model replicas' graceful_shutdown_timeout_s
+    ingress_s: float  # ingress replicas' graceful_shutdown_timeout_s
+    wait_loop_s: float  # graceful_shutdown_wait_loop_s of both deployments
+    cluster_deletion_delay_s: int  # KubeRay's rayClusterDeletionDelaySeconds
+    pod_idle_timeout_s: int  # Ray autoscaler's idleTimeoutSeconds for worker pods
+
+
+def drain_bounds(spec: Mapping[str, Any]) -> DrainBounds:
+    s = with_defaults(spec)
+    drain = s["drain"]
+    answer = round(
+        drain["firstTokenSec"] + s["generation"]["maxNewTokens"] * drain["timePerTokenSec"], 3
+    )
+    ingress = round(2 * answer, 3)
+    wait_loop = round(min(MAX_WAIT_LOOP_S, max(MIN_WAIT_LOOP_S, answer / 20)), 2)
+    return DrainBounds(
+        answer_s=answer,
+        ingress_s=ingress,
+        wait_loop_s=wait_loop,
+        cluster_deletion_delay_s=math.ceil(ingress) + SWITCH_SLACK_SEC,
+        pod_idle_timeout_s=int(drain["podIdleTimeoutSec"]),
+    )
