@@ -19,13 +19,16 @@ import pytest
 import yaml
 from chatstream_operator import render
 from chatstream_operator.drain import SWITCH_SLACK_SEC, drain_bounds
-from chatstream_operator.render import render_rayservice
+from chatstream_operator.render import render_rayservice, serve_args
 from chatstream_operator.status import PROGRESSING, READY, derive_status
 from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, validator_for
 from ray.serve._private.config import DeploymentConfig
 from ray.serve._private.deploy_utils import get_app_code_version
 from ray.serve._private.utils import DeploymentOptionUpdateType
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+from serve_app.builder import drain_options
+from serve_app.config import ChatStreamConfig
 
 BASE: dict[str, Any] = {"engine": "mock", "replicas": 3, "maxOngoingRequests": 2}
 # CI-sized answers: 200 tokens at 10 ms plus a 1 s allowance.
@@ -118,6 +121,11 @@ CHANGES: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("generation defaults", {}, {"generation": {"temperature": 0.2}}, "rebuild", "same-cluster"),
     ("model resources", {}, {"resources": {"cpus": 2}}, "rebuild", "new-cluster"),
     ("image", {}, {"image": "chatstream-serve:0.2.0"}, "none", "new-cluster"),
+    ("pod memory", {}, {"resources": {"memory": "8Gi"}}, "none", "new-cluster"),
+    ("ray version", {}, {"rayVersion": "2.61.0"}, "none", "new-cluster"),
+    ("head", {}, {"head": {"cpus": 4}}, "none", "new-cluster"),
+    ("ingress replicas", {}, {"ingress": {"replicas": 2}}, "rebuild", "same-cluster"),
+    ("sessions", {}, {"session": {"ttlSec": 600}}, "rebuild", "same-cluster"),
     ("node placement", {}, {"resources": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}},
      "none", "same-cluster"),
 ]  # fmt: skip
@@ -295,3 +303,14 @@ def test_an_upgrade_shows_as_upgrading():
     ready, progressing = _conditions(rs)
     assert ready == ("True", "Serving")
     assert progressing[:2] == ("True", "Upgrading")
+
+
+@pytest.mark.parametrize("tokens", [1, 256, 4096])
+def test_serve_app_derives_the_operators_default_bounds(tokens):
+    """`serve run` (no operator) drains like the operator's defaults (serve_app/builder.py)."""
+    spec = {"generation": {"maxNewTokens": tokens}}
+    config = ChatStreamConfig.model_validate(serve_args(spec))
+    rendered = _deployments(render_rayservice("chat", spec))
+    for name, factor in (("ChatModel", 1), (render.INGRESS_DEPLOYMENT_NAME, 2)):
+        options = drain_options(config, factor)
+        assert options == {key: rendered[name][key] for key in options}, name
