@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -65,8 +66,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--drift-interval",
         type=float,
-        default=float(env.get("CHATSTREAM_DRIFT_INTERVAL_SEC", "60")),
-        help="Seconds between drift checks of each RayService (default 60).",
+        default=float(env.get("CHATSTREAM_DRIFT_INTERVAL_SEC", "0")),
+        help="Seconds between periodic drift checks of each RayService; 0 (the default) means "
+        "none: drift is repaired from the RayService watch, and kopf puts no finalizer on the "
+        "ChatStreams (a timer needs one). Env: CHATSTREAM_DRIFT_INTERVAL_SEC.",
+    )
+    parser.add_argument(
+        "--allowed-image-repository",
+        action="append",
+        dest="allowed_image_repositories",
+        metavar="REPO",
+        default=_split(env.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "")),
+        help="Allow spec.image only from this repository or below it (repeatable, e.g. "
+        "registry.example.com/ml); others get InvalidSpec. None: any image. "
+        "Env: CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES (comma-separated).",
+    )
+    parser.add_argument(
+        "--network-policy",
+        action=argparse.BooleanOptionalAction,
+        default=env.get("CHATSTREAM_NETWORK_POLICY", "1") != "0",
+        help="Render a NetworkPolicy with each RayService: only the Serve port is open to all "
+        "(default on). Env: CHATSTREAM_NETWORK_POLICY=0 turns it off.",
+    )
+    parser.add_argument(
+        "--control-plane-peers",
+        type=_peers,
+        default=env.get("CHATSTREAM_CONTROL_PLANE_PEERS") or None,
+        metavar="JSON",
+        help="JSON list of NetworkPolicyPeers that may reach every port of the Ray pods "
+        "(dashboard, GCS, client): KubeRay's operator (default: pods named kuberay-operator in "
+        "the namespace kuberay-system). Env: CHATSTREAM_CONTROL_PLANE_PEERS.",
+    )
+    parser.add_argument(
+        "--metrics-peers",
+        type=_peers,
+        default=env.get("CHATSTREAM_METRICS_PEERS") or None,
+        metavar="JSON",
+        help="JSON list of NetworkPolicyPeers that may scrape the metrics port 8080 (e.g. "
+        "Prometheus); default none. Env: CHATSTREAM_METRICS_PEERS.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
     parser.add_argument("--debug", action="store_true", help="Log everything.")
@@ -75,6 +112,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.namespaces = [ns.strip() for ns in env["CHATSTREAM_NAMESPACES"].split(",")]
         args.namespaces = [ns for ns in args.namespaces if ns]
     return args
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _peers(value: str) -> str:
+    """A JSON list of NetworkPolicyPeer objects, checked and kept as JSON (for the env)."""
+    peers = json.loads(value)
+    if not isinstance(peers, list) or not all(isinstance(p, dict) for p in peers):
+        raise argparse.ArgumentTypeError("a JSON list of NetworkPolicyPeer objects is expected")
+    return json.dumps(peers)
+
+
+def configure_environment(args: argparse.Namespace) -> None:
+    """Hand the settings the handlers read to them (through the environment, as kopf imports
+    the handlers module and fixes a timer's interval at import)."""
+    os.environ["CHATSTREAM_DRIFT_INTERVAL_SEC"] = str(args.drift_interval)
+    os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = ",".join(
+        args.allowed_image_repositories
+    )
+    os.environ["CHATSTREAM_NETWORK_POLICY"] = "1" if args.network_policy else "0"
+    for name, value in (
+        ("CHATSTREAM_CONTROL_PLANE_PEERS", args.control_plane_peers),
+        ("CHATSTREAM_METRICS_PEERS", args.metrics_peers),
+    ):
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _exact(pattern: str) -> bool:
@@ -107,7 +174,7 @@ def operator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     # The timer's interval is read when the handlers are imported.
-    os.environ["CHATSTREAM_DRIFT_INTERVAL_SEC"] = str(args.drift_interval)
+    configure_environment(args)
 
     import kopf
 

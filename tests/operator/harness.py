@@ -9,7 +9,16 @@ One scenario, used by the operator's integration tests and by the chart's RBAC t
     someone edits the RayService -> the operator puts it back (drift)
     an invalid spec -> InvalidSpec, RayService untouched, operator still running
     fix the spec -> InvalidSpec cleared
+    someone opens the NetworkPolicy, then the spec is touched -> the operator closes it again
     delete the ChatStream -> handled cleanly, operator still running, then stopped
+
+Along the way the operator creates the ChatStream's Secret (signing key, admin token) and the
+NetworkPolicy of its Ray pods, both owned by it, and never puts a finalizer on it.
+
+A second scenario (run_recreate_scenario): a Secret of the generated name exists already (left
+alone); a ChatStream is re-created while its predecessor's RayService and NetworkPolicy await
+garbage collection (reconciled once they are gone); an image outside the allow-list
+(InvalidSpec); the operator is uninstalled and the ChatStream deleted (nothing stuck).
 
 Each step waits for its effect and raises AssertionError naming the step if it never comes.
 
@@ -44,6 +53,8 @@ NAME = "chat"
 UID = "0b1c2d3e-0000-4000-8000-000000000001"
 CHATSTREAMS = "chatstream.dev/v1alpha1/chatstreams"
 RAYSERVICES = "ray.io/v1/rayservices"
+SECRETS = "v1/secrets"
+NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
 HARNESS_HEADER = "X-ChatStream-Harness"  # marks the harness's own calls, which are not recorded
 
 # What the emulator serves: the operator's resources and kopf's own backbone resources.
@@ -53,6 +64,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
     RAYSERVICES: {"kind": "RayService", "singular": "rayservice", "namespaced": True,
                   "subresources": {"status"}},
     "v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
+    SECRETS: {"kind": "Secret", "singular": "secret", "namespaced": True},
+    NETWORKPOLICIES: {"kind": "NetworkPolicy", "singular": "networkpolicy", "namespaced": True},
     "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "namespaced": False},
     "apiextensions.k8s.io/v1/customresourcedefinitions": {
         "kind": "CustomResourceDefinition", "singular": "customresourcedefinition",
@@ -130,6 +143,25 @@ def api_call(request: kmock.Request) -> ApiCall | None:
         request.namespace is not None,
         request.subresource or None,
     )
+
+
+def api_calls(request: kmock.Request) -> list[ApiCall]:
+    """The RBAC view of one request, with what admission also checks: where the API server runs
+    OwnerReferencesPermissionEnforcement (OpenShift's default), an object whose owner reference
+    to a ChatStream sets blockOwnerDeletion needs `update` on `chatstreams/finalizers`."""
+    call = api_call(request)
+    if call is None:
+        return []
+    calls = [call]
+    data = request.data if isinstance(request.data, dict) else {}
+    refs = (data.get("metadata") or {}).get("ownerReferences") or []
+    if call.verb in ("create", "update", "patch") and any(
+        r.get("blockOwnerDeletion") and r.get("kind") == "ChatStream" for r in refs
+    ):
+        calls.append(
+            ApiCall("update", "chatstream.dev", "v1alpha1", "chatstreams", True, "finalizers")
+        )
+    return calls
 
 
 def _is_harness(request: kmock.Request) -> bool:
@@ -288,6 +320,12 @@ async def _scenario(
     def rayservice() -> dict[str, Any]:
         return _plain(emulator.objects[rs_key])
 
+    def child(resource: str, name: str) -> dict[str, Any] | None:
+        try:
+            return _plain(emulator.objects[resource, NAMESPACE, name])
+        except KeyError:
+            return None
+
     def status() -> dict[str, Any]:
         return chatstream().get("status") or {}
 
@@ -314,7 +352,12 @@ async def _scenario(
         await _wait(name, effect, timeout)
         await asyncio.sleep(0.3)  # let late, unwanted reactions show up in the counts
         rs_patches[name] = count_rs_patches() - before
-        snapshots[name] = {"chatstream": chatstream(), "rayservice": rayservice()}
+        snapshots[name] = {
+            "chatstream": chatstream(),
+            "rayservice": rayservice(),
+            "secret": child(SECRETS, f"{NAME}-chatstream"),
+            "networkpolicy": child(NETWORKPOLICIES, f"{NAME}-ray"),
+        }
 
     errors = _ErrorLogs()
     logging.getLogger().addHandler(errors)
@@ -379,6 +422,21 @@ async def _scenario(
                     and status().get("observedGeneration") == 4
                 ),
             )
+            np_path = (
+                f"/apis/networking.k8s.io/v1/namespaces/{NAMESPACE}/networkpolicies/{NAME}-ray"
+            )
+
+            async def open_the_policy() -> None:
+                # Someone admits everything to every port; the next reconcile closes it again.
+                await send("PATCH", np_path, {"spec": {"ingress": [{}]}})
+                touch = {"metadata": {"annotations": {"example.com/touched": "again"}}}
+                await send("PATCH", f"{cs_path}/{NAME}", touch)
+
+            await step(
+                "policy-drift",
+                open_the_policy(),
+                lambda: {} not in child(NETWORKPOLICIES, f"{NAME}-ray")["spec"]["ingress"],
+            )
             errors_before_delete = len(errors.messages)
             async with emulator.request("DELETE", f"{cs_path}/{NAME}", headers=headers) as resp:
                 assert resp.status < 400, f"DELETE: {resp.status}"
@@ -390,7 +448,7 @@ async def _scenario(
     finally:
         logging.getLogger().removeHandler(errors)
 
-    calls = [c for r in emulator if not _is_harness(r) for c in [api_call(r)] if c is not None]
+    calls = [c for r in emulator if not _is_harness(r) for c in api_calls(r)]
     events = [
         _plain(r.data) for r in emulator if r.resource == "v1/events" and _verb(r) == "create"
     ]
@@ -412,3 +470,159 @@ async def run_operator_lifecycle(*, namespaces: Sequence[str] | None = None) -> 
     Raises AssertionError if any step of the scenario fails.
     """
     return (await run_lifecycle_scenario(namespaces=namespaces)).calls
+
+
+@dataclasses.dataclass
+class RecreateResult:
+    """What run_recreate_scenario saw."""
+
+    secret_before: dict[str, Any]  # the pre-existing Secret of the generated name
+    secret_after: dict[str, Any] | None  # the same Secret once the operator reconciled
+    waiting: dict[str, Any]  # the old RayService while the new ChatStream waits for it to go
+    rayservice: dict[str, Any]  # the new ChatStream's RayService, once created
+    networkpolicy: dict[str, Any]  # the new ChatStream's NetworkPolicy, once created
+    new_uid: str
+    invalid_image: dict[str, Any]  # the ChatStream with an image outside the allow-list
+    invalid_image_rayservice: dict[str, Any] | None  # its RayService (none, it must be)
+    finalizers: list[str]  # metadata.finalizers of the reconciled ChatStream
+    gone_after_uninstall: bool  # deleted with no operator running: gone at once, not stuck
+    operator_survived: bool
+
+
+async def run_recreate_scenario(
+    *, allowed_images: str = "registry.example.com/ml", step_timeout: float = 20.0
+) -> RecreateResult:
+    """A ChatStream is deleted and re-created under the same name while its old RayService and
+    NetworkPolicy await garbage collection; the harness then plays the garbage collector. A
+    Secret of the generated name exists beforehand (the operator must leave it alone). A second
+    ChatStream names an image outside the allow-list. Then the operator is uninstalled (stopped)
+    and the ChatStream deleted: nothing may keep it in Terminating."""
+    from chatstream_operator import handlers
+
+    saved_env = os.environ.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES")
+    saved_delay = handlers.RECREATE_RETRY_SEC
+    os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = allowed_images
+    handlers.RECREATE_RETRY_SEC = 0.5
+    try:
+        async with (
+            _ApiServer() as emulator,
+            kmock.Server(emulator, host="127.0.0.1") as server,
+        ):
+            for resource, info in RESOURCES.items():
+                emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
+            with _kubeconfig(str(server.url)):
+                return await _recreate(emulator, allowed_images, step_timeout)
+    finally:
+        handlers.RECREATE_RETRY_SEC = saved_delay
+        if saved_env is None:
+            os.environ.pop("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", None)
+        else:
+            os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = saved_env
+
+
+async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -> RecreateResult:
+    ns_api, ns_apis = f"/api/v1/namespaces/{NAMESPACE}", f"/apis/{{}}/namespaces/{NAMESPACE}"
+    cs_path = ns_apis.format("chatstream.dev/v1alpha1") + "/chatstreams"
+    rs_path = ns_apis.format("ray.io/v1") + "/rayservices"
+    np_path = ns_apis.format("networking.k8s.io/v1") + "/networkpolicies"
+    headers = {HARNESS_HEADER: "1"}
+    old_uid, new_uid = f"{UID[:-1]}a", f"{UID[:-1]}b"
+    image = f"{allowed_images.split(',')[0]}/chatstream-serve:1.0"
+
+    async def send(method: str, path: str, body: Any = None) -> None:
+        async with emulator.request(method, path, json=body, headers=headers) as response:
+            assert response.status < 400, f"{method} {path}: {response.status}"
+
+    def get(resource: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = emulator.objects[resource, NAMESPACE, name]
+        except KeyError:
+            return None
+        return None if obj.deleted else _plain(obj)
+
+    def owned_by(uid: str) -> list[dict[str, Any]]:
+        return [{"apiVersion": "chatstream.dev/v1alpha1", "kind": "ChatStream", "name": NAME,
+                 "uid": uid, "controller": True, "blockOwnerDeletion": True}]  # fmt: skip
+
+    def chatstream(name: str, uid: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "chatstream.dev/v1alpha1", "kind": "ChatStream",
+                "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid},
+                "spec": spec}  # fmt: skip
+
+    # What the deleted predecessor left behind, awaiting garbage collection.
+    secret_name = f"{NAME}-chatstream"
+    existing = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": secret_name, "namespace": NAMESPACE},
+                "data": {"session-secret": "a2VwdA==", "admin-token": "a2VwdA=="}}  # fmt: skip
+    await send("POST", f"{ns_api}/secrets", existing)
+    old_rs = {"apiVersion": "ray.io/v1", "kind": "RayService",
+              "metadata": {"name": NAME, "namespace": NAMESPACE,
+                           "ownerReferences": owned_by(old_uid),
+                           "labels": {"app.kubernetes.io/managed-by": "chatstream-operator",
+                                      "chatstream.dev/name": NAME}},
+              "spec": {"serveConfigV2": "old"}}  # fmt: skip
+    await send("POST", rs_path, old_rs)
+    old_np = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+              "metadata": {"name": f"{NAME}-ray", "namespace": NAMESPACE,
+                           "ownerReferences": owned_by(old_uid)},
+              "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}  # fmt: skip
+    await send("POST", np_path, old_np)
+    secret_before = get(SECRETS, secret_name)
+    assert secret_before is not None
+
+    errors = _ErrorLogs()
+    logging.getLogger().addHandler(errors)
+    try:
+        async with _running_operator(None) as task:
+            spec = {**copy.deepcopy(SPEC), "image": image}
+            await send("POST", cs_path, chatstream(NAME, new_uid, spec))
+            bad = {**copy.deepcopy(SPEC), "image": "evil.example.com/miner:1"}
+            await send("POST", cs_path, chatstream("evil", str(uuid.uuid4()), bad))
+            await _wait(
+                "waiting for the old RayService",
+                lambda: any("deleted ChatStream of the same name" in m for m in errors.messages),
+                timeout,
+            )
+            await asyncio.sleep(1.0)  # a few retries: still waiting, nothing taken over
+            waiting = get(RAYSERVICES, NAME)
+            # The garbage collector removes the predecessor's objects.
+            await send("DELETE", f"{rs_path}/{NAME}")
+            await send("DELETE", f"{np_path}/{NAME}-ray")
+
+            def created(resource: str, name: str) -> dict[str, Any] | None:
+                obj = get(resource, name)
+                owner = ((obj or {}).get("metadata", {}).get("ownerReferences") or [{}])[0]
+                return obj if owner.get("uid") == new_uid else None
+
+            rayservice = await _wait("re-created", lambda: created(RAYSERVICES, NAME), timeout)
+            policy = await _wait("policy", lambda: created(NETWORKPOLICIES, f"{NAME}-ray"), timeout)
+
+            def invalid() -> dict[str, Any] | None:
+                obj = get(CHATSTREAMS, "evil")
+                conds = ((obj or {}).get("status") or {}).get("conditions") or []
+                return obj if any(c["type"] == "InvalidSpec" and c["status"] == "True"
+                                  for c in conds) else None  # fmt: skip
+
+            invalid_image = await _wait("invalid image", invalid, timeout)
+            await asyncio.sleep(0.5)
+            finalizers = list(get(CHATSTREAMS, NAME)["metadata"].get("finalizers") or [])
+            survived = not task.done()
+        # Uninstalled: no operator runs any more. The user deletes the ChatStream.
+        await send("DELETE", f"{cs_path}/{NAME}")
+        await asyncio.sleep(0.2)
+        gone = get(CHATSTREAMS, NAME) is None
+    finally:
+        logging.getLogger().removeHandler(errors)
+    return RecreateResult(
+        secret_before=secret_before,
+        secret_after=get(SECRETS, secret_name),
+        waiting=waiting,
+        rayservice=rayservice,
+        networkpolicy=policy,
+        new_uid=new_uid,
+        invalid_image=invalid_image,
+        invalid_image_rayservice=get(RAYSERVICES, "evil"),
+        finalizers=finalizers,
+        gone_after_uninstall=gone,
+        operator_survived=survived,
+    )

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
-from chatstream_operator.__main__ import DEFAULT_LIVENESS, operator_kwargs, parse_args
+from chatstream_operator import handlers
+from chatstream_operator.__main__ import (
+    DEFAULT_LIVENESS,
+    configure_environment,
+    operator_kwargs,
+    parse_args,
+)
+from chatstream_operator.network import DEFAULT_CONTROL_PLANE_PEERS
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("CHATSTREAM_NAMESPACES", "CHATSTREAM_LIVENESS", "CHATSTREAM_PEERING"):
+    for name in (
+        "CHATSTREAM_NAMESPACES",
+        "CHATSTREAM_LIVENESS",
+        "CHATSTREAM_PEERING",
+        "CHATSTREAM_DRIFT_INTERVAL_SEC",
+        "CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES",
+        "CHATSTREAM_NETWORK_POLICY",
+        "CHATSTREAM_CONTROL_PLANE_PEERS",
+        "CHATSTREAM_METRICS_PEERS",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("CHATSTREAM_STANDALONE", raising=False)
 
@@ -62,3 +81,39 @@ def test_liveness_can_be_moved_or_disabled():
     url = "http://0.0.0.0:9090/live"
     assert operator_kwargs(parse_args([f"--liveness={url}"]))["liveness_endpoint"] == url
     assert operator_kwargs(parse_args(["--liveness="]))["liveness_endpoint"] is None
+
+
+def test_no_drift_timer_by_default():
+    """A timer makes kopf keep a finalizer on every ChatStream; none unless asked for."""
+    assert parse_args([]).drift_interval == 0
+    assert parse_args(["--drift-interval=60"]).drift_interval == 60
+
+
+def test_allow_list_and_network_policy_reach_the_handlers(monkeypatch):
+    prometheus = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    args = parse_args(
+        [
+            "--allowed-image-repository=registry.example.com/ml",
+            "--allowed-image-repository=ghcr.io/acme",
+            f"--metrics-peers={json.dumps(prometheus)}",
+        ]
+    )
+    names = ("DRIFT_INTERVAL_SEC", "ALLOWED_IMAGE_REPOSITORIES", "NETWORK_POLICY", "METRICS_PEERS")
+    for name in names:
+        monkeypatch.setenv(f"CHATSTREAM_{name}", "")  # so that they are restored after the test
+    configure_environment(args)
+    assert handlers.allowed_image_repositories() == ["registry.example.com/ml", "ghcr.io/acme"]
+    assert handlers.network_policy_settings() == (True, DEFAULT_CONTROL_PLANE_PEERS, prometheus)
+    for name in names:
+        del os.environ[f"CHATSTREAM_{name}"]
+    configure_environment(parse_args(["--no-network-policy"]))
+    assert handlers.network_policy_settings()[0] is False
+    assert handlers.allowed_image_repositories() == []
+
+
+def test_allow_list_and_peers_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "a.example/x, b.example/y")
+    assert parse_args([]).allowed_image_repositories == ["a.example/x", "b.example/y"]
+    with pytest.raises(SystemExit):
+        parse_args(["--control-plane-peers", '{"podSelector": {}}'])  # a list is expected
+    assert "NetworkPolicyPeer" in capsys.readouterr().err

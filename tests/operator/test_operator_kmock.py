@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
+import kubernetes_validate
 import pytest
 import yaml
+from chatstream_operator.network import render_network_policy
 from chatstream_operator.render import render_rayservice
 from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, validator_for
 from harness import (
@@ -67,6 +69,53 @@ def test_create_renders_an_owned_rayservice(run):
     expected = render_rayservice(NAME, SPEC)
     assert rs["spec"] == expected["spec"]
     assert expected["metadata"]["labels"].items() <= rs["metadata"]["labels"].items()
+
+
+def test_the_generated_secret_is_created_once_and_owned(run):
+    secret = run.snapshots["create"]["secret"]
+    assert secret["metadata"]["name"] == f"{NAME}-chatstream"
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("ChatStream", NAME, UID)
+    assert set(secret["data"]) == {"session-secret", "admin-token"}
+    kubernetes_validate.validate(secret, "1.33.0", strict=True)
+    # Never rewritten: the same keys at every step, so cookies outlive every change.
+    assert all(snap["secret"]["data"] == secret["data"] for snap in run.snapshots.values())
+    creates = [c for c in run.calls if c.resource == "secrets"]
+    assert {c.verb for c in creates} == {"create"}  # the operator never reads a Secret
+
+
+def test_the_pods_read_secrets_from_the_generated_secret(run):
+    cluster = _rs(run, "create")["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        assert refs["CHATSTREAM_SESSION_SECRET"] == {
+            "name": f"{NAME}-chatstream",
+            "key": "session-secret",
+        }
+        assert refs["CHATSTREAM_ADMIN_TOKEN"]["name"] == f"{NAME}-chatstream"
+
+
+def test_the_network_policy_is_created_owned_and_valid(run):
+    policy = run.snapshots["create"]["networkpolicy"]
+    assert policy["spec"] == render_network_policy(NAME)["spec"]
+    (owner,) = policy["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("ChatStream", UID)
+    kubernetes_validate.validate(policy, "1.33.0", strict=True)
+
+
+def test_an_opened_network_policy_is_closed_again(run):
+    assert run.snapshots["policy-drift"]["networkpolicy"]["spec"] == (
+        render_network_policy(NAME)["spec"]
+    )
+
+
+def test_no_finalizer_so_nothing_is_stuck_without_the_operator(run):
+    """kopf puts a finalizer only on objects with timers (or deletion handlers); without one,
+    a ChatStream deleted after `helm uninstall` goes at once (the old drift timer's finalizer
+    kept it Terminating, with its GPU pods running, until removed by hand)."""
+    for step, snapshot in run.snapshots.items():
+        assert not snapshot["chatstream"]["metadata"].get("finalizers"), step
 
 
 def test_create_writes_status(run):
@@ -178,6 +227,12 @@ def test_calls_are_recorded_as_rbac_verbs(run):
         ApiCall("create", "ray.io", "v1", "rayservices", True, None),
         ApiCall("patch", "ray.io", "v1", "rayservices", True, None),
         ApiCall("create", "", "v1", "events", True, None),
+        ApiCall("create", "", "v1", "secrets", True, None),
+        ApiCall("get", "networking.k8s.io", "v1", "networkpolicies", True, None),
+        ApiCall("create", "networking.k8s.io", "v1", "networkpolicies", True, None),
+        ApiCall("patch", "networking.k8s.io", "v1", "networkpolicies", True, None),
+        # Owner references with blockOwnerDeletion (kopf.adopt), as admission checks them.
+        ApiCall("update", "chatstream.dev", "v1alpha1", "chatstreams", True, "finalizers"),
     }
     assert expected <= calls, expected - calls
     # It never deletes anything: garbage collection removes the RayService with its owner.
@@ -193,4 +248,6 @@ def test_a_namespaced_operator_makes_only_namespaced_calls():
         ("chatstream.dev", "chatstreams"),
         ("ray.io", "rayservices"),
         ("", "events"),
+        ("", "secrets"),
+        ("networking.k8s.io", "networkpolicies"),
     }

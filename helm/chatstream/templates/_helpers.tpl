@@ -128,10 +128,24 @@ ClusterRole when cluster-wide.
 - apiGroups: ["chatstream.dev"]
   resources: ["chatstreams/status"]
   verbs: ["patch"]
+# The owner references the operator sets (kopf.adopt) have blockOwnerDeletion; where the API
+# server enforces OwnerReferencesPermissionEnforcement (OpenShift's default), that needs this.
+- apiGroups: ["chatstream.dev"]
+  resources: ["chatstreams/finalizers"]
+  verbs: ["update"]
 # The RayService each ChatStream owns: watched for its status, created, kept in line.
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The Secret with each ChatStream's generated signing key and admin token: created once, never
+# read (no get, list or watch: the operator cannot see any Secret's contents).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+# The NetworkPolicy of each ChatStream's Ray pods: created, kept in line.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 # Events on the ChatStreams about what the operator did.
 - apiGroups: [""]
   resources: ["events"]
