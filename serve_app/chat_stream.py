@@ -268,6 +268,19 @@ class ChatStream:
         )
         return self.with_cookie(response, view)
 
+    async def handle_chat_completions_request(
+        self,
+        request: Request,
+        request_body: bytes | None = None,
+        callback: Callback | None = None,
+    ) -> Response:
+        """Answer one OpenAI `/v1/chat/completions` request (SSE when `stream` is true),
+        statelessly, with the same admission, outcomes, ledger and callbacks as a chat turn.
+        See serve_app/openai_route.py."""
+        from serve_app.openai_route import handle_chat_completions  # it imports this module
+
+        return await handle_chat_completions(self, request, request_body, callback)
+
     async def admit(
         self,
         request: Request,

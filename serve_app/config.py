@@ -206,6 +206,23 @@ class ChatStreamConfig(BaseModel):
         30.0, ge=0, description="On shutdown, how long pending bookkeeping and callbacks get"
     )
 
+    # --- OpenAI-compatible API and API keys (keys themselves come from the environment) -------
+    served_model_name: str = Field(
+        "",
+        description="The model name of /v1 (GET /v1/models; requests must name it). Empty: "
+        "`model` as given, 'SmolLM2-135M-Instruct' for the embedded default, 'mock' for the "
+        "mock engine",
+    )
+    api_key_max_concurrent_streams: int = Field(
+        0, ge=0, description="Streams one API key may run at once (when keys are on); 0 = no limit"
+    )
+    api_key_tokens_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Prompt + completion tokens one API key may use per sliding minute (when "
+        "keys are on); 0 = no limit",
+    )
+
     # --- accounting --------------------------------------------------------------------------
     ledger_size: int = Field(100_000, ge=1, description="Per-request outcomes kept for inspection")
 

@@ -20,9 +20,11 @@ from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import session_state
+from serve_app import openai_route, session_state
+from serve_app.access import access_of, guard_chat_stream
 from serve_app.chat_stream import ChatStream
 from serve_app.config import ChatStreamConfig
+from serve_app.openai_protocol import OpenAIHTTPError
 from serve_app.validation import (
     RequestRejected,
     parse_feedback,
@@ -44,6 +46,12 @@ async def _rejected(request: Request, rejected: RequestRejected) -> Response:
     return rejected.response()
 
 
+@api.exception_handler(OpenAIHTTPError)
+async def _openai_error(request: Request, error: OpenAIHTTPError) -> Response:
+    """/v1 routes raise OpenAIHTTPError; this answers in OpenAI's error shape."""
+    return error.response()
+
+
 def _resource_usage() -> dict:
     # Defined before the deployment class: Serve pickles the class when it is decorated.
     memory = psutil.virtual_memory()
@@ -63,6 +71,8 @@ def _resource_usage() -> dict:
 class ChatStreamIngress:
     async def __init__(self, model: DeploymentHandle, config: ChatStreamConfig) -> None:
         self.chat_stream = await ChatStream.create(model, config)
+        # Admin token and API keys from the environment; a bad key configuration fails here.
+        self.access = access_of(self.chat_stream)
 
     async def __del__(self) -> None:
         """Serve calls this on shutdown: pending bookkeeping and callbacks get a deadline."""
@@ -70,7 +80,22 @@ class ChatStreamIngress:
 
     @api.post("/chat_stream")
     async def chat_stream_api(self, request: Request) -> Response:
+        if self.access.keys_on:  # API key and per-key limits first (serve_app/access.py)
+            return await guard_chat_stream(self.chat_stream, request)
         return await self.chat_stream.handle_chat_stream_request(request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.chat_stream.handle_chat_completions_request(request)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        return await openai_route.models(self.chat_stream, request)
+
+    @api.get("/v1/usage")
+    async def usage(self, request: Request) -> dict:
+        self.access.require_admin(request)
+        return self.access.usage_report()
 
     @api.get("/history")
     async def history(self, request: Request) -> Response:
@@ -121,21 +146,28 @@ class ChatStreamIngress:
             ) from None
         return self.chat_stream.with_cookie(JSONResponse({"recorded": True}), view)
 
+    # Operator endpoints: the admin token (or loopback only without one; serve_app/access.py).
     @api.get("/load")
-    async def load(self) -> dict:
+    async def load(self, request: Request) -> dict:
+        self.access.require_admin(request)
         return await self.chat_stream.load()
 
     @api.get("/resource_usage")
-    async def resource_usage(self) -> dict:
+    async def resource_usage(self, request: Request) -> dict:
+        self.access.require_admin(request)
         # Ray's resource calls block: they run on a worker thread, not the event loop.
         return await asyncio.to_thread(_resource_usage)
 
     @api.get("/outcomes")
-    async def outcomes(self) -> dict:
+    async def outcomes(self, request: Request) -> dict:
+        self.access.require_admin(request)
         return await self.chat_stream.store.outcome_totals()
 
     @api.get("/outcomes/ledger")
-    async def outcome_ledger(self, request_id: Annotated[list[str] | None, Query()] = None) -> dict:
+    async def outcome_ledger(
+        self, request: Request, request_id: Annotated[list[str] | None, Query()] = None
+    ) -> dict:
+        self.access.require_admin(request)
         return await self.chat_stream.store.outcome_ledger(request_id)
 
     @api.get("/healthz")

@@ -1,0 +1,254 @@
+"""Who may call what: the admin token of the operator endpoints, and API keys with per-key
+limits and usage on the chat endpoints. One `Access` per ChatStream (`access_of`).
+
+Admin endpoints (`/outcomes`, `/outcomes/ledger`, `/load`, `/resource_usage`, `/v1/usage`):
+* `CHATSTREAM_ADMIN_TOKEN` set: `Authorization: Bearer <token>` is required (401 without a
+  bearer token, 403 with a wrong one; compared in constant time).
+* unset (a plain local `serve run`): only loopback clients are answered (403 otherwise). Ray
+  Serve's proxy hands the client's address through to the ingress; uvicorn replaces it with
+  `X-Forwarded-For` only when the direct peer is itself a loopback proxy, so a reverse proxy on
+  the same host does not make every client look local, and a remote client cannot claim to be.
+
+API keys (`serve_app.api_keys`): off unless `CHATSTREAM_API_KEYS` or `CHATSTREAM_API_KEYS_FILE`
+is set. When on, `/v1/*` and `/chat_stream` need `Authorization: Bearer <key>` (401 before any
+slot is taken). Each key's concurrent streams and tokens per minute are limited by `KeyQuotas`,
+checked before ChatStream's own admission (a key at its limit never waits for, nor takes,
+another key's slot), with a Retry-After computed from when the limit frees. Usage per key id
+(requests by outcome, refusals, prompt and completion tokens) is counted in `KeyUsage` (this
+ingress replica's figures, for the admin JSON) and in Prometheus counters labelled by key id.
+With keys off, `/v1` usage is counted under the id `anonymous` and nothing is limited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import uuid
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from ray.serve.metrics import Counter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from serve_app.api_keys import (
+    ANONYMOUS_KEY_ID,
+    ApiKeyRing,
+    KeyLimits,
+    KeyQuotas,
+    KeyUsage,
+    QuotaExceeded,
+    QuotaLease,
+    bearer_token,
+    load_api_keys,
+)
+from serve_app.chat_stream import ChatStream, OutcomeStreamingResponse
+from serve_app.config import ADMIN_TOKEN_ENV, ChatStreamConfig
+from serve_app.conversation import ChatPrompt
+from serve_app.outcomes import Outcome
+from serve_app.validation import REQUEST_ID_HEADER, RequestRejected
+
+SUCCESS = Outcome.SUCCESS.value
+WHILE_STREAMING = Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING.value
+
+logger = logging.getLogger("ray.serve")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_admin(request: Request, admin_token: str | None) -> None:
+    """Raise RequestRejected (401/403) unless `request` may read the operator endpoints."""
+    if not admin_token:
+        host = request.client.host if request.client else None
+        if _is_loopback(host):
+            return
+        raise RequestRejected(
+            403,
+            "forbidden",
+            f"operator endpoints answer only loopback clients unless {ADMIN_TOKEN_ENV} is set "
+            "on the server",
+        )
+    presented = bearer_token(request.headers.get("authorization"))
+    if presented is None:
+        raise RequestRejected(
+            401,
+            "unauthorized",
+            "this endpoint needs 'Authorization: Bearer <admin token>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    # Digests first: compare_digest is constant-time only for inputs of equal length.
+    if not hmac.compare_digest(
+        hashlib.sha256(presented.encode()).digest(), hashlib.sha256(admin_token.encode()).digest()
+    ):
+        raise RequestRejected(403, "forbidden", "the admin token is not valid")
+
+
+def key_limits(config: ChatStreamConfig) -> KeyLimits:
+    return KeyLimits(
+        max_concurrent_streams=config.api_key_max_concurrent_streams or None,
+        tokens_per_minute=config.api_key_tokens_per_minute or None,
+    )
+
+
+class Access:
+    """The admin token, the API key ring (None: keys off), per-key quotas and usage."""
+
+    def __init__(
+        self,
+        config: ChatStreamConfig,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        environ = os.environ if environ is None else environ
+        self.admin_token = environ.get(ADMIN_TOKEN_ENV) or None
+        self.keys: ApiKeyRing | None = load_api_keys(environ)  # ApiKeyError: fail at start
+        self.quotas = KeyQuotas(key_limits(config) if self.keys else KeyLimits())
+        self.usage = KeyUsage()
+        if self.admin_token is None:
+            logger.warning(
+                "%s is not set: /outcomes, /outcomes/ledger, /load, /resource_usage and "
+                "/v1/usage answer loopback clients only",
+                ADMIN_TOKEN_ENV,
+            )
+        if self.keys is not None:
+            logger.info("API keys on: %d key ids %s", len(self.keys.key_ids), self.keys.key_ids)
+        self._requests = Counter(
+            "chatstream_api_key_requests_total",
+            description="Admitted requests per API key id, by outcome",
+            tag_keys=("key_id", "outcome"),
+        )
+        self._rejections = Counter(
+            "chatstream_api_key_rejections_total",
+            description="Requests refused per API key id, by reason",
+            tag_keys=("key_id", "reason"),
+        )
+        self._tokens = Counter(
+            "chatstream_api_key_tokens_total",
+            description="Tokens per API key id: kind=prompt (processed) or completion (sent)",
+            tag_keys=("key_id", "kind"),
+        )
+
+    @property
+    def keys_on(self) -> bool:
+        return self.keys is not None
+
+    # ------------------------------------------------------------------ admin
+    def require_admin(self, request: Request) -> None:
+        check_admin(request, self.admin_token)
+
+    def usage_report(self) -> dict[str, Any]:
+        """The admin JSON: per key id usage and what it holds now (this ingress replica)."""
+        usage = self.usage.snapshot()
+        for key_id, figures in usage.items():
+            figures["now"] = self.quotas.snapshot(key_id)
+        return {"api_keys": self.keys_on, "scope": "ingress_replica", "keys": usage}
+
+    # ------------------------------------------------------------------ keys
+    def authenticate(self, request: Request) -> str | None:
+        """The caller's key id (`anonymous` when keys are off), or None for a missing or wrong
+        key."""
+        if self.keys is None:
+            return ANONYMOUS_KEY_ID
+        return self.keys.authenticate(request.headers.get("authorization"))
+
+    def admit(self, key_id: str) -> QuotaLease:
+        """Take one of the key's streams; raises QuotaExceeded (counted) over a limit."""
+        try:
+            return self.quotas.admit(key_id)
+        except QuotaExceeded as exc:
+            self.rejected(key_id, exc.reason)
+            raise
+
+    def rejected(self, key_id: str | None, reason: str) -> None:
+        key_id = key_id or "unauthenticated"
+        self.usage.record_rejection(key_id, reason)
+        self._rejections.inc(tags={"key_id": key_id, "reason": reason})
+
+    def finished(
+        self, key_id: str, outcome: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """An admitted request's outcome and tokens: usage, metrics and the token budget."""
+        self.usage.record_outcome(key_id, outcome, prompt_tokens, completion_tokens)
+        self.quotas.account(key_id, prompt_tokens + completion_tokens)
+        self._requests.inc(tags={"key_id": key_id, "outcome": outcome})
+        if prompt_tokens:
+            self._tokens.inc(prompt_tokens, tags={"key_id": key_id, "kind": "prompt"})
+        if completion_tokens:
+            self._tokens.inc(completion_tokens, tags={"key_id": key_id, "kind": "completion"})
+
+
+_ACCESS: weakref.WeakKeyDictionary[Any, Access] = weakref.WeakKeyDictionary()
+
+
+def access_of(chat_stream: ChatStream) -> Access:
+    """The Access of `chat_stream` (made on first use, from the replica's environment). Call it
+    when the ingress starts, so that a bad key configuration fails the replica at once."""
+    access = _ACCESS.get(chat_stream)
+    if access is None:
+        access = _ACCESS[chat_stream] = Access(chat_stream.config)
+    return access
+
+
+def _turn_tokens(chat_stream: ChatStream, request: Request, outcome: str) -> tuple[int, int]:
+    """Prompt and answer tokens of a finished /chat_stream turn, from its session's history."""
+    view = getattr(request.state, "session", None)
+    messages = view.record["messages"] if view is not None else []
+    answered = outcome in (SUCCESS, WHILE_STREAMING) and messages
+    answer = messages[-1]["content"] if answered and messages[-1]["role"] == "assistant" else ""
+    before = messages[:-1] if answer else messages
+    if not before or before[-1]["role"] != "user":
+        return 0, chat_stream.formatter.count_tokens(answer)
+    prompt = ChatPrompt(before, chat_stream.formatter, chat_stream.config.system_prompt)
+    formatter = chat_stream.formatter
+    return formatter.count_tokens(prompt.create_prompt()), formatter.count_tokens(answer)
+
+
+async def guard_chat_stream(chat_stream: ChatStream, request: Request) -> Response:
+    """`/chat_stream` behind an API key: 401 without a valid one, 429 over the key's limits
+    (before ChatStream's admission), usage counted when the turn is over."""
+    access = access_of(chat_stream)
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    key_id = access.authenticate(request)
+    if key_id is None:
+        access.rejected(None, "invalid_api_key")
+        rejected = RequestRejected(
+            401,
+            "invalid_api_key",
+            "this server needs 'Authorization: Bearer <API key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+        return await chat_stream.reject(request_id, rejected)
+    try:
+        lease = access.admit(key_id)
+    except QuotaExceeded as exceeded:
+        rejected = RequestRejected(
+            429,
+            exceeded.reason,
+            exceeded.message,
+            {"Retry-After": str(max(1, math.ceil(exceeded.retry_after_s)))},
+        )
+        return await chat_stream.reject(request_id, rejected)
+
+    async def on_finished(request: Request, message: str) -> None:
+        lease.release()
+        access.finished(key_id, message, *_turn_tokens(chat_stream, request, message))
+
+    try:
+        response = await chat_stream.handle_chat_stream_request(request, callback=on_finished)
+    except BaseException:
+        lease.release()  # the request is over (an admitted one is also counted by on_finished)
+        raise
+    if not isinstance(response, OutcomeStreamingResponse):
+        lease.release()  # refused (or failed before its first chunk): nothing streams
+    return response
