@@ -125,8 +125,10 @@ def _scale_phase(rayservice: Mapping[str, Any], model_status: str) -> tuple[str,
 def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
     """(replicas, readyReplicas): one model replica per pod of the RayService's model group.
 
-    `replicas` is what the RayService asks for (the autoscaler's current wish when autoscaling),
-    so that an invalid or not yet applied ChatStream spec does not show up as running replicas.
+    `replicas` is what the RayService asks Serve for (`num_replicas`), so that an invalid or not
+    yet applied ChatStream spec does not show up as running replicas, and idle pods waiting to
+    go (ReleasingPods) do not count for the scale subresource and HPAs. When Serve autoscales,
+    it is the pods Ray's autoscaler wants, which follow Serve's choice.
     """
     if rayservice is None:
         return 0, 0
@@ -137,7 +139,10 @@ def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
     replicas = int(groups[0].get("replicas") or 0) if groups else 0
     active = (rayservice.get("status") or {}).get("activeServiceStatus") or {}
     cluster = active.get("rayClusterStatus") or {}
-    if (
+    target = _model_override(rayservice).get("num_replicas")
+    if isinstance(target, int):
+        replicas = target
+    elif (
         cluster_spec.get("enableInTreeAutoscaling")
         and cluster.get("desiredWorkerReplicas") is not None
     ):

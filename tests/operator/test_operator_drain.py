@@ -27,7 +27,6 @@ from ray.serve._private.deploy_utils import get_app_code_version
 from ray.serve._private.utils import DeploymentOptionUpdateType
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from serve_app.builder import drain_options
 from serve_app.config import ChatStreamConfig
 
 BASE: dict[str, Any] = {"engine": "mock", "replicas": 3, "maxOngoingRequests": 2}
@@ -308,6 +307,8 @@ def test_an_upgrade_shows_as_upgrading():
 @pytest.mark.parametrize("tokens", [1, 256, 4096])
 def test_serve_app_derives_the_operators_default_bounds(tokens):
     """`serve run` (no operator) drains like the operator's defaults (serve_app/builder.py)."""
+    from serve_app.builder import drain_options  # the whole app: only this test needs it
+
     spec = {"generation": {"maxNewTokens": tokens}}
     config = ChatStreamConfig.model_validate(serve_args(spec))
     rendered = _deployments(render_rayservice("chat", spec))
