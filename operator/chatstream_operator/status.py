@@ -1,7 +1,8 @@
 """Pure status logic: a RayService's status -> the ChatStream's status fields and conditions.
 
 Conditions:
-- Ready: the Serve application is RUNNING and the model deployment HEALTHY.
+- Ready: the Serve application serves: RUNNING with the model deployment HEALTHY, or a scale
+  under way (the model deployment UPSCALING / DOWNSCALING while the other replicas serve).
 - Progressing: a deployment, scale or cluster upgrade is under way. Its reason names the phase
   (`kubectl get chs` shows it): Creating, Deploying, Updating, Upgrading (a new Ray cluster),
   ScalingUp, ScalingDown (Serve drains the model replicas it removes), ReleasingPods (Serve is
