@@ -6,10 +6,13 @@ when the server's ledger drops, doubles or mislabels an outcome, and pass when t
 Vocabulary. For one request id the server holds an *entry*: one of the four outcome names, or
 ``rejected:<error code>`` for a request refused before admission (429, 4xx). A client record
 lists the entries its observation is consistent with (``accepts``); almost always exactly one.
-``ABSENT`` among them means "the server may have no entry": only an early quitter that closed
+``ABSENT`` among them means "the server may have no entry": an early quitter that closed
 before it got any answer needs it, because a request the Serve proxy had not yet handed to the
-ingress is dropped there and never admitted (documented Ray Serve behaviour). In the totals a
-record counts under the entry the server holds when it is acceptable, else under its first.
+ingress is dropped there and never admitted (documented Ray Serve behaviour); so does a request
+refused while the state store was down (`503 store_unavailable`: the refusal could not be
+written), and, after the shared-state actor lost its state, any request from before. In the
+totals a record counts under the entry the server holds when it is acceptable, else under its
+first; records without an entry are tallied apart, under their first entry (`unrecorded`).
 """
 
 from __future__ import annotations
@@ -93,8 +96,9 @@ class AccountingReport:
     rows: tuple[Row, ...]
     differences: tuple[Difference, ...]
     requests: int
-    not_admitted: int  # early quits the service never saw (ABSENT accepted, no entry)
+    not_admitted: int  # requests without a server entry, as their client allows (ABSENT)
     extra_failures: tuple[str, ...] = field(default=())
+    unrecorded: tuple[tuple[str, int], ...] = field(default=())  # those, by first entry
 
     @property
     def ok(self) -> bool:
@@ -104,8 +108,13 @@ class AccountingReport:
         """The same report with further failed checks (slot leak, fresh request, ...)."""
         extra = self.extra_failures + tuple(f for f in failures if f)
         return AccountingReport(
-            self.rows, self.differences, self.requests, self.not_admitted, extra
+            self.rows, self.differences, self.requests, self.not_admitted, extra, self.unrecorded
         )
+
+    def seen_by_clients(self, key: str) -> int:
+        """How many requests the clients saw end as `key`: with a server entry or without."""
+        recorded = sum(r.client for r in self.rows if r.key == key)
+        return recorded + dict(self.unrecorded).get(key, 0)
 
 
 def server_view_from_json(
@@ -152,6 +161,7 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
     """Compare request id by request id, then per-outcome and per-rejection totals."""
     differences: list[Difference] = []
     client_counts: Counter[str] = Counter()
+    unrecorded: Counter[str] = Counter()
     seen: set[str] = set()
     requests = not_admitted = 0
 
@@ -203,6 +213,7 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
             resolved = record.accepts[0]
         if resolved == ABSENT:
             not_admitted += 1
+            unrecorded[record.accepts[0]] += 1
         else:
             client_counts[resolved] += 1
 
@@ -238,7 +249,9 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
                     f"{row.key}: counts differ",
                 )
             )
-    return AccountingReport(rows, tuple(differences), requests, not_admitted)
+    return AccountingReport(
+        rows, tuple(differences), requests, not_admitted, (), tuple(sorted(unrecorded.items()))
+    )
 
 
 def _show(entries: tuple[str, ...]) -> str:
@@ -256,10 +269,24 @@ def format_report(report: AccountingReport, max_differences: int = 50) -> str:
             f"{row.key:<{width}}  {row.client:>8}  {row.server_ledger:>8}  "
             f"{row.server_totals:>8}  {mark}"
         )
+    early = dict(report.unrecorded).get(BEFORE_STREAMING, 0)
     lines.append(
-        f"{report.requests} requests; {report.not_admitted} early quits closed before the service "
+        f"{report.requests} requests; {early} early quits closed before the service "
         "admitted them (no entry expected)"
     )
+    others = [(k, n) for k, n in report.unrecorded if k != BEFORE_STREAMING]
+    if others:
+        lines.append(
+            "without a server entry, as the client's observation allows (the store was down "
+            "or lost its state): " + ", ".join(f"{k} {n}" for k, n in others)
+        )
+    unavailable = rejected("store_unavailable")
+    if seen := report.seen_by_clients(unavailable):
+        lines.append(
+            f"503 store_unavailable seen by clients: {seen} "
+            f"({dict(report.unrecorded).get(unavailable, 0)} refused while the store could not "
+            "record them)"
+        )
     if report.differences:
         lines.append(f"{len(report.differences)} difference(s):")
         lines.append(
@@ -284,6 +311,8 @@ def report_as_dict(report: AccountingReport) -> dict[str, object]:
         "ok": report.ok,
         "requests": report.requests,
         "not_admitted": report.not_admitted,
+        "unrecorded": dict(report.unrecorded),
+        "store_unavailable_seen_by_clients": report.seen_by_clients(rejected("store_unavailable")),
         "rows": [
             {
                 "key": r.key,

@@ -10,6 +10,10 @@ Users (weights are options, see `--help`), and the outcome each implies:
 - BadInputUser: malformed JSON, missing/empty/oversized input, bad params -> 4xx, not admitted
 - FailingPromptUser (opt-in): the mock engine's fail marker -> unknown_error_occurred
 
+Fault profiles (`--fault-at S --fault-kind K`): kill a model replica, kill the shared-state
+actor, or restart / kill the Redis of session_store=redis mid-run. Requests refused while the
+store is down are `503 store_unavailable` at the client: counted, not errors.
+
 At test stop: wait until the service is quiet (0 ongoing, 0 queued), compare every request id's
 outcome or rejection with the server's ledger, compare the totals, check that no slot is left
 occupied and that one fresh request streams at once; print the table; any difference makes the
@@ -19,7 +23,7 @@ compared as deltas). Single-process Locust only (the client records live in this
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import json
 import logging
 import random
@@ -49,6 +53,7 @@ from loadtest.accounting import (  # noqa: E402
     WHILE_STREAMING,
     AccountingReport,
     ClientRecord,
+    ServerView,
     compare,
     format_report,
     rejected,
@@ -59,6 +64,11 @@ from loadtest.accounting import (  # noqa: E402
 logger = logging.getLogger("chatstream.loadtest")
 
 REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
+STORE_UNAVAILABLE = "store_unavailable"
+TURN_IN_PROGRESS = "turn_in_progress"
+NOTHING_TO_REGENERATE = "nothing_to_regenerate"
+FAULT_KINDS = ("replica", "state-actor", "redis-restart", "redis-kill")
+STORE_FAULTS = ("state-actor", "redis-restart", "redis-kill")
 WORDS = ("river", "cloud", "lantern", "harbor", "meadow", "signal", "copper", "orbit", "garden")
 
 
@@ -106,10 +116,24 @@ def _add_arguments(parser: Any) -> None:
         "--fault-at",
         type=float,
         default=0.0,
-        help="kill the model replica this many seconds after the start (0: never)",
+        help="inject the fault (--fault-kind) this many seconds after the start (0: never)",
+    )
+    group.add_argument(
+        "--fault-kind",
+        choices=FAULT_KINDS,
+        default="replica",
+        help="replica: kill a model replica; state-actor: kill the shared-state actor "
+        "(session_store=ray); redis-restart / redis-kill: SIGTERM / SIGKILL the Redis of "
+        "session_store=redis and start it again after --fault-down-sec",
     )
     group.add_argument(
         "--fault-ray-address", default="", help="GCS address (ip:port) of the service's Ray cluster"
+    )
+    group.add_argument(
+        "--fault-redis-dir", default="", help="redis-*: the Redis directory (redis.conf, redis.pid)"
+    )
+    group.add_argument(
+        "--fault-down-sec", type=float, default=3.0, help="redis-*: how long Redis stays down"
     )
     group.add_argument(
         "--fault-app", default="", help="Serve application of the deployment (default: any)"
@@ -139,7 +163,10 @@ class Options:
     quiesce_timeout: float = 30.0
     fresh_ttfb_max: float = 5.0
     fault_at: float = 0.0
+    fault_kind: str = "replica"
     fault_ray_address: str = ""
+    fault_redis_dir: str = ""
+    fault_down_sec: float = 3.0
     fault_app: str = ""
     fault_deployment: str = "ChatModel"
     accounting_report: str = ""
@@ -156,9 +183,14 @@ class Options:
 @dataclass
 class FaultResult:
     attempted: bool = False
+    kind: str = ""
     killed: str = ""
     recovered: bool = False
     detail: str = ""
+    started_at: float = 0.0  # wall clock: the injection began
+    up_at: float = 0.0  # wall clock: the fault is over (0 while it lasts)
+    state_lost: bool = False  # the state holder restarted empty (state-actor)
+    first_id_after: int = -1  # request numbers from here on were sent after the fault
 
 
 @dataclass
@@ -176,7 +208,7 @@ class RunState:
     unsupported: str = ""
     fault_greenlet: gevent.Greenlet | None = None
     report: AccountingReport | None = None
-    _ids: itertools.count = field(default_factory=itertools.count)
+    next_number: int = 0
 
     def reset(self, options: Options) -> None:
         """Forget the previous run (the web UI may start several in one process)."""
@@ -184,15 +216,40 @@ class RunState:
         self.prefix = f"lt{time.strftime('%H%M%S')}{uuid.uuid4().hex[:6]}"
 
     def new_id(self, kind: str) -> str:
-        return f"{self.prefix}-{kind}-{next(self._ids)}"
+        number, self.next_number = self.next_number, self.next_number + 1
+        return f"{self.prefix}-{kind}-{number}"
 
     def record(self, request_id: str, behaviour: str, *accepts: str, violation: str = "") -> None:
         self.records.append(ClientRecord(request_id, behaviour, tuple(accepts), violation))
 
     @property
     def errors_expected(self) -> bool:
-        """Engine errors are part of the scenario only when a replica is killed."""
-        return self.options.fault_at > 0
+        """Engine errors (cut streams, 500s) are part of the scenario only when a replica or the
+        shared-state actor is killed."""
+        return self.options.fault_at > 0 and self.options.fault_kind in ("replica", "state-actor")
+
+    @property
+    def store_fault(self) -> bool:
+        """The state store goes away mid-run: 503 store_unavailable while it is down, and 409
+        turn_in_progress while a turn's release waits for the store (retried in the background)."""
+        return self.options.fault_at > 0 and self.options.fault_kind in STORE_FAULTS
+
+    def overlaps_store_fault(self, started_at: float) -> bool:
+        """A request sent at `started_at` (wall clock) and answered now met the store fault: the
+        service may have refused it without being able to record the refusal."""
+        if not self.store_fault or not self.fault.started_at:
+            return False
+        over = self.fault.up_at or float("inf")
+        return started_at <= over + 1.0 and time.time() >= self.fault.started_at
+
+    def refusal_codes(self, *codes: str) -> tuple[str, ...]:
+        """The error codes a behaviour may meet: its own, and those a store fault brings."""
+        if not self.store_fault:
+            return codes
+        extra = (STORE_UNAVAILABLE, TURN_IN_PROGRESS)
+        if self.options.fault_kind == "state-actor":  # the history is gone
+            extra += (NOTHING_TO_REGENERATE,)
+        return (*codes, *extra)
 
 
 RUN = RunState()
@@ -229,6 +286,10 @@ class ChatStreamUser(HttpUser):
 
     def refused(self, response: Any, request_id: str, *allowed: str) -> None:
         """Record a non-200 answer; `allowed` are the error codes this behaviour expects."""
+        allowed = RUN.refusal_codes(*allowed)
+        started_at = response.request_meta.get("start_time", time.time())
+        # A refusal while the store was down may not have been recorded by the server.
+        unrecorded = (ABSENT,) if RUN.overlaps_store_fault(started_at) else ()
         if response.status_code == 0:  # no HTTP answer: refused, cut, or we timed out waiting
             RUN.record(
                 request_id,
@@ -241,6 +302,13 @@ class ChatStreamUser(HttpUser):
             response.failure(f"no answer: {response.error}")
             return
         code = _error_code(response)
+        if response.status_code == 503 and code == STORE_UNAVAILABLE:
+            # Refused before admission: no slot, no callback. The server records the refusal
+            # only if the store came back in time to take it.
+            violation = "" if code in allowed else "503 store_unavailable"
+            RUN.record(request_id, self.behaviour, rejected(code), ABSENT, violation=violation)
+            response.failure("503 store_unavailable (expected while the store is down)")
+            return
         if response.status_code == 500 and code == UNKNOWN_ERROR:
             # admitted, failed before its first chunk
             ok = RUN.errors_expected or UNKNOWN_ERROR in allowed
@@ -259,7 +327,7 @@ class ChatStreamUser(HttpUser):
             response.failure(f"HTTP {response.status_code}")
             return
         violation = "" if code in allowed else f"unexpected HTTP {response.status_code} {code}"
-        RUN.record(request_id, self.behaviour, rejected(code), violation=violation)
+        RUN.record(request_id, self.behaviour, rejected(code), *unrecorded, violation=violation)
         if code == "too_many_requests":
             response.failure("429 too_many_requests (expected while saturated)")
         elif violation:
@@ -372,7 +440,7 @@ class EarlyQuitterUser(ChatStreamUser):
                 self.behaviour,
                 BEFORE_STREAMING,
                 ABSENT,
-                rejected("too_many_requests"),
+                *(rejected(code) for code in RUN.refusal_codes("too_many_requests")),
             )
             self.environment.events.request.fire(
                 request_type="POST",
@@ -518,42 +586,56 @@ class FailingPromptUser(ChatStreamUser):
 
 
 # --------------------------------------------------------------------------- fault injection
-def inject_fault(environment: Environment) -> None:
-    """Kill the model replica once, `--fault-at` seconds into the run, with Ray's own API.
+def fault_command(options: Options) -> list[str]:
+    """The `python -m loadtest.fault` command line of the configured fault."""
+    command = [sys.executable, "-m", "loadtest.fault", "--kind", options.fault_kind]
+    if options.fault_kind.startswith("redis-"):
+        return command + [
+            "--redis-dir",
+            options.fault_redis_dir,
+            "--down-sec",
+            str(options.fault_down_sec),
+        ]
+    command += ["--address", options.fault_ray_address, "--app", options.fault_app]
+    if options.fault_kind == "replica":
+        command += ["--deployment", options.fault_deployment]
+    return command
 
-    Quitters pause first (and their in-flight requests finish), so that no quit races the kill:
-    a stream the kill cuts ends as unknown_error_occurred on both sides, unambiguously.
+
+def inject_fault(environment: Environment) -> None:
+    """Inject the fault once, `--fault-at` seconds into the run, from a separate process.
+
+    For a replica kill, quitters pause first (and their in-flight requests finish), so that no
+    quit races the kill: a stream the kill cuts ends as unknown_error_occurred on both sides,
+    unambiguously. Store faults need no pause: a quit is recorded once the store is back.
     """
     options = RUN.options
     gevent.sleep(options.fault_at)
-    RUN.quiet = True
     RUN.fault.attempted = True
+    RUN.fault.kind = options.fault_kind
     try:
-        deadline = time.monotonic() + 30
-        while RUN.quitters_in_flight and time.monotonic() < deadline:
-            gevent.sleep(0.05)
-        command = [
-            sys.executable,
-            "-m",
-            "loadtest.fault",
-            "--address",
-            options.fault_ray_address,
-            "--app",
-            options.fault_app,
-            "--deployment",
-            options.fault_deployment,
-        ]
+        if options.fault_kind == "replica":
+            RUN.quiet = True
+            deadline = time.monotonic() + 30
+            while RUN.quitters_in_flight and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+        command = fault_command(options)
         logger.info("fault injection: %s", " ".join(command))
+        RUN.fault.started_at = time.time()
         done = subprocess.run(
-            command, cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False
+            command, cwd=_ROOT, capture_output=True, text=True, timeout=150, check=False
         )
         result = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+        RUN.fault.up_at = float(result.get("up_at") or time.time())
+        RUN.fault.first_id_after = RUN.next_number
         RUN.fault.killed = result.get("killed", "")
         RUN.fault.recovered = bool(result.get("recovered"))
+        RUN.fault.state_lost = bool(result.get("state_lost"))
         RUN.fault.detail = result.get("detail", "") or done.stderr.strip()[-2000:]
         logger.info("fault injection result: %s", result or done.stderr[-2000:])
     except Exception as exc:  # reported as a failed check at the end
         RUN.fault.detail = f"{type(exc).__name__}: {exc}"
+        RUN.fault.up_at = RUN.fault.up_at or time.time()
         logger.exception("fault injection failed")
     finally:
         RUN.quiet = False
@@ -591,7 +673,9 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     except (requests.RequestException, ValueError) as exc:
         RUN.warnings.append(f"could not read /outcomes at the start: {exc}")
     if options.fault_at > 0:
-        if not options.fault_ray_address:
+        if options.fault_kind.startswith("redis-") and not options.fault_redis_dir:
+            RUN.unsupported = f"--fault-kind {options.fault_kind} needs --fault-redis-dir"
+        elif not options.fault_kind.startswith("redis-") and not options.fault_ray_address:
             RUN.unsupported = "--fault-at needs --fault-ray-address (the service's Ray cluster)"
         else:
             RUN.fault_greenlet = gevent.spawn(inject_fault, environment)
@@ -665,17 +749,49 @@ def fresh_request(host: str, prefix: str, max_ttfb: float) -> tuple[str, str]:
     return request_id, ""
 
 
-def final_check(host: str) -> AccountingReport:
-    options = RUN.options
-    if RUN.fault_greenlet is not None:
-        RUN.fault_greenlet.join(timeout=150)  # the injector waits for the new replica itself
-    load, totals_after = wait_until_quiet(host, options.quiesce_timeout)
+def request_number(request_id: str) -> int:
+    return int(request_id.rpartition("-")[2])
+
+
+def records_to_compare() -> list[ClientRecord]:
+    """The client records; after the state holder lost its state, a request sent before the
+    fault was over may have no entry (its entry was lost, or written before the loss)."""
+    if not RUN.fault.state_lost:
+        return RUN.records
+    return [
+        dataclasses.replace(record, accepts=(*record.accepts, ABSENT))
+        if request_number(record.request_id) < RUN.fault.first_id_after
+        and ABSENT not in record.accepts
+        else record
+        for record in RUN.records
+    ]
+
+
+def server_view(host: str, totals_after: dict[str, Any]) -> ServerView:
     try:
         ledger = requests.get(f"{host}/outcomes/ledger", timeout=30).json()
     except (requests.RequestException, ValueError) as exc:
         ledger = {}
         RUN.warnings.append(f"could not read the ledger: {exc}")
-    view = server_view_from_json(ledger, RUN.totals_before, totals_after, RUN.prefix)
+    # A state holder that restarted empty counts from zero again.
+    before = {} if RUN.fault.state_lost else RUN.totals_before
+    return server_view_from_json(ledger, before, totals_after, RUN.prefix)
+
+
+def final_check(host: str) -> AccountingReport:
+    options = RUN.options
+    if RUN.fault_greenlet is not None:
+        RUN.fault_greenlet.join(timeout=180)  # the injector waits for the recovery itself
+    load, totals_after = wait_until_quiet(host, options.quiesce_timeout)
+    records = records_to_compare()
+    report = compare(records, server_view(host, totals_after))
+    # After a store fault, bookkeeping writes that met it are retried in the background (with
+    # a growing delay): give them until --quiesce-timeout to land.
+    deadline = time.monotonic() + options.quiesce_timeout
+    while RUN.store_fault and not report.ok and time.monotonic() < deadline:
+        time.sleep(1.0)
+        load, totals_after = wait_until_quiet(host, options.quiesce_timeout)
+        report = compare(records, server_view(host, totals_after))
     failures = [RUN.unsupported]
     if not totals_after:
         failures.append("the service did not answer /outcomes at the end")
@@ -685,7 +801,6 @@ def final_check(host: str) -> AccountingReport:
         failures.append(f"fault injection did not kill and recover: {RUN.fault.detail}")
     if options.fault_at > 0 and not RUN.fault.attempted:
         failures.append("the run ended before the fault injection (raise -t or lower --fault-at)")
-    report = compare(RUN.records, view)
     # One fresh request must stream at once, be recorded, and leave the service idle again.
     fresh_id, fresh_failure = fresh_request(host, RUN.prefix, options.fresh_ttfb_max)
     failures.append(fresh_failure)
@@ -709,10 +824,12 @@ def run_facts() -> dict[str, Any]:
     for record in RUN.records:
         by_behaviour[record.behaviour] = by_behaviour.get(record.behaviour, 0) + 1
     disconnects = sum(1 for r in RUN.records if r.accepts[0] in (BEFORE_STREAMING, WHILE_STREAMING))
+    unavailable = sum(1 for r in RUN.records if r.accepts[0] == rejected(STORE_UNAVAILABLE))
     return {
         "request_id_prefix": RUN.prefix,
         "requests_by_behaviour": by_behaviour,
         "disconnect_fraction": round(disconnects / len(RUN.records), 3) if RUN.records else 0.0,
+        "store_unavailable_refusals": unavailable,
         "fault": RUN.fault.__dict__,
         "warnings": RUN.warnings[:20],
     }
@@ -726,8 +843,13 @@ def run_summary() -> str:
     ]
     if RUN.fault.attempted:
         lines.append(
-            f"fault: killed {RUN.fault.killed or '-'}; recovered: {RUN.fault.recovered}; "
-            f"{RUN.fault.detail[:300]}"
+            f"fault ({RUN.fault.kind}): killed {RUN.fault.killed or '-'}; recovered: "
+            f"{RUN.fault.recovered}; {RUN.fault.detail[:300]}"
         )
+        if RUN.fault.up_at and RUN.fault.started_at:
+            lines.append(
+                f"fault lasted {RUN.fault.up_at - RUN.fault.started_at:.1f}s; "
+                f"{facts['store_unavailable_refusals']} requests refused 503 store_unavailable"
+            )
     lines.extend(f"warning: {w}" for w in RUN.warnings[:20])
     return "\n".join(lines)

@@ -4,7 +4,14 @@ against it, stop the service. The exit code is Locust's: 0 only if the accountin
     python -m loadtest.run_profile --profile ci          # ~1 min, what CI runs
     python -m loadtest.run_profile --profile ci fault    # both on one service start
     python -m loadtest.run_profile --profile long        # >= 5 min, 60 users, >= 30 % disconnects
+    python -m loadtest.run_profile --profile redis-restart state-kill   # store faults (Redis)
+    python -m loadtest.run_profile --profile state-kill-ray               # the Ray actor store
     python -m loadtest.run_profile --profile ci --url http://127.0.0.1:8000   # a running service
+
+Profiles whose service uses session_store=redis start their own redis-server on loopback (in a
+temporary directory, with an append-only file) and hand its URL to the service through
+CHATSTREAM_REDIS_URL; with --url, pass the Redis directory of the running service instead
+(--redis-dir, for the redis fault profiles).
 
 Reports (Locust CSV + HTML, the accounting JSON, the service log) go to loadtest/reports/.
 Anything after `--` is passed to Locust.
@@ -13,6 +20,7 @@ Anything after `--` is passed to Locust.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
@@ -36,6 +44,10 @@ SMALL_MOCK_SERVICE: dict[str, Any] = {
     "max_ongoing_requests": 2,
     "max_queued_requests": 4,
 }
+# The same service on the Redis store (a redis-server the run starts; see run_profiles).
+REDIS_MOCK_SERVICE: dict[str, Any] = {**SMALL_MOCK_SERVICE, "session_store": "redis"}
+# The store faults: Redis stays down this long.
+STORE_DOWN_SEC = 3
 # The soak service: more slots, and a first token after 1 s, which keeps early quits (0.25 s)
 # unambiguous even when the machine is overloaded and a close takes long to reach the server.
 LARGER_MOCK_SERVICE: dict[str, Any] = {
@@ -86,6 +98,56 @@ PROFILES: dict[str, Profile] = {
             "fault-at": 6,
         },
     ),
+    "redis-restart": Profile(
+        "restarts Redis (session_store=redis; SIGTERM, 3 s down) once mid-run: 503 "
+        "store_unavailable meanwhile, every admitted request accounted exactly",
+        REDIS_MOCK_SERVICE,
+        users=10,
+        spawn_rate=10,
+        run_time="25s",
+        options={
+            "chatter-weight": 6,
+            "early-quitter-weight": 2,
+            "mid-stream-quitter-weight": 2,
+            "bad-input-weight": 1,
+            "fault-at": 6,
+            "fault-kind": "redis-restart",
+            "fault-down-sec": STORE_DOWN_SEC,
+        },
+    ),
+    "state-kill": Profile(
+        "kills the state holder mid-run: Redis gets SIGKILL (session_store=redis, append-only "
+        "file, fsync always), 3 s down; accounting exact as for redis-restart",
+        REDIS_MOCK_SERVICE,
+        users=10,
+        spawn_rate=10,
+        run_time="25s",
+        options={
+            "chatter-weight": 6,
+            "early-quitter-weight": 2,
+            "mid-stream-quitter-weight": 2,
+            "bad-input-weight": 1,
+            "fault-at": 6,
+            "fault-kind": "redis-kill",
+            "fault-down-sec": STORE_DOWN_SEC,
+        },
+    ),
+    "state-kill-ray": Profile(
+        "kills the state holder mid-run: the shared-state actor (session_store=ray), restarted "
+        "empty; requests sent after it are accounted exactly, earlier ones may be lost with it",
+        SMALL_MOCK_SERVICE,
+        users=10,
+        spawn_rate=10,
+        run_time="30s",
+        options={
+            "chatter-weight": 6,
+            "early-quitter-weight": 2,
+            "mid-stream-quitter-weight": 2,
+            "bad-input-weight": 1,
+            "fault-at": 6,
+            "fault-kind": "state-actor",
+        },
+    ),
     "long": Profile(
         "soak: 6 minutes, 60 users, about half of them disconnecting",
         LARGER_MOCK_SERVICE,
@@ -111,6 +173,7 @@ def locust_command(
     reports_dir: Path,
     ray_address: str = "",
     extra: list[str] | None = None,
+    redis_dir: str | Path = "",
 ) -> list[str]:
     """The Locust command line of one profile (exactly what a user could type)."""
     command = [
@@ -142,6 +205,8 @@ def locust_command(
         command += [f"--{option}", str(value)]
     if ray_address:
         command += ["--fault-ray-address", ray_address]
+    if redis_dir and str(profile.options.get("fault-kind", "")).startswith("redis-"):
+        command += ["--fault-redis-dir", str(redis_dir)]
     return command + list(extra or [])
 
 
@@ -153,12 +218,19 @@ def run_locust(command: list[str]) -> int:
     return code
 
 
+def needs_ray_address(profile: Profile) -> bool:
+    return bool(profile.options.get("fault-at")) and not str(
+        profile.options.get("fault-kind", "")
+    ).startswith("redis-")
+
+
 def run_profiles(
     names: list[str],
     url: str = "",
     ray_address: str = "",
     reports_dir: Path = LOADTEST_DIR / "reports",
     extra: list[str] | None = None,
+    redis_dir: str | Path = "",
 ) -> int:
     """Run the profiles in order; consecutive ones with the same service share one start."""
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -173,27 +245,50 @@ def run_profiles(
     for service, group in groups:
         if url:
             for name in group:
-                command = locust_command(name, PROFILES[name], url, reports_dir, ray_address, extra)
+                command = locust_command(
+                    name, PROFILES[name], url, reports_dir, ray_address, extra, redis_dir
+                )
                 codes.append(run_locust(command))
             continue
-        from loadtest.fault import gcs_address_for_port
-        from serve_app.local_server import LocalServe
+        codes += run_group(group, service, reports_dir, extra)
+    return max(codes, default=0)
 
+
+def run_group(
+    group: list[str], service: dict[str, Any], reports_dir: Path, extra: list[str] | None
+) -> list[int]:
+    """Start the service (and its redis-server when it needs one), run the profiles, stop."""
+    from loadtest.fault import gcs_address_for_port
+    from serve_app.config import REDIS_URL_ENV
+    from serve_app.local_server import LocalServe
+
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        redis_dir: Path | str = ""
+        if service.get("session_store") == "redis":
+            from tests.redis_server import start_redis
+
+            redis = stack.enter_context(start_redis(durable=True))
+            env[REDIS_URL_ENV] = redis.url
+            redis_dir = redis.dir
+            print(f"redis-server on {redis.url} (directory {redis.dir})", flush=True)
         log_path = reports_dir / f"serve-{'-'.join(group)}.log"
         print(f"starting ChatStream on loopback with {service} (log: {log_path})", flush=True)
         started = time.monotonic()
-        with LocalServe(service, log_path=log_path) as server:
-            print(f"service ready at {server.url} in {time.monotonic() - started:.0f}s", flush=True)
-            address = ""
-            if any(PROFILES[name].options.get("fault-at") for name in group):
-                address = gcs_address_for_port(server.port)
-                print(f"the service's Ray cluster: {address or 'NOT FOUND'}", flush=True)
-            for name in group:
-                command = locust_command(
-                    name, PROFILES[name], server.url, reports_dir, address, extra
+        server = stack.enter_context(LocalServe(service, log_path=log_path, env=env))
+        print(f"service ready at {server.url} in {time.monotonic() - started:.0f}s", flush=True)
+        address = ""
+        if any(needs_ray_address(PROFILES[name]) for name in group):
+            address = gcs_address_for_port(server.port)
+            print(f"the service's Ray cluster: {address or 'NOT FOUND'}", flush=True)
+        return [
+            run_locust(
+                locust_command(
+                    name, PROFILES[name], server.url, reports_dir, address, extra, redis_dir
                 )
-                codes.append(run_locust(command))
-    return max(codes, default=0)
+            )
+            for name in group
+        ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,9 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ray-address", default="", help="with --url: the service's Ray GCS address (fault)"
     )
+    parser.add_argument(
+        "--redis-dir",
+        default="",
+        help="with --url: the directory of the service's redis-server (redis.conf, redis.pid), "
+        "for the redis fault profiles",
+    )
     parser.add_argument("--reports-dir", type=Path, default=LOADTEST_DIR / "reports")
     args = parser.parse_args(argv)
-    return run_profiles(args.profile, args.url, args.ray_address, args.reports_dir, extra)
+    return run_profiles(
+        args.profile, args.url, args.ray_address, args.reports_dir, extra, args.redis_dir
+    )
 
 
 if __name__ == "__main__":

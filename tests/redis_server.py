@@ -9,9 +9,11 @@ temporary directory, stopped by its own process id (never by name).
         with redis.frozen():                # SIGSTOP/SIGCONT: connections hang, nothing answers
             ...
 
-Every instance writes its pid to `pidfile`, so a process that restarts it from outside (the
-load test's fault injector, `loadtest.fault`) leaves a pid this object can still stop: `stop()`
-reads the pidfile and stops that process, after checking it is a redis-server on our port.
+Its configuration is a file in its directory (`redis.conf`), and every instance writes its pid
+to `redis.pid` there, so a process that restarts it from outside (the load test's fault
+injector, `python -m loadtest.fault redis --dir <dir>`) leaves a pid this object can still
+stop: `stop()` reads the pidfile and stops that process, after checking it is a redis-server
+on our port.
 `durable=True` turns on the append-only file with `appendfsync always`: every acknowledged
 write survives a restart or a SIGKILL of Redis itself.
 """
@@ -49,13 +51,12 @@ def ping(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _is_our_redis(pid: int, port: int) -> bool:
@@ -89,36 +90,35 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def command(self) -> list[str]:
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"]
-            if self.durable
-            else ["--appendonly", "no"]
-        )
-        return [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            *persistence,
-            "--pidfile",
-            str(self.pidfile),
-            "--logfile",
-            str(self.log_path),
-            "--daemonize",
-            "no",
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "redis.conf"
+
+    def config(self) -> str:
+        """The server's configuration file: `redis-server <dir>/redis.conf` starts it again as
+        it was (the load test's fault injector does so from another process)."""
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            f'dir "{self.dir}"',
+            'save ""',
+            f"appendonly {'yes' if self.durable else 'no'}",
+            "appendfsync always",
+            f'pidfile "{self.pidfile}"',
+            f'logfile "{self.log_path}"',
+            "daemonize no",
         ]
+        return "\n".join(lines) + "\n"
+
+    def command(self) -> list[str]:
+        return [REDIS_SERVER, str(self.config_path)]
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> RedisServer:
         if self.running():
             return self
         self.pidfile.unlink(missing_ok=True)
+        self.config_path.write_text(self.config())
         self._proc = subprocess.Popen(
             self.command(),
             cwd=self.dir,
