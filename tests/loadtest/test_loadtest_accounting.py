@@ -16,6 +16,7 @@ from loadtest.accounting import (
     counter_delta,
     format_report,
     rejected,
+    report_as_dict,
     server_view_from_json,
 )
 
@@ -153,3 +154,30 @@ def test_extra_failures_fail_the_report() -> None:
 
 def test_counter_delta() -> None:
     assert counter_delta({"a": 1, "b": 2}, {"b": 5, "c": 1}) == {"a": -1, "b": 3, "c": 1}
+
+
+def test_refusals_while_the_store_was_down_are_counted_by_the_clients() -> None:
+    """A 503 store_unavailable may have been recorded (the store came back in time) or not;
+    both are consistent, and the clients' count of 503s includes both."""
+    unavailable = rejected("store_unavailable")
+    records = [
+        *CLIENT,
+        ClientRecord("lt-8", "chatter", (unavailable, ABSENT)),
+        ClientRecord("lt-9", "chatter", (unavailable, ABSENT)),
+        ClientRecord("lt-10", "bad input", (rejected("invalid_json"), ABSENT)),
+    ]
+    rejections = {**REJECTIONS, "lt-9": "store_unavailable"}
+    report = compare(records, server_view(LEDGER, rejections))
+    assert report.ok, format_report(report)
+    assert dict(report.unrecorded) == {unavailable: 1, rejected("invalid_json"): 1}
+    assert report.seen_by_clients(unavailable) == 2
+    text = format_report(report)
+    assert "503 store_unavailable seen by clients: 2 (1 refused while the store" in text
+    assert report_as_dict(report)["store_unavailable_seen_by_clients"] == 2
+
+
+def test_a_503_the_client_did_not_allow_for_fails() -> None:
+    records = [*CLIENT, ClientRecord("lt-8", "chatter", (rejected("too_many_requests"),))]
+    report = compare(records, server_view(LEDGER, {**REJECTIONS, "lt-8": "store_unavailable"}))
+    assert not report.ok
+    assert any(d.request_id == "lt-8" and d.problem == "mislabelled" for d in report.differences)
