@@ -51,7 +51,9 @@ def build_app(config: ChatStreamConfig, ingress: Deployment = ChatStreamIngress)
     """The model deployment behind `ingress` (ours, or your own that uses ChatStream)."""
     model = ChatModel.options(**model_deployment_options(config)).bind(config)
     return ingress.options(
-        num_replicas=config.ingress_replicas, **drain_options(config, factor=2)
+        num_replicas=config.ingress_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        **drain_options(config, factor=2),
     ).bind(model, config)
 
 

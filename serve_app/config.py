@@ -123,6 +123,12 @@ class ChatStreamConfig(BaseModel):
     # --- draining: how long a replica that goes (scale-down, upgrade) may take ---------------
     # The operator overrides both per deployment (serveConfigV2 `deployments`), from
     # max_new_tokens x its per-token bound; these apply to `serve run` and config files.
+    ingress_num_cpus: float = Field(
+        0.5,
+        ge=0.0,
+        description="CPUs reserved per ingress replica: it mostly waits on the network and the "
+        "model, so two fit beside a model replica on a 2-core machine",
+    )
     graceful_shutdown_timeout_s: float | None = Field(
         None,
         gt=0.0,
