@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -60,36 +61,45 @@ class OutcomeLedger:
     Pure bookkeeping; the shared-state actor holds one for all ingress replicas.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        max_entries: int = 100_000,
+        on_drop: Callable[[str, str], None] | None = None,
+    ) -> None:
+        """`on_drop(kind, key)` hears of each entry that leaves ("outcome" / "rejection" by
+        request id, "record" by record id), for a store that mirrors the ledger elsewhere."""
         self.max_entries = max_entries
         self.outcome_totals: Counter[str] = Counter({o.value: 0 for o in Outcome})
         self.rejection_totals: Counter[str] = Counter()
-        self._outcomes: OrderedDict[str, str] = OrderedDict()
-        self._rejections: OrderedDict[str, str] = OrderedDict()
-        self._record_ids: OrderedDict[str, None] = OrderedDict()
+        self.entries: dict[str, OrderedDict[str, str | None]] = {
+            "outcome": OrderedDict(),
+            "rejection": OrderedDict(),
+            "record": OrderedDict(),
+        }
         self.repeated_request_ids = 0
+        self._on_drop = on_drop or (lambda kind, key: None)
 
-    @staticmethod
-    def _remember(entries: OrderedDict[str, str], key: str, value: str, limit: int) -> None:
+    def _remember(self, kind: str, key: str, value: str | None) -> None:
+        entries = self.entries[kind]
         entries[key] = value
         entries.move_to_end(key)
-        while len(entries) > limit:
-            entries.popitem(last=False)
+        while len(entries) > self.max_entries:
+            self._on_drop(kind, entries.popitem(last=False)[0])
 
     def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
         """Count `outcome` once per `record_id` (a retried write is not counted again)."""
         Outcome(outcome)  # refuse anything but the four outcomes
-        if record_id in self._record_ids:
+        if record_id in self.entries["record"]:
             return
-        self._remember(self._record_ids, record_id, None, self.max_entries)
-        if request_id in self._outcomes:
+        self._remember("record", record_id, None)
+        if request_id in self.entries["outcome"]:
             self.repeated_request_ids += 1
         self.outcome_totals[outcome] += 1
-        self._remember(self._outcomes, request_id, outcome, self.max_entries)
+        self._remember("outcome", request_id, outcome)
 
     def record_rejection(self, request_id: str, reason: str) -> None:
         self.rejection_totals[reason] += 1
-        self._remember(self._rejections, request_id, reason, self.max_entries)
+        self._remember("rejection", request_id, reason)
 
     def totals(self) -> dict[str, Any]:
         return {
@@ -99,10 +109,17 @@ class OutcomeLedger:
             "repeated_request_ids": self.repeated_request_ids,
         }
 
+    def restore_totals(self, totals: dict[str, Any]) -> None:
+        """Take back totals saved from `totals()` (a restarted holder of the ledger)."""
+        self.outcome_totals.update(totals["outcomes"])
+        self.rejection_totals.update(totals["rejections"])
+        self.repeated_request_ids = totals["repeated_request_ids"]
+
     def lookup(self, request_ids: list[str] | None = None) -> dict[str, dict[str, str]]:
+        outcomes, rejections = self.entries["outcome"], self.entries["rejection"]
         if not request_ids:
-            return {"outcomes": dict(self._outcomes), "rejections": dict(self._rejections)}
+            return {"outcomes": dict(outcomes), "rejections": dict(rejections)}
         return {
-            "outcomes": {i: self._outcomes[i] for i in request_ids if i in self._outcomes},
-            "rejections": {i: self._rejections[i] for i in request_ids if i in self._rejections},
+            "outcomes": {i: outcomes[i] for i in request_ids if i in outcomes},
+            "rejections": {i: rejections[i] for i in request_ids if i in rejections},
         }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ SERVICE_ARGS = {
     "max_context_tokens": 200,
     "max_new_tokens": 8,
     "retry_after_sec": 2,
+    "max_new_sessions": 20,  # small, so that a flood of new clients is cheap to make
 }
 
 
@@ -329,6 +332,51 @@ def test_first_contact_put_of_generation_params_keeps_its_session(service):
     with httpx.Client(base_url=service.url, timeout=30) as fresh:
         assert fresh.put("/generation_params", json={"top_k": 7}).json()["top_k"] == 7
         assert fresh.get("/generation_params").json()["top_k"] == 7
+
+
+def test_reading_without_a_cookie_creates_no_session(service):
+    with httpx.Client(base_url=service.url, timeout=30) as fresh:
+        for path in ("/generation_params", "/history", "/prompt"):
+            response = fresh.get(path)
+            assert response.status_code == 200 and "set-cookie" not in response.headers, path
+        assert fresh.post("/clear_context").headers.get("set-cookie") is None
+
+
+def test_a_flood_of_new_clients_does_not_evict_a_conversation(service, client):
+    assert chat(client, "keep me", max_new_tokens=1).status_code == 200
+    before = client.get("/history").json()["messages"]
+    for index in range(3 * SERVICE_ARGS["max_new_sessions"]):  # each a new session
+        httpx.put(f"{service.url}/generation_params", json={"top_k": index + 1})
+    assert client.get("/history").json()["messages"] == before
+
+
+def test_every_response_refreshes_the_cookie_so_it_expires_from_last_use(client):
+    assert chat(client, "hello", max_new_tokens=1).status_code == 200
+    first = client.cookies["chatstream_session"]
+    time.sleep(1.1)  # the signature carries its time in whole seconds
+    response = client.get("/history")
+    assert "max-age=86400" in response.headers["set-cookie"].lower()
+    assert client.cookies["chatstream_session"] != first  # re-signed now
+
+
+def test_the_conversation_survives_a_restart_of_the_shared_state_actor(service, client):
+    from loadtest.fault import gcs_address_for_port
+
+    assert chat(client, "survive the actor", max_new_tokens=1).status_code == 200
+    history = client.get("/history").json()["messages"]
+    totals = httpx.get(f"{service.url}/outcomes").json()
+    killed = subprocess.run(
+        [sys.executable, "-m", "loadtest.fault", "--kind", "state-actor"]
+        + ["--address", gcs_address_for_port(service.port), "--recovery-timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(killed.stdout.strip().splitlines()[-1])["recovered"], killed.stderr[-2000:]
+    assert client.get("/history").json()["messages"] == history  # the same cookie, too
+    after = httpx.get(f"{service.url}/outcomes").json()
+    assert after["outcomes"] == totals["outcomes"] and after["rejections"] == totals["rejections"]
+    assert chat(client, "and go on", max_new_tokens=1).status_code == 200
 
 
 def test_feedback_on_a_message_id(client):

@@ -27,10 +27,13 @@ class SessionTable:
         max_sessions: int = 100_000,
         max_new_sessions: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_drop(session_id)` hears of each session evicted or expired."""
         self.ttl_sec = ttl_sec
         self._bounds = {True: max_sessions, False: max_new_sessions}
         self._clock = clock
+        self._on_drop = on_drop or (lambda session_id: None)
         self._segments: dict[bool, OrderedDict[str, tuple[float, Record]]] = {
             True: OrderedDict(),
             False: OrderedDict(),
@@ -43,6 +46,7 @@ class SessionTable:
                 continue
             if self._clock() - entry[0] > self.ttl_sec:
                 del segment[session_id]
+                self._on_drop(session_id)
                 return None
             return established, entry[1]
         return None
@@ -61,7 +65,7 @@ class SessionTable:
         segment = self._segments[established]
         segment[session_id] = (self._clock(), record)
         while len(segment) > self._bounds[established]:
-            segment.popitem(last=False)
+            self._on_drop(segment.popitem(last=False)[0])
 
     def __len__(self) -> int:
         return sum(len(s) for s in self._segments.values())
@@ -88,12 +92,20 @@ class MemoryState:
     """All of one app's state in one process. Methods are synchronous: callers serialize them
     (the Ray actor's single thread, or the event loop of one replica)."""
 
-    def __init__(self, settings: StoreSettings) -> None:
+    def __init__(
+        self,
+        settings: StoreSettings,
+        on_session_drop: Callable[[str], None] | None = None,
+        on_ledger_drop: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.sessions = SessionTable(
-            settings.session_ttl_sec, settings.max_sessions, settings.max_new_sessions
+            settings.session_ttl_sec,
+            settings.max_sessions,
+            settings.max_new_sessions,
+            on_drop=on_session_drop,
         )
-        self.ledger = OutcomeLedger(settings.ledger_size)
+        self.ledger = OutcomeLedger(settings.ledger_size, on_drop=on_ledger_drop)
         self.load_table = LoadTable()
         self.key = settings.signing_key or secrets.token_urlsafe(32)
 

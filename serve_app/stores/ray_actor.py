@@ -1,13 +1,16 @@
 """`session_store=ray`: the app's state in one Ray actor shared by every ingress replica.
 
 The actor's single thread applies each change to the current record, so changes are atomic.
-The state lives as long as the Ray cluster; the generated cookie-signing key is kept in Ray's
-GCS key-value store, so an actor restart keeps cookies valid (a new cluster does not).
+Each change is also written through to Ray's GCS key-value store, and a restarted actor (a
+`ray.kill`, a node loss) reads it all back: sessions, the ledger, the totals and the generated
+cookie-signing key survive the actor. They do not survive the Ray cluster (a new `serve run`,
+a new RayService cluster without GCS fault tolerance): that is what the Redis store is for.
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 import time
 from typing import Any
 
@@ -21,33 +24,82 @@ from serve_app.stores.memory import MemoryState
 STATE_NAMESPACE = "chatstream"
 
 
+class GcsJournal:
+    """The state's keys in Ray's GCS key-value store, one namespace per app."""
+
+    def __init__(self, app: str) -> None:
+        self._namespace = f"chatstream-{app}"
+
+    def put(self, key: str, value: Any, overwrite: bool = True) -> None:
+        internal_kv._internal_kv_put(
+            key, json.dumps(value), overwrite=overwrite, namespace=self._namespace
+        )
+
+    def get(self, key: str) -> Any:
+        raw = internal_kv._internal_kv_get(key, namespace=self._namespace)
+        return None if raw is None else json.loads(raw)
+
+    def delete(self, key: str) -> None:
+        internal_kv._internal_kv_del(key, namespace=self._namespace)
+
+    def items(self, prefix: str) -> list[tuple[str, Any]]:
+        keys = internal_kv._internal_kv_list(prefix, namespace=self._namespace)
+        return [(k.decode()[len(prefix) :], self.get(k.decode())) for k in keys]
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class SharedState:
     def __init__(self, settings: StoreSettings) -> None:
-        self._state = MemoryState(settings)
+        self._journal = GcsJournal(settings.namespace)
+        self._state = MemoryState(
+            settings,
+            on_session_drop=lambda session_id: self._journal.delete("s/" + session_id),
+            on_ledger_drop=lambda kind, key: self._journal.delete(f"{kind}/{key}"),
+        )
         if not settings.signing_key:
-            kv_key = f"chatstream/{settings.namespace}/signing-key".encode()
             # First writer wins; a restarted actor reads the same key back.
-            internal_kv._internal_kv_put(kv_key, self._state.key.encode(), overwrite=False)
-            self._state.key = internal_kv._internal_kv_get(kv_key).decode()
+            self._journal.put("signing-key", self._state.key, overwrite=False)
+            self._state.key = self._journal.get("signing-key")
+        self._restore()
+
+    def _restore(self) -> None:
+        """Read back what an earlier incarnation of this actor wrote (nothing on first start)."""
+        for session_id, record in self._journal.items("s/"):
+            self._state.sessions.put(session_id, record)
+        ledger = self._state.ledger
+        if totals := self._journal.get("totals"):
+            ledger.restore_totals(totals)
+        for kind in ledger.entries:
+            for key, value in self._journal.items(kind + "/"):
+                ledger.entries[kind][key] = value
 
     def load_session(self, session_id: str) -> Record | None:
         return self._state.sessions.get(session_id)
 
     def change_session(self, session_id: str, change: SessionChange) -> Record | Exception:
         try:
-            return self._state.change_session(session_id, change)
+            record = self._state.change_session(session_id, change)
         except Exception as refused:  # returned, not raised: Ray would wrap it in RayTaskError
             return refused
+        self._journal.put("s/" + session_id, record)
+        return record
 
     def signing_key(self) -> str:
         return self._state.key
 
     def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
-        self._state.ledger.record_outcome(record_id, request_id, outcome)
+        ledger = self._state.ledger
+        if record_id in ledger.entries["record"]:
+            return  # a retried write
+        ledger.record_outcome(record_id, request_id, outcome)
+        self._journal.put("record/" + record_id, None)
+        self._journal.put("outcome/" + request_id, outcome)
+        self._journal.put("totals", ledger.totals())
 
     def record_rejection(self, request_id: str, reason: str) -> None:
         self._state.ledger.record_rejection(request_id, reason)
+        self._journal.put("rejection/" + request_id, reason)
+        self._journal.put("totals", self._state.ledger.totals())
 
     def outcome_totals(self) -> dict[str, Any]:
         return self._state.ledger.totals()
