@@ -41,6 +41,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "clusterWide": False,
         "watchNamespaces": ["team-a"],
     },
+    "redis": {
+        "redis": {"enabled": True},
+        "sample": {"enabled": True},
+        "allowedImageRepositories": ["registry.example.com/ml", "chatstream-serve"],
+        "networkPolicy": {
+            "metricsPeers": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+            ]
+        },
+    },
+    "redis-namespaced": {
+        "redis": {"enabled": True, "gcsFaultTolerance": False},
+        "clusterWide": False,
+        "watchNamespaces": ["team-a", "team-b"],
+        "sample": {"enabled": True},
+        "tests": {"adminTokenSecret": {"name": "chat-admin", "key": "token"}},
+    },
+    "no-network-policy": {"networkPolicy": {"enabled": False}},
     "monitoring": {
         "metrics": {
             "serviceMonitor": {"enabled": True, "additionalLabels": {"release": "prometheus"}},

@@ -1,5 +1,6 @@
 """The `helm test` pod's script, run here against a local server that answers like ChatStream
-(and like a broken one): it passes only on a streamed 200 text/plain answer."""
+(and like a broken one): it passes only on a streamed 200 text/plain answer, and only if the
+operator endpoints refuse a request without the admin token and answer one with it."""
 
 from __future__ import annotations
 
@@ -15,9 +16,31 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
 
+TOKEN = "s3cret-admin-token"
+
+
 class FakeChatStream(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     received: list[dict] = []
+    admin_open = False  # a broken server: its operator endpoints need no token
+    admin_headers: list[str | None] = []
+
+    def do_GET(self):
+        FakeChatStream.admin_headers.append(self.headers.get("Authorization"))
+        authorized = self.headers.get("Authorization") == f"Bearer {TOKEN}"
+        if self.path in ("/outcomes", "/load") and (authorized or FakeChatStream.admin_open):
+            self._json(200, b'{"ongoing": 0, "queued": 0}')
+        elif self.path in ("/outcomes", "/load"):
+            self._json(401, b'{"error": "unauthorized"}')
+        else:
+            self._json(404, b'{"error": "not_found"}')
+
+    def _json(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -56,6 +79,8 @@ def server():
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     FakeChatStream.received.clear()
+    FakeChatStream.admin_headers.clear()
+    FakeChatStream.admin_open = False
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
@@ -66,12 +91,16 @@ def run_test_pod(render, tmp_path):
     """Run the test pod's container command locally, with its env but another URL."""
     (pod,) = [m for m in render() if m["kind"] == "Pod"]
     container = pod["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    (token,) = [e for e in container["env"] if e["name"] == "ADMIN_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "chat-chatstream", "key": "admin-token"}
 
     def run(url: str) -> subprocess.CompletedProcess:
+        base = url.rsplit("/", 1)[0]
         return subprocess.run(
             container["command"],
-            env={**env, "URL": url, "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]},
+            env={**env, "URL": url, "ADMIN_URL": base, "ADMIN_TOKEN": TOKEN,
+                 "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]},  # fmt: skip
             capture_output=True,
             text=True,
             timeout=60,
@@ -87,6 +116,17 @@ def test_passes_when_the_answer_streams(server, run_test_pod):
     assert "PASS: the answer streamed back" in result.stdout
     assert "answer: Hello there!" in result.stdout
     assert FakeChatStream.received[0]["user_input"]
+    assert "PASS: the operator endpoints need the admin token" in result.stdout
+    assert FakeChatStream.admin_headers == [None, f"Bearer {TOKEN}"] * 2  # /outcomes, /load
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_fails_when_the_operator_endpoints_are_open(server, run_test_pod):
+    FakeChatStream.admin_open = True
+    result = run_test_pod(f"{server}/chat_stream")
+
+    assert result.returncode != 0
+    assert "FAIL: /outcomes answered 200 without the admin token" in result.stdout
 
 
 def test_fails_when_the_answer_is_not_streamed(server, run_test_pod):

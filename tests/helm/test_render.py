@@ -153,7 +153,7 @@ def test_helm_test_pod_posts_a_chat_turn_to_the_sample_serve_service(render):
     pod = only(render(), "Pod")
 
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["URL"] == "http://chat-serve-svc.chatstream-system.svc:8000/chat_stream"
     assert json.loads(env["BODY"])["user_input"]
 
@@ -161,7 +161,7 @@ def test_helm_test_pod_posts_a_chat_turn_to_the_sample_serve_service(render):
 def test_helm_test_pod_can_target_another_chatstream(render):
     pod = only(render({"tests": {"chatStreamName": "support-bot", "namespace": "team-a"}}), "Pod")
 
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["URL"] == "http://support-bot-serve-svc.team-a.svc:8000/chat_stream"
 
 
@@ -274,7 +274,7 @@ def test_notes_sample_is_in_the_repository_and_is_what_helm_test_targets(render,
 
     assert sample["kind"] == "ChatStream"
     (pod,) = [m for m in render() if m["kind"] == "Pod"]
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["URL"].startswith(f"http://{sample['metadata']['name']}-serve-svc.")
 
 
@@ -320,6 +320,7 @@ def test_example_chatstream_lives_in_a_watched_namespace(render, notes):
     manifests = render(values)
 
     assert only(manifests, "ChatStream")["metadata"]["namespace"] == "team-a"
-    env = {e["name"]: e["value"] for e in only(manifests, "Pod")["spec"]["containers"][0]["env"]}
+    container = only(manifests, "Pod")["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["URL"] == "http://chat-serve-svc.team-a.svc:8000/chat_stream"
     assert "kubectl -n team-a get chatstreams" in notes(values)

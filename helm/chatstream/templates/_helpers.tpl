@@ -142,10 +142,12 @@ ClusterRole when cluster-wide.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]
+{{- if .Values.networkPolicy.enabled }}
 # The NetworkPolicy of each ChatStream's Ray pods: created, kept in line.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "patch"]
+{{- end }}
 # Events on the ChatStreams about what the operator did.
 - apiGroups: [""]
   resources: ["events"]
@@ -175,4 +177,53 @@ none: given exact namespace names, it scans neither namespaces nor CRDs.
   verbs: ["list", "watch", "patch"]
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The chart's Redis: its objects' name (StatefulSet, Service, Secret, NetworkPolicy). */}}
+{{- define "chatstream.redis.name" -}}
+{{- printf "%s-redis" (include "chatstream.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the chart's Redis pod. */}}
+{{- define "chatstream.redis.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatstream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end -}}
+
+{{/* host:port of the chart's Redis, from any namespace. */}}
+{{- define "chatstream.redis.address" -}}
+{{- printf "%s.%s.svc:6379" (include "chatstream.redis.name" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/*
+The namespaces that get the Secret ChatStreams reference for the chart's Redis (a secretKeyRef
+reads only its own namespace): redis.clientNamespaces, else the namespace of the example
+ChatStream and the watched namespaces.
+*/}}
+{{- define "chatstream.redis.clientNamespaces" -}}
+{{- if .Values.redis.clientNamespaces -}}
+{{- toYaml .Values.redis.clientNamespaces -}}
+{{- else -}}
+{{- $namespaces := include "chatstream.watchNamespaces" . | fromYamlArray -}}
+{{- toYaml (prepend $namespaces (include "chatstream.exampleNamespace" .) | uniq) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The spec fields that point a ChatStream at the chart's Redis (for the sample). */}}
+{{- define "chatstream.redis.chatStreamSpec" -}}
+{{- if .Values.redis.enabled -}}
+session:
+  store: redis
+  redisUrlSecretRef:
+    name: {{ include "chatstream.redis.name" . }}
+    key: url
+{{- if .Values.redis.gcsFaultTolerance }}
+gcsFaultTolerance:
+  redisAddress: {{ include "chatstream.redis.address" . }}
+  redisPasswordSecretRef:
+    name: {{ include "chatstream.redis.name" . }}
+    key: password
+{{- end }}
+{{- end -}}
 {{- end -}}
