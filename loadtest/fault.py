@@ -10,7 +10,8 @@ Kinds:
   (`ray.kill(..., no_restart=True)`); recovered when Serve runs a new one.
 - `state-actor`: kill the app's shared-state actor (`chatstream-state-<app>` in the Ray namespace
   `chatstream`, session_store=ray) with restart allowed, as a node loss would; recovered when
-  it answers again. Its state (sessions, ledger, load board) is gone: `state_lost` is true.
+  it answers again. `state_lost` says whether its outcome totals went backwards (the actor
+  restarted empty) or were read back.
 - `redis-restart` / `redis-kill`: stop the Redis of session_store=redis (SIGTERM: a clean
   shutdown; SIGKILL: a crash), keep it down for `--down-sec`, start it again from its own
   configuration file (`<dir>/redis.conf`, as tests/redis_server.py writes it; its pid is in
@@ -151,26 +152,31 @@ def kill_state_actor(app: str, recovery_timeout: float) -> dict[str, object]:
         actor = ray.get_actor(name, namespace=STATE_NAMESPACE)
     except ValueError:
         return {"killed": "", "recovered": False, "detail": f"no actor {name}"}
+    before = ray.get(actor.outcome_totals.remote(), timeout=30)
     ray.kill(actor, no_restart=False)
     down_at = time.time()
     deadline = time.monotonic() + recovery_timeout
     detail = "waiting for the actor to restart"
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.load.remote(), timeout=5)
+            after = ray.get(actor.outcome_totals.remote(), timeout=5)
         except Exception as exc:  # restarting: calls fail or time out meanwhile
             detail = f"not answering yet: {type(exc).__name__}"
             time.sleep(0.2)
             continue
         up_at = time.time()
+        lost = after.get("admitted", 0) < before.get("admitted", 0) or any(
+            after.get("rejections", {}).get(k, 0) < v
+            for k, v in before.get("rejections", {}).items()
+        )
         return {
             "killed": name,
             "recovered": True,
             "seconds": round(up_at - down_at, 1),
-            "detail": "restarted; its state is gone",
+            "detail": "restarted empty: its state is gone" if lost else "restarted, state kept",
             "down_at": down_at,
             "up_at": up_at,
-            "state_lost": True,
+            "state_lost": lost,
         }
     return {"killed": name, "recovered": False, "detail": f"after {recovery_timeout}s: {detail}"}
 

@@ -136,6 +136,12 @@ def _add_arguments(parser: Any) -> None:
         "--fault-down-sec", type=float, default=3.0, help="redis-*: how long Redis stays down"
     )
     group.add_argument(
+        "--fault-allow-state-loss",
+        action="store_true",
+        help="state-actor: a restart that comes back empty is expected (requests sent before "
+        "it may then lack their entry); by default it fails the run",
+    )
+    group.add_argument(
         "--fault-app", default="", help="Serve application of the deployment (default: any)"
     )
     group.add_argument("--fault-deployment", default="ChatModel", help="deployment to kill")
@@ -167,6 +173,7 @@ class Options:
     fault_ray_address: str = ""
     fault_redis_dir: str = ""
     fault_down_sec: float = 3.0
+    fault_allow_state_loss: bool = False
     fault_app: str = ""
     fault_deployment: str = "ChatModel"
     accounting_report: str = ""
@@ -247,7 +254,7 @@ class RunState:
         if not self.store_fault:
             return codes
         extra = (STORE_UNAVAILABLE, TURN_IN_PROGRESS)
-        if self.options.fault_kind == "state-actor":  # the history is gone
+        if self.options.fault_allow_state_loss:  # the history may be gone
             extra += (NOTHING_TO_REGENERATE,)
         return (*codes, *extra)
 
@@ -756,7 +763,7 @@ def request_number(request_id: str) -> int:
 def records_to_compare() -> list[ClientRecord]:
     """The client records; after the state holder lost its state, a request sent before the
     fault was over may have no entry (its entry was lost, or written before the loss)."""
-    if not RUN.fault.state_lost:
+    if not (RUN.fault.state_lost and RUN.options.fault_allow_state_loss):
         return RUN.records
     return [
         dataclasses.replace(record, accepts=(*record.accepts, ABSENT))
@@ -801,6 +808,8 @@ def final_check(host: str) -> AccountingReport:
         failures.append(f"fault injection did not kill and recover: {RUN.fault.detail}")
     if options.fault_at > 0 and not RUN.fault.attempted:
         failures.append("the run ended before the fault injection (raise -t or lower --fault-at)")
+    if RUN.fault.state_lost and not options.fault_allow_state_loss:
+        failures.append(f"the state holder lost its state: {RUN.fault.detail}")
     # One fresh request must stream at once, be recorded, and leave the service idle again.
     fresh_id, fresh_failure = fresh_request(host, RUN.prefix, options.fresh_ttfb_max)
     failures.append(fresh_failure)

@@ -133,8 +133,8 @@ PROFILES: dict[str, Profile] = {
         },
     ),
     "state-kill-ray": Profile(
-        "kills the state holder mid-run: the shared-state actor (session_store=ray), restarted "
-        "empty; requests sent after it are accounted exactly, earlier ones may be lost with it",
+        "kills the state holder mid-run: the shared-state actor (session_store=ray), restart "
+        "allowed; it reads its state back from Ray's GCS, so the accounting stays exact",
         SMALL_MOCK_SERVICE,
         users=10,
         spawn_rate=10,
