@@ -31,7 +31,12 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
-        "ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        # num_cpus left empty (local `serve run`): reserve one CPU; the replica still computes
+        # on every core it may use (serve_app/engines/threads.py).
+        "ray_actor_options": {
+            "num_cpus": 1.0 if config.num_cpus is None else config.num_cpus,
+            "num_gpus": config.num_gpus,
+        },
         # Loading a model can take minutes on a cold node.
         "health_check_timeout_s": 60,
         **drain_options(config),

@@ -80,7 +80,18 @@ class ChatStreamConfig(BaseModel):
     )
     gguf_file: str = Field("", description="GGUF file name inside `model` (a repo or directory)")
     tokenizer: str = Field("", description="Tokenizer id/path if it differs from `model`")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Weights and activations: 'auto' is bfloat16 on a CPU with AVX-512 BF16 or "
+        "AMX (LM head kept float32), else float32; bfloat16 (or float16) on GPU. Measured speed "
+        "and fidelity in the README's Performance section",
+    )
+    quantization: Literal["none", "int8"] = Field(
+        "none",
+        description="'int8': int8 weight-only, per output channel, bfloat16 activations (CPU "
+        "only); speed and teacher-forced agreement with float32 in the README's Performance "
+        "section",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_context_tokens: int = Field(
         0, ge=0, description="Prompt + answer budget in tokens; 0 means the model's own limit"
@@ -114,7 +125,16 @@ class ChatStreamConfig(BaseModel):
     target_ongoing_requests: float = Field(2.0, gt=0.0)
     ingress_replicas: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica")
-    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per model replica")
+    num_cpus: float | None = Field(
+        None,
+        ge=0.0,
+        description="CPUs reserved per model replica; its torch threads follow (rounded, at "
+        "least 1). Empty (a local `serve run`): reserve 1 and compute on every core the "
+        "process may use, since the proxy and the ingress need only a fraction of one",
+    )
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads of a model replica; 0 follows num_cpus"
+    )
     retry_after_sec: int = Field(1, ge=0, description="Retry-After header value on 429")
     stream_interval_ms: float = Field(
         0.0, ge=0.0, description="Coalesce streamed chunks over this interval; 0 sends each token"

@@ -305,3 +305,106 @@ async def test_run_on_model_thread_uses_the_worker_thread(engine: TransformersEn
     )
     with pytest.raises(ZeroDivisionError):
         await engine.run_on_model_thread(lambda: 1 / 0)
+
+
+# --- chunked prefill ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chunked(engine: TransformersEngine) -> tuple[TransformersEngine, list]:
+    """A second engine on the same weights whose prefill runs 16 prompt tokens per pass (every
+    prompt here needs several passes); `passes` records each forward pass."""
+    passes: list[tuple[str, int, int]] = []
+    chunked = TransformersEngine(ChatStreamConfig(max_ongoing_requests=9))
+    chunked.start_with(
+        engine.model,
+        engine.tokenizer,
+        "cpu",
+        8192,
+        prefill_chunk_tokens=16,
+        on_pass=lambda *p: passes.append(p),
+    )
+    yield chunked, passes
+    chunked.shutdown()
+
+
+async def test_chunked_prefill_gives_the_same_greedy_answers_alone_and_batched(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter, chunked
+) -> None:
+    chunked_engine, passes = chunked
+    prompts = [prompt_for(formatter, q) for q in QUESTIONS]
+    unchunked_alone = [await collect(engine, p, GREEDY) for p in prompts]
+
+    passes.clear()
+    alone = [await collect(chunked_engine, p, GREEDY) for p in prompts]
+    assert alone == unchunked_alone
+    assert sum(kind == "prefill" for kind, _, _ in passes) >= 2 * len(prompts)  # really chunked
+
+    together = await asyncio.gather(*(collect(chunked_engine, p, GREEDY) for p in prompts))
+    assert together == alone
+
+
+async def test_arrivals_do_not_stall_a_decoding_stream(
+    formatter: TransformersPromptFormatter, chunked
+) -> None:
+    """Eight newcomers join a stream that is decoding: between two of its decode steps there is
+    at most one prefill pass of at most one chunk, and the newcomers share those passes."""
+    chunked_engine, passes = chunked
+    long = GenerationParams(temperature=0.0, max_new_tokens=300)
+    blocker = chunked_engine.stream(prompt_for(formatter, "Tell me a long story."), long)
+    await anext(blocker)
+    passes.clear()
+    answers = await asyncio.gather(
+        *(collect(chunked_engine, prompt_for(formatter, q), GREEDY) for q in QUESTIONS)
+    )
+    await blocker.aclose()
+    assert all(answers)
+    prefills = [p for p in passes if p[0] == "prefill"]
+    assert prefills and all(tokens <= 16 for _, tokens, _ in prefills)
+    for before, after in zip(passes, passes[1:], strict=False):
+        if before[0] == after[0] == "prefill":
+            assert after[2] == 0, f"two prefill chunks in a row while a stream decoded: {passes}"
+    # Arrivals share passes: far fewer than 8 prompts x (30+ tokens / 16) passes each.
+    assert len(prefills) < sum(formatter.count_tokens(prompt_for(formatter, q)) for q in QUESTIONS)
+
+
+# --- one bad row fails one request -------------------------------------------------------------
+
+
+class PoisonedRows:
+    """The real model, except that rows whose input holds `token_id` get NaN logits."""
+
+    def __init__(self, model, token_id: int) -> None:
+        self.model, self.token_id = model, token_id
+        self.config = model.config
+        self.generation_config = model.generation_config
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        for row, ids in enumerate(kwargs["input_ids"]):
+            if bool((ids == self.token_id).any()):
+                out.logits[row] = float("nan")
+        return out
+
+
+async def test_a_failing_row_fails_only_its_own_request(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    marker = engine.tokenizer(" zebra", add_special_tokens=False)["input_ids"][-1]
+    poisoned = TransformersEngine(ChatStreamConfig(max_ongoing_requests=4))
+    poisoned.start_with(PoisonedRows(engine.model, marker), engine.tokenizer, "cpu", 8192)
+    try:
+        # Started together, so they share the prefill whose sampling fails for one row.
+        sampled = GenerationParams(temperature=1.0, max_new_tokens=8)
+        bad, good = await asyncio.gather(
+            collect(poisoned, prompt_for(formatter, "Tell me about a zebra"), sampled),
+            collect(poisoned, prompt_for(formatter, "What is the capital of France?"), GREEDY),
+            return_exceptions=True,
+        )
+        assert isinstance(bad, EngineError) and "sampling failed" in str(bad)
+        assert "Paris" in good
+        await poisoned.check_health()  # the worker survived
+        assert await collect(poisoned, prompt_for(formatter, "What is 2+2?"), GREEDY)
+        assert poisoned.running == 0
+    finally:
+        poisoned.shutdown()

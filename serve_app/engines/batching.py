@@ -68,16 +68,22 @@ def sample_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_tokens(logits: torch.Tensor, params: Sequence[GenerationParams]) -> list[int]:
+def sample_tokens(
+    logits: torch.Tensor, params: Sequence[GenerationParams]
+) -> list[int | Exception]:
     """Next token ids for a batch of logit rows, each with its own parameters.
 
     Greedy rows share one argmax and a single device-to-host copy (on a GPU, one sync per step
-    rather than one per row); only sampled rows are handled one by one.
+    rather than one per row); only sampled rows are handled one by one. A row whose sampling
+    fails gets the exception in its place: it fails that request only, never the batch.
     """
-    tokens = torch.argmax(logits, dim=-1).tolist()
+    tokens: list[int | Exception] = torch.argmax(logits, dim=-1).tolist()
     for row, row_params in enumerate(params):
         if row_params.temperature != 0.0:
-            tokens[row] = sample_token(logits[row], row_params)
+            try:
+                tokens[row] = sample_token(logits[row], row_params)
+            except Exception as exc:  # e.g. non-finite logits in that row only
+                tokens[row] = exc
     return tokens
 
 
@@ -257,7 +263,29 @@ class Request:
     detokenizer: IncrementalDetokenizer | None = None
 
 
+@dataclass(eq=False)
+class PrefillGroup:
+    """Requests admitted together, their prompts left-padded to one width and run through the
+    model a chunk of columns at a time (between decode steps) into their own KV cache."""
+
+    requests: list[Request]
+    input_ids: torch.Tensor  # [rows, width]
+    mask: torch.Tensor  # [rows, width], 1 = real token
+    padded: bool
+    cache: Any
+    done: int = 0  # columns already run through the model
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
 Deliver = Callable[[list[tuple[Request, Event]]], None]
+
+# Prompt tokens (rows x columns) per prefill chunk: about one batch-8 decode step's worth of
+# work on a 2-core CPU with the 135M model (README, Performance). A decoding stream waits for at
+# most one chunk between two of its tokens, however long or many the newcomers' prompts are.
+PREFILL_CHUNK_TOKENS = 256
 
 
 class BatchScheduler:
@@ -276,8 +304,16 @@ class BatchScheduler:
         context_length: int,
         max_batch_size: int,
         deliver: Deliver,
+        num_threads: int | None = None,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+        on_pass: Callable[[str, int, int], None] | None = None,
     ) -> None:
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        # Called after every forward pass with (kind "prefill" | "decode", prompt tokens or
+        # rows of that pass, rows already decoding at that moment): for tests and benchmarks.
+        self.on_pass = on_pass
         self.model = model
+        self.num_threads = num_threads  # torch intra-op threads of the worker (None: inherit)
         self.deliver = deliver
         self._outbox: list[tuple[Request, Event]] = []  # worker thread only
         self.tokenizer = tokenizer
@@ -287,6 +323,7 @@ class BatchScheduler:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.steps = 0  # decode steps run so far
         self.prefill_passes = 0  # prefill forward passes (several prompts may share one)
+        self.groups_joined = 0  # prefill groups that joined the batch
         # (reason, `steps` at that moment) of the latest request to end: lets tests and the
         # benchmark see exactly when a cancelled request left, whatever the event loop's lag.
         self.last_finished: tuple[str, int] | None = None
@@ -298,6 +335,7 @@ class BatchScheduler:
         self._stopped = False
         # Batch state, touched only by the worker thread:
         self._active: list[Request] = []
+        self._prefilling: PrefillGroup | None = None
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [batch, cache_len], 1 = real token
         self._batchable = cache_supports_row_surgery(_new_cache(model))
@@ -346,6 +384,8 @@ class BatchScheduler:
     # --- the worker thread ---
 
     def run(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)  # per thread with OpenMP: set it here
         try:
             with torch.inference_mode():
                 while self._iterate():
@@ -361,9 +401,13 @@ class BatchScheduler:
             self._flush()
 
     def _iterate(self) -> bool:
+        """One scheduler iteration: admit a new prefill group (when none is in progress), run
+        pending calls, one chunk of that group's prefill, then one decode step of the batch."""
         self._drop_cancelled()  # first, so that their slots count as free for admission below
         with self._cond:
-            while not (self._stopped or self._pending or self._active or self._calls):
+            while not (
+                self._stopped or self._pending or self._active or self._calls or self._prefilling
+            ):
                 self._cond.wait()
             if self._stopped:
                 self._fail_all("engine stopped")
@@ -372,12 +416,16 @@ class BatchScheduler:
                 return False
             calls, self._calls = list(self._calls), deque()
             capacity = self.max_batch_size if self._batchable else 1
+            occupied = len(self._active)
+            if self._prefilling is not None:
+                occupied += len(self._prefilling.requests)
             admitted: list[Request] = []
             for request in list(self._pending):
                 if request.cancelled.is_set():
                     self._pending.remove(request)
                     self._finish_locked(request, StreamEnd("cancelled"))
-                elif len(self._active) + len(admitted) < capacity:
+                elif self._prefilling is None and occupied + len(admitted) < capacity:
+                    # Everything that arrived since the last group started forms the next one.
                     self._pending.remove(request)
                     admitted.append(request)
         for fn, future in calls:
@@ -387,7 +435,8 @@ class BatchScheduler:
                 except Exception as exc:
                     future.set_exception(exc)
         if admitted:
-            self._prefill(admitted)
+            self._prefilling = self._start_prefill(admitted)
+        if self._prefilling is not None and self._prefill_chunk():
             self._flush()  # first tokens go out now, not after the next decode step
         if self._active:
             self._decode_step()
@@ -406,13 +455,11 @@ class BatchScheduler:
         except Exception:  # a consumer that is gone must not take the worker down
             logger.exception("could not deliver stream events")
 
-    def _prefill(self, requests: list[Request]) -> None:
-        """Process the prompts of newly admitted requests in one forward pass, emit their first
-        tokens, and let them join the batch.
+    def _start_prefill(self, requests: list[Request]) -> PrefillGroup | None:
+        """Tokenize newly admitted prompts into one left-padded group (None if none is valid).
 
-        Requests that arrive together (a burst of users) share one left-padded prefill instead
-        of one pass each: fewer, larger matrix products, so a burst's first tokens come sooner.
-        A lone request (or prompts of equal length) runs without padding or mask.
+        Requests that arrive together (a burst of users) share each prefill pass instead of one
+        pass each: fewer, larger matrix products, so a burst's first tokens come sooner.
         """
         ready: list[tuple[Request, list[int]]] = []
         for request in requests:
@@ -432,47 +479,85 @@ class BatchScheduler:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer)
             ready.append((request, ids))
         if not ready:
-            return
+            return None
         width = max(len(ids) for _, ids in ready)
         pad_id = self.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor(
-            [[pad_id] * (width - len(ids)) + ids for _, ids in ready], device=self.device
+        return PrefillGroup(
+            requests=[r for r, _ in ready],
+            input_ids=torch.tensor(
+                [[pad_id] * (width - len(ids)) + ids for _, ids in ready], device=self.device
+            ),
+            mask=torch.tensor(
+                [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in ready],
+                device=self.device,
+            ),
+            padded=any(len(ids) < width for _, ids in ready),
+            cache=_new_cache(self.model),
         )
-        mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in ready], device=self.device
-        )
-        padded = any(len(ids) < width for _, ids in ready)
+
+    def _prefill_chunk(self) -> bool:
+        """Run the next chunk of the group's prompts; after the last one, emit the first tokens
+        and let the group join the batch. True when the group is done (joined or failed).
+
+        A chunk covers `prefill_chunk_tokens // rows` columns (at least one), so its cost is
+        about the same whatever the group's size. A lone prompt that fits one chunk runs exactly
+        as an unchunked prefill (no padding, no mask).
+        """
+        group = self._prefilling
+        assert group is not None
+        if all(r.cancelled.is_set() for r in group.requests):
+            for request in group.requests:
+                self._finish(request, StreamEnd("cancelled"))
+            self._prefilling = None
+            return True
+        rows = len(group.requests)
+        start = group.done
+        end = min(group.width, start + max(1, self.prefill_chunk_tokens // rows))
         try:
-            cache = _new_cache(self.model)
             out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask if padded else None,
-                position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None,
-                past_key_values=cache,
+                input_ids=group.input_ids[:, start:end],
+                attention_mask=group.mask[:, :end] if group.padded else None,
+                position_ids=(
+                    (group.mask.cumsum(dim=1) - 1).clamp(min=0)[:, start:end]
+                    if group.padded
+                    else None
+                ),
+                past_key_values=group.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            tokens = sample_tokens(out.logits[:, -1, :], [r.params for r, _ in ready])
             self.prefill_passes += 1
+            if self.on_pass is not None:
+                self.on_pass("prefill", rows * (end - start), len(self._active))
+            group.done = end
+            if end < group.width:
+                return False
+            tokens = sample_tokens(out.logits[:, -1, :], [r.params for r in group.requests])
         except Exception as exc:
             logger.exception("prefill failed")
-            for request, _ in ready:
+            for request in group.requests:
                 self._finish(request, StreamEnd("error", f"prefill failed: {exc!r}"))
-            return
-        keep = [
-            row
-            for row, ((request, _), token) in enumerate(zip(ready, tokens, strict=True))
-            if self._accept_token(request, token)
-        ]
+            self._prefilling = None
+            return True
+        self._prefilling = None
+        keep: list[int] = []
+        for row, (request, token) in enumerate(zip(group.requests, tokens, strict=True)):
+            if request.cancelled.is_set():
+                self._finish(request, StreamEnd("cancelled"))
+            elif self._accept_token(request, token):
+                keep.append(row)
         if not keep:
-            return
-        if len(keep) < len(ready):
+            return True
+        mask, cache = group.mask, group.cache
+        if len(keep) < rows:
             mask = keep_rows(cache, mask, torch.tensor(keep, device=self.device))
         if not self._active:
             self._cache, self._mask = cache, mask
         else:
             self._mask = merge_rows(self._cache, self._mask, cache, mask)
-        self._active.extend(ready[row][0] for row in keep)
+        self._active.extend(group.requests[row] for row in keep)
+        self.groups_joined += 1
+        return True
 
     def _decode_step(self) -> None:
         batch = len(self._active)
@@ -493,6 +578,8 @@ class BatchScheduler:
             self._fail_active(f"decode step failed: {exc!r}")
             return
         self.steps += 1
+        if self.on_pass is not None:
+            self.on_pass("decode", batch, batch)
         self._mask = mask
         tokens = sample_tokens(out.logits[:, -1, :], [r.params for r in self._active])
         keep: list[int] = []
@@ -501,8 +588,22 @@ class BatchScheduler:
                 keep.append(row)
         self._retain(keep)
 
-    def _accept_token(self, request: Request, token: int) -> bool:
-        """Stream `token` for `request`; False when the request is over (and finished)."""
+    def _accept_token(self, request: Request, token: int | Exception) -> bool:
+        """Stream `token` for `request`; False when the request is over (and finished).
+
+        A failure here (sampling or detokenizing this row) ends this request with an error;
+        the other rows of the batch go on.
+        """
+        try:
+            if isinstance(token, Exception):
+                raise token
+            return self._accept_token_unguarded(request, token)
+        except Exception as exc:
+            logger.exception("request failed while sampling or detokenizing")
+            self._finish(request, StreamEnd("error", f"sampling failed: {exc!r}"))
+            return False
+
+    def _accept_token_unguarded(self, request: Request, token: int) -> bool:
         request.generated += 1
         request.last_token = token
         reason = stop_reason(
@@ -556,6 +657,9 @@ class BatchScheduler:
             pending, self._pending = list(self._pending), deque()
             for request in pending:
                 self._finish_locked(request, StreamEnd("error", message))
+        group, self._prefilling = self._prefilling, None
+        for request in group.requests if group is not None else []:
+            self._finish(request, StreamEnd("error", message))
         self._fail_active(message)
 
     def _finish(self, request: Request, end: StreamEnd) -> None:

@@ -29,6 +29,7 @@ from serve_app.engines.hf_loading import (
     load_tokenizer,
     resolve_model_source,
 )
+from serve_app.engines.threads import ray_cpu_allotment, torch_threads
 
 __all__ = ["TransformersEngine", "TransformersPromptFormatter", "resolve_model_source"]
 
@@ -77,6 +78,7 @@ class TransformersEngine(Engine):
         self._thread: threading.Thread | None = None
         self.model: Any = None
         self.tokenizer: Any = None
+        self.num_threads: int | None = None  # torch threads, decided when loading
 
     async def start(self) -> None:
         if self._scheduler is not None:
@@ -84,8 +86,11 @@ class TransformersEngine(Engine):
         # Loading takes seconds (GGUF de-quantization); keep the event loop free meanwhile.
         self.start_with(*await asyncio.to_thread(self._load))
 
-    def start_with(self, model: Any, tokenizer: Any, device: str, context_length: int) -> None:
-        """Start the worker on an already loaded model (what `start` does after loading)."""
+    def start_with(
+        self, model: Any, tokenizer: Any, device: str, context_length: int, **options: Any
+    ) -> None:
+        """Start the worker on an already loaded model (what `start` does after loading);
+        `options` go to `BatchScheduler` (e.g. `prefill_chunk_tokens`)."""
         self.model, self.tokenizer = model, tokenizer
         self._scheduler = BatchScheduler(
             model,
@@ -94,6 +99,8 @@ class TransformersEngine(Engine):
             context_length=context_length,
             max_batch_size=self.config.max_ongoing_requests,
             deliver=deliver_to_event_loops,
+            num_threads=self.num_threads,
+            **options,
         )
         self._thread = threading.Thread(
             target=self._scheduler.run, name="transformers-engine", daemon=True
@@ -101,6 +108,12 @@ class TransformersEngine(Engine):
         self._thread.start()
 
     def _load(self) -> tuple[Any, Any, str, int]:
+        import torch
+
+        # Explicitly, not from the inherited OMP_NUM_THREADS (Ray sets it to num_cpus); the
+        # worker thread sets the same count for itself (`BatchScheduler.run`).
+        self.num_threads = torch_threads(self.config, ray_cpu_allotment())
+        torch.set_num_threads(self.num_threads)
         tokenizer = load_tokenizer(self.config)
         model, device = load_model(self.config)
         return model, tokenizer, device, context_length(self.config, model.config)
