@@ -26,7 +26,12 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from serve_app.config import REDIS_URL_ENV, SESSION_SECRET_ENV, ChatStreamConfig
+from serve_app.config import (
+    MODEL_DEPLOYMENT_NAME,
+    REDIS_URL_ENV,
+    SESSION_SECRET_ENV,
+    ChatStreamConfig,
+)
 from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines import PromptFormatter, make_prompt_formatter
 from serve_app.exchange import Bookkeeping, Callback, Exchange, Turn
@@ -112,8 +117,12 @@ class ChatStream:
         store: StateStore,
         signer: CookieSigner,
         replica_id: str,
+        app_name: str = "",
+        ingress_name: str = "",
     ) -> None:
         self.config = config
+        self.app_name = app_name
+        self.ingress_name = ingress_name
         self.formatter = formatter
         self.store = store
         self.signer = signer
@@ -154,6 +163,8 @@ class ChatStream:
             store=store,
             signer=CookieSigner(await store.signing_key(), config.session_ttl_sec),
             replica_id=context.replica_id.unique_id,
+            app_name=context.app_name,
+            ingress_name=context.deployment,
         )
 
     # ------------------------------------------------------------------ sessions
@@ -400,13 +411,24 @@ class ChatStream:
 
     # ------------------------------------------------------------------ inspection
     async def load(self) -> dict[str, int]:
+        """Requests waiting and holding a slot across ingress replicas, and the slots and
+        queue places of what Serve runs now (model replicas are scaled outside the args)."""
         totals = await self.store.load()
+        status = await asyncio.to_thread(serve.status)  # a blocking call to the controller
+        app = status.applications.get(self.app_name)
+        deployments = app.deployments if app else {}
+
+        def running(name: str) -> int:
+            return (
+                int(deployments[name].replica_states.get("RUNNING", 0))
+                if name in deployments
+                else 0
+            )
+
         queue = self.config.max_queued_requests
-        replicas = self.config.max_replicas if self.config.autoscaling else self.config.num_replicas
         return {
             **totals,
-            "capacity": replicas * self.config.max_ongoing_requests,
-            "max_queued": (
-                -1 if queue < 0 else queue * self.config.ingress_replicas  # per ingress replica
-            ),
+            "capacity": running(MODEL_DEPLOYMENT_NAME) * self.config.max_ongoing_requests,
+            # Serve bounds the queue per caller, that is per ingress replica.
+            "max_queued": -1 if queue < 0 else queue * running(self.ingress_name),
         }
