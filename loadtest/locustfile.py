@@ -9,6 +9,11 @@ Users (weights are options, see `--help`), and the outcome each implies:
 - MidStreamQuitterUser: reads 1-3 chunks of a long answer, then closes -> ..._while_streaming
 - BadInputUser: malformed JSON, missing/empty/oversized input, bad params -> 4xx, not admitted
 - FailingPromptUser (opt-in): the mock engine's fail marker -> unknown_error_occurred
+- OpenAIUser (loadtest/openai_user.py): /v1/chat/completions streamed and not, reading to the
+  end, quitting mid-stream or before the first chunk -> the outcomes above
+
+The final check reads the operator endpoints with `Authorization: Bearer $CHATSTREAM_ADMIN_TOKEN`
+when that variable is set (needed unless the service runs without a token, on loopback).
 
 Fault profiles (`--fault-at S --fault-kind K`): kill a model replica, kill the shared-state
 actor, or restart / kill the Redis of session_store=redis mid-run. Requests refused while the
@@ -26,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -60,6 +66,7 @@ from loadtest.accounting import (  # noqa: E402
     report_as_dict,
     server_view_from_json,
 )
+from loadtest.openai_user import OpenAIUser  # noqa: E402
 
 logger = logging.getLogger("chatstream.loadtest")
 
@@ -80,6 +87,7 @@ def _add_arguments(parser: Any) -> None:
     group.add_argument("--early-quitter-weight", type=int, default=3, help="EarlyQuitterUser")
     group.add_argument("--mid-stream-quitter-weight", type=int, default=3, help="MidStream...")
     group.add_argument("--bad-input-weight", type=int, default=2, help="weight of BadInputUser")
+    group.add_argument("--openai-weight", type=int, default=2, help="weight of OpenAIUser")
     group.add_argument(
         "--failing-prompt-weight",
         type=int,
@@ -158,6 +166,7 @@ class Options:
     early_quitter_weight: int = 3
     mid_stream_quitter_weight: int = 3
     bad_input_weight: int = 2
+    openai_weight: int = 2
     failing_prompt_weight: int = 0
     fail_marker: str = ""
     early_quit_sec: float = 0.25
@@ -260,6 +269,13 @@ class RunState:
 
 
 RUN = RunState()
+OpenAIUser.state = RUN
+
+
+def _admin() -> dict[str, str]:
+    """The admin bearer header for /outcomes, /outcomes/ledger and /load, if a token is set."""
+    token = os.environ.get("CHATSTREAM_ADMIN_TOKEN", "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _error_code(response: requests.Response) -> str:
@@ -658,6 +674,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         EarlyQuitterUser: options.early_quitter_weight,
         MidStreamQuitterUser: options.mid_stream_quitter_weight,
         BadInputUser: options.bad_input_weight,
+        OpenAIUser: options.openai_weight,
         FailingPromptUser: options.failing_prompt_weight if options.fail_marker else 0,
     }
     for user_class, weight in weights.items():
@@ -676,7 +693,9 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner | WorkerRunner):
         RUN.unsupported = "distributed Locust is not supported: client records are per process"
     try:
-        RUN.totals_before = requests.get(f"{environment.host}/outcomes", timeout=10).json()
+        RUN.totals_before = requests.get(
+            f"{environment.host}/outcomes", headers=_admin(), timeout=10
+        ).json()
     except (requests.RequestException, ValueError) as exc:
         RUN.warnings.append(f"could not read /outcomes at the start: {exc}")
     if options.fault_at > 0:
@@ -717,8 +736,8 @@ def wait_until_quiet(host: str, timeout: float) -> tuple[dict[str, Any], dict[st
     previous: dict[str, Any] | None = None
     while True:
         try:
-            load = requests.get(f"{host}/load", timeout=5).json()
-            totals = requests.get(f"{host}/outcomes", timeout=5).json()
+            load = requests.get(f"{host}/load", headers=_admin(), timeout=5).json()
+            totals = requests.get(f"{host}/outcomes", headers=_admin(), timeout=5).json()
         except (requests.RequestException, ValueError):
             load, totals = {}, {}
         idle = load.get("ongoing") == 0 and load.get("queued") == 0
@@ -776,7 +795,7 @@ def records_to_compare() -> list[ClientRecord]:
 
 def server_view(host: str, totals_after: dict[str, Any]) -> ServerView:
     try:
-        ledger = requests.get(f"{host}/outcomes/ledger", timeout=30).json()
+        ledger = requests.get(f"{host}/outcomes/ledger", headers=_admin(), timeout=30).json()
     except (requests.RequestException, ValueError) as exc:
         ledger = {}
         RUN.warnings.append(f"could not read the ledger: {exc}")
@@ -817,7 +836,10 @@ def final_check(host: str) -> AccountingReport:
         fresh_load, _ = wait_until_quiet(host, options.quiesce_timeout)
         try:
             fresh = requests.get(
-                f"{host}/outcomes/ledger", params={"request_id": fresh_id}, timeout=10
+                f"{host}/outcomes/ledger",
+                params={"request_id": fresh_id},
+                headers=_admin(),
+                timeout=10,
             ).json()
         except (requests.RequestException, ValueError):
             fresh = {}

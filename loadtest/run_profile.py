@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -259,11 +261,13 @@ def run_group(
 ) -> list[int]:
     """Start the service (and its redis-server when it needs one), run the profiles, stop."""
     from loadtest.fault import gcs_address_for_port
-    from serve_app.config import REDIS_URL_ENV
+    from serve_app.config import ADMIN_TOKEN_ENV, REDIS_URL_ENV
     from serve_app.local_server import LocalServe
 
     with contextlib.ExitStack() as stack:
-        env: dict[str, str] = {}
+        # The operator endpoints need the admin token: the service and Locust (a child process
+        # that inherits this environment) share one, a fresh one unless it is already set.
+        env = {ADMIN_TOKEN_ENV: os.environ.setdefault(ADMIN_TOKEN_ENV, secrets.token_urlsafe(24))}
         redis_dir: Path | str = ""
         if service.get("session_store") == "redis":
             from tests.redis_server import start_redis
