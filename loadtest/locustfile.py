@@ -240,9 +240,9 @@ class RunState:
 
     @property
     def errors_expected(self) -> bool:
-        """Engine errors (cut streams, 500s) are part of the scenario only when a replica or the
-        shared-state actor is killed."""
-        return self.options.fault_at > 0 and self.options.fault_kind in ("replica", "state-actor")
+        """Engine errors (cut streams, 500s) are part of the scenario only when a model replica
+        is killed. A store fault must show as 503 store_unavailable, never as a 500."""
+        return self.options.fault_at > 0 and self.options.fault_kind == "replica"
 
     @property
     def store_fault(self) -> bool:
