@@ -51,7 +51,7 @@ from serve_app.chat_stream import ChatStream, OutcomeStreamingResponse
 from serve_app.config import ADMIN_TOKEN_ENV, ChatStreamConfig
 from serve_app.conversation import ChatPrompt
 from serve_app.outcomes import Outcome
-from serve_app.validation import REQUEST_ID_HEADER, RequestRejected
+from serve_app.validation import RequestRejected, request_id_from
 
 SUCCESS = Outcome.SUCCESS.value
 WHILE_STREAMING = Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING.value
@@ -218,7 +218,10 @@ async def guard_chat_stream(chat_stream: ChatStream, request: Request) -> Respon
     """`/chat_stream` behind an API key: 401 without a valid one, 429 over the key's limits
     (before ChatStream's admission), usage counted when the turn is over."""
     access = access_of(chat_stream)
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    try:
+        request_id = request_id_from(request.headers)
+    except RequestRejected:  # the facade refuses it below; for now, an id of our own
+        request_id = uuid.uuid4().hex
     key_id = access.authenticate(request)
     if key_id is None:
         access.rejected(None, "invalid_api_key")
