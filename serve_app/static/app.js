@@ -20,13 +20,25 @@ const ui = {
   settingsStatus: el("settings-status"),
 };
 const PARAMS = ["temperature", "top_k", "top_p", "max_new_tokens"];
+const API_KEY_STORAGE = "chatstream_api_key"; // localStorage entry of the user's API key
 
 let inFlight = null; // AbortController of the running /chat_stream request, if any
 
 // ---- HTTP helpers ---------------------------------------------------------------------------
 
+// The API key saved under Settings ("" if none, or if the browser keeps no storage).
+function apiKey() {
+  try {
+    return localStorage.getItem(API_KEY_STORAGE) || "";
+  } catch {
+    return "";
+  }
+}
+
 function request(path, method = "GET", body = undefined, signal = undefined) {
   const options = { method, credentials: "same-origin", signal, headers: {} };
+  const key = apiKey();
+  if (key) options.headers.Authorization = `Bearer ${key}`;
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);
@@ -174,6 +186,11 @@ async function streamAnswer(body, item) {
         await busyCountdown(retryAfterSeconds(resp), controller.signal);
         continue;
       }
+      if (resp.status === 401) {
+        showStatus("This server needs an API key: enter yours under Settings.", "error");
+        el("settings").open = true;
+        return "rejected";
+      }
       if (!resp.ok) {
         const reason = resp.status === 429 ? "Service busy; try again later." : "";
         showStatus(reason || (await errorText(resp)), "error");
@@ -317,6 +334,25 @@ ui.clear.addEventListener("click", guarded(clearConversation));
 ui.settingsForm.addEventListener("submit", (event) => {
   event.preventDefault();
   guarded(saveSettings)();
+});
+
+function storeApiKey(key) {
+  try {
+    if (key) localStorage.setItem(API_KEY_STORAGE, key);
+    else localStorage.removeItem(API_KEY_STORAGE);
+    el("key-status").textContent = key ? "Key saved in this browser." : "Key forgotten.";
+  } catch {
+    el("key-status").textContent = "This browser does not keep the key (storage is off).";
+  }
+}
+el("api-key").value = apiKey();
+el("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  storeApiKey(el("api-key").value.trim());
+});
+el("forget-key").addEventListener("click", () => {
+  el("api-key").value = "";
+  storeApiKey("");
 });
 
 (async () => {
