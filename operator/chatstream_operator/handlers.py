@@ -201,15 +201,34 @@ async def apply_rayservice(
     if current is not None:
         _check_controller(current, body, "RayService")
     if children:
-        await ensure_secret(body, spec, name)
+        # The NetworkPolicy first: one left by a deleted predecessor is waited for like its
+        # RayService, which also gives garbage collection time for its Secret (unreadable here).
         await apply_network_policy(body, name, namespace)
+        await ensure_secret(body, spec, name)
     with _api_errors():
         if current is None:
             return "created", await kube.create_rayservice(namespace, desired)
-        changes = merge_patch(current, desired)
+        changes = merge_patch(current, _with_removals(current, desired))
         if not changes:
             return "unchanged", current
         return "updated", await kube.patch_rayservice(namespace, name, changes)
+
+
+# Fields the renderer sets only when the spec asks for them: absent in the rendering means
+# absent in the cluster (a None in the desired object becomes a deletion in the merge patch).
+OPTIONAL_FIELDS = (("spec", "rayClusterConfig", "gcsFaultToleranceOptions"),)
+
+
+def _with_removals(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    for *parents, key in OPTIONAL_FIELDS:
+        have: Any = current
+        want: Any = desired
+        for part in parents:
+            have = have.get(part) if isinstance(have, Mapping) else None
+            want = want.get(part) if isinstance(want, dict) else None
+        if isinstance(have, Mapping) and key in have and isinstance(want, dict):
+            want.setdefault(key, None)
+    return desired
 
 
 def _deleting(body: Mapping[str, Any]) -> bool:
@@ -301,6 +320,8 @@ async def follow_rayservice(
         chatstream = await kube.get_chatstream(namespace, owner)
     if chatstream is None or _deleting(chatstream):
         return  # the ChatStream is going; garbage collection removes the RayService
+    if not _controlled_by(body, chatstream):
+        return  # a deleted predecessor's RayService awaiting garbage collection, or a stranger's
     rayservice = None if event["type"] == "DELETED" else dict(body)
     if _repairable(chatstream):
         spec = chatstream.get("spec") or {}

@@ -479,6 +479,7 @@ class RecreateResult:
     secret_before: dict[str, Any]  # the pre-existing Secret of the generated name
     secret_after: dict[str, Any] | None  # the same Secret once the operator reconciled
     waiting: dict[str, Any]  # the old RayService while the new ChatStream waits for it to go
+    waiting_status: dict[str, Any]  # the new ChatStream's status meanwhile
     rayservice: dict[str, Any]  # the new ChatStream's RayService, once created
     networkpolicy: dict[str, Any]  # the new ChatStream's NetworkPolicy, once created
     new_uid: str
@@ -585,6 +586,10 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
             )
             await asyncio.sleep(1.0)  # a few retries: still waiting, nothing taken over
             waiting = get(RAYSERVICES, NAME)
+            # KubeRay reports on the old RayService: not the new ChatStream's business.
+            await send("PATCH", f"{rs_path}/{NAME}/status", {"status": RAY_READY_STATUS})
+            await asyncio.sleep(0.5)
+            waiting_status = get(CHATSTREAMS, NAME).get("status") or {}
             # The garbage collector removes the predecessor's objects.
             await send("DELETE", f"{rs_path}/{NAME}")
             await send("DELETE", f"{np_path}/{NAME}-ray")
@@ -617,6 +622,7 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
         secret_before=secret_before,
         secret_after=get(SECRETS, secret_name),
         waiting=waiting,
+        waiting_status=waiting_status,
         rayservice=rayservice,
         networkpolicy=policy,
         new_uid=new_uid,

@@ -162,3 +162,16 @@ async def test_the_timer_leaves_invalid_unreconciled_or_deleting_chatstreams_alo
         )
         assert not patch
     assert fake.calls == [] and posted == []
+
+
+async def test_gcs_fault_tolerance_is_removed_when_the_spec_drops_it(api):
+    with_ft = _owned({"gcsFaultTolerance": {"redisAddress": "redis:6379"}})
+    fake = api(current=with_ft)
+    action, _ = await handlers.apply_rayservice(OWNER, {}, "chat", "ns")
+    assert action == "updated"
+    (_, (_, _, patch)) = fake.calls
+    assert patch["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] is None
+    # Kept while the spec asks for it: no patch at all.
+    fake = api(current=with_ft)
+    spec = {"gcsFaultTolerance": {"redisAddress": "redis:6379"}}
+    assert (await handlers.apply_rayservice(OWNER, spec, "chat", "ns"))[0] == "unchanged"

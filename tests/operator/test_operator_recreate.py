@@ -26,6 +26,8 @@ def _owner_uid(obj: dict) -> str:
 def test_the_new_chatstream_waits_for_the_old_rayservice(run):
     assert run.waiting["spec"] == {"serveConfigV2": "old"}  # not taken over, not patched
     assert _owner_uid(run.waiting) != run.new_uid
+    # Its status is not mirrored from the predecessor's RayService.
+    assert "readyReplicas" not in run.waiting_status and "endpoint" not in run.waiting_status
 
 
 def test_the_new_chatstream_is_reconciled_once_the_old_rayservice_is_gone(run):
