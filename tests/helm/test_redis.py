@@ -219,3 +219,11 @@ def test_helm_test_reads_the_admin_token_beside_the_chatstream(render):
     default = only(render(), "Pod")
     (token,) = [e for e in default["spec"]["containers"][0]["env"] if e["name"] == "ADMIN_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"] == {"name": "chat-chatstream", "key": "admin-token"}
+
+
+def test_notes_warn_when_metrics_cannot_pass_the_network_policy(notes):
+    monitored = {"metrics": {"podMonitor": {"enabled": True}}}
+    assert "networkPolicy.metricsPeers is empty" in notes(monitored)
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}]
+    assert "WARNING" not in notes({**monitored, "networkPolicy": {"metricsPeers": peers}})
+    assert "WARNING" not in notes()

@@ -212,3 +212,19 @@ def test_image_allow_list():
     (problem,) = validate({"image": "evil.example.com/x:1"}, allowed)
     assert problem.startswith("spec.image (evil.example.com/x:1) is not in an allowed repository")
     assert validate({"image": "registry.example.com/ml/serve:2"}, allowed) == []
+
+
+def test_the_redis_example_is_valid_and_renders_for_kuberay(kuberay):
+    from crd_schema import load_sample, validator_for
+
+    from serve_app.config import ChatStreamConfig
+
+    example = load_sample("chatstream-redis.yaml")
+    assert errors(validator_for(load_crd(), "v1alpha1"), example) == []
+    assert validate(example["spec"]) == []
+    rs = render_rayservice(example["metadata"]["name"], example["spec"])
+    assert errors(kuberay, rs) == []
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    assert ChatStreamConfig.model_validate(app["args"]).session_store == "redis"
+    env = {e["name"] for c in _containers(rs) for e in c["env"]}
+    assert "CHATSTREAM_REDIS_URL" in env
