@@ -519,3 +519,31 @@ async def test_redis_keys_stay_under_the_app_prefix_and_sessions_expire(redis_se
     finally:
         await raw.aclose()
         await store.close()
+
+
+@pytest.mark.parametrize(
+    "make_store",
+    [
+        pytest.param(
+            "memory",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="BUG (minor): MemoryStore returns the stored record itself, so a caller "
+                "that mutates what it loaded (e.g. a callback editing chat_prompt.messages) "
+                "changes the store without a change. serve_app/stores/memory.py MemoryStore",
+            ),
+        ),
+        "redis",
+    ],
+    indirect=True,
+)
+async def test_a_loaded_record_is_a_snapshot(make_store):
+    store = make_store()
+    session_id = new_id()
+    changed = await with_history(store, session_id, 1)
+    loaded = await store.load_session(session_id)
+    loaded["messages"].append(user("sneaked in"))
+    changed["params"]["top_k"] = 1
+    record = await store.load_session(session_id)
+    assert [m["content"] for m in record["messages"]] == ["q0", "a0"]
+    assert record["params"] == {}
