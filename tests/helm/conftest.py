@@ -56,7 +56,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "clusterWide": False,
         "watchNamespaces": ["team-a", "team-b"],
         "sample": {"enabled": True},
-        "tests": {"adminTokenSecret": {"name": "chat-admin", "key": "token"}},
+        "tests": {
+            "adminTokenSecret": {"name": "chat-admin", "key": "token"},
+            "apiKeysSecret": {"name": "chat-api-keys", "key": "keys"},
+        },
     },
     "no-network-policy": {"networkPolicy": {"enabled": False}},
     "monitoring": {

@@ -42,9 +42,12 @@ class FakeChatStream(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    chat_headers: list[str | None] = []
+
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeChatStream.received.append(body)
+        FakeChatStream.chat_headers.append(self.headers.get("Authorization"))
         if self.path == "/chat_stream":  # like ChatStream: chunks as they are generated
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
@@ -80,6 +83,7 @@ def server():
     thread.start()
     FakeChatStream.received.clear()
     FakeChatStream.admin_headers.clear()
+    FakeChatStream.chat_headers.clear()
     FakeChatStream.admin_open = False
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -95,12 +99,12 @@ def run_test_pod(render, tmp_path):
     (token,) = [e for e in container["env"] if e["name"] == "ADMIN_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"] == {"name": "chat-chatstream", "key": "admin-token"}
 
-    def run(url: str) -> subprocess.CompletedProcess:
+    def run(url: str, **extra: str) -> subprocess.CompletedProcess:
         base = url.rsplit("/", 1)[0]
         return subprocess.run(
             container["command"],
             env={**env, "URL": url, "ADMIN_URL": base, "ADMIN_TOKEN": TOKEN,
-                 "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"]},  # fmt: skip
+                 "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"], **extra},  # fmt: skip
             capture_output=True,
             text=True,
             timeout=60,
@@ -141,3 +145,17 @@ def test_fails_when_the_request_is_refused(server, run_test_pod):
 
     assert result.returncode != 0
     assert "FAIL: the status is not 200" in result.stdout
+
+
+def test_sends_no_api_key_unless_the_chatstream_has_some(server, run_test_pod):
+    assert run_test_pod(f"{server}/chat_stream").returncode == 0
+    assert FakeChatStream.chat_headers == [None]
+
+
+def test_sends_the_first_api_key_when_the_chatstream_has_some(server, run_test_pod):
+    keys = "# team keys\n\n ci : k3y-of-the-ci-0123456789 \nother:another-key-0123456789\n"
+    result = run_test_pod(f"{server}/chat_stream", API_KEYS=keys)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert FakeChatStream.chat_headers == ["Bearer k3y-of-the-ci-0123456789"]
+    assert "k3y-of-the-ci" not in result.stdout + result.stderr

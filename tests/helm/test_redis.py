@@ -216,9 +216,11 @@ def test_helm_test_reads_the_admin_token_beside_the_chatstream(render):
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
     assert env["ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "chat-admin", "key": "token"}
     assert env["ADMIN_URL"]["value"] == "http://chat-serve-svc.team-a.svc:8000"
+    assert env["API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "chat-api-keys", "key": "keys"}
     default = only(render(), "Pod")
     (token,) = [e for e in default["spec"]["containers"][0]["env"] if e["name"] == "ADMIN_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"] == {"name": "chat-chatstream", "key": "admin-token"}
+    assert "API_KEYS" not in {e["name"] for e in default["spec"]["containers"][0]["env"]}
 
 
 def test_notes_warn_when_metrics_cannot_pass_the_network_policy(notes):
