@@ -257,18 +257,27 @@ async def stream_events(
 ) -> AsyncIterator[str]:
     """The SSE events of the answer from `chunk` (admit's first) on. The outcome is success
     only once the last event (`[DONE]`) went out; a stop string ends the answer early as a
-    success and cancels the rest of the generation."""
+    success and cancels the rest of the generation. An engine failure mid-stream ends it with
+    an error event and no `[DONE]`."""
     error: BaseException | None = None
+    event = ""
     try:
-        while chunk is not None:
-            event = encoder.feed(chunk)
-            if encoder.stopped:
-                break
-            if event:
-                yield event
-                exchange.sent.append(chunk)  # resumed: the event went out
-                ticket.sent[:] = encoder.text
-            chunk = await _next_chunk(exchange)
+        try:
+            while chunk is not None:
+                event = encoder.feed(chunk)
+                if encoder.stopped:
+                    break
+                if event:
+                    yield event
+                    exchange.sent.append(chunk)  # resumed: the event went out
+                    ticket.sent[:] = encoder.text
+                chunk = await _next_chunk(exchange)
+        except Exception as exc:
+            if is_client_disconnect(exc):
+                raise
+            exchange.finish(exc)  # unknown_error_occurred, recorded now
+            yield server_error().sse()  # an error event: the SDKs raise APIError on it
+            return
         tail = _ending(chat_stream, encoder, event, ticket, params)
         yield tail
         ticket.sent[:] = encoder.text

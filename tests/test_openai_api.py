@@ -25,30 +25,17 @@ from serve_app.local_server import LocalServe
 from tests.support import admin_headers, new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
-KEY_IDS = [
-    "models",
-    "sync",
-    "stream",
-    "async",
-    "bad",
-    "rate",
-    "hold1",
-    "hold2",
-    "retry",
-    "quit",
-    "early",
-    "budget",
-    "other",
-    "sum",
-]
-KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS}
+KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail"
+KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS.split()}
 TOKEN_BUDGET = 150  # tokens per minute per key
 MODEL = "mock"
+FAIL_MARKER = "PLEASE-FAIL"
 PROMETHEUS_DISCOVERY = Path("/tmp/ray/prom_metrics_service_discovery.json")
 SERVICE_ARGS = {
     "engine": "mock",
     "mock_mode": "round",  # repeats the user's words up to max_new_tokens
     "mock_time_per_token_sec": 0.01,
+    "mock_fail_marker": FAIL_MARKER,  # the mock engine fails after one token
     "max_ongoing_requests": 1,
     "max_queued_requests": 1,
     "max_context_tokens": 200,
@@ -313,6 +300,27 @@ def test_leaving_before_the_first_chunk_is_recorded_before_streaming(service):
     request_id = headers["X-ChatStream-Request-Id"]
     assert outcome(service, request_id) == "client_disconnected_before_streaming"
     holder.join(30)
+    wait_for(lambda: idle(service))
+
+
+def test_an_engine_failure_is_a_500_or_an_sse_error_event_and_unknown_error(service):
+    client = sdk(service, "fail")
+    headers = rid("fail")
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=user(f"{FAIL_MARKER} now"), max_tokens=5, extra_headers=headers
+        )
+    assert caught.value.code == "unknown_error_occurred"
+    assert outcome(service, headers) == "unknown_error_occurred"
+
+    headers = rid("fail-sse")
+    stream = client.chat.completions.create(
+        model=MODEL, messages=user(f"{FAIL_MARKER} now"), max_tokens=5, stream=True,
+        extra_headers=headers,
+    )  # fmt: skip
+    with pytest.raises(openai.APIError, match="generation failed"):
+        list(stream)
+    assert outcome(service, headers) == "unknown_error_occurred"
     wait_for(lambda: idle(service))
 
 
