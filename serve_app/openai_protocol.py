@@ -275,6 +275,8 @@ def _load_body(body: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
         data = json.loads(body or b"", parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise invalid_request(f"the body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise invalid_request("the body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid_request("the body must be a JSON object", code="invalid_json")
     return data

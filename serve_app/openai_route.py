@@ -58,7 +58,6 @@ from serve_app.openai_protocol import (
     server_error,
 )
 from serve_app.outcomes import is_client_disconnect
-from serve_app.stores import StoreUnavailable
 from serve_app.validation import REQUEST_ID_HEADER, RequestRejected, request_id_from
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -201,11 +200,6 @@ async def handle_chat_completions(
         response = from_rejection(rejected).response()
         response.headers.update(_id_headers(request_id))
         return response
-    except StoreUnavailable as exc:  # pragma: no cover - admit does not read the store today
-        lease.release()
-        return await refuse(
-            chat_stream, request_id, from_rejection(chat_stream.store_unavailable(exc))
-        )
     except GenerationFailed:  # the outcome (and the callback) are recorded
         response = server_error().response()
         response.headers.update(_id_headers(request_id))

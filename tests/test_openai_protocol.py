@@ -212,6 +212,11 @@ def test_model_and_json_errors():
             served_model=MODEL,
         )
     assert info.value.code == "invalid_json"
+    with pytest.raises(OpenAIHTTPError) as info:  # 10,000 deep: a 400, not a RecursionError
+        parse_chat_completion(
+            b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", served_model=MODEL
+        )
+    assert (info.value.status_code, info.value.code) == (400, "invalid_json")
     with pytest.raises(OpenAIHTTPError) as info:
         parse_chat_completion({"messages": USER}, served_model=MODEL)  # a parsed dict works too
     assert info.value.param == "model"
