@@ -181,6 +181,12 @@ class ChatStreamIngress:
             return JSONResponse({"status": "starting", "application": state}, 503)
         return JSONResponse({"status": "ok"})
 
+    @api.get("/health")
+    async def health(self) -> Response:
+        """/healthz under the name vLLM and TGI use (OpenAI-protocol clients such as guidellm
+        probe it before a run)."""
+        return await self.healthz()
+
     @api.get("/", include_in_schema=False)
     async def index(self) -> Response:
         index = STATIC_DIR / "index.html"

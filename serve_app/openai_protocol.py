@@ -13,8 +13,10 @@ Design note
   send explicit defaults, or that echo a previous assistant message back with
   `tool_calls: null`, keep working. Parameters that cannot change the text (`user`,
   `metadata`, `store`, `service_tier`, `prompt_cache_key`, `stream_options.include_obfuscation`
-  ...) are accepted and ignored. Unknown parameters are refused (400, code
-  `unknown_parameter`): we cannot know that they are harmless. `top_k` is accepted as an
+  ...) are accepted and ignored. vLLM's `stream_options.continuous_usage_stats` is honoured
+  (each chunk carries the usage so far); its `ignore_eos` passes only as `false`. Unknown
+  parameters are refused (400, code `unknown_parameter`): we cannot know that they are
+  harmless. `top_k` is accepted as an
   extension (as vLLM and TGI do; -1 means "off", like our 0).
 * `stream_options` is accepted without `stream: true` and then ignored (OpenAI answers 400
   there; being lenient cannot change the answer and spares clients that always send it).
@@ -41,7 +43,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -86,9 +88,10 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "verbosity": (),
     "web_search_options": (),
     "moderation": (),
+    "ignore_eos": (False,),  # vLLM's extension; true would generate past the end of the answer
 }
 _STREAM_OPTIONS_HARMLESS = {"include_obfuscation"}
-_STREAM_OPTIONS_NEUTRAL: dict[str, tuple[Any, ...]] = {"continuous_usage_stats": (False,)}
+_STREAM_OPTIONS_NEUTRAL: dict[str, tuple[Any, ...]] = {}
 _MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tool_calls": ([],),
     "function_call": (),
@@ -255,6 +258,7 @@ class ChatCompletionRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
     seed: int | None = None
     user: str | None = None
 
@@ -439,11 +443,15 @@ def parse_chat_completion(
         )
     options = options or {}
     _check_keys(
-        options, {"include_usage"}, _STREAM_OPTIONS_HARMLESS, _STREAM_OPTIONS_NEUTRAL,
+        options, {"include_usage", "continuous_usage_stats"}, _STREAM_OPTIONS_HARMLESS,
+        _STREAM_OPTIONS_NEUTRAL,
         "stream_options.",
     )  # fmt: skip
     include_usage = stream and _strict_bool(
         options, "include_usage", "stream_options.include_usage"
+    )
+    continuous_usage = include_usage and _strict_bool(
+        options, "continuous_usage_stats", "stream_options.continuous_usage_stats"
     )
 
     params: dict[str, Any] = {}
@@ -486,6 +494,7 @@ def parse_chat_completion(
         stop=_parse_stop(data.get("stop")),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
         seed=seed,
         user=user,
     )
@@ -669,9 +678,19 @@ class StreamEncoder:
     held-back text, the `finish_reason` chunk, the usage chunk if asked for, `data: [DONE]`.
     """
 
-    def __init__(self, request: ChatCompletionRequest, builder: ChunkBuilder | None = None):
+    def __init__(
+        self,
+        request: ChatCompletionRequest,
+        builder: ChunkBuilder | None = None,
+        *,
+        prompt_tokens: int = 0,
+        count_tokens: Callable[[str], int] | None = None,
+    ):
         self.builder = builder or ChunkBuilder(request.model, include_usage=request.include_usage)
         self.include_usage = request.include_usage
+        # Continuous usage (vLLM's extension): each text chunk carries the usage so far.
+        self.prompt_tokens = prompt_tokens
+        self.count_tokens = count_tokens if request.continuous_usage else None
         self.matcher = StopMatcher(request.stop)
         self.text: list[str] = []  # the answer as sent
         self._started = False
@@ -684,9 +703,11 @@ class StreamEncoder:
         if not text and self._started:
             return ""
         self.text.append(text)
-        event = sse_event(self.builder.delta(text, first=not self._started))
+        chunk = self.builder.delta(text, first=not self._started)
+        if self.count_tokens is not None:
+            chunk["usage"] = usage(self.prompt_tokens, self.count_tokens("".join(self.text)))
         self._started = True
-        return event
+        return sse_event(chunk)
 
     def feed(self, text: str) -> str:
         sendable = self.matcher.feed(text)
@@ -700,7 +721,10 @@ class StreamEncoder:
             completion_tokens=completion_tokens,
             max_new_tokens=max_new_tokens,
         )
-        events = [self._delta(self.matcher.flush()), sse_event(self.builder.finish(reason))]
+        finish = self.builder.finish(reason)
+        if self.count_tokens is not None:
+            finish["usage"] = usage(prompt_tokens, completion_tokens)
+        events = [self._delta(self.matcher.flush()), sse_event(finish)]
         if self.include_usage:
             events.append(sse_event(self.builder.usage(prompt_tokens, completion_tokens)))
         events.append(SSE_DONE)

@@ -207,7 +207,9 @@ async def handle_chat_completions(
     # A client disconnect propagates (recorded as client_disconnected_before_streaming).
 
     if completion.stream:
-        encoder = StreamEncoder(completion)
+        encoder = StreamEncoder(
+            completion, prompt_tokens=prompt_tokens, count_tokens=chat_stream.formatter.count_tokens
+        )
         return OutcomeStreamingResponse(
             exchange,
             stream_events(chat_stream, exchange, first_chunk, encoder, ticket, params),

@@ -158,8 +158,7 @@ def test_invalid_values_name_the_parameter(body, param):
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"seed": 42}, "seed"),
-        ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
-         "stream_options.continuous_usage_stats"),
+        ({"ignore_eos": True}, "ignore_eos"),
     ],
 )  # fmt: skip
 def test_unsupported_parameters_are_refused_by_name(body, param):
@@ -169,8 +168,8 @@ def test_unsupported_parameters_are_refused_by_name(body, param):
 
 
 def test_unknown_parameters_are_refused():
-    error = refused({"messages": USER, "ignore_eos": True})
-    assert (error.code, error.param) == ("unknown_parameter", "ignore_eos")
+    error = refused({"messages": USER, "mirostat": 2})
+    assert (error.code, error.param) == ("unknown_parameter", "mirostat")
     assert refused({"messages": USER, "stream_options": {"x": 1}}).param == "stream_options.x"
 
 
@@ -370,6 +369,23 @@ def test_stream_encoder_events():
     assert finish.choices[0].finish_reason == "stop"  # a stop string, though the budget ran out
     assert usage_chunk.usage.total_tokens == 9
     assert "".join(encoder.text) == "STill here and "
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk():
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    request = parse({"messages": USER, "stream": True, "stream_options": options})
+    assert request.continuous_usage
+    encoder = StreamEncoder(request, prompt_tokens=5, count_tokens=lambda t: len(t.split()))
+    chunks = [sse_objects(encoder.feed(word))[0] for word in ("one", " two", " three")]
+    rest = sse_objects(encoder.end(prompt_tokens=5, completion_tokens=3, max_new_tokens=9))
+    parsed = [ChatCompletionChunk.model_validate_json(o) for o in [*chunks, *rest[:-1]]]
+    assert [c.usage.completion_tokens for c in parsed] == [1, 2, 3, 3, 3]
+    assert {c.usage.prompt_tokens for c in parsed} == {5}
+    assert parsed[-2].choices[0].finish_reason == "stop" and parsed[-1].choices == []
+    # Without include_usage it asks for nothing; without the option, chunks carry usage null.
+    alone = {"messages": USER, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+    assert not parse(alone).continuous_usage
+    assert parse({"messages": USER, "ignore_eos": False}).params == {}
 
 
 def test_stream_encoder_empty_answer_still_sends_the_role():
