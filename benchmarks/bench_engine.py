@@ -1,20 +1,29 @@
-"""Throughput and time-to-first-token of the transformers engine, against the bare model.
+"""What users get from `serve run serve_app:app`, against the bare model: one command, one table.
 
-    .venv/bin/python benchmarks/bench_engine.py                # all three modes, CPU or CUDA
-    .venv/bin/python benchmarks/bench_engine.py --modes generate,engine --concurrency 1,8
+    .venv/bin/python benchmarks/bench_engine.py            # the whole table (about 15 minutes)
+    .venv/bin/python benchmarks/bench_engine.py --quick    # concurrency 1 and 8, 2 rounds
 
-For each concurrency the same prompts (the first N of a fixed list of long-answer questions,
+For each concurrency N the same prompts (the first N of a fixed list of long-answer questions,
 rendered with the model's chat template exactly as the ingress renders a first turn) run as:
 
-  generate  (a) bare `model.generate`, one static batch of N (greedy, left-padded)
-  engine    (b) N concurrent `TransformersEngine.stream` calls in this process
-  http      (c) N concurrent `POST /chat_stream` on a local Ray Serve (`LocalServe`)
+  (a) generate       bare `model.generate`, one static batch of N (greedy, left-padded), at the
+                     engine's default precision, and again in float32 (the old default)
+  (b) engine         N concurrent `TransformersEngine.stream` calls in this process
+  (c) service        N concurrent `POST /chat_stream` to a plain `serve run serve_app:app` with
+                     default settings: no arguments besides the port, and no environment
+                     variables set by this script (the request body asks for greedy decoding
+                     and the token count, as a client would)
+  (c') tuned rows    the same service with the settings named in the row's label
 
-and it reports time to first token p50/p95, aggregate tokens/s (all tokens of a round over the
-round's wall time) and per-stream tokens/s (each stream's tokens after the first over the time
-from its first to its last token), with the ratios of (b) and (c) to (a). It also measures how
-many decode steps a cancelled stream stays in the batch. A table goes to stdout and everything
-to `benchmarks/results/bench-<time>.json`. Timings, so keep the machine otherwise quiet.
+(b) and (c) arrive staggered over one decode step of (a) at that concurrency (not all at once),
+as users do; (a) gets its whole batch at once. Reported: time to first token p50/p95, aggregate
+tokens/s (all tokens of a round over the round's wall time), per-stream tokens/s, and the CPU
+the stack spends per streamed token: the Serve proxy + ingress (and the model replica, whose
+CPU includes the model), read from the processes' CPU times (psutil) over the rounds; the
+per-token cost of the stack alone is measured with the mock engine (no model work). Modes
+alternate round by round, so that load from elsewhere on the machine hits them alike; `uptime`
+is recorded with every phase. A table goes to stdout and everything to
+`benchmarks/results/bench-<time>.json`.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +50,7 @@ import torch  # noqa: E402
 from serve_app.config import ChatStreamConfig, GenerationParams  # noqa: E402
 from serve_app.engines.base import ChatMessage  # noqa: E402
 from serve_app.engines.batching import prompt_token_ids  # noqa: E402
+from serve_app.engines.hf_loading import load_model  # noqa: E402
 from serve_app.engines.transformers_engine import (  # noqa: E402
     TransformersEngine,
     TransformersPromptFormatter,
@@ -152,8 +163,9 @@ def generated_lengths(new_tokens: torch.Tensor, eos_ids: frozenset[int]) -> list
     return lengths
 
 
-def run_generate(engine: TransformersEngine, prompts: list[str], max_new_tokens: int) -> tuple:
-    model, tokenizer = engine.model, engine.tokenizer
+def run_generate(
+    model: Any, tokenizer: Any, eos_ids: frozenset[int], prompts: list[str], max_new_tokens: int
+) -> tuple:
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch = [prompt_token_ids(tokenizer, p) for p in prompts]
@@ -175,7 +187,7 @@ def run_generate(engine: TransformersEngine, prompts: list[str], max_new_tokens:
     if device.type == "cuda":
         torch.cuda.synchronize()
     end = time.perf_counter()
-    lengths = generated_lengths(out[:, width:], engine.scheduler.eos_ids)
+    lengths = generated_lengths(out[:, width:], eos_ids)
     streams = [StreamTiming(start, clock.first, end, n) for n in lengths]
     return end - start, streams
 
@@ -183,8 +195,23 @@ def run_generate(engine: TransformersEngine, prompts: list[str], max_new_tokens:
 # --- (b) the engine ---------------------------------------------------------------------------
 
 
+async def staggered(offsets: list[float], one: Any, items: list[Any]) -> tuple:
+    """Start `one(item)` for each item at its offset (seconds); (wall time, results)."""
+    start = time.perf_counter()
+
+    async def later(offset: float, item: Any) -> StreamTiming:
+        await asyncio.sleep(offset)
+        return await one(item)
+
+    results = await asyncio.gather(*(later(o, i) for o, i in zip(offsets, items, strict=True)))
+    return time.perf_counter() - start, list(results)
+
+
 async def run_engine(
-    engine: TransformersEngine, prompts: list[str], params: GenerationParams
+    engine: TransformersEngine,
+    prompts: list[str],
+    params: GenerationParams,
+    offsets: list[float] | None = None,
 ) -> tuple:
     async def one(prompt: str) -> StreamTiming:
         timing = StreamTiming(time.perf_counter())
@@ -196,9 +223,7 @@ async def run_engine(
             timing.tokens += chunk.num_tokens
         return timing
 
-    start = time.perf_counter()
-    streams = await asyncio.gather(*(one(p) for p in prompts))
-    return time.perf_counter() - start, list(streams)
+    return await staggered(offsets or [0.0] * len(prompts), one, prompts)
 
 
 async def measure_cancellation(engine: TransformersEngine, prompts: list[str]) -> dict:
@@ -242,7 +267,13 @@ async def _drain(engine: TransformersEngine, prompt: str, params: GenerationPara
 # --- (c) the service over HTTP ----------------------------------------------------------------
 
 
-async def run_http(url: str, questions: list[str], max_new_tokens: int, tokenizer: Any) -> tuple:
+async def run_http(
+    url: str,
+    questions: list[str],
+    max_new_tokens: int,
+    tokenizer: Any,
+    offsets: list[float] | None = None,
+) -> tuple:
     import httpx
 
     body = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
@@ -262,103 +293,258 @@ async def run_http(url: str, questions: list[str], max_new_tokens: int, tokenize
                         timing.first = now
                     timing.last = now
                     parts.append(text)
-        # The HTTP stream carries text only: count tokens by re-tokenizing the answer.
-        timing.tokens = len(tokenizer("".join(parts), add_special_tokens=False)["input_ids"])
+        # The HTTP stream carries text only: count tokens by re-tokenizing the answer
+        # (None: the mock engine's "tokens" are words).
+        answer = "".join(parts)
+        timing.tokens = (
+            len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+            if tokenizer is not None
+            else len(answer.split())
+        )
         return timing
 
-    start = time.perf_counter()
-    streams = await asyncio.gather(*(one(q) for q in questions))
-    return time.perf_counter() - start, list(streams)
+    return await staggered(offsets or [0.0] * len(questions), one, questions)
+
+
+class StackCpu:
+    """CPU seconds used by the Serve processes of one `serve run` (its process tree), by role."""
+
+    ROLES = {"proxy": "ProxyActor", "ingress": "ChatStreamIngress", "replica": "ChatModel"}
+
+    def __init__(self, root_pid: int) -> None:
+        import psutil
+
+        self.processes: dict[str, list] = {role: [] for role in self.ROLES}
+        for proc in psutil.Process(root_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(proc.cmdline())
+                for role, needle in self.ROLES.items():
+                    if title.startswith("ray::") and needle in title:
+                        self.processes[role].append(proc)
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        totals = {}
+        for role, procs in self.processes.items():
+            total = 0.0
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+            totals[role] = total
+        return totals
+
+
+def start_service(args: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    """`serve run` with exactly `args` (and the port); `env` adds variables for tuned rows."""
+    from serve_app.local_server import LocalServe
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        server = LocalServe(args, startup_timeout_s=600, log_path=RESULTS_DIR / "serve.log")
+        server.__enter__()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return server
 
 
 # --- driver -----------------------------------------------------------------------------------
 
 
-def print_table(rows: list[Row]) -> None:
-    base = {r.concurrency: r for r in rows if r.mode == "generate"}
-    header = (
-        f"{'mode':<9} {'conc':>4} {'TTFT p50':>9} {'TTFT p95':>9} {'agg tok/s':>10} "
-        f"{'stream tok/s':>12} {'agg/(a)':>8} {'+TTFT p50':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        ref = base.get(row.concurrency)
-        ratio = f"{row.aggregate_tok_s / ref.aggregate_tok_s:8.2f}" if ref else f"{'':>8}"
-        added = f"{row.ttft_p50_ms - ref.ttft_p50_ms:+9.1f}ms" if ref else f"{'':>11}"
-        print(
-            f"{row.mode:<9} {row.concurrency:>4} {row.ttft_p50_ms:7.1f}ms {row.ttft_p95_ms:7.1f}ms "
-            f"{row.aggregate_tok_s:10.1f} {row.per_stream_tok_s:12.1f} {ratio} {added}"
-        )
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+@dataclass
+class Service:
+    label: str  # the row's mode name
+    args: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_rounds(
+    levels: list[int],
+    rounds: int,
+    modes: dict[str, Any],
+    step_s: dict[int, float],
+) -> list[Row]:
+    """`modes`: name -> fn(level, offsets) -> (wall, streams, cpu dict | None), alternated."""
+    rows = []
+    for level in levels:
+        offsets = [i * step_s.get(level, 0.0) / level for i in range(level)]
+        results: dict[str, list] = {m: [] for m in modes}
+        cpus: dict[str, list] = {m: [] for m in modes}
+        for _ in range(rounds):
+            for name, fn in modes.items():
+                wall, streams, cpu = fn(level, offsets)
+                results[name].append((wall, streams))
+                if cpu is not None:
+                    cpus[name].append(cpu)
+        for name in modes:
+            row = summarize(name, level, results[name])
+            if cpus[name]:
+                tokens = row.tokens
+                for role in ("proxy", "ingress", "replica"):
+                    used = sum(c[role] for c in cpus[name])
+                    row.extra[f"cpu_ms_per_token_{role}"] = 1000 * used / max(1, tokens)
+            rows.append(row)
+            print_progress(row)
+    return rows
+
+
+def http_mode(server: Any, questions: list[str], max_new_tokens: int, tokenizer: Any) -> Any:
+    cpu = StackCpu(server._proc.pid)
+
+    def fn(level: int, offsets: list[float]) -> tuple:
+        before = cpu.read()
+        qs = [questions[i % len(questions)] for i in range(level)]
+        wall, streams = asyncio.run(run_http(server.url, qs, max_new_tokens, tokenizer, offsets))
+        after = cpu.read()
+        return wall, streams, {k: after[k] - before[k] for k in after}
+
+    return fn
+
+
+def measure_stack(levels: list[int], rounds: int, max_new_tokens: int) -> list[Row]:
+    """CPU per streamed token of proxy + ingress + replica with the mock engine (no model)."""
+    server = start_service({"engine": "mock", "mock_mode": "long"})
+    print(f"  stack (mock engine) ...  load: {uptime()}", flush=True)
+    try:
+        fn = http_mode(server, QUESTIONS, max_new_tokens, None)
+        fn(2, [0.0, 0.0])  # warm-up
+        return run_rounds(levels, rounds, {"stack (mock)": fn}, {})
+    finally:
+        server.__exit__(None, None, None)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--modes", default="generate,engine,http")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency and mode")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,8 and 2 rounds")
     parser.add_argument("--model", default="", help="model id/dir/.gguf; empty = embedded SmolLM2")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--stream-interval-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--tuned",
+        default="dtype=float32",
+        help="';'-separated tuned services, each 'key=value,...' of serve args (and ENV=value "
+        "for environment variables in capitals); '' for none",
+    )
+    parser.add_argument("--skip-stack", action="store_true", help="no mock-engine stack run")
     args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.concurrency, args.rounds = "1,8", 2
     levels = [int(c) for c in args.concurrency.split(",")]
-    modes = args.modes.split(",")
-    if not set(modes) <= {"generate", "engine", "http"}:
-        parser.error(f"unknown mode in {args.modes!r}")
-    if max(levels) > len(QUESTIONS):
-        parser.error(f"at most {len(QUESTIONS)} concurrent streams")
-    max_batch = max(levels)
-    config = ChatStreamConfig(model=args.model, device=args.device, max_ongoing_requests=max_batch)
+    model_args = {"model": args.model} if args.model else {}
+
+    started = uptime()
+    print(f"load at start: {started}", flush=True)
+    config = ChatStreamConfig(max_ongoing_requests=max(levels), **model_args)
     formatter = TransformersPromptFormatter(config)
-    prompts = [formatter.render([ChatMessage("user", q)]) for q in QUESTIONS]
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(max(levels))]
+    prompts = [formatter.render([ChatMessage("user", q)]) for q in questions]
     engine = TransformersEngine(config)
     asyncio.run(engine.start())
+    eos = engine.scheduler.eos_ids
     params = GenerationParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
+    # The old default precision, float32, as the reference of the faster-path target.
+    fp32 = asyncio.run(
+        engine.run_on_model_thread(
+            lambda: load_model(ChatStreamConfig(dtype="float32", **model_args))[0]
+        )
+    )
     device = str(next(engine.model.parameters()).device)
     print(
         f"model={args.model or 'embedded SmolLM2-135M-Instruct Q4_1 GGUF'} device={device} "
-        f"dtype={engine.model.dtype} torch_threads={torch.get_num_threads()} "
+        f"default precision={engine.model.dtype} torch_threads={engine.num_threads} "
         f"max_new_tokens={args.max_new_tokens} rounds={args.rounds}",
         flush=True,
     )
 
+    def generate_mode(model: Any) -> Any:
+        def fn(level: int, offsets: list[float]) -> tuple:
+            # On the engine's own thread: torch work on a second thread would slow both (see
+            # BatchScheduler.call).
+            wall, streams = asyncio.run(
+                engine.run_on_model_thread(
+                    lambda: run_generate(
+                        model, engine.tokenizer, eos, prompts[:level], args.max_new_tokens
+                    )
+                )
+            )
+            step_s.setdefault(level, wall / args.max_new_tokens)
+            return wall, streams, None
+
+        return fn
+
+    def engine_mode(level: int, offsets: list[float]) -> tuple:
+        wall, streams = asyncio.run(run_engine(engine, prompts[:level], params, offsets))
+        return wall, streams, None
+
     # Warm up every code path once (first calls allocate and pick kernels).
-    asyncio.run(engine.run_on_model_thread(lambda: run_generate(engine, prompts[:2], 4)))
+    step_s: dict[int, float] = {}
+    for model in (engine.model, fp32):
+        asyncio.run(
+            engine.run_on_model_thread(
+                lambda m=model: run_generate(m, engine.tokenizer, eos, prompts[:2], 4)
+            )
+        )
     asyncio.run(run_engine(engine, prompts[:2], GenerationParams(temperature=0, max_new_tokens=4)))
+    # One round of (a) per level first: its step time staggers the arrivals of (b) and (c).
+    for level in levels:
+        generate_mode(engine.model)(level, [])
 
-    # Modes alternate round by round, so that load from elsewhere on the machine hits them alike.
-    server = start_service(args, levels) if "http" in modes else contextlib.nullcontext()
+    services = [Service("(c) service", {})]
+    for spec in filter(None, args.tuned.split(";")):
+        pairs = dict(kv.split("=", 1) for kv in spec.split(","))
+        env = {k: v for k, v in pairs.items() if k.isupper()}
+        serve_args = {k: v for k, v in pairs.items() if not k.isupper()}
+        services.append(Service(f"(c') {spec}", serve_args, env))
+
     rows: list[Row] = []
-    with server:
-        if "http" in modes:
-            asyncio.run(run_http(server.url, QUESTIONS[:2], 4, engine.tokenizer))  # warm-up
-        for level in levels:
-            rounds: dict[str, list] = {mode: [] for mode in modes}
-            for _ in range(args.rounds):
-                for mode in modes:
-                    rounds[mode].append(run_round(mode, level, engine, prompts, params, server))
-            for mode in modes:
-                rows.append(summarize(mode, level, rounds[mode]))
-                print_progress(rows[-1])
+    loads = {"start": started}
+    for index, service in enumerate(services):
+        print(f"  starting {service.label} (serve run) ...", flush=True)
+        server = start_service({**service.args, **model_args}, service.env)
+        try:
+            http = http_mode(server, questions, args.max_new_tokens, engine.tokenizer)
+            http(2, [0.0, 0.0])  # warm-up
+            loads[service.label] = uptime()
+            print(f"  load: {loads[service.label]}", flush=True)
+            modes = {"(a) generate": generate_mode(engine.model)}
+            if index == 0:
+                modes["(a) generate fp32"] = generate_mode(fp32)
+                modes["(b) engine"] = engine_mode
+            modes[service.label] = http
+            rows += run_rounds(levels, args.rounds, modes, step_s)
+        finally:
+            server.__exit__(None, None, None)
     cancellation = asyncio.run(measure_cancellation(engine, prompts))
-    step_s = decode_step_seconds(engine, prompts[:8], args.max_new_tokens)
     engine.shutdown()
+    if not args.skip_stack:
+        rows += measure_stack([8], args.rounds, 256)
+    loads["end"] = uptime()
 
-    order = {"generate": 0, "engine": 1, "http": 2}
-    rows.sort(key=lambda r: (order[r.mode], r.concurrency))
     print()
     print_table(rows)
     print(
         f"\ncancelled stream left the batch after {cancellation.get('steps')} decode step(s), "
-        f"{cancellation.get('ms', float('nan')):.1f} ms; a batch-8 decode step takes "
-        f"{step_s * 1000:.1f} ms"
+        f"{cancellation.get('ms', float('nan')):.1f} ms"
     )
     report_targets(rows)
+    print("\nload (uptime) during the run:")
+    for phase, load in loads.items():
+        print(f"  {phase}: {load}")
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     out = RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -366,9 +552,9 @@ def main() -> int:
         json.dumps(
             {
                 "environment": environment(engine, args),
+                "load": loads,
                 "rows": [asdict(r) for r in rows],
                 "cancellation": cancellation,
-                "decode_step_batch8_ms": step_s * 1000,
             },
             indent=2,
         )
@@ -379,83 +565,65 @@ def main() -> int:
 
 def print_progress(row: Row) -> None:
     print(
-        f"  {row.mode:<8} conc={row.concurrency:<3} ttft p50 {row.ttft_p50_ms:7.1f} ms  "
+        f"  {row.mode:<28} conc={row.concurrency:<3} ttft p50 {row.ttft_p50_ms:7.1f} ms  "
         f"agg {row.aggregate_tok_s:7.1f} tok/s",
         flush=True,
     )
 
 
-def decode_step_seconds(engine: TransformersEngine, prompts: list[str], tokens: int) -> float:
-    """Mean wall time of one decode step with a batch of len(prompts) (from the engine)."""
-    params = GenerationParams(temperature=0.0, max_new_tokens=tokens)
-    steps = engine.scheduler.steps
-    wall, _ = asyncio.run(run_engine(engine, prompts, params))
-    return wall / max(1, engine.scheduler.steps - steps)
-
-
-def start_service(args: argparse.Namespace, levels: list[int]) -> Any:
-    from serve_app.local_server import LocalServe
-
-    # Ray gives an actor OMP_NUM_THREADS = its num_cpus (1 by default) unless the variable is
-    # already set; pass ours on so the replica computes with as many threads as (a) and (b).
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    # Ray runs its workers at niceness 15 (RAY_worker_niceness) so its control processes stay
-    # responsive; on a shared box that lets every other process, this benchmark's HTTP client
-    # included, take the model replica's CPU. A k8s pod has its cores to itself; mimic that.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    serve_args = {
-        "engine": "transformers",
-        "model": args.model,
-        "device": args.device,
-        "max_ongoing_requests": max(levels),
-        "max_queued_requests": 64,
-        "session_store": "memory",
-        "stream_interval_ms": args.stream_interval_ms,
-        "temperature": 0.0,
-        "max_new_tokens": args.max_new_tokens,
-    }
-    print("  starting the service (serve run) ...", flush=True)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    return LocalServe(serve_args, startup_timeout_s=600, log_path=RESULTS_DIR / "serve.log")
-
-
-def run_round(
-    mode: str,
-    level: int,
-    engine: TransformersEngine,
-    prompts: list[str],
-    params: GenerationParams,
-    server: Any,
-) -> tuple[float, list[StreamTiming]]:
-    if mode == "generate":
-        # On the engine's own thread: torch work on a second thread would slow both (see
-        # BatchScheduler.call), making (a) and (b) look worse than they are.
-        return asyncio.run(
-            engine.run_on_model_thread(
-                lambda: run_generate(engine, prompts[:level], params.max_new_tokens)
-            )
+def print_table(rows: list[Row]) -> None:
+    """Markdown, ready for the README."""
+    base = {r.concurrency: r for r in rows if r.mode == "(a) generate"}
+    print(
+        "| mode | conc | TTFT p50 | TTFT p95 | agg tok/s | per-stream tok/s | agg / (a) "
+        "| TTFT p50 / (a) | stack CPU ms/token (proxy+ingress) | replica CPU ms/token |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    seen = set()
+    for row in rows:
+        key = (row.mode, row.concurrency)
+        if key in seen:
+            continue
+        seen.add(key)
+        ref = base.get(row.concurrency)
+        mock = row.mode.startswith("stack")
+        ratio = f"{row.aggregate_tok_s / ref.aggregate_tok_s:.2f}" if ref and not mock else "—"
+        ttft = f"{row.ttft_p50_ms / ref.ttft_p50_ms:.2f}" if ref and not mock else "—"
+        stack = replica = "—"
+        if "cpu_ms_per_token_proxy" in row.extra:
+            e = row.extra
+            stack = f"{e['cpu_ms_per_token_proxy'] + e['cpu_ms_per_token_ingress']:.2f}"
+            replica = f"{e['cpu_ms_per_token_replica']:.2f}"
+        print(
+            f"| {row.mode} | {row.concurrency} | {row.ttft_p50_ms:.1f} ms | "
+            f"{row.ttft_p95_ms:.1f} ms | {row.aggregate_tok_s:.1f} | {row.per_stream_tok_s:.1f} "
+            f"| {ratio} | {ttft} | {stack} | {replica} |"
         )
-    if mode == "engine":
-        return asyncio.run(run_engine(engine, prompts[:level], params))
-    if mode == "http":
-        return asyncio.run(
-            run_http(server.url, QUESTIONS[:level], params.max_new_tokens, engine.tokenizer)
-        )
-    raise ValueError(f"unknown mode {mode!r}")
 
 
 def report_targets(rows: list[Row]) -> None:
     get = {(r.mode, r.concurrency): r for r in rows}
-    base8, http8 = get.get(("generate", 8)), get.get(("http", 8))
-    if base8 and http8:
-        ratio = http8.aggregate_tok_s / base8.aggregate_tok_s
-        verdict = "met" if ratio >= 0.8 else "MISSED"
-        print(f"target (c) conc 8 >= 0.8 x (a) batch 8: {ratio:.2f} x -> {verdict}")
-    base1, http1 = get.get(("generate", 1)), get.get(("http", 1))
-    if base1 and http1:
-        added = http1.ttft_p50_ms - base1.ttft_p50_ms
-        verdict = "met" if added <= 20 else "MISSED"
-        print(f"target added TTFT p50 at conc 1 <= 20 ms: {added:+.1f} ms -> {verdict}")
+    a8, a8_32, c8 = (get.get((m, 8)) for m in ("(a) generate", "(a) generate fp32", "(c) service"))
+    a1, c1 = get.get(("(a) generate", 1)), get.get(("(c) service", 1))
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    print()
+    if a8 and c8:
+        ratio = c8.aggregate_tok_s / a8.aggregate_tok_s
+        print(f"target (c) agg at 8 >= 0.9 x (a) batch 8: {ratio:.2f} x -> {verdict(ratio >= 0.9)}")
+        ttft = c8.ttft_p50_ms / a8.ttft_p50_ms
+        print(f"target (c) TTFT p50 at 8 <= 1.3 x (a): {ttft:.2f} x -> {verdict(ttft <= 1.3)}")
+    if a1 and c1:
+        added = c1.ttft_p50_ms - a1.ttft_p50_ms
+        print(f"target TTFT added at conc 1 <= 15 ms: {added:+.1f} ms -> {verdict(added <= 15)}")
+    if a8_32 and c8:
+        ratio = c8.aggregate_tok_s / a8_32.aggregate_tok_s
+        print(
+            f"target (c) agg at 8 >= 1.5 x fp32 (a) batch 8: {ratio:.2f} x -> "
+            f"{verdict(ratio >= 1.5)}"
+        )
 
 
 def environment(engine: TransformersEngine, args: argparse.Namespace) -> dict[str, Any]:
@@ -466,7 +634,7 @@ def environment(engine: TransformersEngine, args: argparse.Namespace) -> dict[st
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": engine.num_threads,
         "cpu_count": os.cpu_count(),
         "device": str(next(engine.model.parameters()).device),
         "dtype": str(engine.model.dtype),

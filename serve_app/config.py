@@ -110,12 +110,19 @@ class ChatStreamConfig(BaseModel):
 
     # --- concurrency and scaling -------------------------------------------------------------
     max_ongoing_requests: int = Field(
-        4,
+        32,
         ge=1,
-        description="Generations run at once per model replica (num_of_concurrent_executions)",
+        description="Generations run at once per model replica (num_of_concurrent_executions). "
+        "The transformers engine runs them all in one batch (continuous batching): on a 2-core "
+        "CPU with the default model, aggregate tokens/s still grew from 16 to 32 streams "
+        "(README, Performance), so the default is 32; a GPU replica batches more",
     )
     max_queued_requests: int = Field(
-        16, ge=-1, description="Requests waiting per ingress replica; beyond it 429. -1 = unbounded"
+        64,
+        ge=-1,
+        description="Requests waiting per ingress replica; beyond it 429. -1 = unbounded. "
+        "Twice max_ongoing_requests: a waiting request gets a slot within about two answers' "
+        "time; past that a quick 429 with Retry-After serves a client better",
     )
     num_replicas: int = Field(1, ge=0, description="Model replicas (ignored when autoscaling)")
     min_replicas: int = Field(0, ge=0, description="Autoscaling lower bound (with max_replicas)")

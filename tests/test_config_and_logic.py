@@ -51,7 +51,7 @@ def test_model_deployment_options_follow_the_config():
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     scaled = model_deployment_options(parse_args({"min_replicas": 1, "max_replicas": 4}))
     assert scaled["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in scaled
-    assert scaled["max_ongoing_requests"] == 4 and scaled["max_queued_requests"] == 16
+    assert scaled["max_ongoing_requests"] == 32 and scaled["max_queued_requests"] == 64
 
 
 # --------------------------------------------------------------------------- outcomes

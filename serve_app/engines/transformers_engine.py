@@ -92,6 +92,7 @@ class TransformersEngine(Engine):
         """Start the worker on an already loaded model (what `start` does after loading);
         `options` go to `BatchScheduler` (e.g. `prefill_chunk_tokens`)."""
         self.model, self.tokenizer = model, tokenizer
+        self.num_threads = torch_threads(self.config, ray_cpu_allotment())
         self._scheduler = BatchScheduler(
             model,
             tokenizer,
@@ -112,8 +113,7 @@ class TransformersEngine(Engine):
 
         # Explicitly, not from the inherited OMP_NUM_THREADS (Ray sets it to num_cpus); the
         # worker thread sets the same count for itself (`BatchScheduler.run`).
-        self.num_threads = torch_threads(self.config, ray_cpu_allotment())
-        torch.set_num_threads(self.num_threads)
+        torch.set_num_threads(torch_threads(self.config, ray_cpu_allotment()))
         tokenizer = load_tokenizer(self.config)
         model, device = load_model(self.config)
         return model, tokenizer, device, context_length(self.config, model.config)
