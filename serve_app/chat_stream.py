@@ -10,6 +10,7 @@ full) -> wait for the first chunk -> stream the rest. From admission on, an `Exc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -55,6 +56,9 @@ from serve_app.validation import (
 )
 
 logger = logging.getLogger("ray.serve")
+
+# How long the end of a whole answer waits for the session to be saved.
+TURN_SAVE_WAIT_SEC = 5.0
 
 
 class GenerationFailed(Exception):
@@ -122,6 +126,7 @@ class ChatStream:
     ) -> None:
         self.config = config
         self.app_name = app_name
+        self.replica_id = replica_id
         self.ingress_name = ingress_name
         self.formatter = formatter
         self.store = store
@@ -309,10 +314,15 @@ class ChatStream:
         engine failed before the first chunk (outcome recorded), and re-raises a client
         disconnect (outcome recorded). Stream the rest with `relay`, inside an
         OutcomeStreamingResponse."""
+        record_id = uuid.uuid4().hex
+        try:  # open in the durable ledger: if this replica dies, a survivor closes it
+            await self.store.open_request(record_id, request_id, self.replica_id)
+        except StoreUnavailable as exc:
+            raise self.store_unavailable(exc) from None
         exchange = Exchange(
             request=request,
             request_id=request_id,
-            record_id=uuid.uuid4().hex,
+            record_id=record_id,
             message_id=uuid.uuid4().hex,
             session=session,
             turn=turn,
@@ -330,6 +340,8 @@ class ChatStream:
         except BackPressureError:
             exchange.finished = True  # refused, not admitted: no outcome, no callback
             load_board.change(queued=-1)
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.close_request(record_id)
             raise RequestRejected(
                 429,
                 "too_many_requests",
@@ -389,6 +401,11 @@ class ChatStream:
                 exchange.sent.append(chunk)  # resumed: the chunk went out
                 chunk = await self._next_chunk(exchange.model_stream)
             exchange.completed = True
+            exchange.finish(None)
+            # End the response only once the answer is saved (bounded: a slow store must not
+            # hold the client), so that what the client saw is what /history shows.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exchange.turn_released.wait(), TURN_SAVE_WAIT_SEC)
         except BaseException as exc:
             error = exc
             raise

@@ -9,7 +9,6 @@ the answer, record the outcome, call the callback - each step even if an earlier
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import inspect
@@ -25,7 +24,7 @@ from ray.serve.handle import DeploymentResponseGenerator
 from ray.serve.metrics import Counter
 from starlette.requests import Request
 
-from serve_app.outcomes import Outcome, classify_outcome
+from serve_app.outcomes import LOST_OUTCOME, LOST_REASON, Outcome, classify_outcome
 from serve_app.session_state import SessionLimits, apply_change, finish_turn
 from serve_app.sessions import SessionView
 from serve_app.stores import StateStore
@@ -37,6 +36,8 @@ Callback = Callable[[Request, str], Any]
 # Each ingress replica re-sends its load this often; a report counts for three intervals, so
 # the figures of a replica that died leave /load within that time.
 LOAD_REPORT_INTERVAL_SEC = 5.0
+# A replica whose report expired this long ago is gone: its open requests are closed.
+LOST_GRACE_SEC = 3 * LOAD_REPORT_INTERVAL_SEC
 # A bookkeeping write that failed because the store was down is retried for this long.
 STORE_RETRY_WINDOW_SEC = 300.0
 
@@ -70,6 +71,9 @@ class Exchange:
     completed: bool = False
     stopped_early: bool = False
     finished: bool = False
+    # Set once the session's turn is released (and the answer saved): a client that got the
+    # whole answer then finds it in /history, and may send its next turn at once.
+    turn_released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def stop(self) -> None:
         """The client has the whole answer it asked for (e.g. a stop string matched): the
@@ -116,18 +120,19 @@ class LoadBoard:
     def change(self, queued: int = 0, ongoing: int = 0) -> None:
         self.queued += queued
         self.ongoing += ongoing
+        self._spawn(self.report())
+
+    async def report(self) -> bool:
+        """Send the current figures; False if the store could not take them."""
         self._seq += 1
-        self._spawn(self._report(self._seq, self.ongoing, self.queued))
-
-    async def _report(self, seq: int, ongoing: int, queued: int) -> None:
         expires_at = time.time() + 3 * LOAD_REPORT_INTERVAL_SEC
-        with contextlib.suppress(Exception):  # store down: the heartbeat sends it again
-            await self._store.report_load(self._replica_id, seq, ongoing, queued, expires_at)
-
-    async def heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(LOAD_REPORT_INTERVAL_SEC)
-            self.change()
+        try:
+            await self._store.report_load(
+                self._replica_id, self._seq, self.ongoing, self.queued, expires_at
+            )
+        except Exception:  # store down: the heartbeat sends it again
+            return False
+        return True
 
 
 class Bookkeeping:
@@ -152,7 +157,7 @@ class Bookkeeping:
             callback_threads, thread_name_prefix="chatstream-callback"
         )
         self.load_board = LoadBoard(store, replica_id, self.spawn)
-        self._heartbeat = self.spawn(self.load_board.heartbeat())
+        self._heartbeat = self.spawn(self._keep_alive())
         self._outcomes = Counter(
             "chatstream_outcomes_total",
             description="Admitted requests by outcome",
@@ -170,6 +175,30 @@ class Bookkeeping:
             "its request's one call)",
             tag_keys=("reason",),
         )
+
+    async def _keep_alive(self) -> None:
+        """Re-send this replica's load (its sign of life), and close the requests of replicas
+        that show none: their ingress died before deciding an outcome. Only after two reports
+        in a row went through, so that after a store outage every live replica has spoken."""
+        reports_in_a_row = 0
+        while True:
+            await asyncio.sleep(LOAD_REPORT_INTERVAL_SEC)
+            reports_in_a_row = reports_in_a_row + 1 if await self.load_board.report() else 0
+            if reports_in_a_row < 2:
+                continue
+            try:
+                lost = await self.store.sweep_lost_requests(LOST_GRACE_SEC)
+            except Exception as exc:
+                logger.warning("could not look for requests of lost ingress replicas: %r", exc)
+                continue
+            if lost:
+                self._outcomes.inc(lost, tags={"outcome": LOST_OUTCOME})
+                logger.error(
+                    "closed %d requests of an ingress replica that died as %s (%s)",
+                    lost,
+                    LOST_OUTCOME,
+                    LOST_REASON,
+                )
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._loop_thread
@@ -190,6 +219,7 @@ class Bookkeeping:
         callback fires exactly once."""
         if exchange.turn is not None and exchange.session is not None:
             await self._finish_turn(exchange, outcome)
+        exchange.turn_released.set()
         self._outcomes.inc(tags={"outcome": outcome.value})
         record = (exchange.record_id, exchange.request_id, outcome.value)
         record_outcome = self.store.record_outcome

@@ -19,6 +19,12 @@ class Outcome(StrEnum):
     UNKNOWN_ERROR_OCCURRED = "unknown_error_occurred"
 
 
+# An admitted request whose ingress replica died before deciding its outcome is closed by a
+# surviving replica with this outcome and reason (its callback died with the replica).
+LOST_OUTCOME = Outcome.UNKNOWN_ERROR_OCCURRED.value
+LOST_REASON = "ingress_lost"
+
+
 def is_client_disconnect(exc: BaseException | None) -> bool:
     """Whether `exc` is how a vanished client shows up in the ingress.
 
@@ -71,6 +77,9 @@ class OutcomeLedger:
         self.max_entries = max_entries
         self.outcome_totals: Counter[str] = Counter({o.value: 0 for o in Outcome})
         self.rejection_totals: Counter[str] = Counter()
+        self.reason_totals: Counter[str] = Counter()  # why an unknown error was declared
+        # Admitted requests whose outcome is not decided yet: record id -> (request id, replica)
+        self.open: dict[str, tuple[str, str]] = {}
         self.entries: dict[str, OrderedDict[str, str | None]] = {
             "outcome": OrderedDict(),
             "rejection": OrderedDict(),
@@ -86,12 +95,32 @@ class OutcomeLedger:
         while len(entries) > self.max_entries:
             self._on_drop(kind, entries.popitem(last=False)[0])
 
-    def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+    def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+        """An admitted request whose outcome `replica_id` will decide."""
+        if record_id not in self.entries["record"]:
+            self.open[record_id] = (request_id, replica_id)
+
+    def close_request(self, record_id: str) -> None:
+        """Forget an open request that was not admitted after all (429)."""
+        self.open.pop(record_id, None)
+
+    def lost_requests(self, live_replicas: set[str]) -> list[tuple[str, str]]:
+        """(record id, request id) of open requests whose replica is gone."""
+        return [
+            (rid, req) for rid, (req, replica) in self.open.items() if replica not in live_replicas
+        ]
+
+    def record_outcome(
+        self, record_id: str, request_id: str, outcome: str, reason: str = ""
+    ) -> None:
         """Count `outcome` once per `record_id` (a retried write is not counted again)."""
         Outcome(outcome)  # refuse anything but the four outcomes
+        self.open.pop(record_id, None)
         if record_id in self.entries["record"]:
             return
         self._remember("record", record_id, None)
+        if reason:
+            self.reason_totals[reason] += 1
         if request_id in self.entries["outcome"]:
             self.repeated_request_ids += 1
         self.outcome_totals[outcome] += 1
@@ -107,12 +136,15 @@ class OutcomeLedger:
             "rejections": dict(self.rejection_totals),
             "admitted": sum(self.outcome_totals.values()),
             "repeated_request_ids": self.repeated_request_ids,
+            "unknown_error_reasons": dict(self.reason_totals),
+            "open": len(self.open),
         }
 
     def restore_totals(self, totals: dict[str, Any]) -> None:
         """Take back totals saved from `totals()` (a restarted holder of the ledger)."""
         self.outcome_totals.update(totals["outcomes"])
         self.rejection_totals.update(totals["rejections"])
+        self.reason_totals.update(totals.get("unknown_error_reasons", {}))
         self.repeated_request_ids = totals["repeated_request_ids"]
 
     def lookup(self, request_ids: list[str] | None = None) -> dict[str, dict[str, str]]:

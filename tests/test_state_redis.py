@@ -2,7 +2,8 @@
 redis-server (durable: append-only file), the mock engine, loopback only.
 
 What a user would notice: the conversation and the cookie survive a full stop and start of
-Serve and Ray, and the kill of an ingress replica; concurrent changes to one session lose
+Serve and Ray, and the kill of an ingress replica, whose requests a survivor closes as
+`unknown_error_occurred` (`ingress_lost`); concurrent changes to one session lose
 nothing; a session has one turn at a time; Redis going away costs new requests a 503 but never
 an outcome, and the service recovers by itself.
 """
@@ -52,23 +53,28 @@ class Stream(threading.Thread):
 
     def __init__(self, client: httpx.Client, text: str, max_new_tokens: int = 40) -> None:
         super().__init__(daemon=True)
-        self.client, self.text, self.max_new_tokens = client, text, max_new_tokens
+        self.client, self.user_input, self.max_new_tokens = client, text, max_new_tokens
         self.request_id = new_request_id("stream")
-        self.response: httpx.Response | None = None
+        self.first_chunk = threading.Event()
+        self.status_code: int | None = None  # None: the connection broke
+        self.text = ""
 
     def run(self) -> None:
-        self.response = chat(
-            self.client, self.text, self.request_id, max_new_tokens=self.max_new_tokens
-        )
+        body = {"user_input": self.user_input, "max_new_tokens": self.max_new_tokens}
+        headers = {"X-ChatStream-Request-Id": self.request_id}
+        with self.client.stream("POST", "/chat_stream", json=body, headers=headers) as response:
+            for chunk in response.iter_text():
+                self.text += chunk
+                self.first_chunk.set()
+            self.status_code = response.status_code
 
 
-def first_chunk_seen(client: httpx.Client, text: str) -> str:
-    """Start a long turn and return its request id once streaming has begun; the rest of the
-    answer is read in the background."""
+def first_chunk_seen(client: httpx.Client, text: str) -> Stream:
+    """Start a long turn and return it once its answer has begun; the rest of the answer is
+    read in the background."""
     stream = Stream(client, text)
     stream.start()
-    base = str(client.base_url).rstrip("/")
-    wait_for(lambda: httpx.get(f"{base}/load").json()["ongoing"] >= 1, 10)
+    assert stream.first_chunk.wait(15), "the answer did not start"
     return stream
 
 
@@ -106,18 +112,37 @@ def client(service):
 def test_history_survives_the_kill_of_an_ingress_replica(service, client):
     assert chat(client, "before the kill").status_code == 200
     before = client.get("/history").json()["messages"]
-    address = _gcs_address(service)
-    killed = subprocess.run(
-        [sys.executable, "-m", "loadtest.fault", "--address", address]
-        + ["--deployment", "ChatStreamIngress", "--recovery-timeout", "60"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    result = json.loads(killed.stdout.strip().splitlines()[-1])
-    assert result["recovered"], result
+    kill_ingress_replica(service)
     for _ in range(4):  # whichever replica answers, it is the same conversation
         assert client.get("/history").json()["messages"] == before
+
+
+def test_requests_of_a_killed_ingress_replica_are_closed_by_a_survivor(service):
+    before = httpx.get(f"{service.url}/outcomes").json()
+    clients = [httpx.Client(base_url=service.url, timeout=90) for _ in range(6)]
+    streams = [Stream(c, f"kill {i}", max_new_tokens=200) for i, c in enumerate(clients)]
+    for stream in streams:
+        stream.start()
+    for stream in streams:
+        assert stream.first_chunk.wait(15), httpx.get(f"{service.url}/load").json()
+    kill_ingress_replica(service)
+    for stream in streams:
+        stream.join(60)
+    # A cut stream ends early: the client sees an error or fewer than the 200 tokens.
+    cut = [s for s in streams if s.status_code is None or len(s.text.split()) < 200]
+    assert cut, "no stream was on the killed replica"
+    outcomes = {s.request_id: outcome_of(service.url, s.request_id, timeout_s=60) for s in streams}
+    for stream in streams:
+        expected = "unknown_error_occurred" if stream in cut else "success"
+        assert outcomes[stream.request_id] == expected, stream.request_id
+    after = httpx.get(f"{service.url}/outcomes").json()
+    lost = after["unknown_error_reasons"].get("ingress_lost", 0) - before[
+        "unknown_error_reasons"
+    ].get("ingress_lost", 0)
+    assert lost == len(cut)
+    assert after["open"] == 0 and after["admitted"] - before["admitted"] == len(streams)
+    for c in clients:
+        c.close()
 
 
 def test_a_second_turn_while_one_streams_is_refused_with_409(service, client):
@@ -125,7 +150,7 @@ def test_a_second_turn_while_one_streams_is_refused_with_409(service, client):
     second = chat(client, "impatient")
     assert second.status_code == 409 and second.json()["error"] == "turn_in_progress"
     stream.join(30)
-    assert stream.response.status_code == 200
+    assert stream.status_code == 200
     assert outcome_of(service.url, stream.request_id) == "success"
     history = client.get("/history").json()["messages"]
     assert [m["content"] for m in history if m["role"] == "user"] == ["long answer"]
@@ -137,7 +162,7 @@ def test_clear_during_a_stream_stays_cleared(service, client):
     stream = first_chunk_seen(client, "answer lands after the clear")
     assert client.post("/clear_context").json() == {"cleared": True}
     stream.join(30)
-    assert stream.response.status_code == 200
+    assert stream.status_code == 200
     assert outcome_of(service.url, stream.request_id) == "success"
     assert client.get("/history").json()["messages"] == []
 
@@ -183,11 +208,9 @@ def test_redis_stopped_mid_run_costs_new_requests_a_503_and_no_outcome(service, 
     try:
         for stream in streams:
             stream.join(30)
-            assert stream.response.status_code == 200
-            assert stream.response.text.count("stream") >= 2  # the whole answer arrived
-        refused = httpx.post(
-            f"{service.url}/chat_stream", json={"user_input": "hello"}, timeout=30
-        )
+            assert stream.status_code == 200
+            assert stream.text.count("stream") >= 2  # the whole answer arrived
+        refused = httpx.post(f"{service.url}/chat_stream", json={"user_input": "hello"}, timeout=30)
         assert refused.status_code == 503
         assert refused.json()["error"] == "store_unavailable"
         assert int(refused.headers["Retry-After"]) >= 1
@@ -207,9 +230,18 @@ def test_redis_stopped_mid_run_costs_new_requests_a_503_and_no_outcome(service, 
         c.close()
 
 
-def _gcs_address(service: LocalServe) -> str:
+def kill_ingress_replica(service: LocalServe) -> None:
+    """Kill one ingress replica with Ray's API and wait until Serve replaced it."""
     from loadtest.fault import gcs_address_for_port
 
     address = gcs_address_for_port(service.port)
     assert address, "no Ray cluster found behind the service's port"
-    return address
+    killed = subprocess.run(
+        [sys.executable, "-m", "loadtest.fault", "--address", address]
+        + ["--deployment", "ChatStreamIngress", "--recovery-timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result = json.loads(killed.stdout.strip().splitlines()[-1])
+    assert result["recovered"], result

@@ -49,8 +49,24 @@ class StateStore(abc.ABC):
         """The app's cookie-signing key: configured, or generated once and kept."""
 
     @abc.abstractmethod
-    async def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
-        """Count one outcome. Idempotent per `record_id`, so a retried write counts once."""
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+        """Record an admitted request as open, its outcome to be decided by `replica_id`."""
+
+    @abc.abstractmethod
+    async def close_request(self, record_id: str) -> None:
+        """Forget an open request that was refused after all (429): it gets no outcome."""
+
+    @abc.abstractmethod
+    async def record_outcome(
+        self, record_id: str, request_id: str, outcome: str, reason: str = ""
+    ) -> None:
+        """Count one outcome and close the request. Idempotent per `record_id`, so a retried
+        write counts once. `reason`: why an unknown error was declared (e.g. ingress_lost)."""
+
+    @abc.abstractmethod
+    async def sweep_lost_requests(self, grace_sec: float) -> int:
+        """Close, as `unknown_error_occurred` / `ingress_lost`, the open requests of ingress
+        replicas whose load report expired more than `grace_sec` ago; return how many."""
 
     @abc.abstractmethod
     async def record_rejection(self, request_id: str, reason: str) -> None: ...

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from serve_app.outcomes import OutcomeLedger
+from serve_app.outcomes import LOST_OUTCOME, LOST_REASON, OutcomeLedger
 from serve_app.session_state import Record, SessionChange, apply_change, is_established
 from serve_app.stores.base import StateStore, StoreSettings
 
@@ -82,6 +82,9 @@ class LoadTable:
         if known is None or seq > known[0]:
             self._reports[replica_id] = (seq, ongoing, queued, expires_at)
 
+    def live_replicas(self, now: float) -> set[str]:
+        return {k for k, r in self._reports.items() if r[3] > now}
+
     def totals(self, now: float) -> dict[str, int]:
         live = [r for r in self._reports.values() if r[3] > now]
         self._reports = {k: r for k, r in self._reports.items() if r[3] > now}
@@ -114,6 +117,9 @@ class MemoryState:
         self.sessions.put(session_id, record)
         return record
 
+    def lost_requests(self, grace_sec: float) -> list[tuple[str, str]]:
+        return self.ledger.lost_requests(self.load_table.live_replicas(time.time() - grace_sec))
+
 
 class MemoryStore(StateStore):
     """One replica's own state (`session_store=memory`): nothing is shared or kept."""
@@ -130,8 +136,22 @@ class MemoryStore(StateStore):
     async def signing_key(self) -> str:
         return self._state.key
 
-    async def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
-        self._state.ledger.record_outcome(record_id, request_id, outcome)
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+        self._state.ledger.open_request(record_id, request_id, replica_id)
+
+    async def close_request(self, record_id: str) -> None:
+        self._state.ledger.close_request(record_id)
+
+    async def record_outcome(
+        self, record_id: str, request_id: str, outcome: str, reason: str = ""
+    ) -> None:
+        self._state.ledger.record_outcome(record_id, request_id, outcome, reason)
+
+    async def sweep_lost_requests(self, grace_sec: float) -> int:
+        lost = self._state.lost_requests(grace_sec)
+        for record_id, request_id in lost:
+            await self.record_outcome(record_id, request_id, LOST_OUTCOME, LOST_REASON)
+        return len(lost)
 
     async def record_rejection(self, request_id: str, reason: str) -> None:
         self._state.ledger.record_rejection(request_id, reason)

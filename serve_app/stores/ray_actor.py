@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from ray.experimental import internal_kv
 
+from serve_app.outcomes import LOST_OUTCOME, LOST_REASON
 from serve_app.session_state import Record, SessionChange
 from serve_app.stores.base import StateStore, StoreSettings
 from serve_app.stores.memory import MemoryState
@@ -72,6 +73,8 @@ class SharedState:
         for kind in ledger.entries:
             for key, value in self._journal.items(kind + "/"):
                 ledger.entries[kind][key] = value
+        for record_id, (request_id, replica_id) in self._journal.items("open/"):
+            ledger.open[record_id] = (request_id, replica_id)
 
     def load_session(self, session_id: str) -> Record | None:
         return self._state.sessions.get(session_id)
@@ -87,11 +90,24 @@ class SharedState:
     def signing_key(self) -> str:
         return self._state.key
 
-    def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+    def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+        ledger = self._state.ledger
+        ledger.open_request(record_id, request_id, replica_id)
+        if record_id in ledger.open:
+            self._journal.put("open/" + record_id, [request_id, replica_id])
+
+    def close_request(self, record_id: str) -> None:
+        self._state.ledger.close_request(record_id)
+        self._journal.delete("open/" + record_id)
+
+    def record_outcome(
+        self, record_id: str, request_id: str, outcome: str, reason: str = ""
+    ) -> None:
         ledger = self._state.ledger
         if record_id in ledger.entries["record"]:
             return  # a retried write
-        ledger.record_outcome(record_id, request_id, outcome)
+        ledger.record_outcome(record_id, request_id, outcome, reason)
+        self._journal.delete("open/" + record_id)
         self._journal.put("record/" + record_id, None)
         self._journal.put("outcome/" + request_id, outcome)
         self._journal.put("totals", ledger.totals())
@@ -100,6 +116,12 @@ class SharedState:
         self._state.ledger.record_rejection(request_id, reason)
         self._journal.put("rejection/" + request_id, reason)
         self._journal.put("totals", self._state.ledger.totals())
+
+    def sweep_lost_requests(self, grace_sec: float) -> int:
+        lost = self._state.lost_requests(grace_sec)
+        for record_id, request_id in lost:
+            self.record_outcome(record_id, request_id, LOST_OUTCOME, LOST_REASON)
+        return len(lost)
 
     def outcome_totals(self) -> dict[str, Any]:
         return self._state.ledger.totals()
@@ -149,8 +171,19 @@ class RayStore(StateStore):
     async def signing_key(self) -> str:
         return await self._call("signing_key")
 
-    async def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
-        await self._call("record_outcome", record_id, request_id, outcome)
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+        await self._call("open_request", record_id, request_id, replica_id)
+
+    async def close_request(self, record_id: str) -> None:
+        await self._call("close_request", record_id)
+
+    async def record_outcome(
+        self, record_id: str, request_id: str, outcome: str, reason: str = ""
+    ) -> None:
+        await self._call("record_outcome", record_id, request_id, outcome, reason)
+
+    async def sweep_lost_requests(self, grace_sec: float) -> int:
+        return await self._call("sweep_lost_requests", grace_sec)
 
     async def record_rejection(self, request_id: str, reason: str) -> None:
         await self._call("record_rejection", request_id, reason)

@@ -5,7 +5,8 @@ Keys, all under `chatstream:{app}:`:
     s:<session id>   the session record as JSON, expiring `session_ttl_sec` after last use
     new              sorted set of sessions without history, by last change (bounded)
     key              the generated cookie-signing key (when none is configured)
-    totals           hash of outcome and rejection counts
+    totals           hash of outcome, rejection and unknown-error reason counts
+    open             hash of admitted requests without an outcome yet, by record id
     ledger:o / ledger:r / ledger:order   newest request ids and their outcome / rejection
     done:<record id> marks a counted outcome, so a retried write counts once
     load             hash of each ingress replica's load report (JSON)
@@ -28,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from serve_app.outcomes import Outcome
+from serve_app.outcomes import LOST_OUTCOME, LOST_REASON, Outcome
 from serve_app.session_state import Record, SessionChange, apply_change, is_established
 from serve_app.stores.base import StateStore, StoreSettings, StoreUnavailable
 
@@ -37,7 +38,9 @@ SOCKET_TIMEOUT_SEC = 2.0
 DONE_MARK_TTL_SEC = 24 * 3600
 
 _RECORD_OUTCOME = """
+redis.call('HDEL', KEYS[5], ARGV[6])
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) == false then return 0 end
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], 'reason:' .. ARGV[5], 1) end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'repeated_request_ids', 1)
 else
@@ -62,6 +65,13 @@ while redis.call('LLEN', KEYS[3]) > tonumber(ARGV[3]) do
   local oldest = redis.call('LPOP', KEYS[3])
   redis.call('HDEL', KEYS[2], string.sub(oldest, 2))
 end
+return 1
+"""
+
+# Open only what has no outcome yet (a late open must not reopen a decided request).
+_OPEN_REQUEST = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
@@ -106,6 +116,7 @@ class RedisStore(StateStore):
         self._record_outcome = self._redis.register_script(_RECORD_OUTCOME)
         self._record_rejection = self._redis.register_script(_RECORD_REJECTION)
         self._report_load = self._redis.register_script(_REPORT_LOAD)
+        self._open_request = self._redis.register_script(_OPEN_REQUEST)
         self._trim_new = self._redis.register_script(_TRIM_NEW)
         self._key: str | None = None
 
@@ -162,7 +173,20 @@ class RedisStore(StateStore):
         return self._key
 
     # ------------------------------------------------------------------ accounting
-    async def record_outcome(self, record_id: str, request_id: str, outcome: str) -> None:
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+        entry = json.dumps({"request_id": request_id, "replica_id": replica_id})
+        await self._run(
+            self._open_request(
+                keys=[self._k("done:" + record_id), self._k("open")], args=[record_id, entry]
+            )
+        )
+
+    async def close_request(self, record_id: str) -> None:
+        await self._run(self._redis.hdel(self._k("open"), record_id))
+
+    async def record_outcome(
+        self, record_id: str, request_id: str, outcome: str, reason: str = ""
+    ) -> None:
         Outcome(outcome)
         await self._run(
             self._record_outcome(
@@ -171,10 +195,33 @@ class RedisStore(StateStore):
                     self._k("totals"),
                     self._k("ledger:o"),
                     self._k("ledger:order"),
+                    self._k("open"),
                 ],
-                args=[request_id, outcome, self.settings.ledger_size, DONE_MARK_TTL_SEC],
+                args=[
+                    request_id,
+                    outcome,
+                    self.settings.ledger_size,
+                    DONE_MARK_TTL_SEC,
+                    reason,
+                    record_id,
+                ],
             )
         )
+
+    async def sweep_lost_requests(self, grace_sec: float) -> int:
+        open_requests = await self._run(self._redis.hgetall(self._k("open")))
+        if not open_requests:
+            return 0
+        reports = await self._run(self._redis.hgetall(self._k("load")))
+        cutoff = time.time() - grace_sec
+        live = {k for k, v in reports.items() if json.loads(v)["expires_at"] > cutoff}
+        lost = 0
+        for record_id, raw in open_requests.items():
+            entry = json.loads(raw)
+            if entry["replica_id"] not in live:
+                await self.record_outcome(record_id, entry["request_id"], LOST_OUTCOME, LOST_REASON)
+                lost += 1
+        return lost
 
     async def record_rejection(self, request_id: str, reason: str) -> None:
         await self._run(
@@ -192,11 +239,16 @@ class RedisStore(StateStore):
             for k, v in raw.items()
             if k.startswith("rejection:")
         }
+        reasons = {
+            k.removeprefix("reason:"): int(v) for k, v in raw.items() if k.startswith("reason:")
+        }
         return {
             "outcomes": outcomes,
             "rejections": rejections,
             "admitted": sum(outcomes.values()),
             "repeated_request_ids": int(raw.get("repeated_request_ids", 0)),
+            "unknown_error_reasons": reasons,
+            "open": await self._run(self._redis.hlen(self._k("open"))),
         }
 
     async def outcome_ledger(self, request_ids: list[str] | None) -> dict[str, dict[str, str]]:
