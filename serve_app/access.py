@@ -50,6 +50,7 @@ from serve_app.api_keys import (
 from serve_app.chat_stream import ChatStream, OutcomeStreamingResponse
 from serve_app.config import ADMIN_TOKEN_ENV, ChatStreamConfig
 from serve_app.conversation import ChatPrompt
+from serve_app.engines.base import PromptFormatter
 from serve_app.outcomes import Outcome
 from serve_app.validation import RequestRejected, request_id_from
 
@@ -200,6 +201,14 @@ def access_of(chat_stream: ChatStream) -> Access:
     return access
 
 
+def answer_tokens(formatter: PromptFormatter, text: str) -> int:
+    """Tokens of answer text: the formatter counts a prompt, so a BOS token it would add (as
+    for an empty text) is not part of the answer."""
+    if not text:
+        return 0
+    return max(0, formatter.count_tokens(text) - formatter.count_tokens(""))
+
+
 def _turn_tokens(chat_stream: ChatStream, request: Request, outcome: str) -> tuple[int, int]:
     """Prompt and answer tokens of a finished /chat_stream turn, from its session's history."""
     view = getattr(request.state, "session", None)
@@ -208,10 +217,10 @@ def _turn_tokens(chat_stream: ChatStream, request: Request, outcome: str) -> tup
     answer = messages[-1]["content"] if answered and messages[-1]["role"] == "assistant" else ""
     before = messages[:-1] if answer else messages
     if not before or before[-1]["role"] != "user":
-        return 0, chat_stream.formatter.count_tokens(answer)
+        return 0, answer_tokens(chat_stream.formatter, answer)
     prompt = ChatPrompt(before, chat_stream.formatter, chat_stream.config.system_prompt)
     formatter = chat_stream.formatter
-    return formatter.count_tokens(prompt.create_prompt()), formatter.count_tokens(answer)
+    return formatter.count_tokens(prompt.create_prompt()), answer_tokens(formatter, answer)
 
 
 async def guard_chat_stream(chat_stream: ChatStream, request: Request) -> Response:

@@ -23,6 +23,7 @@ is `length` when that count reached the request's token budget, else `stop`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import time
@@ -34,7 +35,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve_app.access import Access, access_of
+from serve_app.access import Access, access_of, answer_tokens
 from serve_app.api_keys import QuotaExceeded, QuotaLease
 from serve_app.chat_stream import ChatStream, GenerationFailed, OutcomeStreamingResponse
 from serve_app.config import ChatStreamConfig
@@ -143,7 +144,7 @@ def bookkeeping_callback(
     async def on_finished(request: Request, message: str) -> None:
         if ticket.lease is not None:
             ticket.lease.release()
-        completion_tokens = chat_stream.formatter.count_tokens("".join(ticket.sent))
+        completion_tokens = answer_tokens(chat_stream.formatter, "".join(ticket.sent))
         access.finished(ticket.key_id, message, ticket.prompt_tokens, completion_tokens)
         if callback is None:
             return
@@ -208,7 +209,9 @@ async def handle_chat_completions(
 
     if completion.stream:
         encoder = StreamEncoder(
-            completion, prompt_tokens=prompt_tokens, count_tokens=chat_stream.formatter.count_tokens
+            completion,
+            prompt_tokens=prompt_tokens,
+            count_tokens=functools.partial(answer_tokens, chat_stream.formatter),
         )
         return OutcomeStreamingResponse(
             exchange,
@@ -302,7 +305,7 @@ def _ending(
     answer = "".join(encoder.text) + encoder.matcher.held
     return head + encoder.end(
         prompt_tokens=ticket.prompt_tokens,
-        completion_tokens=chat_stream.formatter.count_tokens(answer),
+        completion_tokens=answer_tokens(chat_stream.formatter, answer),
         max_new_tokens=params["max_new_tokens"],
     )
 
@@ -325,7 +328,7 @@ async def whole_answer(
         chunk = await _next_chunk(exchange)
     parts.append(matcher.flush())
     content = "".join(parts)
-    completion_tokens = chat_stream.formatter.count_tokens(content)
+    completion_tokens = answer_tokens(chat_stream.formatter, content)
     ticket.sent[:] = [content]
     if matcher.stopped:
         exchange.model_stream.cancel()  # frees the engine's slot now, not after the send
