@@ -42,7 +42,6 @@ from serve_app.session_state import (
     SessionLimits,
     TurnInProgress,
     begin_turn,
-    finish_turn,
     new_record,
 )
 from serve_app.sessions import CookieSigner, SessionView, new_session_id
@@ -57,6 +56,8 @@ from serve_app.validation import (
 
 logger = logging.getLogger("ray.serve")
 
+# Retry-After of a 503 store_unavailable: a restarting store is usually back within seconds.
+STORE_RETRY_AFTER_SEC = 2
 # How long the end of a whole answer waits for the session to be saved.
 TURN_SAVE_WAIT_SEC = 5.0
 
@@ -93,6 +94,17 @@ class OutcomeStreamingResponse(StreamingResponse):
             if error is None and not self._exchange.completed:
                 error = asyncio.CancelledError("response ended before the answer did")
             self._exchange.finish(error)
+
+
+def store_unavailable_rejection(exc: StoreUnavailable) -> RequestRejected:
+    """The 503 for any request that needs the state store while it cannot be reached."""
+    logger.warning("state store unavailable: %s", exc)
+    return RequestRejected(
+        503,
+        "store_unavailable",
+        "the session store cannot be reached right now; retry shortly",
+        {"Retry-After": str(STORE_RETRY_AFTER_SEC)},
+    )
 
 
 def store_settings(config: ChatStreamConfig, namespace: str) -> StoreSettings:
@@ -174,13 +186,7 @@ class ChatStream:
 
     # ------------------------------------------------------------------ sessions
     def store_unavailable(self, exc: StoreUnavailable) -> RequestRejected:
-        logger.warning("state store unavailable: %s", exc)
-        return RequestRejected(
-            503,
-            "store_unavailable",
-            "the session store cannot be reached right now; retry shortly",
-            {"Retry-After": str(self.config.store_retry_after_sec)},
-        )
+        return store_unavailable_rejection(exc)
 
     async def open_session(self, request: Request) -> SessionView:
         """The request's session (a new, not yet stored one if the cookie names none), also
@@ -238,14 +244,16 @@ class ChatStream:
         the body; `callback(request, message)` (sync or async) is called exactly once per
         admitted request with one of the four outcomes."""
         request_id = uuid.uuid4().hex
+        turn_id = uuid.uuid4().hex  # known before it is taken: any failure can give it back
         view: SessionView | None = None
-        turn: Turn | None = None
         try:
             request_id = request_id_from(request.headers)
             body = request_body if request_body is not None else await request.body()
             turn_request = parse_chat_turn(body)
             view = await self.open_session(request)
-            turn = await self._begin_turn(view, turn_request.user_input, turn_request.regenerate)
+            turn = await self._begin_turn(
+                view, turn_id, turn_request.user_input, turn_request.regenerate
+            )
             plan = plan_turn(
                 view.record["messages"],
                 turn_request,
@@ -255,19 +263,11 @@ class ChatStream:
                 system_prompt=self.config.system_prompt,
                 max_turns=self.config.session_max_turns,
             )
-        except RequestRejected as rejected:
-            await self._release_turn(view, turn)
-            return await self.reject(request_id, rejected, view)
-        turn = dataclasses.replace(turn, kept_messages=len(plan.messages))
-
-        try:
+            turn = dataclasses.replace(turn, kept_messages=len(plan.messages))
             exchange, first_chunk = await self.admit(
                 request, request_id, plan.prompt, plan.params, callback, view, turn
             )
-        except RequestRejected as rejected:  # 429: not admitted
-            await self._release_turn(view, turn)
-            return await self.reject(request_id, rejected, view)
-        except GenerationFailed:
+        except GenerationFailed:  # admitted: its exchange released the turn
             return JSONResponse(
                 {
                     "error": "unknown_error_occurred",
@@ -276,6 +276,12 @@ class ChatStream:
                 status_code=500,
                 headers={REQUEST_ID_HEADER: request_id},
             )
+        except RequestRejected as rejected:  # 4xx, 429, 503: not admitted
+            self._give_back_turn(view, turn_id)
+            return await self.reject(request_id, rejected, view)
+        except BaseException:  # e.g. the client left; an admitted exchange did the same
+            self._give_back_turn(view, turn_id)
+            raise
         response = OutcomeStreamingResponse(
             exchange,
             self.relay(exchange, first_chunk),
@@ -356,9 +362,10 @@ class ChatStream:
         self._ttft.observe(time.monotonic() - exchange.admitted_at)
         return exchange, first_chunk
 
-    async def _begin_turn(self, view: SessionView, user_input: str | None, regenerate: bool):
+    async def _begin_turn(
+        self, view: SessionView, turn_id: str, user_input: str | None, regenerate: bool
+    ) -> Turn:
         """Take the session's one active turn (409 if another is streaming)."""
-        turn_id = uuid.uuid4().hex
         try:
             await self.change_session(
                 view, begin_turn(turn_id, time.time(), self.config.turn_lock_ttl_sec)
@@ -373,14 +380,11 @@ class ChatStream:
         user_message = None if regenerate else {"role": "user", "content": user_input}
         return Turn(turn_id, view.record["epoch"], user_message)
 
-    async def _release_turn(self, view: SessionView | None, turn: Turn | None) -> None:
-        """Give back a turn that was never admitted (nothing is saved)."""
-        if view is None or turn is None:
-            return
-        try:
-            await self.store.change_session(view.session_id, finish_turn(turn.turn_id, turn.epoch))
-        except StoreUnavailable:
-            logger.warning("could not release turn %s; its lease will expire", turn.turn_id)
+    def _give_back_turn(self, view: SessionView | None, turn_id: str) -> None:
+        """Release a turn that may have been taken, for a request that was not admitted
+        (nothing is saved; a no-op if the turn was never taken or is already released)."""
+        if view is not None:
+            self.bookkeeping.release_turn(view.session_id, turn_id)
 
     @staticmethod
     async def _next_chunk(model_stream: DeploymentResponseGenerator) -> str | None:

@@ -8,9 +8,9 @@ without pulling in Ray or torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Import path of the Serve application builder (used by the operator and the Serve config file).
 APP_IMPORT_PATH = "serve_app:app"
@@ -131,6 +131,12 @@ class ChatStreamConfig(BaseModel):
     )
     target_ongoing_requests: float = Field(2.0, gt=0.0)
     ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(
+        0.5,
+        ge=0.0,
+        description="CPUs reserved per ingress replica: it mostly waits on the network and the "
+        "model, so two fit beside a model replica on a 2-core machine",
+    )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica")
     num_cpus: float | None = Field(
         None,
@@ -150,12 +156,6 @@ class ChatStreamConfig(BaseModel):
     # --- draining: how long a replica that goes (scale-down, upgrade) may take ---------------
     # The operator overrides both per deployment (serveConfigV2 `deployments`), from
     # max_new_tokens x its per-token bound; these apply to `serve run` and config files.
-    ingress_num_cpus: float = Field(
-        0.5,
-        ge=0.0,
-        description="CPUs reserved per ingress replica: it mostly waits on the network and the "
-        "model, so two fit beside a model replica on a 2-core machine",
-    )
     graceful_shutdown_timeout_s: float | None = Field(
         None,
         gt=0.0,
@@ -187,25 +187,6 @@ class ChatStreamConfig(BaseModel):
     session_cookie_name: str = "chatstream_session"
     session_ttl_sec: int = Field(86400, ge=60)
     session_max_turns: int = Field(50, ge=1, description="Oldest turns are dropped beyond this")
-    cookie_secure: bool = False
-
-    # --- accounting --------------------------------------------------------------------------
-    ledger_size: int = Field(100_000, ge=1, description="Per-request outcomes kept for inspection")
-
-    @model_validator(mode="after")
-    def _check_consistency(self) -> ChatStreamConfig:
-        if self.max_replicas and self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas ({self.min_replicas}) must not exceed "
-                f"max_replicas ({self.max_replicas})"
-            )
-        if self.max_queued_requests == 0:
-            raise ValueError(
-                "max_queued_requests must be -1 (no limit) or at least 1 (Ray Serve has no "
-                "zero-length queue)"
-            )
-        if self.engine == "mock" and self.num_gpus > 0:
-            raise ValueError("num_gpus must be 0 with the mock engine (it never uses a GPU)")
     session_max_feedback: int = Field(
         200, ge=1, description="Feedback entries kept per session; the oldest are dropped beyond"
     )
@@ -222,9 +203,6 @@ class ChatStreamConfig(BaseModel):
         gt=0,
         description="A session's active turn is released after this if its ingress replica "
         "died without releasing it",
-    )
-    store_retry_after_sec: int = Field(
-        2, ge=0, description="Retry-After header value on 503 store_unavailable"
     )
     cookie_secure: bool = False
 

@@ -293,6 +293,19 @@ class Bookkeeping:
             # The callback still sees the conversation as it will be.
             view.update(apply_change(view.record, change, self._limits))
 
+    def release_turn(self, session_id: str, turn_id: str) -> None:
+        """Release a session's turn in the background, retried while the store is down."""
+        change = finish_turn(turn_id, epoch=-1)  # no answer: the epoch does not matter
+
+        async def release() -> None:
+            try:
+                await self.store.change_session(session_id, change)
+            except Exception as exc:
+                write = functools.partial(self.store.change_session, session_id)
+                self._write_later("release_turn", turn_id, exc, write, change)
+
+        self.spawn(release())
+
     def _write_later(
         self,
         operation: str,

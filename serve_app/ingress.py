@@ -22,9 +22,10 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import openai_route, session_state
 from serve_app.access import access_of, guard_chat_stream
-from serve_app.chat_stream import ChatStream
+from serve_app.chat_stream import ChatStream, store_unavailable_rejection
 from serve_app.config import ChatStreamConfig
 from serve_app.openai_protocol import OpenAIHTTPError
+from serve_app.stores import StoreUnavailable
 from serve_app.validation import (
     RequestRejected,
     parse_feedback,
@@ -44,6 +45,12 @@ api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="s
 async def _rejected(request: Request, rejected: RequestRejected) -> Response:
     """Routes raise RequestRejected for a 4xx/503; this turns it into the JSON error."""
     return rejected.response()
+
+
+@api.exception_handler(StoreUnavailable)
+async def _store_unavailable(request: Request, exc: StoreUnavailable) -> Response:
+    """Any route that needs the state store while it is down: 503, retry shortly."""
+    return store_unavailable_rejection(exc).response()
 
 
 @api.exception_handler(OpenAIHTTPError)

@@ -38,9 +38,10 @@ def new_record() -> Record:
 
 
 def is_established(record: Record) -> bool:
-    """A session with history: only a completed generation makes one, so a flood of new
-    clients cannot create them faster than the service answers (see `SessionTable`)."""
-    return bool(record["messages"])
+    """A session with history or a turn under way: only admission to a generation makes one,
+    so a flood of new clients cannot create them faster than the service admits them (see
+    `SessionTable`)."""
+    return bool(record["messages"]) or record.get("turn") is not None
 
 
 def trim_history(messages: list[dict[str, Any]], max_turns: int) -> list[dict[str, Any]]:

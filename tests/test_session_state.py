@@ -57,7 +57,7 @@ def test_begin_turn_creates_the_record_and_takes_the_lock():
     record = apply(None, begin_turn("t1", NOW, LEASE))
     assert record["turn"] == {"id": "t1", "until": NOW + LEASE}
     assert record["messages"] == [] and record["epoch"] == 0
-    assert not is_established(record)
+    assert is_established(record)  # a turn under way: a flood of new clients cannot evict it
 
 
 def test_a_second_turn_is_refused_until_the_first_finishes():

@@ -3,6 +3,7 @@ actor), `MemoryStore` serves one ingress replica from it (`session_store=memory`
 
 from __future__ import annotations
 
+import copy
 import secrets
 import time
 from collections import OrderedDict
@@ -128,10 +129,11 @@ class MemoryStore(StateStore):
         self._state = MemoryState(settings)
 
     async def load_session(self, session_id: str) -> Record | None:
-        return self._state.sessions.get(session_id)
+        # A copy, as the other stores give: changing it must not change the store.
+        return copy.deepcopy(self._state.sessions.get(session_id))
 
     async def change_session(self, session_id: str, change: SessionChange) -> Record:
-        return self._state.change_session(session_id, change)
+        return copy.deepcopy(self._state.change_session(session_id, change))
 
     async def signing_key(self) -> str:
         return self._state.key

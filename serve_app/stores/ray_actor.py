@@ -9,20 +9,24 @@ a new RayService cluster without GCS fault tolerance): that is what the Redis st
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import time
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.experimental import internal_kv
 
 from serve_app.outcomes import LOST_OUTCOME, LOST_REASON
 from serve_app.session_state import Record, SessionChange
-from serve_app.stores.base import StateStore, StoreSettings
+from serve_app.stores.base import StateStore, StoreSettings, StoreUnavailable
 from serve_app.stores.memory import MemoryState
 
 STATE_NAMESPACE = "chatstream"
+# A call that takes longer is treated as the store being unavailable (nothing hangs).
+ACTOR_CALL_TIMEOUT_SEC = 10.0
 
 
 class GcsJournal:
@@ -156,8 +160,13 @@ class RayStore(StateStore):
             get_if_exists=True,
         ).remote(settings)
 
-    def _call(self, method: str, *args: Any) -> Any:
-        return contextvars.Context().run(getattr(self._actor, method).remote, *args)
+    async def _call(self, method: str, *args: Any) -> Any:
+        ref = contextvars.Context().run(getattr(self._actor, method).remote, *args)
+        try:
+            return await asyncio.wait_for(ref, ACTOR_CALL_TIMEOUT_SEC)
+        except (RayActorError, ActorUnavailableError, TimeoutError) as exc:
+            # Restarting (a kill, a node loss) or stuck: like an unreachable Redis, a 503.
+            raise StoreUnavailable(f"the shared-state actor is unavailable: {exc!r}") from exc
 
     async def load_session(self, session_id: str) -> Record | None:
         return await self._call("load_session", session_id)

@@ -82,6 +82,17 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 
+# Drop the load reports that are still expired (one written meanwhile is fresh: kept).
+_DROP_EXPIRED = """
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if cjson.decode(fields[i + 1])['expires_at'] <= tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+return 1
+"""
+
 # Drop the oldest sessions without history beyond the bound (never one that has history: it
 # left the set when it got some).
 _TRIM_NEW = """
@@ -118,6 +129,7 @@ class RedisStore(StateStore):
         self._report_load = self._redis.register_script(_REPORT_LOAD)
         self._open_request = self._redis.register_script(_OPEN_REQUEST)
         self._trim_new = self._redis.register_script(_TRIM_NEW)
+        self._drop_expired = self._redis.register_script(_DROP_EXPIRED)
         self._key: str | None = None
 
     def _k(self, name: str) -> str:
@@ -276,10 +288,9 @@ class RedisStore(StateStore):
         raw = await self._run(self._redis.hgetall(self._k("load")))
         now = time.time()
         reports = {k: json.loads(v) for k, v in raw.items()}
-        expired = [k for k, r in reports.items() if r["expires_at"] <= now]
-        if expired:
-            await self._run(self._redis.hdel(self._k("load"), *expired))
-        live = [r for k, r in reports.items() if k not in expired]
+        live = [r for r in reports.values() if r["expires_at"] > now]
+        if len(live) < len(reports):
+            await self._run(self._drop_expired(keys=[self._k("load")], args=[now]))
         return {
             "ongoing": sum(r["ongoing"] for r in live),
             "queued": sum(r["queued"] for r in live),
