@@ -1,10 +1,13 @@
 """Continuous batching over a Hugging Face causal LM's KV cache, in one worker thread.
 
-Every concurrent stream of an engine shares one forward pass per decode step. New requests are
-prefilled (together when several arrived at once) between two decode steps and then join the
-batch; a finished or cancelled request leaves before the next step. The batch keeps one
-`DynamicCache` whose rows are left-padded to a common length; an attention mask hides the
-padding and each row carries its own position ids.
+Every concurrent stream of an engine shares one forward pass per decode step. Requests that
+arrived since the last prefill started form one group, left-padded to a common width; its
+prompts run through the model in chunks of about `PREFILL_CHUNK_TOKENS` tokens, one chunk
+between two decode steps, so a stream that is already decoding waits for at most one chunk per
+token however many newcomers arrive. After its last chunk the group's first tokens go out and
+its rows join the batch; a finished or cancelled request leaves before the next step. The batch
+keeps one `DynamicCache` whose rows are left-padded to a common length; an attention mask hides
+the padding and each row carries its own position ids.
 
 Why not transformers' own `ContinuousBatchingManager` (transformers 5.23, `generate_batch` /
 `init_continuous_batching`)? Measured on this 2-core CPU box with SmolLM2-135M float32, 8 chat
