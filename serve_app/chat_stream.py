@@ -51,6 +51,7 @@ from serve_app.validation import (
     REQUEST_ID_HEADER,
     RequestRejected,
     parse_chat_turn,
+    read_body,
     request_id_from,
 )
 
@@ -248,7 +249,7 @@ class ChatStream:
         view: SessionView | None = None
         try:
             request_id = request_id_from(request.headers)
-            body = request_body if request_body is not None else await request.body()
+            body = await read_body(request, request_body, self.config.max_body_bytes)
             turn_request = parse_chat_turn(body)
             view = await self.open_session(request)
             turn = await self._begin_turn(

@@ -206,6 +206,13 @@ class ChatStreamConfig(BaseModel):
     )
     cookie_secure: bool = False
 
+    # --- limits on what clients send -------------------------------------------------------------
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        description="Largest request body accepted; larger ones get 413 body_too_large",
+    )
+
     # --- completion callbacks ------------------------------------------------------------------
     callback_timeout_sec: float = Field(
         30.0, gt=0, description="A callback still running after this is logged and counted"

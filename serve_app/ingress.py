@@ -31,6 +31,7 @@ from serve_app.validation import (
     parse_feedback,
     parse_generation_overrides,
     parse_json_object,
+    read_body,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -104,6 +105,9 @@ class ChatStreamIngress:
         self.access.require_admin(request)
         return self.access.usage_report()
 
+    async def read_body(self, request: Request) -> bytes:
+        return await read_body(request, None, self.chat_stream.config.max_body_bytes)
+
     @api.get("/history")
     async def history(self, request: Request) -> Response:
         view = await self.chat_stream.open_session(request)
@@ -133,7 +137,7 @@ class ChatStreamIngress:
 
     @api.put("/generation_params")
     async def set_generation_params(self, request: Request) -> Response:
-        update = parse_generation_overrides(await request.body())
+        update = parse_generation_overrides(await self.read_body(request))
         view = await self.chat_stream.open_session(request)
         await self.chat_stream.change_session(view, session_state.set_params(update.as_dict()))
         params = self.chat_stream.generation_params(view)
@@ -141,7 +145,7 @@ class ChatStreamIngress:
 
     @api.post("/feedback")
     async def feedback(self, request: Request) -> Response:
-        message_id, entry = parse_feedback(parse_json_object(await request.body()))
+        message_id, entry = parse_feedback(parse_json_object(await self.read_body(request)))
         view = await self.chat_stream.open_session(request)
         try:
             await self.chat_stream.change_session(

@@ -59,7 +59,7 @@ from serve_app.openai_protocol import (
     server_error,
 )
 from serve_app.outcomes import is_client_disconnect
-from serve_app.validation import REQUEST_ID_HEADER, RequestRejected, request_id_from
+from serve_app.validation import REQUEST_ID_HEADER, RequestRejected, read_body, request_id_from
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MOCK_MODEL_NAME = "mock"
@@ -176,7 +176,10 @@ async def handle_chat_completions(
         access.rejected(None, "invalid_api_key")
         return await refuse(chat_stream, request_id, authentication_error())
     try:
-        body = request_body if request_body is not None else await request.body()
+        try:
+            body = await read_body(request, request_body, config.max_body_bytes)
+        except RequestRejected as rejected:  # 413 body_too_large
+            raise from_rejection(rejected) from None
         completion = parse_chat_completion(body, served_model=served_model_name(config))
         prompt, prompt_tokens, params = build_prompt(chat_stream, completion)
     except OpenAIHTTPError as error:

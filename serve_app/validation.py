@@ -16,6 +16,8 @@ REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_USER_INPUT_CHARS = 32_000
+# No request of ours nests deeper than a few levels; deep nesting only costs the decoder.
+MAX_JSON_DEPTH = 32
 
 
 class RequestRejected(Exception):
@@ -68,11 +70,65 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+async def read_body(request: Any, request_body: bytes | None, max_bytes: int) -> bytes:
+    """The request's body, refused (413) beyond `max_bytes` without buffering more than that:
+    a declared Content-Length over the limit is refused before anything is read."""
+    too_large = RequestRejected(
+        413,
+        "body_too_large",
+        f"the request body is larger than {max_bytes} bytes; send a shorter one",
+    )
+    if request_body is not None:  # the route read it already
+        if len(request_body) > max_bytes:
+            raise too_large
+        return request_body
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's cache: the body stays readable by `request.body()`
+    return body
+
+
+def json_depth_exceeds(value: Any, max_depth: int) -> bool:
+    """Whether `value` nests objects/arrays deeper than `max_depth` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def parse_json(body: bytes | str) -> Any:
+    """Decode JSON from a client: malformed, or nested beyond MAX_JSON_DEPTH, is a 400."""
     try:
         data = json.loads(body or b"")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestRejected(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    except RecursionError:  # thousands of levels deep: the decoder gives up
+        data = None
+        too_deep = True
+    else:
+        too_deep = json_depth_exceeds(data, MAX_JSON_DEPTH)
+    if too_deep:
+        raise RequestRejected(
+            400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+        )
+    return data
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise RequestRejected(400, "invalid_json", "the body must be a JSON object")
     return data

@@ -285,6 +285,11 @@ def test_long_history_drops_oldest_turns_to_fit_the_context(client):
         (b'{"user_input": "hi", "top_p": 0}', 400, "invalid_request", "top_p"),
         (b'{"user_input": "hi", "max_new_tokens": 0}', 400, "invalid_request", "max_new_tokens"),
         (b'{"user_input": "' + b"word " * 300 + b'"}', 413, "prompt_too_long", "context"),
+        (b'{"user_input": "hi", "temperature": 1e-300}', 400, "invalid_request", "temperature"),
+        (b'{"user_input": "hi", "top_p": NaN}', 400, "invalid_request", "top_p"),
+        (b"[" * 10_000 + b"]" * 10_000, 400, "invalid_json", "deeper"),
+        (b'{"user_input": ' + b"[" * 40 + b"]" * 40 + b"}", 400, "invalid_json", "deeper"),
+        (b'{"user_input": "' + b"x" * 1_100_000 + b'"}', 413, "body_too_large", "bytes"),
     ],
 )
 def test_bad_input_is_refused_before_admission(service, body, status, error, names):
