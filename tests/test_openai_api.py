@@ -26,6 +26,7 @@ from tests.support import admin_headers, new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail"
+KEY_IDS += " solo solo2"
 KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS.split()}
 TOKEN_BUDGET = 150  # tokens per minute per key
 MODEL = "mock"
@@ -42,7 +43,7 @@ SERVICE_ARGS = {
     "max_new_tokens": 8,
     "retry_after_sec": 1,
     "api_key_tokens_per_minute": TOKEN_BUDGET,
-    "api_key_max_concurrent_streams": 4,
+    "api_key_max_concurrent_streams": 1,  # each test's keys stream one at a time
 }
 SERVICE_ENV = {
     API_KEYS_ENV: "\n".join(f"{key_id}:{key}" for key_id, key in KEYS.items()),
@@ -348,6 +349,24 @@ def test_a_key_over_its_token_budget_gets_429_while_another_key_is_served(servic
     usage = httpx.get(f"{service.url}/v1/usage", headers=ADMIN).json()["keys"]
     assert usage["budget"]["rejections"] == {"tokens_per_minute_exceeded": 1}
     assert usage["budget"]["total_tokens"] == used
+
+
+def test_a_key_at_its_stream_limit_is_refused_without_taking_a_queue_place(service):
+    wait_for(lambda: idle(service))
+    holder = Holder(service, "solo", max_tokens=100)
+    holder.start()
+    wait_for(lambda: load(service)["ongoing"] == 1)
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk(service, "solo").chat.completions.create(model=MODEL, messages=user("me too"))
+    assert caught.value.code == "concurrency_limit_exceeded"
+    assert int(caught.value.response.headers["Retry-After"]) >= 1
+    assert load(service)["queued"] == 0  # refused before ChatStream's queue
+    # The queue place is still there for another key: it waits in it, then is served.
+    other = sdk(service, "solo2").chat.completions.create(
+        model=MODEL, messages=user("my turn"), max_tokens=2
+    )
+    assert other.choices[0].message.content == "my turn"
+    holder.join(30)
 
 
 def prometheus_lines() -> list[str]:
