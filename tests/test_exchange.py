@@ -1,0 +1,124 @@
+"""The exchange's bookkeeping without Ray Serve: the path that left a phantom `queued: 1` on
+/load, and the callback rules (off the event loop, bounded, once)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from serve_app.exchange import Bookkeeping, Exchange, Turn
+from serve_app.outcomes import Outcome
+from serve_app.session_state import SessionLimits, begin_turn
+from serve_app.sessions import SessionView
+from serve_app.stores import StoreSettings
+from serve_app.stores.memory import MemoryStore
+
+
+class _Prompt:
+    messages: list = []
+
+
+class ModelStream:
+    """Stands in for the model deployment's response generator: only `cancel` is used."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def exchange_for(
+    bookkeeping: Bookkeeping, store: MemoryStore, callback=None, session_id: str = "s1"
+) -> Exchange:
+    record = await store.change_session(session_id, begin_turn("t1", time.time(), 60))
+    return Exchange(
+        request=object(),
+        request_id="r1",
+        record_id="rec1",
+        message_id="m1",
+        session=SessionView(session_id, record, _Prompt(), stored=True),
+        turn=Turn("t1", 0, {"role": "user", "content": "hi"}),
+        model_stream=ModelStream(),
+        callback=callback,
+        bookkeeping=bookkeeping,
+    )
+
+
+def make(**options) -> tuple[Bookkeeping, MemoryStore]:
+    store = MemoryStore(StoreSettings(namespace="t"))
+    return Bookkeeping(store, SessionLimits(), "replica-1", **options), store
+
+
+async def test_a_finish_from_another_thread_is_applied_on_the_event_loop():
+    """The garbage collector may finish a never-sent response in any thread. Done in place,
+    its load-board update raced the event loop's (a read-modify-write of the counters) and its
+    report could overtake a newer one: /load kept a phantom waiting request."""
+    bookkeeping, store = make()
+    exchanges = [await exchange_for(bookkeeping, store, session_id=f"s{i}") for i in range(50)]
+    board = bookkeeping.load_board
+    loop_thread, threads_seen = threading.get_ident(), set()
+    change = board.change
+
+    def recording_change(**figures):
+        threads_seen.add(threading.get_ident())
+        change(**figures)
+
+    board.change = recording_change
+    for _ in exchanges:
+        board.change(queued=1)
+    threads = [
+        threading.Thread(target=e.finish, args=(asyncio.CancelledError(),)) for e in exchanges
+    ]
+    for thread in threads:
+        thread.start()
+    for _ in range(200):  # meanwhile the loop keeps changing the board
+        board.change(queued=1)
+        await asyncio.sleep(0)
+        board.change(queued=-1)
+    for thread in threads:
+        thread.join()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if all(e.finished for e in exchanges) and (await store.load())["queued"] == 0:
+            break
+    assert threads_seen == {loop_thread}  # never changed in place from another thread
+    assert board.queued == 0 and board.ongoing == 0
+    assert await store.load() == {"ongoing": 0, "queued": 0}
+    assert all(e.model_stream.cancelled for e in exchanges)
+
+
+async def test_a_slow_sync_callback_runs_off_the_event_loop_and_a_stuck_one_times_out():
+    started = threading.Event()
+
+    def slow_callback(request, message):
+        started.set()
+        time.sleep(0.5)
+
+    bookkeeping, store = make(callback_timeout_sec=0.2)
+    exchange = await exchange_for(bookkeeping, store, slow_callback)
+    ticks = 0
+    task = asyncio.ensure_future(bookkeeping.complete(exchange, Outcome.SUCCESS))
+    while not task.done():  # the loop stays free while the callback sleeps
+        ticks += 1
+        await asyncio.sleep(0.01)
+    assert started.is_set() and ticks >= 10
+    # Timed out, yet it counted as the one call: the outcome is recorded once.
+    assert (await store.outcome_totals())["outcomes"]["success"] == 1
+    assert (await store.load_session("s1"))["turn"] is None
+
+
+async def test_pending_bookkeeping_is_awaited_on_shutdown_up_to_the_deadline():
+    done = []
+
+    async def callback(request, message):
+        await asyncio.sleep(0.2)
+        done.append(message)
+
+    bookkeeping, store = make()
+    exchange = await exchange_for(bookkeeping, store, callback)
+    exchange.completed = True
+    exchange.finish(None)
+    await bookkeeping.drain(timeout_sec=5)  # what the ingress does when Serve shuts it down
+    assert done == ["success"]
