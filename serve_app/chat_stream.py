@@ -66,6 +66,10 @@ TURN_SAVE_WAIT_SEC = 5.0
 class GenerationFailed(Exception):
     """The engine failed before the first chunk (the outcome is already recorded)."""
 
+    def __init__(self, request_id: str) -> None:
+        super().__init__(request_id)
+        self.request_id = request_id  # the request's key in the ledger
+
 
 class OutcomeStreamingResponse(StreamingResponse):
     """A StreamingResponse that reports how sending ended, even if its body never started."""
@@ -268,14 +272,14 @@ class ChatStream:
             exchange, first_chunk = await self.admit(
                 request, request_id, plan.prompt, plan.params, callback, view, turn
             )
-        except GenerationFailed:  # admitted: its exchange released the turn
+        except GenerationFailed as failed:  # admitted: its exchange released the turn
             return JSONResponse(
                 {
                     "error": "unknown_error_occurred",
                     "message": "generation failed; see server logs",
                 },
                 status_code=500,
-                headers={REQUEST_ID_HEADER: request_id},
+                headers={REQUEST_ID_HEADER: failed.request_id},
             )
         except RequestRejected as rejected:  # 4xx, 429, 503: not admitted
             self._give_back_turn(view, turn_id)
@@ -287,7 +291,10 @@ class ChatStream:
             exchange,
             self.relay(exchange, first_chunk),
             media_type="text/plain; charset=utf-8",
-            headers={REQUEST_ID_HEADER: request_id, MESSAGE_ID_HEADER: exchange.message_id},
+            headers={
+                REQUEST_ID_HEADER: exchange.request_id,  # its ledger key
+                MESSAGE_ID_HEADER: exchange.message_id,
+            },
         )
         return self.with_cookie(response, view)
 
@@ -323,7 +330,7 @@ class ChatStream:
         OutcomeStreamingResponse."""
         record_id = uuid.uuid4().hex
         try:  # open in the durable ledger: if this replica dies, a survivor closes it
-            await self.store.open_request(record_id, request_id, self.replica_id)
+            request_id = await self.store.open_request(record_id, request_id, self.replica_id)
         except StoreUnavailable as exc:
             raise self.store_unavailable(exc) from None
         exchange = Exchange(
@@ -359,7 +366,7 @@ class ChatStream:
             exchange.finish(exc)
             if is_client_disconnect(exc):
                 raise
-            raise GenerationFailed(request_id) from exc
+            raise GenerationFailed(exchange.request_id) from exc
         self._ttft.observe(time.monotonic() - exchange.admitted_at)
         return exchange, first_chunk
 

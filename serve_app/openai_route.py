@@ -204,11 +204,12 @@ async def handle_chat_completions(
         response = from_rejection(rejected).response()
         response.headers.update(_id_headers(request_id))
         return response
-    except GenerationFailed:  # the outcome (and the callback) are recorded
+    except GenerationFailed as failed:  # the outcome (and the callback) are recorded
         response = server_error().response()
-        response.headers.update(_id_headers(request_id))
+        response.headers.update(_id_headers(failed.request_id))
         return response
     # A client disconnect propagates (recorded as client_disconnected_before_streaming).
+    request_id = exchange.request_id  # its key in the ledger (unique)
 
     if completion.stream:
         encoder = StreamEncoder(

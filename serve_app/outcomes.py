@@ -80,6 +80,7 @@ class OutcomeLedger:
         self.reason_totals: Counter[str] = Counter()  # why an unknown error was declared
         # Admitted requests whose outcome is not decided yet: record id -> (request id, replica)
         self.open: dict[str, tuple[str, str]] = {}
+        self._open_keys: set[str] = set()
         self.entries: dict[str, OrderedDict[str, str | None]] = {
             "outcome": OrderedDict(),
             "rejection": OrderedDict(),
@@ -95,14 +96,23 @@ class OutcomeLedger:
         while len(entries) > self.max_entries:
             self._on_drop(kind, entries.popitem(last=False)[0])
 
-    def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
-        """An admitted request whose outcome `replica_id` will decide."""
+    def open_request(self, record_id: str, request_id: str, replica_id: str) -> str:
+        """An admitted request whose outcome `replica_id` will decide. Returns its key in the
+        ledger: `request_id`, or, if another request already has that id (clients choose
+        them), `request_id~<server id>`, so that no client overwrites another's entry."""
+        key = request_id
+        if request_id in self.entries["outcome"] or request_id in self._open_keys:
+            key = f"{request_id}~{record_id[:12]}"
+            self.repeated_request_ids += 1
         if record_id not in self.entries["record"]:
-            self.open[record_id] = (request_id, replica_id)
+            self.open[record_id] = (key, replica_id)
+            self._open_keys.add(key)
+        return key
 
     def close_request(self, record_id: str) -> None:
         """Forget an open request that was not admitted after all (429)."""
-        self.open.pop(record_id, None)
+        key, _ = self.open.pop(record_id, (None, None))
+        self._open_keys.discard(key)
 
     def lost_requests(self, live_replicas: set[str]) -> list[tuple[str, str]]:
         """(record id, request id) of open requests whose replica is gone."""
@@ -115,14 +125,12 @@ class OutcomeLedger:
     ) -> None:
         """Count `outcome` once per `record_id` (a retried write is not counted again)."""
         Outcome(outcome)  # refuse anything but the four outcomes
-        self.open.pop(record_id, None)
+        self.close_request(record_id)
         if record_id in self.entries["record"]:
             return
         self._remember("record", record_id, None)
         if reason:
             self.reason_totals[reason] += 1
-        if request_id in self.entries["outcome"]:
-            self.repeated_request_ids += 1
         self.outcome_totals[outcome] += 1
         self._remember("outcome", request_id, outcome)
 

@@ -310,6 +310,23 @@ def test_bad_input_is_refused_before_admission(service, body, status, error, nam
     assert idle(service)
 
 
+def test_two_clients_with_the_same_request_id_do_not_overwrite_each_other(service):
+    shared = new_request_id("same")
+    keys = []
+    for text in ("first client", "second client"):
+        with httpx.Client(base_url=service.url, timeout=30) as c:
+            response = c.post(
+                "/chat_stream",
+                json={"user_input": text, "max_new_tokens": 1},
+                headers={"X-ChatStream-Request-Id": shared},
+            )
+            assert response.status_code == 200
+            keys.append(response.headers["X-ChatStream-Request-Id"])
+    assert keys[0] == shared and keys[1].startswith(shared + "~")
+    for key in keys:
+        assert outcome_of(service.url, key) == "success"
+
+
 def test_malformed_request_id_is_refused(service):
     response = httpx.post(
         f"{service.url}/chat_stream",

@@ -290,23 +290,37 @@ async def test_a_flood_does_not_evict_a_session_in_its_first_turn(make_store):
 
 
 # --------------------------------------------------------------------------- outcome ledger
-async def test_a_retried_outcome_counts_once_and_a_repeated_request_id_is_flagged(make_store):
+async def test_a_retried_outcome_counts_once_and_a_reused_request_id_overwrites_nothing(
+    make_store,
+):
     store = make_store()
+    assert await store.open_request("rec-1", "req-1", "replica-a") == "req-1"
     await store.record_outcome("rec-1", "req-1", "success")
     await store.record_outcome("rec-1", "req-1", "success")  # the same write, retried
+    assert await store.open_request("rec-2", "req-2", "replica-a") == "req-2"
+    # Another client sends the same id, while the first is open and after it is decided.
+    reused_open = await store.open_request("rec-3", "req-2", "replica-b")
     await store.record_outcome("rec-2", "req-2", "client_disconnected_while_streaming")
-    await store.record_outcome("rec-3", "req-2", "success")  # a client reused its request id
+    await store.record_outcome("rec-3", reused_open, "success")
+    reused_done = await store.open_request("rec-4", "req-1", "replica-b")
+    await store.record_outcome("rec-4", reused_done, "success")
+    assert reused_open.startswith("req-2~") and reused_done.startswith("req-1~")
     totals = await store.outcome_totals()
     assert totals["outcomes"] == {
-        "success": 2,
+        "success": 3,
         "client_disconnected_while_streaming": 1,
         "client_disconnected_before_streaming": 0,
         "unknown_error_occurred": 0,
     }
-    assert totals["admitted"] == 3
-    assert totals["repeated_request_ids"] == 1
-    ledger = await store.outcome_ledger(["req-1", "req-2", "req-none"])
-    assert ledger == {"outcomes": {"req-1": "success", "req-2": "success"}, "rejections": {}}
+    assert totals["admitted"] == 4 and totals["open"] == 0
+    assert totals["repeated_request_ids"] == 2
+    ledger = await store.outcome_ledger(["req-1", "req-2", reused_open, reused_done, "none"])
+    assert ledger["outcomes"] == {
+        "req-1": "success",
+        "req-2": "client_disconnected_while_streaming",  # not overwritten by the other client
+        reused_open: "success",
+        reused_done: "success",
+    }
     with pytest.raises(ValueError):
         await store.record_outcome("rec-4", "req-4", "sort_of_worked")
 

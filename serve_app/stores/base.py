@@ -49,8 +49,9 @@ class StateStore(abc.ABC):
         """The app's cookie-signing key: configured, or generated once and kept."""
 
     @abc.abstractmethod
-    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
-        """Record an admitted request as open, its outcome to be decided by `replica_id`."""
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> str:
+        """Record an admitted request as open, its outcome to be decided by `replica_id`, and
+        return its ledger key: `request_id`, or `request_id~<server id>` if that id is taken."""
 
     @abc.abstractmethod
     async def close_request(self, record_id: str) -> None:

@@ -138,8 +138,8 @@ class MemoryStore(StateStore):
     async def signing_key(self) -> str:
         return self._state.key
 
-    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
-        self._state.ledger.open_request(record_id, request_id, replica_id)
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> str:
+        return self._state.ledger.open_request(record_id, request_id, replica_id)
 
     async def close_request(self, record_id: str) -> None:
         self._state.ledger.close_request(record_id)

@@ -77,8 +77,9 @@ class SharedState:
         for kind in ledger.entries:
             for key, value in self._journal.items(kind + "/"):
                 ledger.entries[kind][key] = value
-        for record_id, (request_id, replica_id) in self._journal.items("open/"):
-            ledger.open[record_id] = (request_id, replica_id)
+        for record_id, (key, replica_id) in self._journal.items("open/"):
+            ledger.open[record_id] = (key, replica_id)
+            ledger._open_keys.add(key)
 
     def load_session(self, session_id: str) -> Record | None:
         return self._state.sessions.get(session_id)
@@ -94,11 +95,12 @@ class SharedState:
     def signing_key(self) -> str:
         return self._state.key
 
-    def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
+    def open_request(self, record_id: str, request_id: str, replica_id: str) -> str:
         ledger = self._state.ledger
-        ledger.open_request(record_id, request_id, replica_id)
+        key = ledger.open_request(record_id, request_id, replica_id)
         if record_id in ledger.open:
-            self._journal.put("open/" + record_id, [request_id, replica_id])
+            self._journal.put("open/" + record_id, [key, replica_id])
+        return key
 
     def close_request(self, record_id: str) -> None:
         self._state.ledger.close_request(record_id)
@@ -180,8 +182,8 @@ class RayStore(StateStore):
     async def signing_key(self) -> str:
         return await self._call("signing_key")
 
-    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
-        await self._call("open_request", record_id, request_id, replica_id)
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> str:
+        return await self._call("open_request", record_id, request_id, replica_id)
 
     async def close_request(self, record_id: str) -> None:
         await self._call("close_request", record_id)

@@ -7,6 +7,7 @@ Keys, all under `chatstream:{app}:`:
     key              the generated cookie-signing key (when none is configured)
     totals           hash of outcome, rejection and unknown-error reason counts
     open             hash of admitted requests without an outcome yet, by record id
+    open:keys        their ledger keys (a request id in use gets a server suffix)
     ledger:o / ledger:r / ledger:order   newest request ids and their outcome / rejection
     done:<record id> marks a counted outcome, so a retried write counts once
     load             hash of each ingress replica's load report (JSON)
@@ -39,11 +40,10 @@ DONE_MARK_TTL_SEC = 24 * 3600
 
 _RECORD_OUTCOME = """
 redis.call('HDEL', KEYS[5], ARGV[6])
+redis.call('HDEL', KEYS[6], ARGV[1])
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) == false then return 0 end
 if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], 'reason:' .. ARGV[5], 1) end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[2], 'repeated_request_ids', 1)
-else
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
   redis.call('RPUSH', KEYS[4], 'o' .. ARGV[1])
 end
 redis.call('HINCRBY', KEYS[2], 'outcome:' .. ARGV[2], 1)
@@ -70,9 +70,15 @@ return 1
 
 # Open only what has no outcome yet (a late open must not reopen a decided request).
 _OPEN_REQUEST = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
+local key = ARGV[2]
+if redis.call('HEXISTS', KEYS[3], key) == 1 or redis.call('HEXISTS', KEYS[4], key) == 1 then
+  key = key .. '~' .. string.sub(ARGV[1], 1, 12)
+  redis.call('HINCRBY', KEYS[5], 'repeated_request_ids', 1)
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return key end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({request_id = key, replica_id = ARGV[3]}))
+redis.call('HSET', KEYS[4], key, ARGV[1])
+return key
 """
 
 _REPORT_LOAD = """
@@ -185,15 +191,24 @@ class RedisStore(StateStore):
         return self._key
 
     # ------------------------------------------------------------------ accounting
-    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> None:
-        entry = json.dumps({"request_id": request_id, "replica_id": replica_id})
-        await self._run(
+    async def open_request(self, record_id: str, request_id: str, replica_id: str) -> str:
+        return await self._run(
             self._open_request(
-                keys=[self._k("done:" + record_id), self._k("open")], args=[record_id, entry]
+                keys=[
+                    self._k("done:" + record_id),
+                    self._k("open"),
+                    self._k("ledger:o"),
+                    self._k("open:keys"),
+                    self._k("totals"),
+                ],
+                args=[record_id, request_id, replica_id],
             )
         )
 
     async def close_request(self, record_id: str) -> None:
+        raw = await self._run(self._redis.hget(self._k("open"), record_id))
+        if raw:
+            await self._run(self._redis.hdel(self._k("open:keys"), json.loads(raw)["request_id"]))
         await self._run(self._redis.hdel(self._k("open"), record_id))
 
     async def record_outcome(
@@ -208,6 +223,7 @@ class RedisStore(StateStore):
                     self._k("ledger:o"),
                     self._k("ledger:order"),
                     self._k("open"),
+                    self._k("open:keys"),
                 ],
                 args=[
                     request_id,
