@@ -358,8 +358,9 @@ class ChatStreamUser(HttpUser):
         else:
             response.success()
 
-    def read_to_end(self, response: Any, request_id: str, expect_error: bool = False) -> None:
-        """Read a 200 stream to its end and record success, or an engine error if it was cut."""
+    def read_to_end(self, response: Any, request_id: str, expect_error: bool = False) -> bool:
+        """Read a 200 stream to its end and record success, or an engine error if it was cut
+        (then nothing was saved: returns False)."""
         chunks = size = 0
         started = time.perf_counter()
         try:
@@ -378,7 +379,7 @@ class ChatStreamUser(HttpUser):
                 response.success()
             else:
                 response.failure(f"stream cut after {chunks} chunks: {type(exc).__name__}")
-            return
+            return False
         finally:
             response.request_meta["response_time"] += (time.perf_counter() - started) * 1000
             response.request_meta["response_length"] = size
@@ -390,6 +391,7 @@ class ChatStreamUser(HttpUser):
         else:
             RUN.record(request_id, self.behaviour, SUCCESS)
             response.success()
+        return True
 
 
 class ChatUser(ChatStreamUser):
@@ -409,9 +411,9 @@ class ChatUser(ChatStreamUser):
             if response.status_code != 200:
                 self.refused(response, request_id, "too_many_requests")
                 return
-            self.read_to_end(response, request_id)
-            self.turns += 1
-            self.has_answer = True
+            if self.read_to_end(response, request_id):  # a cut answer is not in the history
+                self.turns += 1
+                self.has_answer = True
 
     @task(6)
     def chat(self) -> None:
