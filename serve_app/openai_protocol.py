@@ -51,6 +51,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from starlette.responses import JSONResponse
 
 from serve_app.config import GenerationParams
+from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds
 
 MAX_MESSAGES = 2048
 MAX_CONTENT_CHARS = 1_000_000  # all messages together; the context check comes later
@@ -280,7 +281,11 @@ def _load_body(body: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise invalid_request(f"the body is not valid JSON ({exc})", code="invalid_json") from None
     except RecursionError:
-        raise invalid_request("the body's JSON is nested too deeply", code="invalid_json") from None
+        data = None  # deeper than Python's parser goes: refused just below
+    if data is None or json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise invalid_request(
+            f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        )
     if not isinstance(data, dict):
         raise invalid_request("the body must be a JSON object", code="invalid_json")
     return data

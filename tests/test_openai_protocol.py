@@ -216,6 +216,13 @@ def test_model_and_json_errors():
             b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", served_model=MODEL
         )
     assert (info.value.status_code, info.value.code) == (400, "invalid_json")
+    nested = {"model": MODEL, "messages": USER, "metadata": {}}
+    inner = nested["metadata"]
+    for _ in range(40):  # beyond the app's JSON depth bound, far below Python's
+        inner["x"] = inner = {}
+    with pytest.raises(OpenAIHTTPError) as info:
+        parse_chat_completion(json.dumps(nested), served_model=MODEL)
+    assert (info.value.status_code, info.value.code) == (400, "invalid_json")
     with pytest.raises(OpenAIHTTPError) as info:
         parse_chat_completion({"messages": USER}, served_model=MODEL)  # a parsed dict works too
     assert info.value.param == "model"
