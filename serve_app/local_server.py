@@ -24,6 +24,10 @@ import yaml
 from serve_app.config import APP_IMPORT_PATH, DEFAULT_APP_NAME, parse_args
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -90,6 +94,9 @@ class LocalServe:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            # A shell that runs us in the background ignores SIGINT, and children inherit
+            # that: `serve run` would then never hear our Ctrl-C. Give it the default back.
+            preexec_fn=_default_sigint,
         )
         try:
             self._wait_until_ready()

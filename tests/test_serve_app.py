@@ -395,6 +395,8 @@ def test_the_conversation_survives_a_restart_of_the_shared_state_actor(service, 
         timeout=120,
     )
     assert json.loads(killed.stdout.strip().splitlines()[-1])["recovered"], killed.stderr[-2000:]
+    # Until the ingress's handle reaches the restarted actor, it answers 503 store_unavailable.
+    wait_for(lambda: client.get("/history").status_code == 200, 30, 0.5)
     assert client.get("/history").json()["messages"] == history  # the same cookie, too
     after = httpx.get(f"{service.url}/outcomes").json()
     assert after["outcomes"] == totals["outcomes"] and after["rejections"] == totals["rejections"]
