@@ -457,11 +457,11 @@ def main() -> int:
     asyncio.run(engine.start())
     eos = engine.scheduler.eos_ids
     params = GenerationParams(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    # The old default precision, float32, as the reference of the faster-path target.
+    # The old default precision, float32, as the reference of the faster-path target. Loaded
+    # on a thread of its own, never on the engine's worker: a thread that de-quantized a GGUF
+    # model computed about 10x slower afterwards here (seen with torch 2.13, libgomp).
     fp32 = asyncio.run(
-        engine.run_on_model_thread(
-            lambda: load_model(ChatStreamConfig(dtype="float32", **model_args))[0]
-        )
+        asyncio.to_thread(lambda: load_model(ChatStreamConfig(dtype="float32", **model_args))[0])
     )
     device = str(next(engine.model.parameters()).device)
     print(
