@@ -4,6 +4,7 @@
     python -m loadtest.fault --kind state-actor --address 10.0.0.5:6379 [--app chatstream]
     python -m loadtest.fault --kind redis-restart --redis-dir DIR [--down-sec 3]
     python -m loadtest.fault --kind redis-kill --redis-dir DIR [--down-sec 3]
+    python -m loadtest.fault --kind scale --address 10.0.0.5:6379 [--replicas 1,3] [--hold-sec 3]
 
 Kinds:
 - `replica` (default): kill one replica of a Serve deployment with Ray's own API
@@ -17,6 +18,13 @@ Kinds:
   configuration file (`<dir>/redis.conf`, as tests/redis_server.py writes it; its pid is in
   `<dir>/redis.pid`); recovered when it answers PING. With an append-only file
   (`appendfsync always`) no acknowledged write is lost.
+- `scale`: not a fault but the routine that must look like none: change the model
+  deployment's replica count through the Serve config, as KubeRay does after `kubectl scale`
+  (the running config with only the `ChatModel` override's `num_replicas` changed, PUT to the
+  dashboard like `serve deploy`), for each count of `--replicas` in turn, waiting each time
+  until Serve runs exactly that many (the removed ones drained and gone) and holding it
+  `--hold-sec`. Recovered when every step settled and the ingress replicas are the same ones
+  as before (a scale must not restart them); `killed` names the steps.
 
 Run as its own process (the load test spawns it): Ray must not share a process with Locust's
 gevent monkey-patching. Prints one JSON line:
@@ -31,6 +39,7 @@ worker whose ancestors were started with `--gcs-address=<ip:port>`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import signal
@@ -45,7 +54,8 @@ import psutil
 REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve names replica actors SERVE_REPLICA::app#deployment#id
 SERVE_NAMESPACE = "serve"
 STATE_NAMESPACE = "chatstream"  # serve_app.stores.ray_actor: actor chatstream-state-<app>
-KINDS = ("replica", "state-actor", "redis-restart", "redis-kill")
+KINDS = ("replica", "state-actor", "redis-restart", "redis-kill", "scale")
+INGRESS_DEPLOYMENT = "ChatStreamIngress"
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
@@ -181,6 +191,102 @@ def kill_state_actor(app: str, recovery_timeout: float) -> dict[str, object]:
     return {"killed": name, "recovered": False, "detail": f"after {recovery_timeout}s: {detail}"}
 
 
+def _deployments(details: dict, app: str) -> dict:
+    application = details.get("applications", {}).get(app) or {}
+    return application.get("deployments", {}) if application.get("status") == "RUNNING" else {}
+
+
+def _replica_states(details: dict, app: str, deployment: str) -> dict[str, str]:
+    found = details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment)
+    return {r["replica_id"]: r["state"] for r in (found or {}).get("replicas", [])}
+
+
+def _settled(details: dict, app: str, deployment: str, replicas: int) -> bool:
+    """The app runs, `deployment` is healthy with exactly `replicas` RUNNING replicas and none
+    starting or stopping (removed replicas have drained and exited)."""
+    found = _deployments(details, app).get(deployment)
+    if not found or found.get("status") != "HEALTHY":
+        return False
+    states = list(_replica_states(details, app, deployment).values())
+    return len(states) == replicas and all(state == "RUNNING" for state in states)
+
+
+def with_replicas(details: dict, app: str, deployment: str, replicas: int) -> dict:
+    """The running Serve config (every application as deployed) with `deployment`'s
+    `num_replicas` override of `app` set to `replicas`, and nothing else changed."""
+    applications = []
+    for name, application in details["applications"].items():
+        config = copy.deepcopy(application["deployed_app_config"])
+        if name == app:
+            overrides = config.setdefault("deployments", [])
+            override = next((d for d in overrides if d.get("name") == deployment), None)
+            if override is None:
+                override = {"name": deployment}
+                overrides.append(override)
+            if override.get("autoscaling_config"):
+                raise ValueError(f"{app}#{deployment} autoscales: change its bounds instead")
+            override["num_replicas"] = replicas
+        applications.append(config)
+    config = {"applications": applications}
+    for key in ("proxy_location", "http_options"):
+        if details.get(key) is not None:
+            config[key] = details[key]
+    return config
+
+
+def scale_deployment(
+    dashboard_url: str,
+    app: str,
+    deployment: str,
+    steps: list[int],
+    hold_sec: float,
+    recovery_timeout: float,
+) -> dict[str, object]:
+    """Scale `app#deployment` through the Serve config to each count of `steps` in turn."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard_url)
+    details = client.get_serve_details()
+    app = app or next(iter(details.get("applications", {})), "")
+    before = _replica_states(details, app, deployment)
+    ingress_before = set(_replica_states(details, app, INGRESS_DEPLOYMENT))
+    name = f"{app}#{deployment} replicas {' -> '.join(map(str, [len(before), *steps]))}"
+    if not before:
+        return {"killed": "", "recovered": False, "detail": f"no replica of {app}#{deployment}"}
+    started = time.time()
+    timings = []
+    for replicas in steps:
+        step_started = time.monotonic()
+        client.deploy_applications(with_replicas(details, app, deployment, replicas))
+        deadline = step_started + recovery_timeout
+        while not _settled(details := client.get_serve_details(), app, deployment, replicas):
+            if time.monotonic() > deadline:
+                states = _replica_states(details, app, deployment)
+                detail = f"not settled at {replicas} after {recovery_timeout}s: {states}"
+                return {"killed": name, "recovered": False, "detail": detail}
+            time.sleep(0.25)
+        timings.append(f"{replicas} in {time.monotonic() - step_started:.1f}s")
+        time.sleep(hold_sec)
+    ingress_after = set(_replica_states(details, app, INGRESS_DEPLOYMENT))
+    kept = ingress_after == ingress_before
+    detail = "settled at " + ", ".join(timings)
+    if not kept:
+        detail += (
+            f"; the ingress replicas changed: {sorted(ingress_before)} -> {sorted(ingress_after)}"
+        )
+    up_at = time.time()
+    return {
+        "killed": name,
+        "recovered": kept,
+        "seconds": round(up_at - started, 1),
+        "detail": detail,
+        "down_at": started,
+        "up_at": up_at,
+        "state_lost": False,
+        "ingress_kept": kept,
+    }
+
+
 def _redis_port(directory: Path) -> int:
     for line in (directory / "redis.conf").read_text().splitlines():
         key, _, value = line.strip().partition(" ")
@@ -261,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-dir", type=Path, help="redis-*: the directory of redis.conf")
     parser.add_argument("--down-sec", type=float, default=3.0, help="redis-*: time kept down")
     parser.add_argument("--recovery-timeout", type=float, default=90.0)
+    parser.add_argument(
+        "--replicas", default="1,3", help="scale: the replica counts to go through, in order"
+    )
+    parser.add_argument(
+        "--hold-sec", type=float, default=3.0, help="scale: how long each count is kept"
+    )
     args = parser.parse_args(argv)
     result: dict[str, object]
     if args.kind.startswith("redis-"):
@@ -284,14 +396,24 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
-    ray.init(
+    context = ray.init(
         address=args.address,
         namespace=SERVE_NAMESPACE,
         logging_level="ERROR",
         log_to_driver=False,
     )
     try:
-        if args.kind == "state-actor":
+        if args.kind == "scale":
+            steps = [int(n) for n in args.replicas.split(",") if n.strip()]
+            result = scale_deployment(
+                f"http://{context.dashboard_url}",
+                args.app,
+                args.deployment,
+                steps,
+                args.hold_sec,
+                args.recovery_timeout,
+            )
+        elif args.kind == "state-actor":
             result = kill_state_actor(args.app, args.recovery_timeout)
         else:
             result = kill_one_replica(args.app, args.deployment, args.recovery_timeout)

@@ -17,7 +17,9 @@ when that variable is set (needed unless the service runs without a token, on lo
 
 Fault profiles (`--fault-at S --fault-kind K`): kill a model replica, kill the shared-state
 actor, or restart / kill the Redis of session_store=redis mid-run. Requests refused while the
-store is down are `503 store_unavailable` at the client: counted, not errors.
+store is down are `503 store_unavailable` at the client: counted, not errors. `scale` is no
+fault: the model deployment goes through `--fault-scale-replicas` (3 -> 1 -> 3) by its Serve
+config, and nothing may show it (no cut stream, no error; 429s are honest refusals).
 
 At test stop: wait until the service is quiet (0 ongoing, 0 queued), compare every request id's
 outcome or rejection with the server's ledger, compare the totals, check that no slot is left
@@ -74,7 +76,7 @@ REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
 STORE_UNAVAILABLE = "store_unavailable"
 TURN_IN_PROGRESS = "turn_in_progress"
 NOTHING_TO_REGENERATE = "nothing_to_regenerate"
-FAULT_KINDS = ("replica", "state-actor", "redis-restart", "redis-kill")
+FAULT_KINDS = ("replica", "state-actor", "redis-restart", "redis-kill", "scale")
 STORE_FAULTS = ("state-actor", "redis-restart", "redis-kill")
 WORDS = ("river", "cloud", "lantern", "harbor", "meadow", "signal", "copper", "orbit", "garden")
 
@@ -132,7 +134,17 @@ def _add_arguments(parser: Any) -> None:
         default="replica",
         help="replica: kill a model replica; state-actor: kill the shared-state actor "
         "(session_store=ray); redis-restart / redis-kill: SIGTERM / SIGKILL the Redis of "
-        "session_store=redis and start it again after --fault-down-sec",
+        "session_store=redis and start it again after --fault-down-sec; scale: change the "
+        "model replica count through the Serve config (--fault-scale-replicas), as a "
+        "`kubectl scale` does",
+    )
+    group.add_argument(
+        "--fault-scale-replicas",
+        default="1,3",
+        help="scale: the model replica counts to go through, in order (each settles, drained)",
+    )
+    group.add_argument(
+        "--fault-scale-hold-sec", type=float, default=3.0, help="scale: how long each count holds"
     )
     group.add_argument(
         "--fault-ray-address", default="", help="GCS address (ip:port) of the service's Ray cluster"
@@ -182,6 +194,8 @@ class Options:
     fault_ray_address: str = ""
     fault_redis_dir: str = ""
     fault_down_sec: float = 3.0
+    fault_scale_replicas: str = "1,3"
+    fault_scale_hold_sec: float = 3.0
     fault_allow_state_loss: bool = False
     fault_app: str = ""
     fault_deployment: str = "ChatModel"
@@ -624,6 +638,10 @@ def fault_command(options: Options) -> list[str]:
     command += ["--address", options.fault_ray_address, "--app", options.fault_app]
     if options.fault_kind == "replica":
         command += ["--deployment", options.fault_deployment]
+    if options.fault_kind == "scale":
+        command += ["--deployment", options.fault_deployment]
+        command += ["--replicas", options.fault_scale_replicas]
+        command += ["--hold-sec", str(options.fault_scale_hold_sec)]
     return command
 
 

@@ -6,6 +6,7 @@ against it, stop the service. The exit code is Locust's: 0 only if the accountin
     python -m loadtest.run_profile --profile long        # >= 5 min, 60 users, >= 30 % disconnects
     python -m loadtest.run_profile --profile redis-restart state-kill   # store faults (Redis)
     python -m loadtest.run_profile --profile state-kill-ray               # the Ray actor store
+    python -m loadtest.run_profile --profile scale        # model replicas 3 -> 1 -> 3 mid-run
     python -m loadtest.run_profile --profile ci --url http://127.0.0.1:8000   # a running service
 
 Profiles whose service uses session_store=redis start their own redis-server on loopback (in a
@@ -50,6 +51,9 @@ SMALL_MOCK_SERVICE: dict[str, Any] = {
 REDIS_MOCK_SERVICE: dict[str, Any] = {**SMALL_MOCK_SERVICE, "session_store": "redis"}
 # The store faults: Redis stays down this long.
 STORE_DOWN_SEC = 3
+# The same service with three model replicas (a fifth of a CPU each: they fit on 2 cores), for
+# the scale profile: its count changes only through the Serve config's ChatModel override.
+SCALED_MOCK_SERVICE: dict[str, Any] = {**SMALL_MOCK_SERVICE, "num_replicas": 3, "num_cpus": 0.2}
 # The soak service: more slots, and a first token after 1 s, which keeps early quits (0.25 s)
 # unambiguous even when the machine is overloaded and a close takes long to reach the server.
 LARGER_MOCK_SERVICE: dict[str, Any] = {
@@ -148,6 +152,27 @@ PROFILES: dict[str, Profile] = {
             "bad-input-weight": 1,
             "fault-at": 6,
             "fault-kind": "state-actor",
+        },
+    ),
+    "scale": Profile(
+        "model replicas 3 -> 1 -> 3 mid-run through the Serve config (what `kubectl scale` "
+        "does): the removed replicas drain, nothing is cut, the ingress is not restarted, "
+        "the accounting stays exact",
+        SCALED_MOCK_SERVICE,
+        users=10,
+        spawn_rate=10,
+        run_time="35s",
+        options={
+            "chatter-weight": 6,
+            "early-quitter-weight": 2,
+            "mid-stream-quitter-weight": 2,
+            "bad-input-weight": 1,
+            # Answers of about 2.5 s: the replicas that go hold streams when the scale comes.
+            "answer-tokens": 100,
+            "fault-at": 5,
+            "fault-kind": "scale",
+            "fault-scale-replicas": "1,3",
+            "fault-scale-hold-sec": 4,
         },
     ),
     "long": Profile(

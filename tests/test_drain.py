@@ -199,9 +199,9 @@ def assert_all_whole_and_recorded(
 
     after = wait_for(exact, 30, 0.5)
     assert after["admitted"] - before["admitted"] == len(streams)
-    assert after["outcomes"]["unknown_error_occurred"] == before["outcomes"][
-        "unknown_error_occurred"
-    ]
+    assert (
+        after["outcomes"]["unknown_error_occurred"] == before["outcomes"]["unknown_error_occurred"]
+    )
 
 
 def drain_options(cluster: RayCluster, deployment: str) -> tuple[float, float]:
