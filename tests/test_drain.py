@@ -284,3 +284,29 @@ def test_a_change_of_generation_defaults_cuts_no_stream(cluster):
     assert not set(replicas(cluster, INGRESS_DEPLOYMENT_NAME)) & set(ingress_before)
     params = httpx.get(f"{cluster.url}/generation_params", timeout=10).json()
     assert params["temperature"] == 0.5 and params["top_k"] == 20
+
+
+def test_a_replica_still_streaming_at_its_drain_bound_is_stopped_and_accounted(cluster):
+    # The bound set below the answer (1 s + 200 x 0.01 s = 3 s < 10 s): what "how long a
+    # scale-down may take" means when an answer takes longer. The two replicas that go hold two
+    # streams each; theirs are cut at the bound, each recorded once as unknown_error_occurred.
+    short_drain = {"timePerTokenSec": 0.01, "firstTokenSec": 1}
+    deploy_and_settle(cluster, render(replicas=3, drain=short_drain), 3)
+    assert drain_options(cluster, MODEL_DEPLOYMENT_NAME)[0] == 3.0
+    before = outcome_totals(cluster)
+
+    streams = start_streams(cluster, STREAMS, "bound")
+    cluster.deploy(render(replicas=1, drain=short_drain))
+    for stream in streams:
+        stream.join(90)
+    whole = [s for s in streams if s.whole]
+    cut = [s for s in streams if not s.whole]
+    assert len(whole) == SLOTS and len(cut) == 2 * SLOTS, [s.describe() for s in streams]
+    for stream in whole:
+        assert outcome_of(cluster.url, stream.request_id, timeout_s=30) == "success"
+    for stream in cut:
+        assert outcome_of(cluster.url, stream.request_id, timeout_s=30) == "unknown_error_occurred"
+    after = wait_for(lambda: (t := outcome_totals(cluster))["open"] == 0 and t, 30, 0.5)
+    assert after["admitted"] - before["admitted"] == STREAMS
+    grew = {k: after["outcomes"][k] - before["outcomes"][k] for k in after["outcomes"]}
+    assert grew["success"] == SLOTS and grew["unknown_error_occurred"] == 2 * SLOTS, grew
