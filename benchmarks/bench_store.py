@@ -48,8 +48,7 @@ def measure(url: str, concurrency: int, turns: int) -> list[float]:
     client_turns(url, 3, [])  # warm up
     ttfts: list[float] = []
     threads = [
-        threading.Thread(target=client_turns, args=(url, turns, ttfts))
-        for _ in range(concurrency)
+        threading.Thread(target=client_turns, args=(url, turns, ttfts)) for _ in range(concurrency)
     ]
     for thread in threads:
         thread.start()
