@@ -263,6 +263,10 @@ def test_an_autoscaling_scale_down_drains_every_stream(cluster):
 def test_a_change_of_generation_defaults_cuts_no_stream(cluster):
     deploy_and_settle(cluster, render(replicas=3), 3)
     ingress_before = replicas(cluster, INGRESS_DEPLOYMENT_NAME)
+    user = httpx.Client(base_url=cluster.url, timeout=30)  # a conversation across the rebuild
+    turn = {"user_input": "remember me", "max_new_tokens": 4}
+    assert user.post("/chat_stream", json=turn).status_code == 200
+    history = user.get("/history").json()["messages"]
     before = outcome_totals(cluster)
 
     streams = start_streams(cluster, STREAMS, "rebuild")
@@ -284,6 +288,8 @@ def test_a_change_of_generation_defaults_cuts_no_stream(cluster):
     assert not set(replicas(cluster, INGRESS_DEPLOYMENT_NAME)) & set(ingress_before)
     params = httpx.get(f"{cluster.url}/generation_params", timeout=10).json()
     assert params["temperature"] == 0.5 and params["top_k"] == 20
+    assert user.get("/history").json()["messages"] == history  # the session carried over
+    user.close()
 
 
 def test_a_replica_still_streaming_at_its_drain_bound_is_stopped_and_accounted(cluster):
