@@ -6,7 +6,8 @@ KubeRay does with a RayService's serveConfigV2. Stopped by its own process group
 every cluster of the machine.
 
     with RayCluster(num_cpus=4, resources={"chatstream_model": 8}) as cluster:
-        cluster.deploy(serve_config)          # proxy on cluster.http_port
+        cluster.deploy(serve_config)          # `serve deploy`; proxy on cluster.http_port
+        cluster.put(serve_config)             # the same request, without the CLI
         cluster.application("chatstream")     # GET /api/serve/applications/ (replicas, states)
 """
 
@@ -166,6 +167,18 @@ class RayCluster:
         )
         if done.returncode != 0:
             raise RuntimeError(f"serve deploy failed: {done.stdout[-2000:]}{done.stderr[-4000:]}")
+
+    def put(self, applications_config: dict[str, Any]) -> None:
+        """The same config as `deploy`, PUT to the dashboard's Serve API directly: the request
+        that `serve deploy` sends, and the one KubeRay sends when serveConfigV2 changes,
+        without the seconds a CLI process needs to start on a busy machine."""
+        answer = httpx.put(
+            f"{self.dashboard_url}/api/serve/applications/",
+            json=self.serve_config(applications_config),
+            headers=auth_headers(),
+            timeout=60,
+        )
+        answer.raise_for_status()
 
     def applications(self) -> dict[str, Any]:
         answer = httpx.get(

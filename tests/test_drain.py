@@ -3,7 +3,9 @@ hand on a private local Ray cluster, while streams run.
 
 The cluster offers the custom resource the render asks for (`chatstream_model`), as the
 worker pods do; the operator's own `render_rayservice` gives the Serve config (its
-serveConfigV2), applied with `serve deploy` to the cluster's dashboard, as KubeRay applies it.
+serveConfigV2), applied with `serve deploy` to the cluster's dashboard; a change while answers
+stream is the same request sent at once (`RayCluster.put`: the PUT that `serve deploy` and
+KubeRay send), since the CLI alone takes seconds to start on a busy 2-core machine.
 The mock engine answers in about 10 s and the drain bound is lowered to match (spec.drain), so
 the module runs in a few minutes on 2 cores.
 
@@ -220,7 +222,7 @@ def test_a_scale_down_from_3_to_1_drains_every_stream(cluster):
     before = outcome_totals(cluster)
 
     streams = start_streams(cluster, STREAMS, "scale")  # every slot of the 3 replicas
-    cluster.deploy(render(replicas=1))  # what KubeRay does after `kubectl scale --replicas 1`
+    cluster.put(render(replicas=1))  # what KubeRay does after `kubectl scale --replicas 1`
     # The scale reached Serve while the answers were still streaming.
     wait_for(lambda: scaling_down(cluster, 1), 30, 0.2)
     assert any(s.is_alive() for s in streams), "the answers ended before the scale"
@@ -250,7 +252,7 @@ def test_an_autoscaling_scale_down_drains_every_stream(cluster):
     before = outcome_totals(cluster)
 
     streams = start_streams(cluster, STREAMS, "autoscale")
-    cluster.deploy(autoscaling(1))  # a bound changes: applied in place
+    cluster.put(autoscaling(1))  # a bound changes: applied in place
     wait_for(lambda: scaling_down(cluster, 1), 30, 0.2)
     assert any(s.is_alive() for s in streams), "the answers ended before the scale-down"
 
@@ -271,7 +273,7 @@ def test_a_change_of_generation_defaults_cuts_no_stream(cluster):
 
     streams = start_streams(cluster, STREAMS, "rebuild")
     generation = {"maxNewTokens": ANSWER_TOKENS, "temperature": 0.5, "topK": 20}
-    cluster.deploy(render(replicas=3, generation=generation))  # new args: Serve rebuilds
+    cluster.put(render(replicas=3, generation=generation))  # new args: Serve rebuilds
     # Requests sent while the application is rebuilt: served whole, or honestly refused.
     during = [Stream(cluster.url, f"during {i} meadow") for i in range(2)]
     for stream in during:
@@ -302,7 +304,7 @@ def test_a_replica_still_streaming_at_its_drain_bound_is_stopped_and_accounted(c
     before = outcome_totals(cluster)
 
     streams = start_streams(cluster, STREAMS, "bound")
-    cluster.deploy(render(replicas=1, drain=short_drain))
+    cluster.put(render(replicas=1, drain=short_drain))
     for stream in streams:
         stream.join(90)
     whole = [s for s in streams if s.whole]
