@@ -460,6 +460,10 @@ class EarlyQuitterUser(ChatStreamUser):
             return
         request_id = RUN.new_id("early")
         body = {"user_input": _prompt(5), "max_new_tokens": RUN.options.answer_tokens}
+        # A new session each time: the server releases a session's turn once it has seen the
+        # client leave, which on a loaded machine can come after this client's next request
+        # (then rightly a 409 turn_in_progress, which would make this user's tally ambiguous).
+        self.client.cookies.clear()
         deadline = gevent.Timeout(RUN.options.early_quit_sec)
         RUN.quitters_in_flight += 1
         started = time.perf_counter()

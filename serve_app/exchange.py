@@ -90,8 +90,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if not self.completed or self.stopped_early:
-            self.model_stream.cancel()  # frees the engine's slot at once
         if self.holds_slot:
             self.bookkeeping.load_board.change(ongoing=-1)
         else:
@@ -100,6 +98,18 @@ class Exchange:
         if outcome is Outcome.UNKNOWN_ERROR_OCCURRED:
             logger.error("request %s failed: %r", self.request_id, exc)
         self.bookkeeping.spawn(self.bookkeeping.complete(self, outcome))
+        if not self.completed or self.stopped_early:
+            self._cancel_generation()
+
+    def _cancel_generation(self) -> None:
+        """Free the engine's slot at once. Last, and guarded: Ray's `cancel()` fetches the
+        call's replica assignment and re-raises how that ended (e.g. the very error that ended
+        the stream); raised here, it used to skip the load board and the bookkeeping above,
+        leaving a phantom waiting request on /load and the session's turn taken."""
+        try:
+            self.model_stream.cancel()
+        except Exception as error:
+            logger.debug("request %s: cancel() raised %r", self.request_id, error)
 
 
 class LoadBoard:

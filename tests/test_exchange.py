@@ -22,11 +22,14 @@ class _Prompt:
 class ModelStream:
     """Stands in for the model deployment's response generator: only `cancel` is used."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel_raises: BaseException | None = None) -> None:
         self.cancelled = False
+        self.cancel_raises = cancel_raises
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.cancel_raises is not None:
+            raise self.cancel_raises
 
 
 async def exchange_for(
@@ -122,3 +125,18 @@ async def test_pending_bookkeeping_is_awaited_on_shutdown_up_to_the_deadline():
     exchange.finish(None)
     await bookkeeping.drain(timeout_sec=5)  # what the ingress does when Serve shuts it down
     assert done == ["success"]
+
+
+async def test_a_cancel_that_raises_still_frees_the_board_and_releases_the_turn():
+    """Ray's `DeploymentResponseGenerator.cancel()` re-raises how the replica assignment ended.
+    Raised in the middle of `finish`, it skipped the load board and the bookkeeping: the long
+    load-test profile ended with `queued: 8` on /load and sessions stuck in 409."""
+    bookkeeping, store = make()
+    exchange = await exchange_for(bookkeeping, store)
+    exchange.model_stream = ModelStream(cancel_raises=RuntimeError("assignment failed"))
+    bookkeeping.load_board.change(queued=1)
+    exchange.finish(asyncio.CancelledError())
+    await bookkeeping.drain(timeout_sec=5)
+    assert bookkeeping.load_board.queued == 0
+    assert (await store.outcome_totals())["outcomes"]["client_disconnected_before_streaming"] == 1
+    assert (await store.load_session("s1"))["turn"] is None  # the next turn is not refused
