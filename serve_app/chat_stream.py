@@ -35,6 +35,7 @@ from serve_app.config import (
 )
 from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines import PromptFormatter, make_prompt_formatter
+from serve_app.engines.base import ModelInput
 from serve_app.exchange import Bookkeeping, Callback, Exchange, Turn
 from serve_app.outcomes import is_client_disconnect
 from serve_app.session_state import (
@@ -270,7 +271,7 @@ class ChatStream:
             )
             turn = dataclasses.replace(turn, kept_messages=len(plan.messages))
             exchange, first_chunk = await self.admit(
-                request, request_id, plan.prompt, plan.params, callback, view, turn
+                request, request_id, plan.model_input, plan.params, callback, view, turn
             )
         except GenerationFailed as failed:  # admitted: its exchange released the turn
             return JSONResponse(
@@ -315,7 +316,7 @@ class ChatStream:
         self,
         request: Request,
         request_id: str,
-        prompt: str,
+        prompt: ModelInput,
         params: dict[str, Any],
         callback: Callback | None,
         session: SessionView | None = None,

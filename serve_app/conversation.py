@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.engines.base import ChatMessage, PromptFormatter
+from serve_app.engines.base import ChatMessage, ModelInput, PromptFormatter
 from serve_app.session_state import trim_history
 from serve_app.validation import ChatTurnRequest, RequestRejected
 
@@ -33,6 +33,11 @@ class ChatPrompt:
         """The prompt text for the history so far, ready for the model's next answer."""
         return self.formatter.render(self.chat_messages())
 
+    def model_input(self) -> ModelInput:
+        """What the engine gets: token ids in which message contents are only text (or, for
+        engines without a tokenizer, the prompt text)."""
+        return self.formatter.model_input(self.chat_messages())
+
 
 @dataclass(frozen=True)
 class TurnPlan:
@@ -40,6 +45,7 @@ class TurnPlan:
 
     messages: list[Message]
     prompt: str
+    model_input: ModelInput  # what the engine gets (see ChatPrompt.model_input)
     prompt_tokens: int
     params: dict[str, Any]
 
@@ -57,15 +63,16 @@ def messages_before_answer(history: list[Message], turn: ChatTurnRequest) -> lis
 
 def fit_to_context(
     messages: list[Message], formatter: PromptFormatter, system_prompt: str
-) -> tuple[list[Message], str, int]:
+) -> tuple[list[Message], str, ModelInput, int]:
     """Drop the oldest turns until the prompt leaves room for at least one answer token.
 
     Refuses (413) when even the last user message alone does not fit."""
     while True:
-        prompt = ChatPrompt(messages, formatter, system_prompt).create_prompt()
-        tokens = formatter.count_tokens(prompt)
+        chat_prompt = ChatPrompt(messages, formatter, system_prompt)
+        model_input = chat_prompt.model_input()
+        tokens = formatter.input_tokens(model_input)
         if tokens < formatter.context_length:
-            return messages, prompt, tokens
+            return messages, chat_prompt.create_prompt(), model_input, tokens
         next_user = next((i for i, m in enumerate(messages) if i > 0 and m["role"] == "user"), None)
         if next_user is None:
             raise RequestRejected(
@@ -88,9 +95,11 @@ def plan_turn(
     max_turns: int = 50,
 ) -> TurnPlan:
     messages = trim_history(messages_before_answer(history, turn), max_turns)
-    messages, prompt, prompt_tokens = fit_to_context(messages, formatter, system_prompt)
+    messages, prompt, model_input, prompt_tokens = fit_to_context(
+        messages, formatter, system_prompt
+    )
     params = {**defaults, **session_params, **turn.as_dict()}
     params["max_new_tokens"] = min(
         params["max_new_tokens"], formatter.context_length - prompt_tokens
     )
-    return TurnPlan(messages, prompt, prompt_tokens, params)
+    return TurnPlan(messages, prompt, model_input, prompt_tokens, params)

@@ -117,10 +117,16 @@ class ChatStreamIngress:
 
     @api.get("/prompt")
     async def prompt(self, request: Request) -> Response:
+        """The prompt of the session's next turn: as text, and (engines with a tokenizer) token
+        by token as the model gets it, where a control token is one entry marked special and
+        the same characters typed by a user are ordinary pieces."""
         view = await self.chat_stream.open_session(request)
-        return self.chat_stream.with_cookie(
-            JSONResponse({"prompt": view.chat_prompt.create_prompt()}), view
-        )
+        chat_prompt = view.chat_prompt
+        body: dict = {"prompt": chat_prompt.create_prompt()}
+        tokens = chat_prompt.formatter.describe(chat_prompt.model_input())
+        if tokens is not None:
+            body["tokens"] = tokens
+        return self.chat_stream.with_cookie(JSONResponse(body), view)
 
     @api.post("/clear_context")
     async def clear_context(self, request: Request) -> Response:

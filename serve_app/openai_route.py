@@ -40,6 +40,7 @@ from serve_app.api_keys import QuotaExceeded, QuotaLease
 from serve_app.chat_stream import ChatStream, GenerationFailed, OutcomeStreamingResponse
 from serve_app.config import ChatStreamConfig
 from serve_app.conversation import ChatPrompt
+from serve_app.engines.base import ModelInput
 from serve_app.exchange import Callback, Exchange
 from serve_app.openai_protocol import (
     SSE_HEADERS,
@@ -103,8 +104,9 @@ async def refuse(chat_stream: ChatStream, request_id: str, error: OpenAIHTTPErro
 
 def build_prompt(
     chat_stream: ChatStream, completion: ChatCompletionRequest
-) -> tuple[str, int, dict[str, Any]]:
-    """The prompt for the client's messages, its token count and the generation parameters.
+) -> tuple[ModelInput, int, dict[str, Any]]:
+    """The model input for the client's messages (token ids in which message contents are only
+    text, see engines/chat_tokens.py), its token count and the generation parameters.
 
     The messages are used as sent (nothing dropped: that would change the answer); the app's
     `system_prompt` is added only when the client sent no system message. A prompt that leaves
@@ -113,8 +115,8 @@ def build_prompt(
     config, formatter = chat_stream.config, chat_stream.formatter
     has_system = any(m["role"] == "system" for m in completion.messages)
     system_prompt = "" if has_system else config.system_prompt
-    prompt = ChatPrompt(completion.messages, formatter, system_prompt).create_prompt()
-    prompt_tokens = formatter.count_tokens(prompt)
+    prompt = ChatPrompt(completion.messages, formatter, system_prompt).model_input()
+    prompt_tokens = formatter.input_tokens(prompt)
     room = formatter.context_length - prompt_tokens
     if room < 1:
         raise invalid_request(

@@ -31,6 +31,6 @@ def make_prompt_formatter(config: ChatStreamConfig) -> PromptFormatter:
         from serve_app.engines.mock import MockPromptFormatter
 
         return MockPromptFormatter(config)
-    from serve_app.engines.transformers_engine import TransformersPromptFormatter
+    from serve_app.engines.hf_formatter import TransformersPromptFormatter
 
     return TransformersPromptFormatter(config)

@@ -9,6 +9,9 @@ from typing import NamedTuple
 
 from serve_app.config import GenerationParams
 
+# A prompt as an engine takes it: rendered text, or token ids (see PromptFormatter).
+ModelInput = str | list[int]
+
 
 class GeneratedChunk(NamedTuple):
     """A piece of the answer: its text and how many tokens it covers."""
@@ -46,6 +49,20 @@ class PromptFormatter(abc.ABC):
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int: ...
 
+    def model_input(self, messages: list[ChatMessage]) -> ModelInput:
+        """What the engine gets for `messages`: the rendered text, or (engines with a
+        tokenizer) token ids in which message contents can never be control tokens."""
+        return self.render(messages)
+
+    def input_tokens(self, model_input: ModelInput) -> int:
+        if isinstance(model_input, list):
+            return len(model_input)
+        return self.count_tokens(model_input)
+
+    def describe(self, model_input: ModelInput) -> list[dict] | None:
+        """The model input token by token (for `GET /prompt`), if the engine tokenizes."""
+        return None
+
 
 class Engine(abc.ABC):
     """Streams an answer for a rendered prompt.
@@ -59,7 +76,9 @@ class Engine(abc.ABC):
         """Load weights etc. Called once before the first `stream`."""
 
     @abc.abstractmethod
-    def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]: ...
+    def stream(
+        self, prompt: ModelInput, params: GenerationParams
+    ) -> AsyncIterator[GeneratedChunk]: ...
 
     async def check_health(self) -> None:  # noqa: B027 - optional hook
         """Raise if the engine can no longer serve."""

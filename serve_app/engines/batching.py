@@ -39,6 +39,7 @@ import torch
 
 from serve_app.config import GenerationParams
 from serve_app.engines.base import GeneratedChunk
+from serve_app.engines.chat_tokens import prompt_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -143,17 +144,6 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text) :]
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a rendered prompt.
-
-    Chat templates usually write the BOS token into the text already; adding it again would
-    change the model's input, so special tokens are only added when the text lacks them.
-    """
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = bool(bos) and not prompt.startswith(bos)
-    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-
-
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -253,7 +243,7 @@ Event = GeneratedChunk | StreamEnd
 
 @dataclass(eq=False)
 class Request:
-    prompt: str
+    prompt: str | list[int]
     params: GenerationParams
     consumer: Any = None  # where its events go; opaque here, read by the `deliver` callback
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -467,7 +457,11 @@ class BatchScheduler:
         ready: list[tuple[Request, list[int]]] = []
         for request in requests:
             try:
-                ids = prompt_token_ids(self.tokenizer, request.prompt)
+                ids = (
+                    list(request.prompt)  # token ids from the ingress (engines/chat_tokens.py)
+                    if isinstance(request.prompt, list)
+                    else prompt_token_ids(self.tokenizer, request.prompt)
+                )
             except Exception as exc:
                 self._finish(request, StreamEnd("error", f"tokenization failed: {exc!r}"))
                 continue

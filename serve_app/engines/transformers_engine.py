@@ -2,8 +2,8 @@
 
 `TransformersEngine` bridges the asyncio world (one async generator per stream, on the Ray
 Serve replica's event loop) and the `BatchScheduler`, which runs every forward pass in one
-dedicated worker thread so the event loop never blocks on the model. `TransformersPromptFormatter`
-needs only the tokenizer: the ingress uses it to refuse prompts that do not fit the context.
+dedicated worker thread so the event loop never blocks on the model. The ingress's side, the
+`TransformersPromptFormatter`, is in hf_formatter.py (tokenizer only, no torch).
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from serve_app.config import ChatStreamConfig, GenerationParams
-from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
-from serve_app.engines.batching import (
-    BatchScheduler,
-    Event,
-    Request,
-    StreamEnd,
-    prompt_token_ids,
-)
+from serve_app.engines.base import Engine, EngineError, GeneratedChunk, ModelInput
+from serve_app.engines.batching import BatchScheduler, Event, Request, StreamEnd
+from serve_app.engines.hf_formatter import TransformersPromptFormatter
 from serve_app.engines.hf_loading import (
     context_length,
     load_model,
@@ -32,22 +27,6 @@ from serve_app.engines.hf_loading import (
 from serve_app.engines.threads import ray_cpu_allotment, torch_threads
 
 __all__ = ["TransformersEngine", "TransformersPromptFormatter", "resolve_model_source"]
-
-
-class TransformersPromptFormatter(PromptFormatter):
-    """Chat template rendering and token counting with the model's tokenizer (no weights)."""
-
-    def __init__(self, config: ChatStreamConfig) -> None:
-        self.tokenizer = load_tokenizer(config)
-        self.context_length = context_length(config)
-
-    def render(self, messages: list[ChatMessage]) -> str:
-        return self.tokenizer.apply_chat_template(
-            [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
-        )
-
-    def count_tokens(self, text: str) -> int:
-        return len(prompt_token_ids(self.tokenizer, text))
 
 
 def deliver_to_event_loops(batch: list[tuple[Request, Event]]) -> None:
@@ -133,7 +112,9 @@ class TransformersEngine(Engine):
         if scheduler.fatal_error is not None or not self._thread or not self._thread.is_alive():
             raise EngineError(f"engine worker is not running: {scheduler.fatal_error!r}")
 
-    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]:
+    async def stream(
+        self, prompt: ModelInput, params: GenerationParams
+    ) -> AsyncIterator[GeneratedChunk]:
         scheduler = self.scheduler
         events: asyncio.Queue[Event] = asyncio.Queue()
         consumer = (asyncio.get_running_loop(), events)
