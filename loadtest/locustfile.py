@@ -574,6 +574,9 @@ def bad_inputs(options: Options) -> list[tuple[str, Any, str]]:
         ("top_p 0", {"user_input": "hi", "top_p": 0.0}, "invalid_request"),
         ("top_k not an int", {"user_input": "hi", "top_k": "many"}, "invalid_request"),
         ("regenerate without history", {"regenerate": True}, "nothing_to_regenerate"),
+        ("tiny temperature", {"user_input": "hi", "temperature": 1e-300}, "invalid_request"),
+        ("deeply nested json", b"[" * 5_000 + b"]" * 5_000, "invalid_json"),
+        ("body over the limit", b'{"user_input": "' + b"x" * 1_100_000 + b'"}', "body_too_large"),
         (
             "prompt over the context",
             {"user_input": " ".join(["word"] * options.too_long_words)},
