@@ -52,8 +52,16 @@ REDIS_MOCK_SERVICE: dict[str, Any] = {**SMALL_MOCK_SERVICE, "session_store": "re
 # The store faults: Redis stays down this long.
 STORE_DOWN_SEC = 3
 # The same service with three model replicas (a fifth of a CPU each: they fit on 2 cores), for
-# the scale profile: its count changes only through the Serve config's ChatModel override.
-SCALED_MOCK_SERVICE: dict[str, Any] = {**SMALL_MOCK_SERVICE, "num_replicas": 3, "num_cpus": 0.2}
+# the scale profile: its count changes only through the Serve config's ChatModel override. A
+# first token after 2 s: replicas starting and stopping during the run load the machine, and
+# the service learns of an early quit (0.25 s) only when Serve's proxy passes the disconnect
+# on; if that takes longer than the first token, the quit counts as one while streaming.
+SCALED_MOCK_SERVICE: dict[str, Any] = {
+    **SMALL_MOCK_SERVICE,
+    "mock_initial_wait_sec": 2.0,
+    "num_replicas": 3,
+    "num_cpus": 0.2,
+}
 # The soak service: more slots, and a first token after 1 s, which keeps early quits (0.25 s)
 # unambiguous even when the machine is overloaded and a close takes long to reach the server.
 LARGER_MOCK_SERVICE: dict[str, Any] = {
@@ -167,7 +175,7 @@ PROFILES: dict[str, Profile] = {
             "early-quitter-weight": 2,
             "mid-stream-quitter-weight": 2,
             "bad-input-weight": 1,
-            # Answers of about 2.5 s: the replicas that go hold streams when the scale comes.
+            # Answers of about 4 s: the replicas that go hold streams when the scale comes.
             "answer-tokens": 100,
             "fault-at": 5,
             "fault-kind": "scale",
