@@ -240,7 +240,7 @@ def from_rejection(rejected: Any) -> OpenAIHTTPError:
     if status >= 500:
         return OpenAIHTTPError(status, message, type="server_error", code=reason, headers=headers)
     return OpenAIHTTPError(
-        status if status in (400, 401, 404, 413) else 400,
+        status if status in (400, 401, 404, 413, 431) else 400,
         message,
         type="invalid_request_error",
         code=reason,

@@ -70,9 +70,26 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# Headers larger than this (all of them together) get 431: Serve's proxy accepts far larger.
+MAX_HEADER_BYTES = 65_536
+
+
+def check_header_size(headers: Any) -> None:
+    size = sum(len(name) + len(value) for name, value in headers.raw)
+    if size > MAX_HEADER_BYTES:
+        raise RequestRejected(
+            431,
+            "headers_too_large",
+            f"the request's headers take {size} bytes, more than {MAX_HEADER_BYTES}; send fewer "
+            "or shorter headers",
+        )
+
+
 async def read_body(request: Any, request_body: bytes | None, max_bytes: int) -> bytes:
     """The request's body, refused (413) beyond `max_bytes` without buffering more than that:
-    a declared Content-Length over the limit is refused before anything is read."""
+    a declared Content-Length over the limit is refused before anything is read. Oversized
+    headers are refused first (431)."""
+    check_header_size(request.headers)
     too_large = RequestRejected(
         413,
         "body_too_large",

@@ -327,6 +327,14 @@ def test_two_clients_with_the_same_request_id_do_not_overwrite_each_other(servic
         assert outcome_of(service.url, key) == "success"
 
 
+def test_oversized_headers_are_refused_before_admission(service):
+    response = httpx.post(
+        f"{service.url}/chat_stream", json={"user_input": "hi"}, headers={"X-Big": "a" * 70_000}
+    )
+    assert response.status_code == 431 and response.json()["error"] == "headers_too_large"
+    assert idle(service)
+
+
 def test_malformed_request_id_is_refused(service):
     response = httpx.post(
         f"{service.url}/chat_stream",
