@@ -312,8 +312,8 @@ async def test_run_on_model_thread_uses_the_worker_thread(engine: TransformersEn
 
 @pytest.fixture(scope="module")
 def chunked(engine: TransformersEngine) -> tuple[TransformersEngine, list]:
-    """A second engine on the same weights whose prefill runs 16 prompt tokens per pass (every
-    prompt here needs several passes); `passes` records each forward pass."""
+    """A second engine on the same weights whose prefill runs 16 prompt tokens per row and pass
+    (every prompt here needs several passes); `passes` records each forward pass."""
     passes: list[tuple[str, int, int]] = []
     chunked = TransformersEngine(ChatStreamConfig(max_ongoing_requests=9))
     chunked.start_with(
@@ -348,7 +348,7 @@ async def test_arrivals_do_not_stall_a_decoding_stream(
     formatter: TransformersPromptFormatter, chunked
 ) -> None:
     """Eight newcomers join a stream that is decoding: between two of its decode steps there is
-    at most one prefill pass of at most one chunk, and the newcomers share those passes."""
+    at most one prefill pass of at most one chunk per row, and the newcomers share the passes."""
     chunked_engine, passes = chunked
     long = GenerationParams(temperature=0.0, max_new_tokens=300)
     blocker = chunked_engine.stream(prompt_for(formatter, "Tell me a long story."), long)

@@ -2,11 +2,12 @@
 
 Every concurrent stream of an engine shares one forward pass per decode step. Requests that
 arrived since the last prefill started form one group, left-padded to a common width; its
-prompts run through the model in chunks of about `PREFILL_CHUNK_TOKENS` tokens, one chunk
-between two decode steps, so a stream that is already decoding waits for at most one chunk per
-token however many newcomers arrive. After its last chunk the group's first tokens go out and
-its rows join the batch; a finished or cancelled request leaves before the next step. The batch
-keeps one `DynamicCache` whose rows are left-padded to a common length; an attention mask hides
+prompts run through the model `PREFILL_CHUNK_TOKENS` tokens per row at a time, one chunk
+between two decode steps, so a stream that is already decoding waits for about one decode
+step's worth of prefill per newcomer between two of its tokens, however long the prompts.
+After its last chunk the group's first tokens go out and its rows join the batch; a finished
+or cancelled request leaves before the next step. The batch keeps one `DynamicCache` whose
+rows are left-padded to a common length; an attention mask hides
 the padding and each row carries its own position ids.
 
 Why not transformers' own `ContinuousBatchingManager` (transformers 5.23, `generate_batch` /
@@ -275,10 +276,12 @@ class PrefillGroup:
 
 Deliver = Callable[[list[tuple[Request, Event]]], None]
 
-# Prompt tokens (rows x columns) per prefill chunk: about one batch-8 decode step's worth of
-# work on a 2-core CPU with the 135M model (README, Performance). A decoding stream waits for at
-# most one chunk between two of its tokens, however long or many the newcomers' prompts are.
-PREFILL_CHUNK_TOKENS = 256
+# Prompt tokens per request per prefill pass. Measured on the 2-core CPU with the 135M model in
+# bfloat16: a batch-8 decode step took 68 ms, a 64-token prefill 95 ms, 128 tokens 127 ms, 256
+# tokens 205 ms. So a decoding stream waits about one step's worth of prefill per newcomer in
+# the group between two of its tokens, however long the prompts; and a burst of short prompts
+# (8 x ~35 tokens) still goes through in one pass, which is what keeps its first tokens early.
+PREFILL_CHUNK_TOKENS = 64
 
 
 class BatchScheduler:
@@ -302,8 +305,8 @@ class BatchScheduler:
         on_pass: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.prefill_chunk_tokens = prefill_chunk_tokens
-        # Called after every forward pass with (kind "prefill" | "decode", prompt tokens or
-        # rows of that pass, rows already decoding at that moment): for tests and benchmarks.
+        # Called after every forward pass with (kind "prefill" | "decode", prompt tokens per row
+        # or rows of that pass, rows already decoding at that moment): tests and benchmarks.
         self.on_pass = on_pass
         self.model = model
         self.num_threads = num_threads  # torch intra-op threads of the worker (None: inherit)
@@ -496,9 +499,9 @@ class BatchScheduler:
         """Run the next chunk of the group's prompts; after the last one, emit the first tokens
         and let the group join the batch. True when the group is done (joined or failed).
 
-        A chunk covers `prefill_chunk_tokens // rows` columns (at least one), so its cost is
-        about the same whatever the group's size. A lone prompt that fits one chunk runs exactly
-        as an unchunked prefill (no padding, no mask).
+        A chunk covers `prefill_chunk_tokens` columns of every row, so its cost grows with the
+        number of newcomers, about one decode step's worth each. A lone prompt that fits one
+        chunk runs exactly as an unchunked prefill (no padding, no mask).
         """
         group = self._prefilling
         assert group is not None
@@ -509,7 +512,7 @@ class BatchScheduler:
             return True
         rows = len(group.requests)
         start = group.done
-        end = min(group.width, start + max(1, self.prefill_chunk_tokens // rows))
+        end = min(group.width, start + max(1, self.prefill_chunk_tokens))
         try:
             out = self.model(
                 input_ids=group.input_ids[:, start:end],
@@ -525,7 +528,7 @@ class BatchScheduler:
             )
             self.prefill_passes += 1
             if self.on_pass is not None:
-                self.on_pass("prefill", rows * (end - start), len(self._active))
+                self.on_pass("prefill", end - start, len(self._active))
             group.done = end
             if end < group.width:
                 return False
