@@ -129,7 +129,12 @@ class ChatStreamConfig(BaseModel):
     max_replicas: int = Field(
         0, ge=0, description="Autoscaling upper bound; 0 disables autoscaling"
     )
-    target_ongoing_requests: float = Field(2.0, gt=0.0)
+    target_ongoing_requests: float = Field(
+        24.0,
+        gt=0.0,
+        description="Ongoing requests per model replica that autoscaling aims for: 3/4 of the "
+        "default 32 slots (a continuously batching replica is efficient when it is full)",
+    )
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(
         0.5,

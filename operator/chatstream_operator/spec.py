@@ -23,8 +23,8 @@ DEFAULTS: dict[str, Any] = {
         "systemPrompt": "",
     },
     "mock": {"mode": "echo", "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
-    "maxOngoingRequests": 4,
-    "maxQueuedRequests": 16,
+    "maxOngoingRequests": 32,
+    "maxQueuedRequests": 64,
     "retryAfterSec": 1,
     "streamIntervalMs": 0,
     "generation": {"temperature": 0.7, "topK": 50, "topP": 0.9, "maxNewTokens": 256},
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Defaults inside optional objects: they apply only when the object itself is present.
-AUTOSCALING_DEFAULTS: dict[str, Any] = {"minReplicas": 1, "targetOngoingRequests": 2}
+AUTOSCALING_DEFAULTS: dict[str, Any] = {"minReplicas": 1, "targetOngoingRequests": 24}
 
 
 def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
