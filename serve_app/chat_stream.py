@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.metrics import Counter, Histogram
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve_app.config import (
@@ -409,6 +409,11 @@ class ChatStream:
         `exchange.stop()` and close this generator."""
         error: BaseException | None = None
         try:
+            # Serve's proxy takes chunks without waiting for the client, and on a loaded
+            # machine it may pass on a client's leaving late: a disconnect it already passed
+            # on is taken here, before the first chunk, so that it counts as "before streaming".
+            if chunk is not None and await exchange.request.is_disconnected():
+                raise ClientDisconnect()
             while chunk is not None:
                 yield chunk
                 exchange.sent.append(chunk)  # resumed: the chunk went out
