@@ -191,9 +191,6 @@ class ChatStream:
         )
 
     # ------------------------------------------------------------------ sessions
-    def store_unavailable(self, exc: StoreUnavailable) -> RequestRejected:
-        return store_unavailable_rejection(exc)
-
     async def open_session(self, request: Request) -> SessionView:
         """The request's session (a new, not yet stored one if the cookie names none), also
         exposed as `request.state.session`. Raises RequestRejected (503) if the store is down."""
@@ -201,7 +198,7 @@ class ChatStream:
         try:
             record = await self.store.load_session(session_id) if session_id else None
         except StoreUnavailable as exc:
-            raise self.store_unavailable(exc) from None
+            raise store_unavailable_rejection(exc) from None
         stored = record is not None
         view = SessionView(
             session_id if stored else new_session_id(),
@@ -220,7 +217,7 @@ class ChatStream:
         try:
             view.update(await self.store.change_session(view.session_id, change))
         except StoreUnavailable as exc:
-            raise self.store_unavailable(exc) from None
+            raise store_unavailable_rejection(exc) from None
 
     def generation_params(self, view: SessionView) -> dict[str, Any]:
         """The session's generation parameters: the app's defaults, overridden by the session's."""
@@ -333,7 +330,7 @@ class ChatStream:
         try:  # open in the durable ledger: if this replica dies, a survivor closes it
             request_id = await self.store.open_request(record_id, request_id, self.replica_id)
         except StoreUnavailable as exc:
-            raise self.store_unavailable(exc) from None
+            raise store_unavailable_rejection(exc) from None
         exchange = Exchange(
             request=request,
             request_id=request_id,
