@@ -38,35 +38,38 @@ from serve_app.stores.base import StateStore, StoreSettings, StoreUnavailable
 SOCKET_TIMEOUT_SEC = 2.0
 DONE_MARK_TTL_SEC = 24 * 3600
 
-_RECORD_OUTCOME = """
+# Keep `key -> value` in the hash `entries`, and only the newest `limit` keys (in `order`).
+_REMEMBER = """
+local function remember(entries, order, key, value, limit)
+  if redis.call('HEXISTS', entries, key) == 0 then redis.call('RPUSH', order, key) end
+  redis.call('HSET', entries, key, value)
+  while redis.call('LLEN', order) > limit do
+    redis.call('HDEL', entries, redis.call('LPOP', order))
+  end
+end
+"""
+
+_RECORD_OUTCOME = (
+    _REMEMBER
+    + """
 redis.call('HDEL', KEYS[5], ARGV[6])
 redis.call('HDEL', KEYS[6], ARGV[1])
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) == false then return 0 end
 if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], 'reason:' .. ARGV[5], 1) end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
-  redis.call('RPUSH', KEYS[4], 'o' .. ARGV[1])
-end
 redis.call('HINCRBY', KEYS[2], 'outcome:' .. ARGV[2], 1)
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-while redis.call('LLEN', KEYS[4]) > tonumber(ARGV[3]) do
-  local oldest = redis.call('LPOP', KEYS[4])
-  redis.call('HDEL', KEYS[3], string.sub(oldest, 2))
-end
+remember(KEYS[3], KEYS[4], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 return 1
 """
+)
 
-_RECORD_REJECTION = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
-  redis.call('RPUSH', KEYS[3], 'r' .. ARGV[1])
-end
+_RECORD_REJECTION = (
+    _REMEMBER
+    + """
 redis.call('HINCRBY', KEYS[1], 'rejection:' .. ARGV[2], 1)
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-while redis.call('LLEN', KEYS[3]) > tonumber(ARGV[3]) do
-  local oldest = redis.call('LPOP', KEYS[3])
-  redis.call('HDEL', KEYS[2], string.sub(oldest, 2))
-end
+remember(KEYS[2], KEYS[3], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 return 1
 """
+)
 
 # Open only what has no outcome yet (a late open must not reopen a decided request).
 _OPEN_REQUEST = """
