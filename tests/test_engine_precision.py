@@ -115,3 +115,20 @@ def test_bfloat16_keeps_the_lm_head_and_rotary_frequencies_in_float32(reference)
     )
     # The embedding is no longer tied to the (float32) head.
     assert candidate.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_float32_head_scores_the_best_candidates_exactly_in_float32() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 64) * 0.05
+    head = Float32Head(weight)
+    hidden = torch.randn(6, 3, 64).to(torch.bfloat16)
+    exact = torch.nn.functional.linear(hidden.float(), weight)
+    with torch.inference_mode():
+        logits = head(hidden)
+    assert logits.dtype == torch.float32 and logits.shape == exact.shape
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    # The best candidates carry float32 products (the tail of the rescored set may differ from
+    # float32's own top 16 by a near-tie); the rest are bfloat16 products.
+    top = exact.topk(Float32Head.RESCORED // 2, dim=-1).indices
+    assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
+    assert (logits - exact).abs().max() < 0.05

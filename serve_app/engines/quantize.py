@@ -27,19 +27,30 @@ ROWS_INT8_MAX = 4
 
 
 class Float32Head(nn.Module):
-    """An LM head that computes logits in float32 from a lower-precision model's hidden state.
+    """An LM head whose top logits are exact float32 products of a lower-precision hidden state.
 
     The next token is an argmax over the logits, and near-ties decide it: bfloat16 logits (8
-    mantissa bits) flip more of them. Keeping only the head in float32 raised teacher-forced
-    agreement with the float32 model from 96.7 % to 98.6 % here, at a fifth of the weights.
+    mantissa bits) flip more of them. A float32 head raised teacher-forced agreement with the
+    float32 model from 96.7 % to 98.6 % here, but as the largest matrix of a small model it
+    cost a fifth of each decode step (the vocabulary's float32 rows are read for every step).
+    So the whole vocabulary is scored in bfloat16 and only the `RESCORED` best candidates of
+    each position are recomputed in float32: the argmax is the float32 head's whenever it is
+    among them (a bfloat16 error large enough to push it out of the top 16 was never seen).
+    Sampling reads the other logits at bfloat16 precision, about 0.4 % relative.
     """
+
+    RESCORED = 16
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        self.register_buffer("weight_bf16", self.weight.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.float(), self.weight)
+        logits = torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16).float()
+        top = logits.topk(min(self.RESCORED, logits.shape[-1]), dim=-1).indices
+        exact = (self.weight[top] @ x.float().unsqueeze(-1)).squeeze(-1)
+        return logits.scatter_(-1, top, exact)
 
 
 def cast_keeping_rotary(model: Any, dtype: torch.dtype) -> None:
