@@ -1,12 +1,15 @@
 """Speed and fidelity of the CPU precisions the engine offers (fp32, bf16, int8 weight-only).
 
     .venv/bin/python benchmarks/bench_precision.py [--prompts 8] [--tokens 64] [--threads 0]
+    .venv/bin/python benchmarks/bench_precision.py --compile   # adds bfloat16 + torch.compile
 
 Fidelity is teacher-forced top-1 agreement with float32: the float32 model's greedy continuation
 of each prompt is fed to both models, and a position counts when both predict the same next
 token. Free-running greedy text is printed side by side for a look, not scored (it diverges
 after a few dozen tokens even when the model is fine). Speed is a static `model.generate` batch
 (greedy, all rows forced to the full length) at batch 1 and 8: aggregate new tokens per second.
+With `--compile`, the bfloat16 model's forward is also run through `torch.compile` (inductor,
+dynamic shapes); its row reports the compile time the first calls took, batch 1 included.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import QUESTIONS  # noqa: E402
 
 VARIANTS = [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8")]
+COMPILED = ("bfloat16", "torch.compile")
 
 
 def generate(model, tokenizer, prompts: list[list[int]], tokens: int) -> tuple[float, list]:
@@ -60,6 +64,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="add bfloat16 + torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,9 +85,17 @@ def main() -> int:
         sequences.append(p + out[0])
     lens = [len(p) for p in prompts]
     texts = {}
-    for dtype, quantization in VARIANTS:
+    for dtype, quantization in VARIANTS + ([COMPILED] if args.compile else []):
         model = copy.deepcopy(reference)
-        apply_precision(model, dtype, quantization)
+        apply_precision(model, dtype, "none" if (dtype, quantization) == COMPILED else quantization)
+        compile_s = 0.0
+        if (dtype, quantization) == COMPILED:
+            started = time.perf_counter()
+            model.forward = torch.compile(model.forward, dynamic=True)
+            for batch in (1, 2):  # batch 1 is a shape of its own (recompiles)
+                generate(model, tokenizer, prompts[:batch], 4)
+            compile_s = time.perf_counter() - started
+            print(f"torch.compile: first calls took {compile_s:.0f} s", flush=True)
         matches, total = teacher_forced_agreement(reference, model, sequences, lens)
         generate(model, tokenizer, prompts[:2], 4)  # warm-up
         rates = {}
