@@ -83,8 +83,8 @@ class ChatStreamConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="Weights and activations: 'auto' is bfloat16 on a CPU with AVX-512 BF16 or "
-        "AMX (LM head kept float32), else float32; bfloat16 (or float16) on GPU. Measured speed "
-        "and fidelity in the README's Performance section",
+        "AMX (the LM head's best candidates rescored in float32), else float32; bfloat16 (or "
+        "float16) on GPU. Measured speed and fidelity in the README's Performance section",
     )
     quantization: Literal["none", "int8"] = Field(
         "none",

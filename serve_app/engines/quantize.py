@@ -47,7 +47,10 @@ class Float32Head(nn.Module):
         self.register_buffer("weight_bf16", self.weight.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16).float()
+        # Contiguous: the model hands over a view of the last position, and a bfloat16 matrix
+        # product on a strided view took ~100x longer here (414 ms instead of 4 at 8 rows).
+        x = x.to(torch.bfloat16).contiguous()
+        logits = torch.nn.functional.linear(x, self.weight_bf16).float()
         top = logits.topk(min(self.RESCORED, logits.shape[-1]), dim=-1).indices
         exact = (self.weight[top] @ x.float().unsqueeze(-1)).squeeze(-1)
         return logits.scatter_(-1, top, exact)
