@@ -88,14 +88,12 @@ def main() -> int:
     for dtype, quantization in VARIANTS + ([COMPILED] if args.compile else []):
         model = copy.deepcopy(reference)
         apply_precision(model, dtype, "none" if (dtype, quantization) == COMPILED else quantization)
-        compile_s = 0.0
         if (dtype, quantization) == COMPILED:
             started = time.perf_counter()
             model.forward = torch.compile(model.forward, dynamic=True)
             for batch in (1, 2):  # batch 1 is a shape of its own (recompiles)
                 generate(model, tokenizer, prompts[:batch], 4)
-            compile_s = time.perf_counter() - started
-            print(f"torch.compile: first calls took {compile_s:.0f} s", flush=True)
+            print(f"torch.compile: first calls took {time.perf_counter() - started:.0f} s")
         matches, total = teacher_forced_agreement(reference, model, sequences, lens)
         generate(model, tokenizer, prompts[:2], 4)  # warm-up
         rates = {}

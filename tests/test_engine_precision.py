@@ -132,3 +132,7 @@ def test_float32_head_scores_the_best_candidates_exactly_in_float32() -> None:
     top = exact.topk(Float32Head.RESCORED // 2, dim=-1).indices
     assert torch.allclose(logits.gather(-1, top), exact.gather(-1, top), rtol=0, atol=1e-5)
     assert (logits - exact).abs().max() < 0.05
+    # The model hands the head a strided view of the last position: same logits.
+    last = hidden[:, -1:, :]
+    with torch.inference_mode():
+        assert torch.equal(head(last), head(last.contiguous()))
