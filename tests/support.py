@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -49,3 +52,24 @@ def outcome_of(
         return ledger["outcomes"].get(request_id)
 
     return wait_for(lookup, timeout_s)
+
+
+def run_load_profiles(
+    profiles: list[str], reports_dir: Path, service_log: str, timeout_s: float
+) -> None:
+    """`python -m loadtest.run_profile --profile ...` into `reports_dir`; fail with its output
+    and the tail of the service's log (`service_log`, a file name there) unless it exits 0."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.run_profile", "--profile", *profiles]
+        + ["--reports-dir", str(reports_dir)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    log = reports_dir / service_log
+    tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no service log)"
+    assert done.returncode == 0, f"{output[-12000:]}\n--- service log tail ---\n{tail}"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import run_load_profiles
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,27 +32,7 @@ def test_locustfile_loads_and_lists_its_users() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_ci_and_fault_profiles_match_the_server_accounting(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.run_profile",
-            "--profile",
-            "ci",
-            "fault",
-            "--reports-dir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=450,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    log = tmp_path / "serve-ci-fault.log"
-    service_log = log.read_text(errors="replace")[-6000:] if log.exists() else "(no service log)"
-    assert done.returncode == 0, f"{output[-12000:]}\n--- service log tail ---\n{service_log}"
+    run_load_profiles(["ci", "fault"], tmp_path, "serve-ci-fault.log", timeout_s=450)
 
     ci = json.loads((tmp_path / "ci-accounting.json").read_text())
     assert ci["ok"]

@@ -6,13 +6,12 @@ seen, the ingress replica is the same one throughout, and the accounting is exac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from loadtest.fault import with_replicas
+from tests.support import run_load_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,19 +57,7 @@ def test_an_autoscaling_deployment_is_not_scaled_by_count() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_scale_profile_keeps_every_stream_and_the_accounting_exact(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest.run_profile", "--profile", "scale"]
-        + ["--reports-dir", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    output = done.stdout + done.stderr
-    log = tmp_path / "serve-scale.log"
-    service_log = log.read_text(errors="replace")[-6000:] if log.exists() else "(no service log)"
-    assert done.returncode == 0, f"{output[-12000:]}\n--- service log tail ---\n{service_log}"
+    run_load_profiles(["scale"], tmp_path, "serve-scale.log", timeout_s=280)
 
     report = json.loads((tmp_path / "scale-accounting.json").read_text())
     assert report["ok"] and not report["differences"] and not report["extra_failures"]
