@@ -1,5 +1,5 @@
 """Who may call what: the admin token of the operator endpoints, and API keys with per-key
-limits and usage on the chat endpoints. One `Access` per ChatStream (`access_of`).
+limits and usage on the chat endpoints. Pure logic; the HTTP edge (serve_app/edge.py) applies it.
 
 Admin endpoints (`/outcomes`, `/outcomes/ledger`, `/load`, `/resource_usage`, `/v1/usage`):
 * `CHATSTREAM_ADMIN_TOKEN` set: `Authorization: Bearer <token>` is required (401 without a
@@ -16,7 +16,7 @@ checked before ChatStream's own admission (a key at its limit never waits for, n
 another key's slot), with a Retry-After computed from when the limit frees. Usage per key id
 (requests by outcome, refusals, prompt and completion tokens) is counted in `KeyUsage` (this
 ingress replica's figures, for the admin JSON) and in Prometheus counters labelled by key id.
-With keys off, `/v1` usage is counted under the id `anonymous` and nothing is limited.
+With keys off, usage is counted under the id `anonymous` and nothing is limited.
 """
 
 from __future__ import annotations
@@ -25,16 +25,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import math
 import os
-import uuid
-import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.metrics import Counter
 from starlette.requests import Request
-from starlette.responses import Response
 
 from serve_app.api_keys import (
     ANONYMOUS_KEY_ID,
@@ -47,15 +44,8 @@ from serve_app.api_keys import (
     bearer_token,
     load_api_keys,
 )
-from serve_app.chat_stream import ChatStream, OutcomeStreamingResponse
 from serve_app.config import ADMIN_TOKEN_ENV, ChatStreamConfig
-from serve_app.conversation import ChatPrompt
-from serve_app.engines.base import PromptFormatter
-from serve_app.outcomes import Outcome
-from serve_app.validation import RequestRejected, request_id_from
-
-SUCCESS = Outcome.SUCCESS.value
-WHILE_STREAMING = Outcome.CLIENT_DISCONNECTED_WHILE_STREAMING.value
+from serve_app.refusals import Refusal
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,12 +60,12 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def check_admin(request: Request, admin_token: str | None) -> None:
-    """Raise RequestRejected (401/403) unless `request` may read the operator endpoints."""
+    """Raise Refusal (401/403) unless `request` may read the operator endpoints."""
     if not admin_token:
         host = request.client.host if request.client else None
         if _is_loopback(host):
             return
-        raise RequestRejected(
+        raise Refusal(
             403,
             "forbidden",
             f"operator endpoints answer only loopback clients unless {ADMIN_TOKEN_ENV} is set "
@@ -83,17 +73,32 @@ def check_admin(request: Request, admin_token: str | None) -> None:
         )
     presented = bearer_token(request.headers.get("authorization"))
     if presented is None:
-        raise RequestRejected(
+        raise Refusal(
             401,
             "unauthorized",
             "this endpoint needs 'Authorization: Bearer <admin token>'",
-            {"WWW-Authenticate": "Bearer"},
+            headers={"WWW-Authenticate": "Bearer"},
         )
     # Digests first: compare_digest is constant-time only for inputs of equal length.
     if not hmac.compare_digest(
         hashlib.sha256(presented.encode()).digest(), hashlib.sha256(admin_token.encode()).digest()
     ):
-        raise RequestRejected(403, "forbidden", "the admin token is not valid")
+        raise Refusal(403, "forbidden", "the admin token is not valid")
+
+
+@dataclass(eq=False)
+class Caller:
+    """Who sent a request, as the HTTP edge found it: the request id, the API key's id
+    (`anonymous` when keys are off) and its hold on the key's stream limit, if any."""
+
+    request_id: str
+    key_id: str = ANONYMOUS_KEY_ID
+    lease: QuotaLease | None = None
+
+    def release(self) -> None:
+        """Give the key's stream back (idempotent; the request is over)."""
+        if self.lease is not None:
+            self.lease.release()
 
 
 def key_limits(config: ChatStreamConfig) -> KeyLimits:
@@ -187,80 +192,3 @@ class Access:
             self._tokens.inc(prompt_tokens, tags={"key_id": key_id, "kind": "prompt"})
         if completion_tokens:
             self._tokens.inc(completion_tokens, tags={"key_id": key_id, "kind": "completion"})
-
-
-_ACCESS: weakref.WeakKeyDictionary[Any, Access] = weakref.WeakKeyDictionary()
-
-
-def access_of(chat_stream: ChatStream) -> Access:
-    """The Access of `chat_stream` (made on first use, from the replica's environment). Call it
-    when the ingress starts, so that a bad key configuration fails the replica at once."""
-    access = _ACCESS.get(chat_stream)
-    if access is None:
-        access = _ACCESS[chat_stream] = Access(chat_stream.config)
-    return access
-
-
-def answer_tokens(formatter: PromptFormatter, text: str) -> int:
-    """Tokens of answer text: the formatter counts a prompt, so a BOS token it would add (as
-    for an empty text) is not part of the answer."""
-    if not text:
-        return 0
-    return max(0, formatter.count_tokens(text) - formatter.count_tokens(""))
-
-
-def _turn_tokens(chat_stream: ChatStream, request: Request, outcome: str) -> tuple[int, int]:
-    """Prompt and answer tokens of a finished /chat_stream turn, from its session's history."""
-    view = getattr(request.state, "session", None)
-    messages = view.record["messages"] if view is not None else []
-    answered = outcome in (SUCCESS, WHILE_STREAMING) and messages
-    answer = messages[-1]["content"] if answered and messages[-1]["role"] == "assistant" else ""
-    before = messages[:-1] if answer else messages
-    if not before or before[-1]["role"] != "user":
-        return 0, answer_tokens(chat_stream.formatter, answer)
-    prompt = ChatPrompt(before, chat_stream.formatter, chat_stream.config.system_prompt)
-    formatter = chat_stream.formatter
-    return formatter.count_tokens(prompt.create_prompt()), answer_tokens(formatter, answer)
-
-
-async def guard_chat_stream(chat_stream: ChatStream, request: Request) -> Response:
-    """`/chat_stream` behind an API key: 401 without a valid one, 429 over the key's limits
-    (before ChatStream's admission), usage counted when the turn is over."""
-    access = access_of(chat_stream)
-    try:
-        request_id = request_id_from(request.headers)
-    except RequestRejected:  # the facade refuses it below; for now, an id of our own
-        request_id = uuid.uuid4().hex
-    key_id = access.authenticate(request)
-    if key_id is None:
-        access.rejected(None, "invalid_api_key")
-        rejected = RequestRejected(
-            401,
-            "invalid_api_key",
-            "this server needs 'Authorization: Bearer <API key>'",
-            {"WWW-Authenticate": "Bearer"},
-        )
-        return await chat_stream.reject(request_id, rejected)
-    try:
-        lease = access.admit(key_id)
-    except QuotaExceeded as exceeded:
-        rejected = RequestRejected(
-            429,
-            exceeded.reason,
-            exceeded.message,
-            {"Retry-After": str(max(1, math.ceil(exceeded.retry_after_s)))},
-        )
-        return await chat_stream.reject(request_id, rejected)
-
-    async def on_finished(request: Request, message: str) -> None:
-        lease.release()
-        access.finished(key_id, message, *_turn_tokens(chat_stream, request, message))
-
-    try:
-        response = await chat_stream.handle_chat_stream_request(request, callback=on_finished)
-    except BaseException:
-        lease.release()  # the request is over (an admitted one is also counted by on_finished)
-        raise
-    if not isinstance(response, OutcomeStreamingResponse):
-        lease.release()  # refused (or failed before its first chunk): nothing streams
-    return response

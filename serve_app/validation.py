@@ -1,4 +1,5 @@
-"""Validation of what clients send, and the JSON errors that refuse it (before admission)."""
+"""Validation of what clients send to ChatStream's own routes; a failure is a `Refusal` (400,
+413, 431) before admission."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import uuid
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidationError
-from starlette.responses import JSONResponse
 
 from serve_app.config import MaxNewTokens, Temperature, TopK, TopP
+from serve_app.refusals import Refusal
 
 REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
@@ -18,24 +19,6 @@ _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_USER_INPUT_CHARS = 32_000
 # No request of ours nests deeper than a few levels; deep nesting only costs the decoder.
 MAX_JSON_DEPTH = 32
-
-
-class RequestRejected(Exception):
-    """A request refused before admission: no slot taken, no callback."""
-
-    def __init__(self, status_code: int, error: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status_code = status_code
-        self.error = error
-        self.message = message
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": self.error, "message": self.message},
-            status_code=self.status_code,
-            headers=self.headers,
-        )
 
 
 class GenerationOverrides(BaseModel):
@@ -77,7 +60,7 @@ MAX_HEADER_BYTES = 65_536
 def check_header_size(headers: Any) -> None:
     size = sum(len(name) + len(value) for name, value in headers.raw)
     if size > MAX_HEADER_BYTES:
-        raise RequestRejected(
+        raise Refusal(
             431,
             "headers_too_large",
             f"the request's headers take {size} bytes, more than {MAX_HEADER_BYTES}; send fewer "
@@ -90,7 +73,7 @@ async def read_body(request: Any, request_body: bytes | None, max_bytes: int) ->
     a declared Content-Length over the limit is refused before anything is read. Oversized
     headers are refused first (431)."""
     check_header_size(request.headers)
-    too_large = RequestRejected(
+    too_large = Refusal(
         413,
         "body_too_large",
         f"the request body is larger than {max_bytes} bytes; send a shorter one",
@@ -131,23 +114,21 @@ def parse_json(body: bytes | str) -> Any:
     try:
         data = json.loads(body or b"")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestRejected(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
+        raise Refusal(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
     except RecursionError:  # thousands of levels deep: the decoder gives up
         data = None
         too_deep = True
     else:
         too_deep = json_depth_exceeds(data, MAX_JSON_DEPTH)
     if too_deep:
-        raise RequestRejected(
-            400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels"
-        )
+        raise Refusal(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
     return data
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
     data = parse_json(body)
     if not isinstance(data, dict):
-        raise RequestRejected(400, "invalid_json", "the body must be a JSON object")
+        raise Refusal(400, "invalid_json", "the body must be a JSON object")
     return data
 
 
@@ -155,9 +136,9 @@ def parse_chat_turn(body: bytes) -> ChatTurnRequest:
     try:
         turn = ChatTurnRequest.model_validate(parse_json_object(body))
     except ValidationError as exc:
-        raise RequestRejected(400, "invalid_request", describe_validation_error(exc)) from None
+        raise Refusal(400, "invalid_request", describe_validation_error(exc)) from None
     if not turn.regenerate and not (turn.user_input and turn.user_input.strip()):
-        raise RequestRejected(
+        raise Refusal(
             400, "invalid_request", "user_input: must be a non-empty string (or set regenerate)"
         )
     return turn
@@ -167,7 +148,7 @@ def parse_generation_overrides(body: bytes) -> GenerationOverrides:
     try:
         return GenerationOverrides.model_validate(parse_json_object(body))
     except ValidationError as exc:
-        raise RequestRejected(400, "invalid_request", describe_validation_error(exc)) from None
+        raise Refusal(400, "invalid_request", describe_validation_error(exc)) from None
 
 
 def request_id_from(headers: Any) -> str:
@@ -176,7 +157,7 @@ def request_id_from(headers: Any) -> str:
     if given is None:
         return uuid.uuid4().hex
     if not _REQUEST_ID_RE.match(given):
-        raise RequestRejected(
+        raise Refusal(
             400,
             "invalid_request",
             f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits and . _ : -",
@@ -191,11 +172,11 @@ def parse_feedback(data: dict[str, Any]) -> tuple[str, dict[str, str]]:
     rating = data.get("rating")
     comment = data.get("comment", "")
     if not isinstance(message_id, str) or not message_id:
-        raise RequestRejected(400, "invalid_request", "message_id: must be a non-empty string")
+        raise Refusal(400, "invalid_request", "message_id: must be a non-empty string")
     if rating not in ("good", "bad"):
-        raise RequestRejected(400, "invalid_request", "rating: must be 'good' or 'bad'")
+        raise Refusal(400, "invalid_request", "rating: must be 'good' or 'bad'")
     if not isinstance(comment, str) or len(comment) > 2000:
-        raise RequestRejected(
+        raise Refusal(
             400, "invalid_request", "comment: must be a string of at most 2000 characters"
         )
     return message_id, {"rating": rating, "comment": comment}

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from serve_app.access import Access, check_admin
 from serve_app.api_keys import API_KEYS_ENV, QuotaExceeded
 from serve_app.config import ADMIN_TOKEN_ENV, ChatStreamConfig
-from serve_app.validation import RequestRejected
+from serve_app.refusals import Refusal
 
 TOKEN = "admin-token-0123456789"
 
@@ -26,7 +26,7 @@ def test_without_a_token_loopback_clients_are_answered(client):
 
 @pytest.mark.parametrize("client", ["10.1.2.3", "192.168.0.7", "2001:db8::1", "", "testclient"])
 def test_without_a_token_other_clients_are_refused(client):
-    with pytest.raises(RequestRejected) as caught:
+    with pytest.raises(Refusal) as caught:
         check_admin(request(client), None)
     assert caught.value.status_code == 403
     assert ADMIN_TOKEN_ENV in caught.value.message
@@ -44,7 +44,7 @@ def test_without_a_token_other_clients_are_refused(client):
     ],
 )
 def test_with_a_token_a_missing_or_wrong_one_is_refused_even_on_loopback(authorization, status):
-    with pytest.raises(RequestRejected) as caught:
+    with pytest.raises(Refusal) as caught:
         check_admin(request("127.0.0.1", authorization), TOKEN)
     assert caught.value.status_code == status
     assert TOKEN not in caught.value.message

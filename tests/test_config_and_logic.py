@@ -15,9 +15,10 @@ from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines.mock import MockPromptFormatter
 from serve_app.outcomes import Outcome, OutcomeLedger, classify_outcome
+from serve_app.refusals import Refusal
 from serve_app.session_state import trim_history
 from serve_app.sessions import CookieSigner
-from serve_app.validation import ChatTurnRequest, RequestRejected
+from serve_app.validation import ChatTurnRequest
 
 
 # --------------------------------------------------------------------------- configuration
@@ -122,7 +123,7 @@ def test_a_turn_appends_the_user_input_and_caps_the_answer_to_the_context():
 def test_regenerate_answers_the_last_user_message_again():
     history = history_after_answer([{"role": "user", "content": "q"}], "a", "m1")
     assert plan(history, regenerate=True).messages == [{"role": "user", "content": "q"}]
-    with pytest.raises(RequestRejected) as refused:
+    with pytest.raises(Refusal) as refused:
         plan([], regenerate=True)
     assert refused.value.status_code == 409
 
@@ -136,7 +137,7 @@ def test_oldest_turns_are_dropped_to_fit_and_a_lone_oversized_input_is_refused()
     result = plan(history, user_input="latest")
     assert result.prompt_tokens < 40 and result.messages[-1]["content"] == "latest"
     assert result.messages[0]["role"] == "user" and len(result.messages) < len(history) + 1
-    with pytest.raises(RequestRejected) as refused:
+    with pytest.raises(Refusal) as refused:
         plan([], user_input="w " * 60)
     assert refused.value.status_code == 413
 

@@ -1,5 +1,5 @@
-"""The exchange's bookkeeping without Ray Serve: the path that left a phantom `queued: 1` on
-/load, and the callback rules (off the event loop, bounded, once)."""
+"""The admission's finish and the bookkeeping without Ray Serve: the path that left a phantom
+`queued: 1` on /load, and the callback rules (off the event loop, bounded, once)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import asyncio
 import threading
 import time
 
-from serve_app.exchange import Bookkeeping, Exchange, Turn
+from serve_app.access import Access, Caller
+from serve_app.admission import Admission
+from serve_app.background import Background
+from serve_app.bookkeeping import Bookkeeping
+from serve_app.config import ChatStreamConfig
+from serve_app.exchange import Exchange, Turn
+from serve_app.liveness import LoadBoard
 from serve_app.outcomes import Outcome
 from serve_app.session_state import SessionLimits, begin_turn
 from serve_app.sessions import SessionView
@@ -32,35 +38,56 @@ class ModelStream:
             raise self.cancel_raises
 
 
-async def exchange_for(
-    bookkeeping: Bookkeeping, store: MemoryStore, callback=None, session_id: str = "s1"
-) -> Exchange:
-    record = await store.change_session(session_id, begin_turn("t1", time.time(), 60))
+class _Model:
+    """Stands in for the model's DeploymentHandle (never called in these tests)."""
+
+    def options(self, **_):
+        return self
+
+
+class Harness:
+    """The admission lifecycle of one ingress replica, on a memory store, without Serve."""
+
+    def __init__(self, **options) -> None:
+        self.store = MemoryStore(StoreSettings(namespace="t"))
+        self.background = Background()
+        access = Access(ChatStreamConfig(engine="mock"), environ={})
+        self.bookkeeping = Bookkeeping(
+            self.store, SessionLimits(), self.background, access, **options
+        )
+        self.board = LoadBoard(self.store, "replica-1", self.background)
+        self.admission = Admission(
+            _Model(), self.store, self.bookkeeping, self.board,
+            replica_id="replica-1", retry_after_sec=1,
+        )  # fmt: skip
+
+    async def drain(self) -> None:
+        await self.background.drain(5, forever=set())
+
+
+async def exchange_for(harness: Harness, callback=None, session_id: str = "s1") -> Exchange:
+    record = await harness.store.change_session(session_id, begin_turn("t1", time.time(), 60))
     return Exchange(
         request=object(),
+        caller=Caller("r1"),
         request_id="r1",
         record_id="rec1",
         message_id="m1",
-        session=SessionView(session_id, record, _Prompt(), stored=True),
-        turn=Turn("t1", 0, {"role": "user", "content": "hi"}),
         model_stream=ModelStream(),
         callback=callback,
-        bookkeeping=bookkeeping,
+        session=SessionView(session_id, record, _Prompt(), stored=True),
+        turn=Turn("t1", 0, {"role": "user", "content": "hi"}),
     )
-
-
-def make(**options) -> tuple[Bookkeeping, MemoryStore]:
-    store = MemoryStore(StoreSettings(namespace="t"))
-    return Bookkeeping(store, SessionLimits(), "replica-1", **options), store
 
 
 async def test_a_finish_from_another_thread_is_applied_on_the_event_loop():
     """The garbage collector may finish a never-sent response in any thread. Done in place,
     its load-board update raced the event loop's (a read-modify-write of the counters) and its
     report could overtake a newer one: /load kept a phantom waiting request."""
-    bookkeeping, store = make()
-    exchanges = [await exchange_for(bookkeeping, store, session_id=f"s{i}") for i in range(50)]
-    board = bookkeeping.load_board
+    harness = Harness()
+    store = harness.store
+    exchanges = [await exchange_for(harness, session_id=f"s{i}") for i in range(50)]
+    board = harness.board
     loop_thread, threads_seen = threading.get_ident(), set()
     change = board.change
 
@@ -72,7 +99,8 @@ async def test_a_finish_from_another_thread_is_applied_on_the_event_loop():
     for _ in exchanges:
         board.change(queued=1)
     threads = [
-        threading.Thread(target=e.finish, args=(asyncio.CancelledError(),)) for e in exchanges
+        threading.Thread(target=harness.admission.finish, args=(e, asyncio.CancelledError()))
+        for e in exchanges
     ]
     for thread in threads:
         thread.start()
@@ -99,10 +127,11 @@ async def test_a_slow_sync_callback_runs_off_the_event_loop_and_a_stuck_one_time
         started.set()
         time.sleep(0.5)
 
-    bookkeeping, store = make(callback_timeout_sec=0.2)
-    exchange = await exchange_for(bookkeeping, store, slow_callback)
+    harness = Harness(callback_timeout_sec=0.2)
+    store = harness.store
+    exchange = await exchange_for(harness, slow_callback)
     ticks = 0
-    task = asyncio.ensure_future(bookkeeping.complete(exchange, Outcome.SUCCESS))
+    task = asyncio.ensure_future(harness.bookkeeping.complete(exchange, Outcome.SUCCESS))
     while not task.done():  # the loop stays free while the callback sleeps
         ticks += 1
         await asyncio.sleep(0.01)
@@ -119,11 +148,11 @@ async def test_pending_bookkeeping_is_awaited_on_shutdown_up_to_the_deadline():
         await asyncio.sleep(0.2)
         done.append(message)
 
-    bookkeeping, store = make()
-    exchange = await exchange_for(bookkeeping, store, callback)
+    harness = Harness()
+    exchange = await exchange_for(harness, callback)
     exchange.completed = True
-    exchange.finish(None)
-    await bookkeeping.drain(timeout_sec=5)  # what the ingress does when Serve shuts it down
+    harness.admission.finish(exchange, None)
+    await harness.drain()  # what the ingress does when Serve shuts it down
     assert done == ["success"]
 
 
@@ -131,12 +160,13 @@ async def test_a_cancel_that_raises_still_frees_the_board_and_releases_the_turn(
     """Ray's `DeploymentResponseGenerator.cancel()` re-raises how the replica assignment ended.
     Raised in the middle of `finish`, it skipped the load board and the bookkeeping: the long
     load-test profile ended with `queued: 8` on /load and sessions stuck in 409."""
-    bookkeeping, store = make()
-    exchange = await exchange_for(bookkeeping, store)
+    harness = Harness()
+    store = harness.store
+    exchange = await exchange_for(harness)
     exchange.model_stream = ModelStream(cancel_raises=RuntimeError("assignment failed"))
-    bookkeeping.load_board.change(queued=1)
-    exchange.finish(asyncio.CancelledError())
-    await bookkeeping.drain(timeout_sec=5)
-    assert bookkeeping.load_board.queued == 0
+    harness.board.change(queued=1)
+    harness.admission.finish(exchange, asyncio.CancelledError())
+    await harness.drain()
+    assert harness.board.queued == 0
     assert (await store.outcome_totals())["outcomes"]["client_disconnected_before_streaming"] == 1
     assert (await store.load_session("s1"))["turn"] is None  # the next turn is not refused

@@ -16,8 +16,6 @@ import openai
 import pytest
 from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-
-from serve_app.config import GenerationParams
 from serve_app.openai_protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -37,6 +35,8 @@ from serve_app.openai_protocol import (
     service_unavailable,
     sse_event,
 )
+
+from serve_app.config import GenerationParams
 
 MODEL = "smollm2-135m"
 

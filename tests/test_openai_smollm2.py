@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from serve_app.local_server import LocalServe
-from serve_app.openai_route import EMBEDDED_MODEL_NAME
+from serve_app.openai_api.service import EMBEDDED_MODEL_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

@@ -1,0 +1,159 @@
+"""`/v1` responses as pure functions: the shapes of the `openai` SDK's `ChatCompletion`,
+`ChatCompletionChunk` and `Model`, and Server-Sent Events framing.
+
+A stream is: first chunk (role, and best also the first text), text chunks, a final chunk with
+an empty delta and `finish_reason`, the usage chunk if asked for, then `data: [DONE]`. Token
+counts and the finish reason are the engine's (serve_app/model_contract.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.openai_api.protocol import ChatCompletionRequest
+
+OWNED_BY = "chatstream"
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class ChunkBuilder:
+    """The `chat.completion.chunk` objects of one streamed answer (one id, one timestamp)."""
+
+    model: str
+    include_usage: bool = False
+    id: str = field(default_factory=new_completion_id)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = None  # every chunk but the usage chunk carries `usage: null`
+        chunk.update(extra)
+        return chunk
+
+    def delta(self, content: str | None = None, *, first: bool = False) -> dict[str, Any]:
+        """A text chunk; the `first` one also carries `role: assistant`."""
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        delta["content"] = content if content is not None or not first else ""
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        """The last choice chunk: empty delta, `finish_reason` stop|length."""
+        return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """The usage chunk (no choices), sent after `finish` when `include_usage`."""
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+
+
+def chat_completion(
+    *,
+    model: str,
+    content: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A non-streamed `chat.completion` with `usage`."""
+    return {
+        "id": id or new_completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def model_list(served_model: str, created: int | None = None) -> dict[str, Any]:
+    """The body of `GET /v1/models`."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": served_model,
+                "object": "model",
+                "created": int(time.time()) if created is None else created,
+                "owned_by": OWNED_BY,
+            }
+        ],
+    }
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_MEDIA_TYPE = "text/event-stream"
+# Headers for the SSE response: no caching, and no buffering by nginx-style proxies.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(obj: Mapping[str, Any]) -> str:
+    """One Server-Sent Event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class StreamEncoder:
+    """The SSE text of one streamed answer.
+
+    `feed(text, completion_tokens)` returns what to send now ("" when nothing: send nothing,
+    it is no chunk); the first text goes out with `role: assistant`. `end(...)` returns the
+    rest: the `finish_reason` chunk, the usage chunk if asked for, `data: [DONE]`. With vLLM's
+    continuous usage, each text chunk carries the usage so far.
+    """
+
+    def __init__(self, request: ChatCompletionRequest, builder: ChunkBuilder | None = None):
+        self.builder = builder or ChunkBuilder(request.model, include_usage=request.include_usage)
+        self.include_usage = request.include_usage
+        self.continuous_usage = request.continuous_usage
+        self._started = False
+
+    def feed(self, text: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> str:
+        if not text and self._started:
+            return ""
+        chunk = self.builder.delta(text, first=not self._started)
+        if self.continuous_usage:
+            chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        self._started = True
+        return sse_event(chunk)
+
+    def end(self, *, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> str:
+        finish = self.builder.finish(finish_reason)
+        if self.continuous_usage:
+            finish["usage"] = usage(prompt_tokens, completion_tokens)
+        counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        events = [self.feed("", **counts) if not self._started else "", sse_event(finish)]
+        if self.include_usage:
+            events.append(sse_event(self.builder.usage(prompt_tokens, completion_tokens)))
+        events.append(SSE_DONE)
+        return "".join(events)
