@@ -25,8 +25,8 @@ from serve_app.local_server import LocalServe
 from tests.support import admin_headers, new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
-KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail seed"
-KEY_IDS += " solo solo2"
+KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail"
+KEY_IDS += " solo solo2 seed"
 KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS.split()}
 TOKEN_BUDGET = 150  # tokens per minute per key
 MODEL = "mock"
