@@ -17,12 +17,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub; never try it
 
 from serve_app.config import ChatStreamConfig, GenerationParams  # noqa: E402
-from serve_app.engines.base import ChatMessage, EngineError, GeneratedChunk  # noqa: E402
-from serve_app.engines.batching import (  # noqa: E402
-    IncrementalDetokenizer,
+from serve_app.engines.base import ChatMessage, EngineError  # noqa: E402
+from serve_app.engines.detokenizer import IncrementalDetokenizer  # noqa: E402
+from serve_app.engines.kv_cache import keep_rows, merge_rows  # noqa: E402
+from serve_app.engines.sampling import (  # noqa: E402
     filter_logits,
-    keep_rows,
-    merge_rows,
     sample_token,
     sample_tokens,
     stop_reason,
@@ -32,6 +31,7 @@ from serve_app.engines.transformers_engine import (  # noqa: E402
     TransformersPromptFormatter,
     resolve_model_source,
 )
+from serve_app.model_contract import AnswerChunk, GenerationRequest  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +65,12 @@ def prompt_for(formatter: TransformersPromptFormatter, question: str) -> str:
     return formatter.render([ChatMessage("user", question)])
 
 
-async def collect(engine: TransformersEngine, prompt: str, params: GenerationParams) -> str:
-    return "".join([chunk.text async for chunk in engine.stream(prompt, params)])
+def stream(engine: TransformersEngine, prompt, params: GenerationParams, **request):
+    return engine.stream(GenerationRequest(prompt, params, **request))
+
+
+async def collect(engine: TransformersEngine, prompt, params: GenerationParams, **request) -> str:
+    return "".join([chunk.text async for chunk in stream(engine, prompt, params, **request)])
 
 
 async def wait_until(predicate, timeout_s: float = 10.0) -> None:
@@ -110,7 +114,8 @@ def test_sampling_filters() -> None:
     assert sample_token(logits, GenerationParams(temperature=0.0)) == 1
     assert sample_token(logits, GenerationParams(temperature=1.5, top_k=1)) == 1
     batch = torch.stack([logits, -logits])
-    greedy, sampled = GenerationParams(temperature=0.0), GenerationParams(temperature=1.0, top_k=1)
+    greedy = SimpleNamespace(params=GenerationParams(temperature=0.0), generator=None)
+    sampled = SimpleNamespace(params=GenerationParams(temperature=1.0, top_k=1), generator=None)
     assert sample_tokens(batch, [greedy, sampled]) == [1, 3]
     kept = filter_logits(logits, top_k=2, top_p=1.0)
     assert torch.isfinite(kept).tolist() == [False, True, True, False]
@@ -168,9 +173,9 @@ async def test_streams_a_short_real_answer(
 ) -> None:
     prompt = prompt_for(formatter, "What is the capital of France?")
     chunks = [
-        c async for c in engine.stream(prompt, GenerationParams(temperature=0, max_new_tokens=8))
+        c async for c in stream(engine, prompt, GenerationParams(temperature=0, max_new_tokens=8))
     ]
-    assert all(isinstance(c, GeneratedChunk) for c in chunks)
+    assert all(isinstance(c, AnswerChunk) for c in chunks)
     assert len(chunks) > 1  # streamed, not one block
     assert "Paris" in "".join(c.text for c in chunks)
     assert 1 <= sum(c.num_tokens for c in chunks) <= 8
@@ -181,7 +186,7 @@ async def test_sampled_generation_respects_max_new_tokens(
     engine: TransformersEngine, formatter: TransformersPromptFormatter
 ) -> None:
     params = GenerationParams(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=5)
-    chunks = [c async for c in engine.stream(prompt_for(formatter, "Tell me a story."), params)]
+    chunks = [c async for c in stream(engine, prompt_for(formatter, "Tell me a story."), params)]
     assert 1 <= sum(c.num_tokens for c in chunks) <= 5
 
 
@@ -206,7 +211,7 @@ async def test_greedy_output_is_identical_alone_and_beside_seven_others(
 
     # Again, arriving while another stream is mid-decode: they wait for the step to end, share
     # one left-padded prefill, and join a batch that already has a (longer) row.
-    blocker = engine.stream(prompt_for(formatter, "Tell me a long story."), GenerationParams(
+    blocker = stream(engine, prompt_for(formatter, "Tell me a long story."), GenerationParams(
         temperature=0.0, max_new_tokens=200))  # fmt: skip
     await anext(blocker)
     passes_before = engine.scheduler.prefill_passes
@@ -224,7 +229,7 @@ async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
     victim_chunks: list[str] = []
 
     async def victim() -> None:
-        async for chunk in engine.stream(prompt_for(formatter, "Tell me a long story."), long):
+        async for chunk in stream(engine, prompt_for(formatter, "Tell me a long story."), long):
             victim_chunks.append(chunk.text)
 
     victim_task = asyncio.create_task(victim())
@@ -251,14 +256,15 @@ async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
 async def test_closed_generator_frees_its_slot(
     engine: TransformersEngine, formatter: TransformersPromptFormatter
 ) -> None:
-    stream = engine.stream(
+    counting = stream(
+        engine,
         prompt_for(formatter, "Count to one hundred."),
         GenerationParams(temperature=0.0, max_new_tokens=400),
     )
-    await anext(stream)
+    await anext(counting)
     assert engine.running == 1
     steps_at_close = engine.scheduler.steps
-    await stream.aclose()
+    await counting.aclose()
     await wait_until(lambda: engine.running == 0)
     reason, left_at_step = engine.scheduler.last_finished
     assert reason == "cancelled"
@@ -286,7 +292,7 @@ async def test_model_failure_is_an_engine_error_and_stop_is_reported(
     failing.start_with(FailingDecode(engine.model), engine.tokenizer, "cpu", 8192)
     chunks = []
     with pytest.raises(EngineError, match="decode step failed"):
-        async for chunk in failing.stream(prompt_for(formatter, "Hi!"), GREEDY):
+        async for chunk in stream(failing, prompt_for(formatter, "Hi!"), GREEDY):
             chunks.append(chunk)
     assert len(chunks) == 1  # the prefill's token came out before the failing step
     assert failing.running == 0
@@ -351,7 +357,7 @@ async def test_arrivals_do_not_stall_a_decoding_stream(
     at most one prefill pass of at most one chunk per row, and the newcomers share the passes."""
     chunked_engine, passes = chunked
     long = GenerationParams(temperature=0.0, max_new_tokens=300)
-    blocker = chunked_engine.stream(prompt_for(formatter, "Tell me a long story."), long)
+    blocker = stream(chunked_engine, prompt_for(formatter, "Tell me a long story."), long)
     await anext(blocker)
     passes.clear()
     answers = await asyncio.gather(
