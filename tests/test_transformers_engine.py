@@ -31,7 +31,8 @@ from serve_app.engines.transformers_engine import (  # noqa: E402
     TransformersPromptFormatter,
     resolve_model_source,
 )
-from serve_app.model_contract import AnswerChunk, GenerationRequest  # noqa: E402
+from serve_app.model_contract import AnswerChunk, GenerationRequest, SlotAcquired  # noqa: E402
+from serve_app.model_deployment import answer_stream  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -311,6 +312,149 @@ async def test_run_on_model_thread_uses_the_worker_thread(engine: TransformersEn
     )
     with pytest.raises(ZeroDivisionError):
         await engine.run_on_model_thread(lambda: 1 / 0)
+
+
+# --- the model contract: finish reasons, token ids, prompt tokens, stop strings, seeds ---------
+
+
+def ids_prompt(formatter: TransformersPromptFormatter, question: str) -> list[int]:
+    """What the ingress sends this engine: token ids (engines/chat_tokens.py)."""
+    return formatter.model_input([ChatMessage("user", question)])
+
+
+async def test_finish_reason_stop_and_token_ids_that_encode_the_text(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    params = GenerationParams(temperature=0.0, max_new_tokens=64)
+    for question in ("What is the capital of France?", "Name three colors."):
+        chunks = [c async for c in stream(engine, ids_prompt(formatter, question), params)]
+        text = "".join(c.text for c in chunks)
+        ids = [i for c in chunks for i in c.token_ids]
+        # The answer ended by itself (end of sequence) well within the budget: "stop", on the
+        # last chunk only.
+        assert chunks[-1].finish_reason == "stop"
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        assert all(c.num_tokens == len(c.token_ids) for c in chunks)
+        assert 0 < len(ids) < 64 and engine.tokenizer.eos_token_id not in ids
+        assert engine.tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert engine.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+
+
+async def test_finish_reason_length_for_the_budget_and_the_context(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    prompt = ids_prompt(formatter, "Tell me a long story.")
+    chunks = [
+        c async for c in stream(engine, prompt, GenerationParams(temperature=0, max_new_tokens=4))
+    ]
+    assert chunks[-1].finish_reason == "length"
+    assert sum(c.num_tokens for c in chunks) == 4
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+    # The context ends three tokens after the prompt: "length" too.
+    short = TransformersEngine(ChatStreamConfig())
+    short.start_with(engine.model, engine.tokenizer, "cpu", len(prompt) + 3)
+    try:
+        params = GenerationParams(temperature=0.0, max_new_tokens=64)
+        chunks = [c async for c in stream(short, prompt, params)]
+        assert chunks[-1].finish_reason == "length"
+        assert sum(c.num_tokens for c in chunks) == 3
+    finally:
+        short.shutdown()
+
+
+class EndsAtOnce:
+    """The real model, except that the end-of-sequence token always wins."""
+
+    def __init__(self, model, eos_id: int) -> None:
+        self.model, self.eos_id = model, eos_id
+        self.config = model.config
+        self.generation_config = model.generation_config
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits[:, -1, self.eos_id] = float("inf")
+        return out
+
+
+async def test_an_empty_answer_is_one_empty_last_chunk(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    silent = TransformersEngine(ChatStreamConfig())
+    silent.start_with(
+        EndsAtOnce(engine.model, engine.tokenizer.eos_token_id), engine.tokenizer, "cpu", 8192
+    )
+    try:
+        chunks = [c async for c in stream(silent, ids_prompt(formatter, "Hi!"), GREEDY)]
+        assert chunks == [AnswerChunk("", 0, (), "stop")]
+        assert silent.running == 0
+    finally:
+        silent.shutdown()
+
+
+async def test_prompt_tokens_as_the_engine_sees_them(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    ids = ids_prompt(formatter, "What is 2+2?")
+    text = prompt_for(formatter, "What is 2+2?")
+    assert engine.prompt_tokens(ids) == len(ids)
+    assert engine.prompt_tokens(text) == formatter.count_tokens(text)
+    request = GenerationRequest(ids, GenerationParams(temperature=0.0, max_new_tokens=2))
+    items = [item async for item in answer_stream(engine, request)]
+    assert items[0] == SlotAcquired(prompt_tokens=len(ids))
+    assert items[-1].finish_reason == "length"
+
+
+async def test_stop_strings_cut_the_answer_and_free_the_slot(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    prompt = ids_prompt(formatter, "What is the capital of France?")
+    params = GenerationParams(temperature=0.0, max_new_tokens=64)
+    whole = await collect(engine, prompt, params)
+    assert "Paris" in whole
+
+    request = GenerationRequest(prompt, params, stop=("Paris", "never said"))
+    items = [item async for item in answer_stream(engine, request)]
+    chunks = items[1:]
+    text = "".join(c.text for c in chunks)
+    assert text == whole[: whole.index("Paris")]
+    assert chunks[-1].finish_reason == "stop"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    ids = [i for c in chunks for i in c.token_ids]
+    assert sum(c.num_tokens for c in chunks) == len(ids)
+    assert text.startswith(engine.tokenizer.decode(ids))  # tokens of the text sent, no more
+    # The engine's stream was closed at the match: the request leaves before its next step.
+    await wait_until(lambda: engine.running == 0)
+    assert engine.scheduler.last_finished[0] == "cancelled"
+
+    # A stop string that never comes changes nothing.
+    unmatched = GenerationRequest(prompt, params, stop=("never said",))
+    items = [item async for item in answer_stream(engine, unmatched)]
+    assert "".join(c.text for c in items[1:]) == whole
+    assert items[-1].finish_reason == "stop"
+
+
+async def test_a_seed_samples_the_same_answer_alone_and_in_a_batch(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    sampled = GenerationParams(temperature=1.0, max_new_tokens=16)
+    story = ids_prompt(formatter, "Tell me a story about a fox.")
+    alone = await collect(engine, story, sampled, seed=1234)
+    assert alone
+    together = await asyncio.gather(
+        collect(engine, story, sampled, seed=1234),
+        collect(engine, ids_prompt(formatter, "What is Python?"), sampled),  # unseeded, sampled
+        collect(engine, ids_prompt(formatter, "Who wrote Hamlet?"), GREEDY),
+        collect(engine, story, sampled, seed=1234),
+        collect(engine, story, sampled, seed=99),
+        collect(engine, story, sampled, seed=7),
+    )
+    assert together[0] == together[3] == alone
+    # Other seeds sample other answers (two of them, so that a coincidence cannot fail this).
+    assert together[4] != alone or together[5] != alone
+    # Greedy rows are unaffected by the seeded rows beside them.
+    hamlet = ids_prompt(formatter, "Who wrote Hamlet?")
+    assert together[2] == await collect(engine, hamlet, GREEDY)
 
 
 # --- chunked prefill ---------------------------------------------------------------------------
