@@ -222,8 +222,8 @@ class BatchScheduler:
                 ready.append(
                     (request, request.start(self.tokenizer, self.context_length, self.device))
                 )
-            except ValueError as exc:
-                self._finish(request, StreamEnd("error", str(exc)))
+            except Exception as exc:  # fails this request only
+                self._finish(request, StreamEnd("error", str(exc) or repr(exc)))
         if not ready:
             return None
         pad_id = self.tokenizer.pad_token_id or 0
