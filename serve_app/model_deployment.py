@@ -43,7 +43,8 @@ async def answer_stream(
     the first are also coalesced over that interval. The request's stop strings cut the answer
     here (engines/stop_strings.py); on a match the engine's stream is closed before the last
     chunk goes out, so its slot is free at once. Per chunk this does no more than forward it;
-    `count_tokens` (the metric) is called in batches of `_METRIC_BATCH` tokens and at the end.
+    `count_tokens` (the metric of tokens the engine generated, those that a stop string drops
+    included) is called in batches of `_METRIC_BATCH` tokens and at the end.
     """
     yield SlotAcquired(prompt_tokens=engine.prompt_tokens(request.prompt))
     stops = StopChunks(request.stop) if request.stop else None
@@ -54,9 +55,9 @@ async def answer_stream(
     try:
         async with contextlib.aclosing(engine.stream(request)) as chunks:
             async for chunk in chunks:
+                uncounted += chunk.num_tokens  # generated, whether or not a stop string drops it
                 if stops is not None and (chunk := stops.feed(chunk)) is None:
                     continue  # all of its text is held back: it may begin a stop string
-                uncounted += chunk.num_tokens
                 if chunk.finish_reason is not None:
                     last = chunk
                     break  # leaving the `async with` closes the engine's stream

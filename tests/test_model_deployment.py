@@ -124,6 +124,13 @@ async def test_token_metric_is_counted_in_batches():
     assert counts == [64, 64, 22]
     assert sum(i.num_tokens for i in items[1:]) == 150
 
+    # The metric counts what the engine generated, also the tokens a stop string drops.
+    counts.clear()
+    cut = GenerationRequest(PROMPT, GenerationParams(max_new_tokens=150), stop=("lets",))
+    items = [i async for i in answer_stream(model.engine, cut, count_tokens=counts.append)]
+    assert "".join(i.text for i in items[1:]) == "Streaming "
+    assert sum(i.num_tokens for i in items[1:]) == 1 and counts == [2]
+
 
 class EndsWithoutReason(Engine):
     """An engine that breaks the contract: its stream ends with no finish reason."""

@@ -59,7 +59,8 @@ class Engine(abc.ABC):
     """Streams an answer for a prompt.
 
     `stream` yields `AnswerChunk`s; the last one, always (with empty text if need be), carries
-    the finish reason. Stop strings are the model deployment's business, not the engine's.
+    the finish reason. With `request.seed`, sampling is reproducible: the same seed and prompt
+    give the same answer, alone or batched. Stop strings are the model deployment's business.
     `stream` must stop promptly when the consuming task is cancelled (or the generator is
     closed): that is how a disconnected client, or a stop string, frees its slot.
     """
