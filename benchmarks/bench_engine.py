@@ -49,12 +49,13 @@ import torch  # noqa: E402
 
 from serve_app.config import ChatStreamConfig, GenerationParams  # noqa: E402
 from serve_app.engines.base import ChatMessage  # noqa: E402
-from serve_app.engines.batching import prompt_token_ids  # noqa: E402
+from serve_app.engines.chat_tokens import prompt_token_ids  # noqa: E402
 from serve_app.engines.hf_loading import load_model  # noqa: E402
 from serve_app.engines.transformers_engine import (  # noqa: E402
     TransformersEngine,
     TransformersPromptFormatter,
 )
+from serve_app.model_contract import GenerationRequest  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUESTIONS = [
@@ -215,7 +216,7 @@ async def run_engine(
 ) -> tuple:
     async def one(prompt: str) -> StreamTiming:
         timing = StreamTiming(time.perf_counter())
-        async for chunk in engine.stream(prompt, params):
+        async for chunk in engine.stream(GenerationRequest(prompt, params)):
             now = time.perf_counter()
             if chunk.text and timing.first is None:
                 timing.first = now
@@ -234,7 +235,7 @@ async def measure_cancellation(engine: TransformersEngine, prompts: list[str]) -
 
     async def victim() -> None:
         nonlocal chunks
-        async for _ in engine.stream(prompts[0], params):
+        async for _ in engine.stream(GenerationRequest(prompts[0], params)):
             chunks += 1
             if chunks >= 5:
                 got.set()
@@ -260,7 +261,7 @@ async def measure_cancellation(engine: TransformersEngine, prompts: list[str]) -
 
 
 async def _drain(engine: TransformersEngine, prompt: str, params: GenerationParams) -> None:
-    async for _ in engine.stream(prompt, params):
+    async for _ in engine.stream(GenerationRequest(prompt, params)):
         pass
 
 

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from serve_app.config import ChatStreamConfig  # noqa: E402
 from serve_app.engines.base import ChatMessage  # noqa: E402
-from serve_app.engines.batching import prompt_token_ids  # noqa: E402
+from serve_app.engines.chat_tokens import prompt_token_ids  # noqa: E402
 from serve_app.engines.hf_loading import apply_precision, load_model, load_tokenizer  # noqa: E402
 from serve_app.engines.quantize import teacher_forced_agreement  # noqa: E402
 from serve_app.engines.transformers_engine import TransformersPromptFormatter  # noqa: E402

@@ -30,8 +30,8 @@ FinishReason = Literal["stop", "length", "abort"]
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """What the ingress asks of the model: a prompt, validated parameters, stop strings and a
-    sampling seed (reproducible per request)."""
+    """What the ingress asks of the model: a prompt, validated parameters, stop strings, and
+    optionally a seed: the same seed and prompt sample the same answer, alone or in a batch."""
 
     prompt: ModelInput
     params: GenerationParams

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from serve_app.config import ChatStreamConfig  # noqa: E402
 from serve_app.engines.base import ChatMessage  # noqa: E402
-from serve_app.engines.batching import prompt_token_ids  # noqa: E402
+from serve_app.engines.chat_tokens import prompt_token_ids  # noqa: E402
 from serve_app.engines.hf_loading import apply_precision, load_model, load_tokenizer  # noqa: E402
 from serve_app.engines.quantize import Float32Head, teacher_forced_agreement  # noqa: E402
 from serve_app.engines.threads import torch_threads, usable_cores  # noqa: E402

@@ -17,12 +17,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model needs no hub; never try it
 
 from serve_app.config import ChatStreamConfig, GenerationParams  # noqa: E402
-from serve_app.engines.base import ChatMessage, EngineError, GeneratedChunk  # noqa: E402
-from serve_app.engines.batching import (  # noqa: E402
-    IncrementalDetokenizer,
+from serve_app.engines.base import ChatMessage, EngineError  # noqa: E402
+from serve_app.engines.detokenizer import IncrementalDetokenizer  # noqa: E402
+from serve_app.engines.kv_cache import keep_rows, merge_rows  # noqa: E402
+from serve_app.engines.sampling import (  # noqa: E402
     filter_logits,
-    keep_rows,
-    merge_rows,
     sample_token,
     sample_tokens,
     stop_reason,
@@ -32,6 +31,8 @@ from serve_app.engines.transformers_engine import (  # noqa: E402
     TransformersPromptFormatter,
     resolve_model_source,
 )
+from serve_app.model_contract import AnswerChunk, GenerationRequest, SlotAcquired  # noqa: E402
+from serve_app.model_deployment import answer_stream  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -65,8 +66,12 @@ def prompt_for(formatter: TransformersPromptFormatter, question: str) -> str:
     return formatter.render([ChatMessage("user", question)])
 
 
-async def collect(engine: TransformersEngine, prompt: str, params: GenerationParams) -> str:
-    return "".join([chunk.text async for chunk in engine.stream(prompt, params)])
+def stream(engine: TransformersEngine, prompt, params: GenerationParams, **request):
+    return engine.stream(GenerationRequest(prompt, params, **request))
+
+
+async def collect(engine: TransformersEngine, prompt, params: GenerationParams, **request) -> str:
+    return "".join([chunk.text async for chunk in stream(engine, prompt, params, **request)])
 
 
 async def wait_until(predicate, timeout_s: float = 10.0) -> None:
@@ -110,7 +115,8 @@ def test_sampling_filters() -> None:
     assert sample_token(logits, GenerationParams(temperature=0.0)) == 1
     assert sample_token(logits, GenerationParams(temperature=1.5, top_k=1)) == 1
     batch = torch.stack([logits, -logits])
-    greedy, sampled = GenerationParams(temperature=0.0), GenerationParams(temperature=1.0, top_k=1)
+    greedy = SimpleNamespace(params=GenerationParams(temperature=0.0), generator=None)
+    sampled = SimpleNamespace(params=GenerationParams(temperature=1.0, top_k=1), generator=None)
     assert sample_tokens(batch, [greedy, sampled]) == [1, 3]
     kept = filter_logits(logits, top_k=2, top_p=1.0)
     assert torch.isfinite(kept).tolist() == [False, True, True, False]
@@ -168,9 +174,9 @@ async def test_streams_a_short_real_answer(
 ) -> None:
     prompt = prompt_for(formatter, "What is the capital of France?")
     chunks = [
-        c async for c in engine.stream(prompt, GenerationParams(temperature=0, max_new_tokens=8))
+        c async for c in stream(engine, prompt, GenerationParams(temperature=0, max_new_tokens=8))
     ]
-    assert all(isinstance(c, GeneratedChunk) for c in chunks)
+    assert all(isinstance(c, AnswerChunk) for c in chunks)
     assert len(chunks) > 1  # streamed, not one block
     assert "Paris" in "".join(c.text for c in chunks)
     assert 1 <= sum(c.num_tokens for c in chunks) <= 8
@@ -181,7 +187,7 @@ async def test_sampled_generation_respects_max_new_tokens(
     engine: TransformersEngine, formatter: TransformersPromptFormatter
 ) -> None:
     params = GenerationParams(temperature=1.0, top_k=20, top_p=0.9, max_new_tokens=5)
-    chunks = [c async for c in engine.stream(prompt_for(formatter, "Tell me a story."), params)]
+    chunks = [c async for c in stream(engine, prompt_for(formatter, "Tell me a story."), params)]
     assert 1 <= sum(c.num_tokens for c in chunks) <= 5
 
 
@@ -206,7 +212,7 @@ async def test_greedy_output_is_identical_alone_and_beside_seven_others(
 
     # Again, arriving while another stream is mid-decode: they wait for the step to end, share
     # one left-padded prefill, and join a batch that already has a (longer) row.
-    blocker = engine.stream(prompt_for(formatter, "Tell me a long story."), GenerationParams(
+    blocker = stream(engine, prompt_for(formatter, "Tell me a long story."), GenerationParams(
         temperature=0.0, max_new_tokens=200))  # fmt: skip
     await anext(blocker)
     passes_before = engine.scheduler.prefill_passes
@@ -224,7 +230,7 @@ async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
     victim_chunks: list[str] = []
 
     async def victim() -> None:
-        async for chunk in engine.stream(prompt_for(formatter, "Tell me a long story."), long):
+        async for chunk in stream(engine, prompt_for(formatter, "Tell me a long story."), long):
             victim_chunks.append(chunk.text)
 
     victim_task = asyncio.create_task(victim())
@@ -251,14 +257,15 @@ async def test_cancelled_stream_leaves_within_one_step_and_others_continue(
 async def test_closed_generator_frees_its_slot(
     engine: TransformersEngine, formatter: TransformersPromptFormatter
 ) -> None:
-    stream = engine.stream(
+    counting = stream(
+        engine,
         prompt_for(formatter, "Count to one hundred."),
         GenerationParams(temperature=0.0, max_new_tokens=400),
     )
-    await anext(stream)
+    await anext(counting)
     assert engine.running == 1
     steps_at_close = engine.scheduler.steps
-    await stream.aclose()
+    await counting.aclose()
     await wait_until(lambda: engine.running == 0)
     reason, left_at_step = engine.scheduler.last_finished
     assert reason == "cancelled"
@@ -286,7 +293,7 @@ async def test_model_failure_is_an_engine_error_and_stop_is_reported(
     failing.start_with(FailingDecode(engine.model), engine.tokenizer, "cpu", 8192)
     chunks = []
     with pytest.raises(EngineError, match="decode step failed"):
-        async for chunk in failing.stream(prompt_for(formatter, "Hi!"), GREEDY):
+        async for chunk in stream(failing, prompt_for(formatter, "Hi!"), GREEDY):
             chunks.append(chunk)
     assert len(chunks) == 1  # the prefill's token came out before the failing step
     assert failing.running == 0
@@ -305,6 +312,149 @@ async def test_run_on_model_thread_uses_the_worker_thread(engine: TransformersEn
     )
     with pytest.raises(ZeroDivisionError):
         await engine.run_on_model_thread(lambda: 1 / 0)
+
+
+# --- the model contract: finish reasons, token ids, prompt tokens, stop strings, seeds ---------
+
+
+def ids_prompt(formatter: TransformersPromptFormatter, question: str) -> list[int]:
+    """What the ingress sends this engine: token ids (engines/chat_tokens.py)."""
+    return formatter.model_input([ChatMessage("user", question)])
+
+
+async def test_finish_reason_stop_and_token_ids_that_encode_the_text(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    params = GenerationParams(temperature=0.0, max_new_tokens=64)
+    for question in ("What is the capital of France?", "Name three colors."):
+        chunks = [c async for c in stream(engine, ids_prompt(formatter, question), params)]
+        text = "".join(c.text for c in chunks)
+        ids = [i for c in chunks for i in c.token_ids]
+        # The answer ended by itself (end of sequence) well within the budget: "stop", on the
+        # last chunk only.
+        assert chunks[-1].finish_reason == "stop"
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        assert all(c.num_tokens == len(c.token_ids) for c in chunks)
+        assert 0 < len(ids) < 64 and engine.tokenizer.eos_token_id not in ids
+        assert engine.tokenizer.decode(ids, skip_special_tokens=True) == text
+        assert engine.tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+
+
+async def test_finish_reason_length_for_the_budget_and_the_context(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    prompt = ids_prompt(formatter, "Tell me a long story.")
+    chunks = [
+        c async for c in stream(engine, prompt, GenerationParams(temperature=0, max_new_tokens=4))
+    ]
+    assert chunks[-1].finish_reason == "length"
+    assert sum(c.num_tokens for c in chunks) == 4
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+    # The context ends three tokens after the prompt: "length" too.
+    short = TransformersEngine(ChatStreamConfig())
+    short.start_with(engine.model, engine.tokenizer, "cpu", len(prompt) + 3)
+    try:
+        params = GenerationParams(temperature=0.0, max_new_tokens=64)
+        chunks = [c async for c in stream(short, prompt, params)]
+        assert chunks[-1].finish_reason == "length"
+        assert sum(c.num_tokens for c in chunks) == 3
+    finally:
+        short.shutdown()
+
+
+class EndsAtOnce:
+    """The real model, except that the end-of-sequence token always wins."""
+
+    def __init__(self, model, eos_id: int) -> None:
+        self.model, self.eos_id = model, eos_id
+        self.config = model.config
+        self.generation_config = model.generation_config
+
+    def __call__(self, **kwargs):
+        out = self.model(**kwargs)
+        out.logits[:, -1, self.eos_id] = float("inf")
+        return out
+
+
+async def test_an_empty_answer_is_one_empty_last_chunk(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    silent = TransformersEngine(ChatStreamConfig())
+    silent.start_with(
+        EndsAtOnce(engine.model, engine.tokenizer.eos_token_id), engine.tokenizer, "cpu", 8192
+    )
+    try:
+        chunks = [c async for c in stream(silent, ids_prompt(formatter, "Hi!"), GREEDY)]
+        assert chunks == [AnswerChunk("", 0, (), "stop")]
+        assert silent.running == 0
+    finally:
+        silent.shutdown()
+
+
+async def test_prompt_tokens_as_the_engine_sees_them(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    ids = ids_prompt(formatter, "What is 2+2?")
+    text = prompt_for(formatter, "What is 2+2?")
+    assert engine.prompt_tokens(ids) == len(ids)
+    assert engine.prompt_tokens(text) == formatter.count_tokens(text)
+    request = GenerationRequest(ids, GenerationParams(temperature=0.0, max_new_tokens=2))
+    items = [item async for item in answer_stream(engine, request)]
+    assert items[0] == SlotAcquired(prompt_tokens=len(ids))
+    assert items[-1].finish_reason == "length"
+
+
+async def test_stop_strings_cut_the_answer_and_free_the_slot(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    prompt = ids_prompt(formatter, "What is the capital of France?")
+    params = GenerationParams(temperature=0.0, max_new_tokens=64)
+    whole = await collect(engine, prompt, params)
+    assert "Paris" in whole
+
+    request = GenerationRequest(prompt, params, stop=("Paris", "never said"))
+    items = [item async for item in answer_stream(engine, request)]
+    chunks = items[1:]
+    text = "".join(c.text for c in chunks)
+    assert text == whole[: whole.index("Paris")]
+    assert chunks[-1].finish_reason == "stop"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    ids = [i for c in chunks for i in c.token_ids]
+    assert sum(c.num_tokens for c in chunks) == len(ids)
+    assert text.startswith(engine.tokenizer.decode(ids))  # tokens of the text sent, no more
+    # The engine's stream was closed at the match: the request leaves before its next step.
+    await wait_until(lambda: engine.running == 0)
+    assert engine.scheduler.last_finished[0] == "cancelled"
+
+    # A stop string that never comes changes nothing.
+    unmatched = GenerationRequest(prompt, params, stop=("never said",))
+    items = [item async for item in answer_stream(engine, unmatched)]
+    assert "".join(c.text for c in items[1:]) == whole
+    assert items[-1].finish_reason == "stop"
+
+
+async def test_a_seed_samples_the_same_answer_alone_and_in_a_batch(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    sampled = GenerationParams(temperature=1.0, max_new_tokens=16)
+    story = ids_prompt(formatter, "Tell me a story about a fox.")
+    alone = await collect(engine, story, sampled, seed=1234)
+    assert alone
+    together = await asyncio.gather(
+        collect(engine, story, sampled, seed=1234),
+        collect(engine, ids_prompt(formatter, "What is Python?"), sampled),  # unseeded, sampled
+        collect(engine, ids_prompt(formatter, "Who wrote Hamlet?"), GREEDY),
+        collect(engine, story, sampled, seed=1234),
+        collect(engine, story, sampled, seed=99),
+        collect(engine, story, sampled, seed=7),
+    )
+    assert together[0] == together[3] == alone
+    # Other seeds sample other answers (two of them, so that a coincidence cannot fail this).
+    assert together[4] != alone or together[5] != alone
+    # Greedy rows are unaffected by the seeded rows beside them.
+    hamlet = ids_prompt(formatter, "Who wrote Hamlet?")
+    assert together[2] == await collect(engine, hamlet, GREEDY)
 
 
 # --- chunked prefill ---------------------------------------------------------------------------
@@ -351,7 +501,7 @@ async def test_arrivals_do_not_stall_a_decoding_stream(
     at most one prefill pass of at most one chunk per row, and the newcomers share the passes."""
     chunked_engine, passes = chunked
     long = GenerationParams(temperature=0.0, max_new_tokens=300)
-    blocker = chunked_engine.stream(prompt_for(formatter, "Tell me a long story."), long)
+    blocker = stream(chunked_engine, prompt_for(formatter, "Tell me a long story."), long)
     await anext(blocker)
     passes.clear()
     answers = await asyncio.gather(

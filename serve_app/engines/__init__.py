@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from serve_app.config import ChatStreamConfig
-from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
+from serve_app.engines.base import ChatMessage, Engine, EngineError, PromptFormatter
 
 __all__ = [
     "ChatMessage",
     "Engine",
     "EngineError",
-    "GeneratedChunk",
     "PromptFormatter",
     "make_engine",
     "make_prompt_formatter",

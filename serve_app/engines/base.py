@@ -5,19 +5,10 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from serve_app.config import GenerationParams
+from serve_app.model_contract import AnswerChunk, GenerationRequest, ModelInput
 
-# A prompt as an engine takes it: rendered text, or token ids (see PromptFormatter).
-ModelInput = str | list[int]
-
-
-class GeneratedChunk(NamedTuple):
-    """A piece of the answer: its text and how many tokens it covers."""
-
-    text: str
-    num_tokens: int = 1
+__all__ = ["AnswerChunk", "ChatMessage", "Engine", "EngineError", "ModelInput", "PromptFormatter"]
 
 
 class EngineError(RuntimeError):
@@ -65,10 +56,13 @@ class PromptFormatter(abc.ABC):
 
 
 class Engine(abc.ABC):
-    """Streams an answer for a rendered prompt.
+    """Streams an answer for a prompt.
 
+    `stream` yields `AnswerChunk`s; the last one, always (with empty text if need be), carries
+    the finish reason. With `request.seed`, sampling is reproducible: the same seed and prompt
+    give the same answer, alone or batched. Stop strings are the model deployment's business.
     `stream` must stop promptly when the consuming task is cancelled (or the generator is
-    closed): that is how a disconnected client frees its slot.
+    closed): that is how a disconnected client, or a stop string, frees its slot.
     """
 
     @abc.abstractmethod
@@ -76,9 +70,15 @@ class Engine(abc.ABC):
         """Load weights etc. Called once before the first `stream`."""
 
     @abc.abstractmethod
-    def stream(
-        self, prompt: ModelInput, params: GenerationParams
-    ) -> AsyncIterator[GeneratedChunk]: ...
+    def stream(self, request: GenerationRequest) -> AsyncIterator[AnswerChunk]: ...
+
+    @abc.abstractmethod
+    def count_text_tokens(self, text: str) -> int:
+        """Tokens of a text prompt, as this engine will tokenize it."""
+
+    def prompt_tokens(self, prompt: ModelInput) -> int:
+        """The prompt's length in tokens as the engine sees it."""
+        return len(prompt) if isinstance(prompt, list) else self.count_text_tokens(prompt)
 
     async def check_health(self) -> None:  # noqa: B027 - optional hook
         """Raise if the engine can no longer serve."""

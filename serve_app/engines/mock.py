@@ -7,8 +7,9 @@ import itertools
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 
-from serve_app.config import ChatStreamConfig, GenerationParams
-from serve_app.engines.base import ChatMessage, Engine, EngineError, GeneratedChunk, PromptFormatter
+from serve_app.config import ChatStreamConfig
+from serve_app.engines.base import ChatMessage, Engine, EngineError, PromptFormatter
+from serve_app.model_contract import AnswerChunk, GenerationRequest
 
 _LONG_TEXT = (
     "Streaming lets a chat client show each token the moment the model produces it, so the "
@@ -68,7 +69,11 @@ class MockPromptFormatter(PromptFormatter):
 
 class MockEngine(Engine):
     """Answers without a model: `echo` repeats the last user message once, `round` repeats it up
-    to `max_new_tokens`, `long` streams a long text up to `max_new_tokens`."""
+    to `max_new_tokens`, `long` streams a long text up to `max_new_tokens`.
+
+    One chunk per word (no token ids: the mock has none); the last one says `stop` when the
+    echo ended, `length` when `max_new_tokens` did. Deterministic, so a `seed` changes nothing.
+    """
 
     def __init__(self, config: ChatStreamConfig) -> None:
         self.mode = config.mock_mode
@@ -84,20 +89,29 @@ class MockEngine(Engine):
     def running(self) -> int:
         return self._running
 
-    async def stream(self, prompt: str, params: GenerationParams) -> AsyncIterator[GeneratedChunk]:
+    def count_text_tokens(self, text: str) -> int:
+        return len(split_tokens(text))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[AnswerChunk]:
         self._running += 1
         try:
             if self.initial_wait_sec:
                 await asyncio.sleep(self.initial_wait_sec)
-            user_text = last_user_message(prompt)
-            tokens = mock_answer_tokens(self.mode, user_text)
-            for index, token in enumerate(itertools.islice(tokens, params.max_new_tokens)):
-                if index and self.fail_marker and self.fail_marker in user_text:
+            user_text = last_user_message(request.prompt)
+            limit = request.params.max_new_tokens
+            # One token of look-ahead tells whether the answer ended by itself (`stop`).
+            tokens = list(itertools.islice(mock_answer_tokens(self.mode, user_text), limit + 1))
+            finish = "length" if len(tokens) > limit else "stop"
+            del tokens[limit:]
+            for index, token in enumerate(tokens, start=1):
+                if index > 1 and self.fail_marker and self.fail_marker in user_text:
                     raise EngineError("mock engine failure requested by mock_fail_marker")
                 if self.time_per_token_sec:
                     await asyncio.sleep(self.time_per_token_sec)
                 else:
                     await asyncio.sleep(0)  # stay cancellable and fair to other streams
-                yield GeneratedChunk(token, 1)
+                yield AnswerChunk(token, 1, finish_reason=finish if index == len(tokens) else None)
+            if not tokens:  # nothing to say: the last chunk is empty
+                yield AnswerChunk("", 0, finish_reason=finish)
         finally:
             self._running -= 1

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from serve_app.config import ChatStreamConfig, GenerationParams
-from serve_app.engines.base import Engine, EngineError, GeneratedChunk, ModelInput
-from serve_app.engines.batching import BatchScheduler, Event, Request, StreamEnd
+from serve_app.config import ChatStreamConfig
+from serve_app.engines.base import Engine, EngineError
+from serve_app.engines.chat_tokens import prompt_token_ids
 from serve_app.engines.hf_formatter import TransformersPromptFormatter
 from serve_app.engines.hf_loading import (
     context_length,
@@ -27,7 +27,10 @@ from serve_app.engines.hf_loading import (
     load_tokenizer,
     resolve_model_source,
 )
+from serve_app.engines.request_state import Event, Request, StreamEnd
+from serve_app.engines.scheduler import BatchScheduler
 from serve_app.engines.threads import ray_cpu_allotment, torch_threads
+from serve_app.model_contract import AnswerChunk, GenerationRequest, merge_chunks
 
 __all__ = ["TransformersEngine", "TransformersPromptFormatter", "resolve_model_source"]
 
@@ -46,11 +49,6 @@ def deliver_to_event_loops(batch: list[tuple[Request, Event]]) -> None:
 def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
     for queue, event in items:
         queue.put_nowait(event)
-
-
-def coalesce(chunks: list[GeneratedChunk]) -> GeneratedChunk:
-    """One chunk standing for several consecutive ones."""
-    return GeneratedChunk("".join(c.text for c in chunks), sum(c.num_tokens for c in chunks))
 
 
 class TransformersEngine(Engine):
@@ -137,15 +135,16 @@ class TransformersEngine(Engine):
         if scheduler.fatal_error is not None or not self._thread or not self._thread.is_alive():
             raise EngineError(f"engine worker is not running: {scheduler.fatal_error!r}")
 
-    async def stream(
-        self, prompt: ModelInput, params: GenerationParams
-    ) -> AsyncIterator[GeneratedChunk]:
+    def count_text_tokens(self, text: str) -> int:
+        return len(prompt_token_ids(self.tokenizer, text))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[AnswerChunk]:
         scheduler = self.scheduler
         events: asyncio.Queue[Event] = asyncio.Queue()
         consumer = (asyncio.get_running_loop(), events)
-        request = Request(prompt=prompt, params=params, consumer=consumer)
+        job = Request(request.prompt, request.params, request.seed, consumer)
         try:
-            scheduler.submit(request)
+            scheduler.submit(job)
         except RuntimeError as exc:  # stopped, or its worker died
             raise EngineError(str(exc)) from exc
         try:
@@ -153,14 +152,14 @@ class TransformersEngine(Engine):
                 event = await events.get()
                 # Tokens that piled up while the consumer was busy go out as one chunk: no
                 # added latency when the consumer keeps up, fewer chunks when it does not.
-                chunks: list[GeneratedChunk] = []
-                while isinstance(event, GeneratedChunk):
+                chunks: list[AnswerChunk] = []
+                while isinstance(event, AnswerChunk):
                     chunks.append(event)
                     if events.empty():
                         break
                     event = events.get_nowait()
                 if chunks:
-                    yield coalesce(chunks)
+                    yield merge_chunks(chunks)
                 if isinstance(event, StreamEnd):
                     if event.error is not None:
                         raise EngineError(event.error)
@@ -168,7 +167,7 @@ class TransformersEngine(Engine):
         finally:
             # Cancelled task, closed generator or normal end: the worker drops the request
             # before its next decode step (a no-op when it already finished).
-            scheduler.cancel(request)
+            scheduler.cancel(job)
 
     async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
         """`fn()` on the engine's worker thread between decode steps (`BatchScheduler.call`)."""
