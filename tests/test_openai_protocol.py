@@ -1,4 +1,4 @@
-"""serve_app.openai_protocol: parsing, errors, response objects, SSE and stop strings.
+"""serve_app.openai_api (parsing, response objects, SSE) and serve_app.refusals (errors).
 
 The `openai` SDK is the judge: its request bodies are captured and parsed, and our responses
 are served to it through an in-process transport (with `_strict_response_validation`), so
@@ -8,7 +8,6 @@ what it parses and raises is what a real client would. No Ray, no server.
 from __future__ import annotations
 
 import json
-import random
 import time
 
 import httpx2
@@ -16,27 +15,26 @@ import openai
 import pytest
 from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from serve_app.openai_protocol import (
+
+from serve_app.config import GenerationParams
+from serve_app.engines.stop_strings import StopMatcher
+from serve_app.openai_api.encoding import (
     SSE_DONE,
-    ChatCompletionRequest,
     ChunkBuilder,
-    OpenAIHTTPError,
-    StopMatcher,
     StreamEncoder,
-    authentication_error,
     chat_completion,
-    finish_reason,
-    from_rejection,
     model_list,
-    parse_chat_completion,
+    sse_event,
+)
+from serve_app.openai_api.protocol import ChatCompletionRequest, parse_chat_completion
+from serve_app.refusals import (
+    Refusal,
+    authentication_error,
     rate_limited,
     retry_after_headers,
     server_error,
     service_unavailable,
-    sse_event,
 )
-
-from serve_app.config import GenerationParams
 
 MODEL = "smollm2-135m"
 
@@ -47,8 +45,8 @@ def parse(body: dict, **kwargs) -> ChatCompletionRequest:
     )
 
 
-def refused(body: dict, **kwargs) -> OpenAIHTTPError:
-    with pytest.raises(OpenAIHTTPError) as info:
+def refused(body: dict, **kwargs) -> Refusal:
+    with pytest.raises(Refusal) as info:
         parse(body, **kwargs)
     return info.value
 
@@ -157,7 +155,6 @@ def test_invalid_values_name_the_parameter(body, param):
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
-        ({"seed": 42}, "seed"),
         ({"ignore_eos": True}, "ignore_eos"),
     ],
 )  # fmt: skip
@@ -173,9 +170,9 @@ def test_unknown_parameters_are_refused():
     assert refused({"messages": USER, "stream_options": {"x": 1}}).param == "stream_options.x"
 
 
-def test_seed_when_the_engine_honours_it():
-    assert parse({"messages": USER, "seed": 42}, seed_supported=True).seed == 42
-    assert refused({"messages": USER, "seed": 2**64}, seed_supported=True).param == "seed"
+def test_seed_is_passed_on_and_checked():
+    assert parse({"messages": USER, "seed": 42}).seed == 42
+    assert refused({"messages": USER, "seed": 2**64}).param == "seed"
 
 
 @pytest.mark.parametrize(
@@ -202,16 +199,16 @@ def test_bad_messages_name_the_place(messages, param):
 def test_model_and_json_errors():
     error = refused({"model": "gpt-4o", "messages": USER})
     assert (error.status_code, error.code, error.param) == (404, "model_not_found", "model")
-    with pytest.raises(OpenAIHTTPError) as info:
+    with pytest.raises(Refusal) as info:
         parse_chat_completion(b'{"messages": []', served_model=MODEL)
     assert (info.value.status_code, info.value.code) == (400, "invalid_json")
-    with pytest.raises(OpenAIHTTPError) as info:  # NaN is not JSON
+    with pytest.raises(Refusal) as info:  # NaN is not JSON
         parse_chat_completion(
             b'{"model": "%s", "messages": [], "temperature": NaN}' % MODEL.encode(),
             served_model=MODEL,
         )
     assert info.value.code == "invalid_json"
-    with pytest.raises(OpenAIHTTPError) as info:  # 10,000 deep: a 400, not a RecursionError
+    with pytest.raises(Refusal) as info:  # 10,000 deep: a 400, not a RecursionError
         parse_chat_completion(
             b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", served_model=MODEL
         )
@@ -220,16 +217,16 @@ def test_model_and_json_errors():
     inner = nested["metadata"]
     for _ in range(40):  # beyond the app's JSON depth bound, far below Python's
         inner["x"] = inner = {}
-    with pytest.raises(OpenAIHTTPError) as info:
+    with pytest.raises(Refusal) as info:
         parse_chat_completion(json.dumps(nested), served_model=MODEL)
     assert (info.value.status_code, info.value.code) == (400, "invalid_json")
-    with pytest.raises(OpenAIHTTPError) as info:
+    with pytest.raises(Refusal) as info:
         parse_chat_completion({"messages": USER}, served_model=MODEL)  # a parsed dict works too
     assert info.value.param == "model"
 
 
 def test_error_objects_and_headers():
-    assert authentication_error().body == {
+    assert authentication_error().openai_body() == {
         "error": {
             "message": "a valid API key is required",
             "type": "authentication_error",
@@ -243,29 +240,27 @@ def test_error_objects_and_headers():
     assert (limited.status_code, limited.reason) == (429, "tokens_per_minute_exceeded")
     assert limited.response().headers["retry-after"] == "3"
     assert service_unavailable().status_code == 503
-    assert server_error().body["error"]["code"] == "unknown_error_occurred"
-    assert json.loads(server_error().sse()[len("data: ") :]) == server_error().body
+    assert server_error().openai_body()["error"]["code"] == "unknown_error_occurred"
+    assert json.loads(server_error().sse()[len("data: ") :]) == server_error().openai_body()
 
 
-class _Rejected:  # the shape of serve_app.validation.RequestRejected
-    def __init__(self, status_code, error, message, headers=None):
-        self.status_code, self.error, self.message, self.headers = (
-            status_code, error, message, headers or {},
-        )  # fmt: skip
-
-
-def test_from_rejection():
-    too_long = from_rejection(_Rejected(413, "prompt_too_long", "too long"))
-    assert (too_long.status_code, too_long.code, too_long.param) == (
-        400, "context_length_exceeded", "messages",
+def test_one_refusal_renders_in_either_shape():
+    """One refusal type: ChatStream's JSON on its own routes, OpenAI's object on /v1, with the
+    same status and Retry-After headers."""
+    busy = Refusal(429, "too_many_requests", "busy", retry_after_s=2)
+    assert busy.type == "rate_limit_error" and busy.headers["retry-after-ms"] == "2000"
+    plain, openai_shaped = busy.response(), busy.response(openai=True)
+    assert json.loads(plain.body) == {"error": "too_many_requests", "message": "busy"}
+    assert json.loads(openai_shaped.body)["error"]["code"] == "too_many_requests"
+    assert plain.headers["retry-after"] == openai_shaped.headers["retry-after"] == "2"
+    store = service_unavailable()
+    assert (store.status_code, store.type, store.headers["Retry-After"]) == (
+        503, "service_unavailable_error", "2",
     )  # fmt: skip
-    busy = from_rejection(_Rejected(429, "too_many_requests", "busy", {"Retry-After": "2"}))
-    assert (busy.type, busy.headers["retry-after-ms"]) == ("rate_limit_error", "2000")
-    store = from_rejection(_Rejected(503, "store_unavailable", "down", {"Retry-After": "1"}))
-    assert (store.status_code, store.type, store.headers) == (
-        503, "service_unavailable_error", {"Retry-After": "1"},
+    too_long = Refusal(413, "prompt_too_long", "too long", param="messages")
+    assert (too_long.type, too_long.openai_body()["error"]["param"]) == (
+        "invalid_request_error", "messages",
     )  # fmt: skip
-    assert from_rejection(_Rejected(409, "conflict", "x")).status_code == 400
 
 
 # ---------------------------------------------------------------------------------- objects
@@ -296,59 +291,10 @@ def test_objects_validate_as_the_sdk_types():
         "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
     }  # fmt: skip
     assert Model.model_validate(model_list(MODEL)["data"][0]).id == MODEL
-    assert finish_reason(stopped=False, completion_tokens=5, max_new_tokens=5) == "length"
-    assert finish_reason(stopped=True, completion_tokens=5, max_new_tokens=5) == "stop"
-    assert finish_reason(stopped=False, completion_tokens=4, max_new_tokens=5) == "stop"
     assert sse_event({"a": "é"}) == 'data: {"a":"é"}\n\n'
 
 
-# ---------------------------------------------------------------------------------- stop strings
-def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    """What the matcher must return: text cut where a stop string first completes."""
-    for end in range(1, len(text) + 1):
-        done = [s for s in stops if text[:end].endswith(s)]
-        if done:
-            return text[: end - max(len(s) for s in done)], True
-    return text, False
-
-
-def run_matcher(chunks: list[str], stops: list[str]) -> tuple[str, bool, list[str]]:
-    matcher = StopMatcher(stops)
-    pieces = [matcher.feed(chunk) for chunk in chunks]
-    pieces.append(matcher.flush())
-    return "".join(pieces), matcher.stopped, pieces
-
-
-def test_stop_matcher_holds_back_a_possible_stop():
-    matcher = StopMatcher(["world"])
-    assert matcher.feed("Hello wor") == "Hello " and matcher.held == "wor"
-    assert matcher.feed("ld! more") == "" and matcher.stopped
-    assert matcher.feed("ignored") == "" and matcher.flush() == ""
-
-    matcher = StopMatcher(["world"])
-    assert matcher.feed("Hello wor") == "Hello "
-    assert matcher.feed("m") == "worm" and not matcher.stopped
-    assert matcher.feed("wo") == "" and matcher.flush() == "wo"  # the answer ended: send it
-    assert StopMatcher().feed("anything") == "anything"
-
-
-def test_stop_matcher_is_independent_of_chunking():
-    rng = random.Random(12)
-    for _ in range(3000):
-        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 20)))
-        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 6)))
-                 for _ in range(rng.randint(1, 3))]  # fmt: skip
-        cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, len(text) + 1)))
-        chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        out, stopped, pieces = run_matcher(chunks, stops)
-        assert (out, stopped) == reference_cut(text, stops), (text, stops, chunks)
-        # Nothing that was sent can turn out to be part of a stop string later.
-        sent = ""
-        for piece in pieces[:-1]:
-            sent += piece
-            assert reference_cut(text, stops)[0].startswith(sent)
-
-
+# ---------------------------------------------------------------------------------- SSE
 def sse_objects(text: str) -> list:
     events = [e for e in text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
@@ -356,35 +302,34 @@ def sse_objects(text: str) -> list:
 
 
 def test_stream_encoder_events():
-    request = parse({"messages": USER, "stream": True, "stream_options": {"include_usage": True},
-                     "stop": ["STOP"]})  # fmt: skip
+    request = parse({"messages": USER, "stream": True, "stream_options": {"include_usage": True}})
     encoder = StreamEncoder(request)
-    assert encoder.feed("") == "" and encoder.feed("ST") == ""  # held back: no chunk yet
-    first = encoder.feed("ill here")
+    first = encoder.feed("STill here")
     chunk = ChatCompletionChunk.model_validate_json(sse_objects(first)[0])
     assert (chunk.choices[0].delta.role, chunk.choices[0].delta.content) == (
         "assistant",
         "STill here",
     )
-    second = ChatCompletionChunk.model_validate_json(sse_objects(encoder.feed(" and ST"))[0])
+    second = ChatCompletionChunk.model_validate_json(sse_objects(encoder.feed(" and "))[0])
     assert (second.choices[0].delta.role, second.choices[0].delta.content) == (None, " and ")
-    assert encoder.feed("OP tail") == "" and encoder.stopped
-    assert encoder.feed("more") == ""
-    rest = sse_objects(encoder.end(prompt_tokens=3, completion_tokens=6, max_new_tokens=6))
+    assert encoder.feed("") == ""  # nothing to send is no chunk
+    rest = sse_objects(encoder.end(prompt_tokens=3, completion_tokens=6, finish_reason="stop"))
     assert rest[-1] == "[DONE]"
     finish, usage_chunk = (ChatCompletionChunk.model_validate_json(o) for o in rest[:-1])
-    assert finish.choices[0].finish_reason == "stop"  # a stop string, though the budget ran out
+    assert finish.choices[0].finish_reason == "stop"  # the engine's reason, as given
     assert usage_chunk.usage.total_tokens == 9
-    assert "".join(encoder.text) == "STill here and "
 
 
 def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk():
     options = {"include_usage": True, "continuous_usage_stats": True}
     request = parse({"messages": USER, "stream": True, "stream_options": options})
     assert request.continuous_usage
-    encoder = StreamEncoder(request, prompt_tokens=5, count_tokens=lambda t: len(t.split()))
-    chunks = [sse_objects(encoder.feed(word))[0] for word in ("one", " two", " three")]
-    rest = sse_objects(encoder.end(prompt_tokens=5, completion_tokens=3, max_new_tokens=9))
+    encoder = StreamEncoder(request)
+    chunks = [
+        sse_objects(encoder.feed(word, prompt_tokens=5, completion_tokens=n))[0]
+        for n, word in enumerate(("one", " two", " three"), start=1)
+    ]
+    rest = sse_objects(encoder.end(prompt_tokens=5, completion_tokens=3, finish_reason="stop"))
     parsed = [ChatCompletionChunk.model_validate_json(o) for o in [*chunks, *rest[:-1]]]
     assert [c.usage.completion_tokens for c in parsed] == [1, 2, 3, 3, 3]
     assert {c.usage.prompt_tokens for c in parsed} == {5}
@@ -397,8 +342,7 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk():
 
 def test_stream_encoder_empty_answer_still_sends_the_role():
     encoder = StreamEncoder(parse({"messages": USER, "stream": True, "stop": "x"}))
-    assert encoder.feed("x") == "" and encoder.stopped
-    end = encoder.end(prompt_tokens=1, completion_tokens=1, max_new_tokens=9)
+    end = encoder.end(prompt_tokens=1, completion_tokens=0, finish_reason="stop")
     assert end.endswith(SSE_DONE)
     objects = sse_objects(end)
     first, finish = (ChatCompletionChunk.model_validate_json(o) for o in objects[:-1])
@@ -414,7 +358,7 @@ class FakeServer:
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
-        self.pending_errors: list[OpenAIHTTPError] = []
+        self.pending_errors: list[Refusal] = []
         self.fail_mid_stream = False
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
@@ -425,14 +369,26 @@ class FakeServer:
             if self.pending_errors:
                 raise self.pending_errors.pop(0)
             chat = parse_chat_completion(request.content, served_model=MODEL)
-        except OpenAIHTTPError as error:
-            return httpx2.Response(error.status_code, json=error.body, headers=error.headers)
+        except Refusal as error:
+            return httpx2.Response(
+                error.status_code, json=error.openai_body(), headers=error.headers
+            )
         params = chat.generation_params(GenerationParams().model_dump())
         words = chat.messages[-1]["content"].split(" ")
         tokens = [w + " " for w in words[:-1]] + words[-1:]
         tokens = tokens[: params["max_new_tokens"]]
         if chat.stream:
             return self.stream(chat, tokens, len(words), params["max_new_tokens"])
+        text, generated, reason = self.generate(chat, tokens, params["max_new_tokens"])
+        body = chat_completion(
+            model=MODEL, content=text, finish_reason=reason, prompt_tokens=len(words),
+            completion_tokens=generated,
+        )  # fmt: skip
+        return httpx2.Response(200, json=body)
+
+    @staticmethod
+    def generate(chat, tokens, max_new_tokens) -> tuple[str, int, str]:
+        """What the model side does: stop strings cut the text, the reason is decided."""
         matcher = StopMatcher(chat.stop)
         sent, generated = [], 0
         for token in tokens:
@@ -441,32 +397,20 @@ class FakeServer:
             if matcher.stopped:
                 break
         sent.append(matcher.flush())
-        reason = finish_reason(
-            stopped=matcher.stopped,
-            completion_tokens=generated,
-            max_new_tokens=params["max_new_tokens"],
-        )
-        body = chat_completion(
-            model=MODEL, content="".join(sent), finish_reason=reason, prompt_tokens=len(words),
-            completion_tokens=generated,
-        )  # fmt: skip
-        return httpx2.Response(200, json=body)
+        reason = "length" if not matcher.stopped and generated >= max_new_tokens else "stop"
+        return "".join(sent), generated, reason
 
     def stream(self, chat, tokens, prompt_tokens, max_new_tokens) -> httpx2.Response:
         encoder = StreamEncoder(chat)
-        events, generated = [], 0
-        for token in tokens:
-            generated += 1
-            events.append(encoder.feed(token))
-            if encoder.stopped:
-                break
+        text, generated, reason = self.generate(chat, tokens, max_new_tokens)
+        pieces = text.split(" ")
+        events = [encoder.feed(p + " " if i < len(pieces) - 1 else p)
+                  for i, p in enumerate(pieces)]  # fmt: skip
         if self.fail_mid_stream:
             events.append(server_error().sse())
         events.append(
             encoder.end(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=generated,
-                max_new_tokens=max_new_tokens,
+                prompt_tokens=prompt_tokens, completion_tokens=generated, finish_reason=reason
             )
         )
         return httpx2.Response(

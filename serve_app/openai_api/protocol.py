@@ -113,6 +113,10 @@ class ChatCompletionRequest:
     seed: int | None = None
     user: str | None = None
 
+    def generation_params(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """`defaults` (GenerationParams names) overridden by the client's parameters."""
+        return {**defaults, **self.params}
+
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
