@@ -86,7 +86,7 @@ _MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "name": (),
     "tool_call_id": (),
 }
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _STRICT = ConfigDict(strict=True)
 
 
@@ -230,13 +230,13 @@ def _parse_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
         role = message.get("role")
-        if role not in _ROLES:
+        if role not in ROLES:
             if role in ("tool", "function"):
                 raise unsupported_parameter(
                     f"{where}.role", f"is {role!r}; tools are not supported"
                 )
             raise invalid_request(
-                f"'{where}.role' must be one of {sorted(_ROLES)}", f"{where}.role"
+                f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role"
             )
         _check_keys(message, {"role", "content"}, set(), _MESSAGE_NEUTRAL, f"{where}.")
         content = message.get("content")
@@ -250,7 +250,7 @@ def _parse_messages(raw: Any) -> list[dict[str, str]]:
             raise invalid_request(
                 f"the messages are longer than {MAX_CONTENT_CHARS} characters", "messages"
             )
-        messages.append({"role": _ROLES[role], "content": text})
+        messages.append({"role": ROLES[role], "content": text})
     return messages
 
 

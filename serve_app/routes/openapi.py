@@ -1,0 +1,193 @@
+"""What `/openapi.json` says about the routes: request bodies and error responses.
+
+The routes read their bodies raw (the seed's interception hands `request_body` over), so
+FastAPI cannot see them; these schemas describe them, built from the same limits the
+validators use. Limits that depend on the prompt's length in tokens (the model's context) are
+stated in the descriptions: JSON Schema cannot express them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from serve_app.config import MIN_TEMPERATURE, GenerationParams
+from serve_app.openai_api import protocol
+from serve_app.validation import MAX_USER_INPUT_CHARS
+
+
+class ChatStreamError(BaseModel):
+    """ChatStream's JSON error."""
+
+    error: str
+    message: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error object."""
+
+    error: OpenAIErrorDetail
+
+
+_WHY = {
+    400: "The request is malformed or a value is out of range (named in the error)",
+    401: "An API key (or the admin token) is required",
+    403: "The admin token is wrong, or the client is not on loopback",
+    404: "Not found (a model or message this server does not have)",
+    409: "The session's previous answer is still streaming, or there is nothing to regenerate",
+    413: "The body, or the prompt for the model's context, is too large",
+    429: "All generation slots and queue places, or the API key's limits, are taken; "
+    "see Retry-After",
+    431: "The request's headers are too large",
+    500: "The engine failed before the answer started",
+    503: "The session store cannot be reached; see Retry-After",
+}
+# What every route can answer at the edge: a malformed request id (400), oversized headers.
+EDGE = (400, 431)
+ADMIN = (*EDGE, 401, 403)
+SESSION = (*EDGE, 503)
+CHAT = (*EDGE, 401, 409, 413, 429, 500, 503)
+OPENAI = (*EDGE, 401, 404, 413, 429, 500, 503)
+
+
+def errors(*statuses: int, openai: bool = False) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` for `statuses`, in ChatStream's or OpenAI's error shape."""
+    model = OpenAIError if openai else ChatStreamError
+    return {status: {"model": model, "description": _WHY[status]} for status in statuses}
+
+
+def json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    """FastAPI `openapi_extra=` documenting a JSON request body the route reads itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": description,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+def _param(name: str) -> dict[str, Any]:
+    """One generation parameter's schema, from GenerationParams' own field (one definition)."""
+    schema = GenerationParams.model_json_schema()["properties"][name]
+    schema.pop("default", None)
+    schema.pop("title", None)
+    if name == "temperature":  # 0 (greedy), or at least MIN_TEMPERATURE
+        schema = {
+            "description": schema.get("description", ""),
+            "anyOf": [
+                {"type": "number", "enum": [0]},
+                {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": schema["maximum"]},
+            ],
+        }
+    return schema
+
+
+def generation_params_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {name: _param(name) for name in GenerationParams.model_fields},
+    }
+
+
+def chat_turn_schema() -> dict[str, Any]:
+    turn = generation_params_schema()
+    turn["properties"]["max_new_tokens"]["description"] = (
+        "Capped to what the model's context leaves after the prompt"
+    )
+    turn["properties"]["user_input"] = {
+        "type": "string",
+        "maxLength": MAX_USER_INPUT_CHARS,
+        "pattern": r"\S",
+        "description": "The user's turn (not blank). A prompt longer than the model's context, "
+        "even with the oldest turns dropped, is 413 prompt_too_long",
+    }
+    turn["properties"]["regenerate"] = {
+        "type": "boolean",
+        "description": "Answer the last user turn again, replacing the last answer",
+    }
+    turn["anyOf"] = [
+        {"required": ["user_input"]},
+        {"required": ["regenerate"], "properties": {"regenerate": {"enum": [True]}}},
+    ]
+    return turn
+
+
+FEEDBACK_SCHEMA = {
+    "type": "object",
+    "required": ["message_id", "rating"],
+    "properties": {
+        "message_id": {"type": "string", "minLength": 1},
+        "rating": {"type": "string", "enum": ["good", "bad"]},
+        "comment": {"type": "string", "maxLength": 2000},
+    },
+}
+
+
+def chat_completion_schema(served_model: str) -> dict[str, Any]:
+    """The `/v1/chat/completions` body this server accepts."""
+    text_part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "additionalProperties": False,
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    }
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "additionalProperties": False,
+        "properties": {
+            "role": {"type": "string", "enum": sorted(protocol.ROLES)},
+            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+        },
+    }
+    budget = {**_param("max_new_tokens"), "description": "With the prompt, at most the context"}
+    stop = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
+    properties: dict[str, Any] = {
+        "model": {"type": "string", "enum": [served_model]},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": protocol.MAX_MESSAGES,
+            "items": message,
+            "description": f"At most {protocol.MAX_CONTENT_CHARS} characters of content in "
+            "all; a prompt that leaves no room in the model's context is 400",
+        },
+        "stream": {"type": "boolean"},
+        "stream_options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "include_usage": {"type": "boolean"},
+                "continuous_usage_stats": {"type": "boolean"},
+            },
+        },
+        "max_tokens": budget,
+        "max_completion_tokens": budget,
+        "temperature": _param("temperature"),
+        "top_p": _param("top_p"),
+        "top_k": {"anyOf": [{"type": "integer", "enum": [-1]}, _param("top_k")]},
+        "stop": {
+            "anyOf": [
+                stop,
+                {"type": "array", "items": stop, "maxItems": protocol.MAX_STOP_SEQUENCES},
+            ]
+        },
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+        "user": {"type": "string", "maxLength": protocol.MAX_USER_CHARS},
+    }
+    return {
+        "type": "object",
+        "required": ["model", "messages"],
+        "additionalProperties": False,
+        "properties": properties,
+        "description": "max_tokens and max_completion_tokens, when both are sent, must agree",
+    }
