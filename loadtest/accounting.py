@@ -34,6 +34,7 @@ OUTCOMES: tuple[str, ...] = (SUCCESS, WHILE_STREAMING, BEFORE_STREAMING, UNKNOWN
 
 ABSENT = "absent"
 AMBIGUOUS_ROW = "ambiguous (either accepted)"
+NO_ENTRY = "no entry"
 REJECTED_PREFIX = "rejected:"
 
 
@@ -110,7 +111,7 @@ class AccountingReport:
     not_admitted: int  # requests without a server entry, as their client allows (ABSENT)
     extra_failures: tuple[str, ...] = field(default=())
     unrecorded: tuple[tuple[str, int], ...] = field(default=())  # those, by first entry
-    # ambiguous records by what the server holds for them ("-": nothing), and how many of
+    # ambiguous records by what the server holds for them (or NO_ENTRY), and how many of
     # them the server holds something the client did not accept for
     ambiguous: tuple[tuple[str, int], ...] = field(default=())
     ambiguous_mismatched: int = 0
@@ -205,7 +206,7 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
                 Difference(record.request_id, record.behaviour, expected, shown, problem)
             )
         if record.ambiguous:
-            ambiguous[_show(got)] += 1
+            ambiguous[_show(got) if got else NO_ENTRY] += 1
             ambiguous_mismatched += bool(problem)
         if resolved == ABSENT:
             not_admitted += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 FAULT_KINDS = ("replica", "state-actor", "redis-restart", "redis-kill", "scale")
@@ -129,7 +129,10 @@ def markdown_table() -> str:
     """The options as the README shows them."""
     lines = ["| option | default | meaning |", "|---|---|---|"]
     for f in _fields():
-        default = "" if f.default is MISSING or f.default in ("", False) else f"`{f.default}`"
+        if isinstance(f.default, bool):
+            default = "off"
+        else:
+            default = f"`{f.default}`" if f.default != "" else ""
         lines.append(f"| `{flag(f.name)}` | {default} | {f.metadata['help']} |")
     return "\n".join(lines)
 
