@@ -13,13 +13,18 @@ refused while the state store was down (`503 store_unavailable`: the refusal cou
 written), and, after the shared-state actor lost its state, any request from before. In the
 totals a record counts under the entry the server holds when it is acceptable, else under its
 first; records without an entry are tallied apart, under their first entry (`unrecorded`).
+
+A record that accepts more than one outcome is *ambiguous*: the client could not know which
+the server would record (its close raced the answer, see loadtest/quits.py). The ledger entry
+decides, and must be one of them; the table counts these requests in a row of their own, with
+what the server recorded for them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 SUCCESS = "success"
 WHILE_STREAMING = "client_disconnected_while_streaming"
@@ -28,6 +33,8 @@ UNKNOWN_ERROR = "unknown_error_occurred"
 OUTCOMES: tuple[str, ...] = (SUCCESS, WHILE_STREAMING, BEFORE_STREAMING, UNKNOWN_ERROR)
 
 ABSENT = "absent"
+AMBIGUOUS_ROW = "ambiguous (either accepted)"
+NO_ENTRY = "no entry"
 REJECTED_PREFIX = "rejected:"
 
 
@@ -53,6 +60,11 @@ class ClientRecord:
     def __post_init__(self) -> None:
         if not self.accepts:
             raise ValueError(f"{self.request_id}: a client record must accept at least one entry")
+
+    @property
+    def ambiguous(self) -> bool:
+        """The client's observation is consistent with more than one outcome."""
+        return sum(1 for entry in self.accepts if entry in OUTCOMES) > 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,10 @@ class AccountingReport:
     not_admitted: int  # requests without a server entry, as their client allows (ABSENT)
     extra_failures: tuple[str, ...] = field(default=())
     unrecorded: tuple[tuple[str, int], ...] = field(default=())  # those, by first entry
+    # ambiguous records by what the server holds for them (or NO_ENTRY), and how many of
+    # them the server holds something the client did not accept for
+    ambiguous: tuple[tuple[str, int], ...] = field(default=())
+    ambiguous_mismatched: int = 0
 
     @property
     def ok(self) -> bool:
@@ -107,9 +123,7 @@ class AccountingReport:
     def with_failures(self, *failures: str) -> AccountingReport:
         """The same report with further failed checks (slot leak, fresh request, ...)."""
         extra = self.extra_failures + tuple(f for f in failures if f)
-        return AccountingReport(
-            self.rows, self.differences, self.requests, self.not_admitted, extra, self.unrecorded
-        )
+        return replace(self, extra_failures=extra)
 
     def seen_by_clients(self, key: str) -> int:
         """How many requests the clients saw end as `key`: with a server entry or without."""
@@ -162,6 +176,8 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
     differences: list[Difference] = []
     client_counts: Counter[str] = Counter()
     unrecorded: Counter[str] = Counter()
+    ambiguous: Counter[str] = Counter()
+    ambiguous_mismatched = 0
     seen: set[str] = set()
     requests = not_admitted = 0
 
@@ -183,34 +199,15 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
                     record.request_id, record.behaviour, expected, _show(got), record.violation
                 )
             )
-        if len(got) > 1:
+        resolved, problem = _resolve(record, got)
+        if problem:
+            shown = _show(got)
             differences.append(
-                Difference(
-                    record.request_id,
-                    record.behaviour,
-                    expected,
-                    _show(got),
-                    f"recorded {len(got)} times",
-                )
+                Difference(record.request_id, record.behaviour, expected, shown, problem)
             )
-            resolved = record.accepts[0]
-        elif not got:
-            if ABSENT in record.accepts:
-                resolved = ABSENT
-            else:
-                differences.append(
-                    Difference(
-                        record.request_id, record.behaviour, expected, "-", "missing on the server"
-                    )
-                )
-                resolved = record.accepts[0]
-        elif got[0] in record.accepts:
-            resolved = got[0]
-        else:
-            differences.append(
-                Difference(record.request_id, record.behaviour, expected, got[0], "mislabelled")
-            )
-            resolved = record.accepts[0]
+        if record.ambiguous:
+            ambiguous[_show(got) if got else NO_ENTRY] += 1
+            ambiguous_mismatched += bool(problem)
         if resolved == ABSENT:
             not_admitted += 1
             unrecorded[record.accepts[0]] += 1
@@ -250,8 +247,27 @@ def compare(records: Iterable[ClientRecord], server: ServerView) -> AccountingRe
                 )
             )
     return AccountingReport(
-        rows, tuple(differences), requests, not_admitted, (), tuple(sorted(unrecorded.items()))
+        rows,
+        tuple(differences),
+        requests,
+        not_admitted,
+        unrecorded=tuple(sorted(unrecorded.items())),
+        ambiguous=tuple(sorted(ambiguous.items())),
+        ambiguous_mismatched=ambiguous_mismatched,
     )
+
+
+def _resolve(record: ClientRecord, got: tuple[str, ...]) -> tuple[str, str]:
+    """The entry a record counts under, and what is wrong with the server's entries ("")."""
+    if len(got) > 1:
+        return record.accepts[0], f"recorded {len(got)} times"
+    if not got:
+        if ABSENT in record.accepts:
+            return ABSENT, ""
+        return record.accepts[0], "missing on the server"
+    if got[0] in record.accepts:
+        return got[0], ""
+    return record.accepts[0], "mislabelled"
 
 
 def _show(entries: tuple[str, ...]) -> str:
@@ -260,7 +276,7 @@ def _show(entries: tuple[str, ...]) -> str:
 
 def format_report(report: AccountingReport, max_differences: int = 50) -> str:
     """The table printed at the end of a run: per outcome, client vs server, then differences."""
-    width = max([len("outcome / rejection"), *(len(r.key) for r in report.rows)])
+    width = max([len(AMBIGUOUS_ROW), *(len(r.key) for r in report.rows)])
     header = f"{'outcome / rejection':<{width}}  {'client':>8}  {'ledger':>8}  {'totals':>8}  "
     lines = [header + "check", "-" * (len(header) + 5)]
     for row in report.rows:
@@ -269,6 +285,13 @@ def format_report(report: AccountingReport, max_differences: int = 50) -> str:
             f"{row.key:<{width}}  {row.client:>8}  {row.server_ledger:>8}  "
             f"{row.server_totals:>8}  {mark}"
         )
+    if report.ambiguous:
+        total = sum(n for _, n in report.ambiguous)
+        matched = total - report.ambiguous_mismatched
+        mark = "MISMATCH" if report.ambiguous_mismatched else "ok"
+        lines.append(f"{AMBIGUOUS_ROW:<{width}}  {total:>8}  {matched:>8}  {'-':>8}  {mark}")
+        recorded = ", ".join(f"{k} {n}" for k, n in report.ambiguous)
+        lines.append(f"  the client could not know; the server recorded: {recorded}")
     early = dict(report.unrecorded).get(BEFORE_STREAMING, 0)
     lines.append(
         f"{report.requests} requests; {early} early quits closed before the service "
@@ -313,6 +336,8 @@ def report_as_dict(report: AccountingReport) -> dict[str, object]:
         "not_admitted": report.not_admitted,
         "unrecorded": dict(report.unrecorded),
         "store_unavailable_seen_by_clients": report.seen_by_clients(rejected("store_unavailable")),
+        "ambiguous": dict(report.ambiguous),
+        "ambiguous_mismatched": report.ambiguous_mismatched,
         "rows": [
             {
                 "key": r.key,

@@ -31,6 +31,8 @@ gevent monkey-patching. Prints one JSON line:
 {"killed", "recovered", "seconds", "detail", "kind", "down_at", "up_at", "state_lost"}
 (`down_at`/`up_at`: wall-clock times the state holder went away and answered again).
 
+The scale itself is in `loadtest/fault_scale.py`.
+
 `gcs_address_for_port(port)` finds the Ray cluster of a service started on this machine (e.g. by
 `serve_app.local_server.LocalServe`): the process listening on the Serve HTTP port is a Ray
 worker whose ancestors were started with `--gcs-address=<ip:port>`.
@@ -39,7 +41,6 @@ worker whose ancestors were started with `--gcs-address=<ip:port>`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal
@@ -51,11 +52,12 @@ from pathlib import Path
 
 import psutil
 
+from loadtest.fault_scale import scale_deployment
+from loadtest.options import FAULT_KINDS as KINDS
+
 REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve names replica actors SERVE_REPLICA::app#deployment#id
 SERVE_NAMESPACE = "serve"
 STATE_NAMESPACE = "chatstream"  # serve_app.stores.ray_actor: actor chatstream-state-<app>
-KINDS = ("replica", "state-actor", "redis-restart", "redis-kill", "scale")
-INGRESS_DEPLOYMENT = "ChatStreamIngress"
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
@@ -189,102 +191,6 @@ def kill_state_actor(app: str, recovery_timeout: float) -> dict[str, object]:
             "state_lost": lost,
         }
     return {"killed": name, "recovered": False, "detail": f"after {recovery_timeout}s: {detail}"}
-
-
-def _deployments(details: dict, app: str) -> dict:
-    application = details.get("applications", {}).get(app) or {}
-    return application.get("deployments", {}) if application.get("status") == "RUNNING" else {}
-
-
-def _replica_states(details: dict, app: str, deployment: str) -> dict[str, str]:
-    found = details.get("applications", {}).get(app, {}).get("deployments", {}).get(deployment)
-    return {r["replica_id"]: r["state"] for r in (found or {}).get("replicas", [])}
-
-
-def _settled(details: dict, app: str, deployment: str, replicas: int) -> bool:
-    """The app runs, `deployment` is healthy with exactly `replicas` RUNNING replicas and none
-    starting or stopping (removed replicas have drained and exited)."""
-    found = _deployments(details, app).get(deployment)
-    if not found or found.get("status") != "HEALTHY":
-        return False
-    states = list(_replica_states(details, app, deployment).values())
-    return len(states) == replicas and all(state == "RUNNING" for state in states)
-
-
-def with_replicas(details: dict, app: str, deployment: str, replicas: int) -> dict:
-    """The running Serve config (every application as deployed) with `deployment`'s
-    `num_replicas` override of `app` set to `replicas`, and nothing else changed."""
-    applications = []
-    for name, application in details["applications"].items():
-        config = copy.deepcopy(application["deployed_app_config"])
-        if name == app:
-            overrides = config.setdefault("deployments", [])
-            override = next((d for d in overrides if d.get("name") == deployment), None)
-            if override is None:
-                override = {"name": deployment}
-                overrides.append(override)
-            if override.get("autoscaling_config"):
-                raise ValueError(f"{app}#{deployment} autoscales: change its bounds instead")
-            override["num_replicas"] = replicas
-        applications.append(config)
-    config = {"applications": applications}
-    for key in ("proxy_location", "http_options"):
-        if details.get(key) is not None:
-            config[key] = details[key]
-    return config
-
-
-def scale_deployment(
-    dashboard_url: str,
-    app: str,
-    deployment: str,
-    steps: list[int],
-    hold_sec: float,
-    recovery_timeout: float,
-) -> dict[str, object]:
-    """Scale `app#deployment` through the Serve config to each count of `steps` in turn."""
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
-
-    client = ServeSubmissionClient(dashboard_url)
-    details = client.get_serve_details()
-    app = app or next(iter(details.get("applications", {})), "")
-    before = _replica_states(details, app, deployment)
-    ingress_before = set(_replica_states(details, app, INGRESS_DEPLOYMENT))
-    name = f"{app}#{deployment} replicas {' -> '.join(map(str, [len(before), *steps]))}"
-    if not before:
-        return {"killed": "", "recovered": False, "detail": f"no replica of {app}#{deployment}"}
-    started = time.time()
-    timings = []
-    for replicas in steps:
-        step_started = time.monotonic()
-        client.deploy_applications(with_replicas(details, app, deployment, replicas))
-        deadline = step_started + recovery_timeout
-        while not _settled(details := client.get_serve_details(), app, deployment, replicas):
-            if time.monotonic() > deadline:
-                states = _replica_states(details, app, deployment)
-                detail = f"not settled at {replicas} after {recovery_timeout}s: {states}"
-                return {"killed": name, "recovered": False, "detail": detail}
-            time.sleep(0.25)
-        timings.append(f"{replicas} in {time.monotonic() - step_started:.1f}s")
-        time.sleep(hold_sec)
-    ingress_after = set(_replica_states(details, app, INGRESS_DEPLOYMENT))
-    kept = ingress_after == ingress_before
-    detail = "settled at " + ", ".join(timings)
-    if not kept:
-        detail += (
-            f"; the ingress replicas changed: {sorted(ingress_before)} -> {sorted(ingress_after)}"
-        )
-    up_at = time.time()
-    return {
-        "killed": name,
-        "recovered": kept,
-        "seconds": round(up_at - started, 1),
-        "detail": detail,
-        "down_at": started,
-        "up_at": up_at,
-        "state_lost": False,
-        "ingress_kept": kept,
-    }
 
 
 def _redis_port(directory: Path) -> int:

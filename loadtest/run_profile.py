@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtest.options import as_argv
+
 LOADTEST_DIR = Path(__file__).resolve().parent
 ROOT = LOADTEST_DIR.parent
 LOCUSTFILE = LOADTEST_DIR / "locustfile.py"
@@ -79,8 +81,21 @@ class Profile:
     users: int
     spawn_rate: float
     run_time: str
-    options: dict[str, Any] = field(default_factory=dict)  # the locustfile's custom options
+    options: dict[str, Any] = field(default_factory=dict)  # loadtest.options.Options fields
 
+    def __post_init__(self) -> None:
+        as_argv(self.options)  # an unknown option fails here, not in Locust
+
+
+# The fault profiles: ten users, a fault six seconds in; each profile names its fault.
+FAULT_RUN: dict[str, Any] = {"users": 10, "spawn_rate": 10, "run_time": "30s"}
+FAULT_MIX: dict[str, Any] = {
+    "chatter_weight": 6,
+    "early_quitter_weight": 2,
+    "mid_stream_quitter_weight": 2,
+    "bad_input_weight": 1,
+    "fault_at": 6,
+}
 
 PROFILES: dict[str, Profile] = {
     "ci": Profile(
@@ -90,97 +105,55 @@ PROFILES: dict[str, Profile] = {
         spawn_rate=15,
         run_time="35s",
         options={
-            "chatter-weight": 6,
-            "early-quitter-weight": 3,
-            "mid-stream-quitter-weight": 3,
-            "bad-input-weight": 2,
-            "failing-prompt-weight": 1,
-            "fail-marker": FAIL_MARKER,
+            "chatter_weight": 6,
+            "early_quitter_weight": 3,
+            "mid_stream_quitter_weight": 3,
+            "bad_input_weight": 2,
+            "failing_prompt_weight": 1,
+            "fail_marker": FAIL_MARKER,
         },
     ),
     "fault": Profile(
         "kills the model replica once mid-run; counts still match and the service recovers",
         SMALL_MOCK_SERVICE,
-        users=10,
-        spawn_rate=10,
-        run_time="30s",
-        options={
-            "chatter-weight": 6,
-            "early-quitter-weight": 2,
-            "mid-stream-quitter-weight": 2,
-            "bad-input-weight": 1,
-            "fault-at": 6,
-        },
+        **FAULT_RUN,
+        options=FAULT_MIX,
     ),
     "redis-restart": Profile(
         "restarts Redis (session_store=redis; SIGTERM, 3 s down) once mid-run: 503 "
         "store_unavailable meanwhile, every admitted request accounted exactly",
         REDIS_MOCK_SERVICE,
-        users=10,
-        spawn_rate=10,
-        run_time="25s",
-        options={
-            "chatter-weight": 6,
-            "early-quitter-weight": 2,
-            "mid-stream-quitter-weight": 2,
-            "bad-input-weight": 1,
-            "fault-at": 6,
-            "fault-kind": "redis-restart",
-            "fault-down-sec": STORE_DOWN_SEC,
-        },
+        **{**FAULT_RUN, "run_time": "25s"},
+        options={**FAULT_MIX, "fault_kind": "redis-restart", "fault_down_sec": STORE_DOWN_SEC},
     ),
     "state-kill": Profile(
         "kills the state holder mid-run: Redis gets SIGKILL (session_store=redis, append-only "
         "file, fsync always), 3 s down; accounting exact as for redis-restart",
         REDIS_MOCK_SERVICE,
-        users=10,
-        spawn_rate=10,
-        run_time="25s",
-        options={
-            "chatter-weight": 6,
-            "early-quitter-weight": 2,
-            "mid-stream-quitter-weight": 2,
-            "bad-input-weight": 1,
-            "fault-at": 6,
-            "fault-kind": "redis-kill",
-            "fault-down-sec": STORE_DOWN_SEC,
-        },
+        **{**FAULT_RUN, "run_time": "25s"},
+        options={**FAULT_MIX, "fault_kind": "redis-kill", "fault_down_sec": STORE_DOWN_SEC},
     ),
     "state-kill-ray": Profile(
         "kills the state holder mid-run: the shared-state actor (session_store=ray), restart "
         "allowed; it reads its state back from Ray's GCS, so the accounting stays exact",
         SMALL_MOCK_SERVICE,
-        users=10,
-        spawn_rate=10,
-        run_time="30s",
-        options={
-            "chatter-weight": 6,
-            "early-quitter-weight": 2,
-            "mid-stream-quitter-weight": 2,
-            "bad-input-weight": 1,
-            "fault-at": 6,
-            "fault-kind": "state-actor",
-        },
+        **FAULT_RUN,
+        options={**FAULT_MIX, "fault_kind": "state-actor"},
     ),
     "scale": Profile(
         "model replicas 3 -> 1 -> 3 mid-run through the Serve config (what `kubectl scale` "
         "does): the removed replicas drain, nothing is cut, the ingress is not restarted, "
         "the accounting stays exact",
         SCALED_MOCK_SERVICE,
-        users=10,
-        spawn_rate=10,
-        run_time="35s",
+        **{**FAULT_RUN, "run_time": "35s"},
         options={
-            "chatter-weight": 6,
-            "early-quitter-weight": 2,
-            "mid-stream-quitter-weight": 2,
-            "bad-input-weight": 1,
+            **FAULT_MIX,
             # Answers of about 4 s: the replicas that go hold streams when the scale comes.
-            "answer-tokens": 100,
-            "fault-at": 5,
-            "fault-kind": "scale",
-            "fault-scale-replicas": "1,3",
-            "fault-scale-hold-sec": 4,
+            "answer_tokens": 100,
+            "fault_at": 5,
+            "fault_kind": "scale",
+            "fault_scale_replicas": "1,3",
+            "fault_scale_hold_sec": 4,
         },
     ),
     "long": Profile(
@@ -190,12 +163,12 @@ PROFILES: dict[str, Profile] = {
         spawn_rate=5,
         run_time="6m",
         options={
-            "chatter-weight": 4,
-            "early-quitter-weight": 3,
-            "mid-stream-quitter-weight": 3,
-            "bad-input-weight": 1,
-            "failing-prompt-weight": 1,
-            "fail-marker": FAIL_MARKER,
+            "chatter_weight": 4,
+            "early_quitter_weight": 3,
+            "mid_stream_quitter_weight": 3,
+            "bad_input_weight": 1,
+            "failing_prompt_weight": 1,
+            "fail_marker": FAIL_MARKER,
         },
     ),
 }
@@ -209,8 +182,12 @@ def locust_command(
     ray_address: str = "",
     extra: list[str] | None = None,
     redis_dir: str | Path = "",
+    strict_quits: bool = True,
 ) -> list[str]:
-    """The Locust command line of one profile (exactly what a user could type)."""
+    """The Locust command line of one profile (exactly what a user could type).
+
+    `strict_quits`: the service is the profile's own (a close cannot race its answers); not so
+    for a service someone else started (`--url`)."""
     command = [
         sys.executable,
         "-m",
@@ -236,13 +213,12 @@ def locust_command(
         "--accounting-report",
         str(reports_dir / f"{name}-accounting.json"),
     ]
-    for option, value in profile.options.items():
-        command += [f"--{option}", str(value)]
+    options = dict(profile.options, strict_quits=strict_quits)
     if ray_address:
-        command += ["--fault-ray-address", ray_address]
-    if redis_dir and str(profile.options.get("fault-kind", "")).startswith("redis-"):
-        command += ["--fault-redis-dir", str(redis_dir)]
-    return command + list(extra or [])
+        options["fault_ray_address"] = ray_address
+    if redis_dir and str(profile.options.get("fault_kind", "")).startswith("redis-"):
+        options["fault_redis_dir"] = str(redis_dir)
+    return command + as_argv(options) + list(extra or [])
 
 
 def run_locust(command: list[str]) -> int:
@@ -254,8 +230,8 @@ def run_locust(command: list[str]) -> int:
 
 
 def needs_ray_address(profile: Profile) -> bool:
-    return bool(profile.options.get("fault-at")) and not str(
-        profile.options.get("fault-kind", "")
+    return bool(profile.options.get("fault_at")) and not str(
+        profile.options.get("fault_kind", "")
     ).startswith("redis-")
 
 
@@ -280,8 +256,9 @@ def run_profiles(
     for service, group in groups:
         if url:
             for name in group:
+                profile = PROFILES[name]
                 command = locust_command(
-                    name, PROFILES[name], url, reports_dir, ray_address, extra, redis_dir
+                    name, profile, url, reports_dir, ray_address, extra, redis_dir, False
                 )
                 codes.append(run_locust(command))
             continue

@@ -73,3 +73,18 @@ def run_load_profiles(
     log = reports_dir / service_log
     tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no service log)"
     assert done.returncode == 0, f"{output[-12000:]}\n--- service log tail ---\n{tail}"
+
+
+def run_locust(url: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """`locust -f loadtest/locustfile.py --headless --host URL ARGS...`, as a user types it
+    (its output captured)."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless"]
+        + ["--host", url, *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )

@@ -181,3 +181,80 @@ def test_a_503_the_client_did_not_allow_for_fails() -> None:
     report = compare(records, server_view(LEDGER, {**REJECTIONS, "lt-8": "store_unavailable"}))
     assert not report.ok
     assert any(d.request_id == "lt-8" and d.problem == "mislabelled" for d in report.differences)
+
+
+# A quitter's close may race the answer: the client cannot know which outcome the server
+# records, so it accepts what it saw and every later one (loadtest/quits.py).
+RACED = [
+    ClientRecord("lt-11", "mid-stream quitter", (WHILE_STREAMING, SUCCESS)),
+    ClientRecord("lt-12", "mid-stream quitter", (WHILE_STREAMING, SUCCESS)),
+    ClientRecord(
+        "lt-13",
+        "early quitter",
+        (BEFORE_STREAMING, ABSENT, rejected("too_many_requests"), WHILE_STREAMING, SUCCESS),
+    ),
+    ClientRecord("lt-14", "openai", (SUCCESS, WHILE_STREAMING)),  # finish_reason, no [DONE]
+]
+
+
+def test_an_ambiguous_close_accepts_either_outcome_and_has_its_own_row() -> None:
+    """The whole answer was sent before the close arrived: the server recorded success for a
+    client that closed. That is no mismatch, and the table says how many were ambiguous."""
+    outcomes = {**LEDGER, "lt-11": SUCCESS, "lt-12": WHILE_STREAMING, "lt-13": SUCCESS}
+    outcomes["lt-14"] = WHILE_STREAMING
+    report = compare([*CLIENT, *RACED], server_view(outcomes, REJECTIONS))
+    assert report.ok, format_report(report)
+    counts = {row.key: (row.client, row.server_ledger, row.server_totals) for row in report.rows}
+    assert counts[SUCCESS] == (4, 4, 4)  # lt-1, lt-2, lt-11, lt-13
+    assert counts[WHILE_STREAMING] == (3, 3, 3)  # lt-3, lt-12, lt-14
+    assert dict(report.ambiguous) == {SUCCESS: 2, WHILE_STREAMING: 2}
+    assert report.ambiguous_mismatched == 0
+    text = format_report(report)
+    assert "ambiguous (either accepted)" in text
+    assert "the server recorded: client_disconnected_while_streaming 2, success 2" in text
+    assert report_as_dict(report)["ambiguous"] == {SUCCESS: 2, WHILE_STREAMING: 2}
+
+
+def test_an_early_quit_that_never_reached_the_ingress_is_ambiguous_without_entry() -> None:
+    report = compare([*CLIENT, RACED[2]], server_view(LEDGER, REJECTIONS))
+    assert report.ok, format_report(report)
+    assert dict(report.ambiguous) == {"no entry": 1}
+
+
+@pytest.mark.parametrize(
+    ("request_id", "wrong"),
+    [
+        ("lt-11", BEFORE_STREAMING),  # it read chunks: the server sent some
+        ("lt-11", UNKNOWN_ERROR),  # no error was provoked
+        ("lt-14", BEFORE_STREAMING),
+        ("lt-13", UNKNOWN_ERROR),
+    ],
+)
+def test_an_ambiguous_close_still_fails_on_an_outcome_it_cannot_be(
+    request_id: str, wrong: str
+) -> None:
+    outcomes = {**LEDGER, "lt-11": SUCCESS, "lt-12": WHILE_STREAMING, "lt-13": SUCCESS}
+    outcomes |= {"lt-14": SUCCESS, request_id: wrong}
+    report = compare([*CLIENT, *RACED], server_view(outcomes, REJECTIONS))
+    assert not report.ok
+    problems = {(d.request_id, d.problem) for d in report.differences}
+    assert (request_id, "mislabelled") in problems
+    assert report.ambiguous_mismatched == 1
+    assert "MISMATCH" in format_report(report)
+
+
+def test_an_ambiguous_close_must_still_be_recorded_once() -> None:
+    outcomes = {**LEDGER, "lt-12": WHILE_STREAMING, "lt-13": SUCCESS, "lt-14": SUCCESS}
+    report = compare([*CLIENT, *RACED], server_view(outcomes, REJECTIONS))  # lt-11 missing
+    assert any(d.request_id == "lt-11" and "missing" in d.problem for d in report.differences)
+    doubled = compare(
+        [*CLIENT, *RACED],
+        server_view({**outcomes, "lt-11": SUCCESS}, REJECTIONS, extra_totals={SUCCESS: 1}),
+    )
+    assert not doubled.ok
+
+
+def test_only_records_with_several_outcomes_are_ambiguous() -> None:
+    assert not CLIENT[3].ambiguous  # early quit: before streaming, or no entry
+    assert not ClientRecord("x", "b", (rejected("invalid_json"), ABSENT)).ambiguous
+    assert all(record.ambiguous for record in RACED)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.fault import with_replicas
+from loadtest.fault_scale import with_replicas
 from tests.support import run_load_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
