@@ -10,6 +10,8 @@ and exception handlers (serve_app/edge.py) and the thin routers (serve_app/route
 the services on the app's state. See docs/http-api.md for the API.
 """
 
+import warnings
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from ray import serve
@@ -19,7 +21,7 @@ from serve_app.assembly import Parts, build_parts
 from serve_app.chat_stream import ChatStream
 from serve_app.config import ChatStreamConfig
 from serve_app.edge import EdgeMiddleware, exception_handlers
-from serve_app.routes import admin, chat, openai
+from serve_app.routes import admin, chat, openai, openapi
 
 # Far above any realistic concurrency: the ingress itself must never queue or refuse.
 INGRESS_MAX_ONGOING_REQUESTS = 100_000
@@ -39,6 +41,9 @@ def build_api(parts: Parts) -> FastAPI:
         api.include_router(routes.router)
     guards = {**chat.GUARDS, **openai.GUARDS, **admin.GUARDS}
     api.add_middleware(EdgeMiddleware, edge=parts.edge, guards=guards)
+    with warnings.catch_warnings():  # the one route with two methods; finish_document says so
+        warnings.simplefilter("ignore", UserWarning)
+        openapi.finish_document(api, parts.openai.model_name)
     return api
 
 

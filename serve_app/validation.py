@@ -8,7 +8,16 @@ import re
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictStr,
+    ValidationError,
+)
 
 from serve_app.config import MaxNewTokens, Temperature, TopK, TopP
 from serve_app.refusals import Refusal
@@ -21,15 +30,27 @@ MAX_USER_INPUT_CHARS = 32_000
 MAX_JSON_DEPTH = 32
 
 
+def whole_number(value: Any) -> Any:
+    """A float with no fraction as an int: JSON has one number type, so `73.0` is `73` (and
+    documented integers accept it). Booleans and strings stay refused by strict validation."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# A strict integer as JSON sees it (the API's integer parameters).
+JSONInt = (Strict(), BeforeValidator(whole_number))
+
+
 class GenerationOverrides(BaseModel):
     """Optional per-request or per-session generation parameters (validated ranges)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: Temperature | None = None
-    top_k: Annotated[TopK, Strict()] | None = None
-    top_p: TopP | None = None
-    max_new_tokens: Annotated[MaxNewTokens, Strict()] | None = None
+    temperature: Annotated[Temperature, Strict()] | None = None
+    top_k: Annotated[TopK, *JSONInt] | None = None
+    top_p: Annotated[TopP, Strict()] | None = None
+    max_new_tokens: Annotated[MaxNewTokens, *JSONInt] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The parameters that were given (only the generation fields, even on subclasses)."""

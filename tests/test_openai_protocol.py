@@ -182,6 +182,8 @@ def test_seed_is_passed_on_and_checked():
         ("hi", "messages"),
         ([{"role": "user"}], "messages[0].content"),
         ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"role": {}, "content": "x"}], "messages[0].role"),  # unhashable: was a 500
+        ([{"role": ["user"], "content": "x"}], "messages[0].role"),
         ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "messages[0].role"),
         ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),
         ([{"role": "user", "content": 5}], "messages[0].content"),

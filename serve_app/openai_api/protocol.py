@@ -36,7 +36,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from serve_app.config import GenerationParams
 from serve_app.refusals import invalid_request, model_not_found, unsupported_parameter
-from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds
+from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds, whole_number
 
 MAX_MESSAGES = 2048
 MAX_CONTENT_CHARS = 1_000_000  # all messages together; the context check comes later
@@ -171,7 +171,7 @@ def _check_keys(
 
 def _validate_param(name: str, param: str, value: Any) -> Any:
     try:
-        return _PARAM_ADAPTERS[name].validate_python(value)
+        return _PARAM_ADAPTERS[name].validate_python(whole_number(value))
     except ValidationError as exc:
         raise invalid_request(
             f"'{param}': {exc.errors()[0]['msg']} (got {value!r})", param
@@ -230,14 +230,12 @@ def _parse_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             if role in ("tool", "function"):
                 raise unsupported_parameter(
                     f"{where}.role", f"is {role!r}; tools are not supported"
                 )
-            raise invalid_request(
-                f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role"
-            )
+            raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
         _check_keys(message, {"role", "content"}, set(), _MESSAGE_NEUTRAL, f"{where}.")
         content = message.get("content")
         if content is None and role != "assistant":
@@ -300,12 +298,13 @@ def parse_chat_completion(
         _STREAM_OPTIONS_NEUTRAL,
         "stream_options.",
     )  # fmt: skip
-    include_usage = stream and _strict_bool(
-        options, "include_usage", "stream_options.include_usage"
-    )
-    continuous_usage = include_usage and _strict_bool(
+    # Both are checked whatever their use: a malformed value is refused, not skipped.
+    asked_usage = _strict_bool(options, "include_usage", "stream_options.include_usage")
+    asked_continuous = _strict_bool(
         options, "continuous_usage_stats", "stream_options.continuous_usage_stats"
     )
+    include_usage = stream and asked_usage
+    continuous_usage = include_usage and asked_continuous
 
     params: dict[str, Any] = {}
     for param, name in (("temperature", "temperature"), ("top_p", "top_p")):

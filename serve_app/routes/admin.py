@@ -14,17 +14,19 @@ from ray import serve
 
 from serve_app.config import MODEL_DEPLOYMENT_NAME
 from serve_app.edge import Guard
+from serve_app.routes import openapi
 
 STATIC_DIR = Path(__file__).parent.parent / "static"
 
 router = APIRouter()
+_ADMIN_ERRORS = openapi.errors(*openapi.ADMIN)
 GUARDS = {
     path: Guard.ADMIN
     for path in ("/load", "/resource_usage", "/outcomes", "/outcomes/ledger", "/v1/usage")
 }
 
 
-@router.get("/load")
+@router.get("/load", responses=_ADMIN_ERRORS)
 async def load(request: Request) -> dict:
     """Requests waiting and holding a slot across ingress replicas, and the slots and queue
     places of what Serve runs now (model replicas are scaled outside the args)."""
@@ -60,30 +62,30 @@ def _resource_usage() -> dict:
     }
 
 
-@router.get("/resource_usage")
+@router.get("/resource_usage", responses=_ADMIN_ERRORS)
 async def resource_usage() -> dict:
     # Ray's resource calls block: they run on a worker thread, not the event loop.
     return await asyncio.to_thread(_resource_usage)
 
 
-@router.get("/outcomes")
+@router.get("/outcomes", responses=_ADMIN_ERRORS)
 async def outcomes(request: Request) -> dict:
     return await request.app.state.parts.store.outcome_totals()
 
 
-@router.get("/outcomes/ledger")
+@router.get("/outcomes/ledger", responses=_ADMIN_ERRORS)
 async def outcome_ledger(
     request: Request, request_id: Annotated[list[str] | None, Query()] = None
 ) -> dict:
     return await request.app.state.parts.store.outcome_ledger(request_id)
 
 
-@router.get("/v1/usage")
+@router.get("/v1/usage", responses=_ADMIN_ERRORS)
 async def usage(request: Request) -> dict:
     return request.app.state.parts.edge.access.usage_report()
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=openapi.errors(*openapi.EDGE, 503))
 async def healthz(request: Request) -> Response:
     """200 once the whole application (model included) is running, 503 before."""
     app_name = serve.get_replica_context().app_name
@@ -95,7 +97,7 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/health")
+@router.get("/health", responses=openapi.errors(*openapi.EDGE, 503))
 async def health(request: Request) -> Response:
     """/healthz under the name vLLM and TGI use (OpenAI-protocol clients such as guidellm probe
     it before a run)."""

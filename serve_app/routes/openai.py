@@ -8,18 +8,30 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from serve_app.edge import Guard
-from serve_app.openai_api.encoding import model_list
+from serve_app.openai_api.encoding import SSE_MEDIA_TYPE, model_list
+from serve_app.routes import openapi
 
 router = APIRouter()
 GUARDS = {"/v1/chat/completions": Guard.ADMITS, "/v1/models": Guard.KEY}
 _STARTED = int(time.time())
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "A chat.completion, or chat.completion.chunk events when streaming",
+            "content": {"application/json": {}, SSE_MEDIA_TYPE: {}},
+        },
+        **openapi.errors(*openapi.OPENAI, openai=True),
+    },
+    openapi_extra=openapi.json_body(openapi.chat_completion_schema(), "OpenAI's chat request"),
+)
 async def chat_completions(request: Request) -> Response:
     return await request.app.state.parts.openai.chat_completions(request)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=openapi.errors(*openapi.EDGE, 401, openai=True))
 async def models(request: Request) -> Response:
     return JSONResponse(model_list(request.app.state.parts.openai.model_name, created=_STARTED))

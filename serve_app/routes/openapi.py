@@ -91,15 +91,22 @@ def _param(name: str) -> dict[str, Any]:
     return schema
 
 
-def generation_params_schema() -> dict[str, Any]:
-    return {
+def generation_params_schema(*, closed: bool) -> dict[str, Any]:
+    """Optional overrides (null: not given); `closed`: no other keys."""
+    schema: dict[str, Any] = {
         "type": "object",
-        "properties": {name: _param(name) for name in GenerationParams.model_fields},
+        "properties": {
+            name: {"anyOf": [_param(name), {"type": "null"}]}
+            for name in GenerationParams.model_fields
+        },
     }
+    if closed:
+        schema["additionalProperties"] = False
+    return schema
 
 
 def chat_turn_schema() -> dict[str, Any]:
-    turn = generation_params_schema()
+    turn = generation_params_schema(closed=False)
     turn["properties"]["max_new_tokens"]["description"] = (
         "Capped to what the model's context leaves after the prompt"
     )
@@ -132,7 +139,7 @@ FEEDBACK_SCHEMA = {
 }
 
 
-def chat_completion_schema(served_model: str) -> dict[str, Any]:
+def chat_completion_schema() -> dict[str, Any]:
     """The `/v1/chat/completions` body this server accepts."""
     text_part = {
         "type": "object",
@@ -152,7 +159,7 @@ def chat_completion_schema(served_model: str) -> dict[str, Any]:
     budget = {**_param("max_new_tokens"), "description": "With the prompt, at most the context"}
     stop = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
     properties: dict[str, Any] = {
-        "model": {"type": "string", "enum": [served_model]},
+        "model": {"type": "string", "description": "The served model (GET /v1/models); 404 else"},
         "messages": {
             "type": "array",
             "minItems": 1,
@@ -166,8 +173,8 @@ def chat_completion_schema(served_model: str) -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "include_usage": {"type": "boolean"},
-                "continuous_usage_stats": {"type": "boolean"},
+                "include_usage": {"type": ["boolean", "null"]},
+                "continuous_usage_stats": {"type": ["boolean", "null"]},
             },
         },
         "max_tokens": budget,
@@ -184,6 +191,8 @@ def chat_completion_schema(served_model: str) -> dict[str, Any]:
         "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
         "user": {"type": "string", "maxLength": protocol.MAX_USER_CHARS},
     }
+    for name in properties.keys() - {"model", "messages"}:  # null means "not given"
+        properties[name] = {"anyOf": [properties[name], {"type": "null"}]}
     return {
         "type": "object",
         "required": ["model", "messages"],
@@ -191,3 +200,16 @@ def chat_completion_schema(served_model: str) -> dict[str, Any]:
         "properties": properties,
         "description": "max_tokens and max_completion_tokens, when both are sent, must agree",
     }
+
+
+def finish_document(api: Any, served_model: str) -> None:
+    """What only the running app knows: the served model's name. And what FastAPI cannot say
+    of one route serving two methods: `/generation_params` is one route (so that a 405 lists
+    both methods in `Allow`), read with GET and set with PUT."""
+    paths = api.openapi()["paths"]
+    route = paths["/generation_params"]
+    route["get"].pop("requestBody", None)
+    route["get"]["operationId"] = "get_generation_params"
+    route["put"]["operationId"] = "set_generation_params"
+    body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    body["schema"]["properties"]["model"]["enum"] = [served_model]
