@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.metrics import Counter
 from starlette.requests import Request
 
+from serve_app import metrics
 from serve_app.api_keys import (
     ANONYMOUS_KEY_ID,
     ApiKeyRing,
@@ -129,21 +129,6 @@ class Access:
             )
         if self.keys is not None:
             logger.info("API keys on: %d key ids %s", len(self.keys.key_ids), self.keys.key_ids)
-        self._requests = Counter(
-            "chatstream_api_key_requests_total",
-            description="Admitted requests per API key id, by outcome",
-            tag_keys=("key_id", "outcome"),
-        )
-        self._rejections = Counter(
-            "chatstream_api_key_rejections_total",
-            description="Requests refused per API key id, by reason",
-            tag_keys=("key_id", "reason"),
-        )
-        self._tokens = Counter(
-            "chatstream_api_key_tokens_total",
-            description="Tokens per API key id: kind=prompt (processed) or completion (sent)",
-            tag_keys=("key_id", "kind"),
-        )
 
     @property
     def keys_on(self) -> bool:
@@ -179,7 +164,7 @@ class Access:
     def rejected(self, key_id: str | None, reason: str) -> None:
         key_id = key_id or "unauthenticated"
         self.usage.record_rejection(key_id, reason)
-        self._rejections.inc(tags={"key_id": key_id, "reason": reason})
+        metrics.KEY_REJECTIONS.get().inc(tags={"key_id": key_id, "reason": reason})
 
     def finished(
         self, key_id: str, outcome: str, prompt_tokens: int, completion_tokens: int
@@ -187,8 +172,10 @@ class Access:
         """An admitted request's outcome and tokens: usage, metrics and the token budget."""
         self.usage.record_outcome(key_id, outcome, prompt_tokens, completion_tokens)
         self.quotas.account(key_id, prompt_tokens + completion_tokens)
-        self._requests.inc(tags={"key_id": key_id, "outcome": outcome})
+        metrics.KEY_REQUESTS.get().inc(tags={"key_id": key_id, "outcome": outcome})
         if prompt_tokens:
-            self._tokens.inc(prompt_tokens, tags={"key_id": key_id, "kind": "prompt"})
+            metrics.KEY_TOKENS.get().inc(prompt_tokens, tags={"key_id": key_id, "kind": "prompt"})
         if completion_tokens:
-            self._tokens.inc(completion_tokens, tags={"key_id": key_id, "kind": "completion"})
+            metrics.KEY_TOKENS.get().inc(
+                completion_tokens, tags={"key_id": key_id, "kind": "completion"}
+            )

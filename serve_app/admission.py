@@ -21,10 +21,10 @@ from typing import Any, Protocol
 
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
 
+from serve_app import metrics
 from serve_app.access import Caller
 from serve_app.bookkeeping import Bookkeeping
 from serve_app.exchange import Callback, Exchange, Turn
@@ -82,11 +82,6 @@ class Admission:
         self._load_board = load_board
         self._replica_id = replica_id
         self._retry_after_sec = retry_after_sec
-        self._ttft = Histogram(
-            "chatstream_time_to_first_token_seconds",
-            description="From admission to the first chunk of the answer",
-            boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-        )
 
     async def admit(
         self,
@@ -144,7 +139,7 @@ class Admission:
             if is_client_disconnect(exc):
                 raise
             raise GenerationFailed(exchange.request_id) from exc
-        self._ttft.observe(time.monotonic() - exchange.admitted_at)
+        metrics.TIME_TO_FIRST_TOKEN.get().observe(time.monotonic() - exchange.admitted_at)
         return exchange, first_chunk
 
     @staticmethod

@@ -15,8 +15,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ray.serve.metrics import Counter
-
+from serve_app import metrics
 from serve_app.access import Access
 from serve_app.background import Background
 from serve_app.exchange import Exchange
@@ -51,33 +50,16 @@ class Bookkeeping:
         self._callback_threads = ThreadPoolExecutor(
             callback_threads, thread_name_prefix="chatstream-callback"
         )
-        self._outcomes = Counter(
-            "chatstream_outcomes_total",
-            description="Admitted requests by outcome",
-            tag_keys=("outcome",),
-        )
-        self._store_failures = Counter(
-            "chatstream_store_write_failures_total",
-            description="Bookkeeping writes that failed because the state store was "
-            "unreachable (each is retried in the background)",
-            tag_keys=("operation",),
-        )
-        self._callback_failures = Counter(
-            "chatstream_callback_failures_total",
-            description="Completion callbacks that raised or timed out (each still counts as "
-            "its request's one call)",
-            tag_keys=("reason",),
-        )
 
     def count_lost(self, lost: int) -> None:
         """Requests of a dead ingress replica, closed by the sweep (serve_app/liveness.py)."""
-        self._outcomes.inc(lost, tags={"outcome": LOST_OUTCOME})
+        metrics.OUTCOMES.get().inc(lost, tags={"outcome": LOST_OUTCOME})
 
     async def complete(self, exchange: Exchange, outcome: Outcome) -> None:
         if exchange.turn is not None and exchange.session is not None:
             await self._finish_turn(exchange, outcome)
         exchange.turn_released.set()
-        self._outcomes.inc(tags={"outcome": outcome.value})
+        metrics.OUTCOMES.get().inc(tags={"outcome": outcome.value})
         record = (exchange.record_id, exchange.request_id, outcome.value)
         record_outcome = self.store.record_outcome
         try:
@@ -107,14 +89,14 @@ class Bookkeeping:
             if inspect.isawaitable(result):  # a sync function that returned an awaitable
                 await asyncio.wait_for(result, self._callback_timeout_sec)
         except TimeoutError:
-            self._callback_failures.inc(tags={"reason": "timeout"})
+            metrics.CALLBACK_FAILURES.get().inc(tags={"reason": "timeout"})
             logger.error(
                 "request %s: the completion callback did not return within %s s",
                 exchange.request_id,
                 self._callback_timeout_sec,
             )
         except Exception:
-            self._callback_failures.inc(tags={"reason": "error"})
+            metrics.CALLBACK_FAILURES.get().inc(tags={"reason": "error"})
             logger.exception("request %s: the completion callback failed", exchange.request_id)
 
     async def _finish_turn(self, exchange: Exchange, outcome: Outcome) -> None:
@@ -170,7 +152,7 @@ class Bookkeeping:
         *args: Any,
     ) -> None:
         """Log and count a failed bookkeeping write, and retry it in the background."""
-        self._store_failures.inc(tags={"operation": operation})
+        metrics.STORE_WRITE_FAILURES.get().inc(tags={"operation": operation})
         logger.error(
             "request %s: %s could not be written to the state store (%r); retrying for up to %d s",
             request_id,

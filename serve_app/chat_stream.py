@@ -54,6 +54,7 @@ class ChatStream:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
         self._config = parts.config
+        self._defaults = parts.config.generation_defaults().model_dump()
 
     @classmethod
     async def create(cls, model: DeploymentHandle, config: ChatStreamConfig) -> ChatStream:
@@ -81,7 +82,7 @@ class ChatStream:
             plan = plan_turn(
                 view.record["messages"],
                 turn_request,
-                defaults=self._config.generation_defaults().model_dump(),
+                defaults=self._defaults,
                 session_params=view.record.get("params", {}),
                 formatter=parts.formatter,
                 system_prompt=self._config.system_prompt,
@@ -116,10 +117,7 @@ class ChatStream:
         return parts.sessions.with_cookie(response, view)
 
     async def handle_chat_completions_request(
-        self,
-        request: Request,
-        request_body: bytes | None = None,
-        callback: Callback | None = None,
+        self, request: Request, request_body: bytes | None = None, callback: Callback | None = None
     ) -> Response:
         """Answer one OpenAI `/v1/chat/completions` request (SSE when `stream` is true),
         statelessly, with the same admission, outcomes, ledger and callbacks as a chat turn

@@ -21,11 +21,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from ray.serve.metrics import Counter
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serve_app import metrics
 from serve_app.access import Access, Caller
 from serve_app.api_keys import QuotaExceeded
 from serve_app.refusals import Refusal, authentication_error, rate_limited, store_unavailable
@@ -64,11 +64,6 @@ class Edge:
         self.access = access
         self._store = store
         self._max_body_bytes = max_body_bytes
-        self._rejections = Counter(
-            "chatstream_rejections_total",
-            description="Requests refused before admission, by reason",
-            tag_keys=("reason",),
-        )
 
     def enter(self, request: Request, guard: Guard) -> Caller:
         """The request's caller, checked as `guard` says (once per request). Raises Refusal."""
@@ -125,7 +120,7 @@ class Edge:
         return response
 
     async def _count(self, caller: Caller, refusal: Refusal) -> None:
-        self._rejections.inc(tags={"reason": refusal.code})
+        metrics.REJECTIONS.get().inc(tags={"reason": refusal.code})
         self.access.rejected(
             caller.key_id if refusal.code != "invalid_api_key" else None, refusal.code
         )

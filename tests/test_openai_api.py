@@ -195,7 +195,9 @@ def test_seed_is_honoured_not_refused(service):
     answers = {
         client.chat.completions.create(
             model=MODEL, messages=user("seeded words"), max_tokens=4, temperature=1.0, seed=7
-        ).choices[0].message.content
+        )
+        .choices[0]
+        .message.content
         for _ in range(2)
     }
     assert answers == {"seeded words seeded words"}

@@ -96,11 +96,9 @@ class OpenAIService:
         self._defaults = config.generation_defaults().model_dump()
 
     async def chat_completions(
-        self,
-        request: Request,
-        request_body: bytes | None = None,
-        callback: Callback | None = None,
+        self, request: Request, request_body: bytes | None, callback: Callback | None
     ) -> Response:
+        """Answer one request (the body, if a route already read it; the callback, if any)."""
         try:
             caller = self._edge.enter(request, Guard.ADMITS)
             body = await self._edge.read_body(request, request_body)

@@ -29,7 +29,7 @@ _STARTED = int(time.time())
     openapi_extra=openapi.json_body(openapi.chat_completion_schema(), "OpenAI's chat request"),
 )
 async def chat_completions(request: Request) -> Response:
-    return await request.app.state.parts.openai.chat_completions(request)
+    return await request.app.state.parts.openai.chat_completions(request, None, None)
 
 
 @router.get("/v1/models", responses=openapi.errors(*openapi.EDGE, 401, openai=True))
