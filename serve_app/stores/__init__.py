@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from serve_app.stores.base import StateStore, StoreSettings, StoreUnavailable
+from serve_app.stores.base import StateStore, StoreMisconfigured, StoreSettings, StoreUnavailable
 
-__all__ = ["StateStore", "StoreSettings", "StoreUnavailable", "make_store"]
+__all__ = [
+    "StateStore",
+    "StoreMisconfigured",
+    "StoreSettings",
+    "StoreUnavailable",
+    "make_store",
+]
 
 
 def make_store(kind: str, settings: StoreSettings, redis_url: str = "") -> StateStore:
