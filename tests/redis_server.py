@@ -299,8 +299,10 @@ class RedisClusterServers(_Group):
             f"cluster-node-timeout {node_timeout_ms}",
             "cluster-require-full-coverage yes",
         ]
+        # The cluster bus on a free port of its own (by default: the port + 10000).
         self.servers = [
-            RedisServer(extra_config=cluster_config) for _ in range(masters * (1 + replicas))
+            RedisServer(extra_config=[*cluster_config, f"cluster-port {free_port()}"])
+            for _ in range(masters * (1 + replicas))
         ]
         self.nodes = self.servers
 

@@ -253,6 +253,8 @@ class RedisStore(StateStore):
         self._key: str | None = None
         self._verified = False
         self._open_shards: dict[str, int] = {}  # record id -> ledger shard, of our opens
+        self._init_lock = asyncio.Lock()
+        self._initialized = False
 
     def _client(self, target: RedisTarget) -> Any:
         timeouts = {
@@ -303,8 +305,19 @@ class RedisStore(StateStore):
     def _l(self, shard: int, name: str) -> str:
         return self._ledger_prefix[shard] + name
 
+    async def _ready(self) -> None:
+        """A cluster client learns the slots once, before any concurrent use (redis-py's
+        lazy initialization races when many first commands run at once)."""
+        if self.target.mode != "cluster" or self._initialized:
+            return
+        async with self._init_lock:
+            if not self._initialized:
+                await self._redis.initialize()
+                self._initialized = True
+
     async def _run(self, coro: Any) -> Any:
         try:
+            await self._ready()
             return await coro
         except AskError as exc:  # MOVED or ASK reached us: a cluster behind a plain URL
             raise StoreUnavailable(
@@ -339,6 +352,7 @@ class RedisStore(StateStore):
     async def _verify_once(self) -> None:
         target = self.target
         try:
+            await self._ready()
             if target.mode == "sentinel":
                 await self._verify_sentinel()
             info = await self._info()
