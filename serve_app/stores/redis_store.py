@@ -34,7 +34,9 @@ its SHA-1); if anyone wrote meanwhile, start again from the new record. The ledg
 board use Lua scripts. Connection failures, failovers (a primary that turned replica, a cluster
 slot without a primary) become `StoreUnavailable`; commands time out rather than hang. Where
 `wait_replicas` is set (by default behind Sentinel), an outcome counts as written only once
-that many replicas have it (`WAIT`), so a failover cannot lose it.
+that many replicas have it (`WAIT`), so a failover cannot lose it; session changes and the
+generated signing key WAIT too, but a shortfall (a replica down) only logs a warning, so that
+conversations go on; rejection counts, open-request marks and load reports do not wait.
 
 `verify()` checks at start that the URL fits the server: a cluster behind a plain URL, a plain
 server behind a cluster URL, a read-only replica, an unknown Sentinel service or a Redis that
@@ -105,7 +107,8 @@ end
 """
 
 # The done mark is written every time (a retry too), so that the WAIT after it covers the
-# first write of the outcome even on another connection (WAIT waits for the client's last
+# first write of the outcome even on another connection (likewise a session change always
+# rewrites the record) (WAIT waits for the client's last
 # write; a script that writes nothing would leave nothing to wait for).
 _RECORD_OUTCOME = (
     _REMEMBER
@@ -254,6 +257,7 @@ class RedisStore(StateStore):
         self._verified = False
         self._open_shards: dict[str, int] = {}  # record id -> ledger shard, of our opens
         self._init_lock = asyncio.Lock()
+        self._warned_at = -1e9
         self._initialized = False
 
     def _client(self, target: RedisTarget) -> Any:
@@ -326,6 +330,35 @@ class RedisStore(StateStore):
             ) from exc
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis is unreachable: {exc!r}") from exc
+
+    async def _durable(self, what: str, script: Any, strict: bool = True, **call: Any) -> Any:
+        """Run `script` (or, without one, `call["command"]`); with `wait_replicas`, also WAIT
+        on the same connection until that many replicas have it. Fewer within the timeout:
+        `strict`, StoreUnavailable (the write is on the primary; a retry rewrites and waits
+        again); else a warning (a session stays usable while a replica is down)."""
+        wait = self.target.wait_replicas
+        if not wait:
+            if script is None:
+                return await self._run(self._redis.execute_command(*call["command"]))
+            return await self._run(script(**call))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if script is None:
+                pipe.execute_command(*call["command"])
+            else:
+                await script(**call, client=pipe)
+            pipe.execute_command("WAIT", wait, self.target.wait_timeout_ms)
+            result, acked = await self._run(pipe.execute())
+        if acked < wait:
+            message = (
+                f"{what} written on the primary but confirmed by {acked} of {wait} replicas "
+                f"within {self.target.wait_timeout_ms} ms"
+            )
+            if strict:
+                raise StoreUnavailable(message)
+            if time.monotonic() - self._warned_at > 10:
+                self._warned_at = time.monotonic()
+                logger.warning("%s: a failover now could lose it", message)
+        return result
 
     # ------------------------------------------------------------------ start-up checks
     async def verify(self, wait_sec: float = VERIFY_WAIT_SEC) -> None:
@@ -462,7 +495,10 @@ class RedisStore(StateStore):
             record = apply_change(json.loads(raw) if raw else None, change, self.settings.limits)
             seen = hashlib.sha1(raw.encode()).hexdigest() if raw else ""
             established = is_established(record)
-            written = await self._change_session_script(
+            written = await self._durable(
+                f"session {session_id}",
+                self._change_session_script,
+                strict=False,
                 keys=[key, new_set],
                 args=[
                     seen,
@@ -490,7 +526,10 @@ class RedisStore(StateStore):
             if found is None:
                 # Keep the key of the layout before hash tags: cookies stay valid.
                 legacy = await self._run(self._redis.get(self._legacy_prefix + "key"))
-                await self._run(self._redis.set(key, legacy or secrets.token_urlsafe(32), nx=True))
+                new_key = legacy or secrets.token_urlsafe(32)
+                await self._durable(
+                    "signing key", None, strict=False, command=("SET", key, new_key, "NX")
+                )
                 found = await self._run(self._redis.get(key))
             self._key = found
         return self._key
@@ -547,20 +586,7 @@ class RedisStore(StateStore):
                 record_id,
             ],
         }
-        wait = self.target.wait_replicas
-        if not wait:
-            await self._run(self._record_outcome(**call))
-        else:
-            # The script and WAIT on one connection: WAIT covers that connection's writes.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._record_outcome(**call, client=pipe)
-                pipe.execute_command("WAIT", wait, self.target.wait_timeout_ms)
-                acked = (await self._run(pipe.execute()))[-1]
-            if acked < wait:
-                raise StoreUnavailable(
-                    f"outcome of {request_id} written on the primary but confirmed by {acked} "
-                    f"of {wait} replicas within {self.target.wait_timeout_ms} ms"
-                )
+        await self._durable(f"outcome of {request_id}", self._record_outcome, **call)
         self._open_shards.pop(record_id, None)
 
     async def sweep_lost_requests(self, grace_sec: float) -> int:
