@@ -292,7 +292,13 @@ class RedisClusterServers(_Group):
     """A Redis Cluster on loopback: `masters` primaries (each with `replicas` replicas), the
     16384 slots split by `redis-cli --cluster create`."""
 
-    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        durable: bool = False,
+    ) -> None:
         self.masters, self.replicas = masters, replicas
         cluster_config = [
             "cluster-enabled yes",
@@ -302,7 +308,9 @@ class RedisClusterServers(_Group):
         ]
         # The cluster bus on a free port of its own (by default: the port + 10000).
         self.servers = [
-            RedisServer(extra_config=[*cluster_config, f"cluster-port {free_port()}"])
+            RedisServer(
+                durable=durable, extra_config=[*cluster_config, f"cluster-port {free_port()}"]
+            )
             for _ in range(masters * (1 + replicas))
         ]
         self.nodes = self.servers
@@ -345,11 +353,12 @@ class SentinelSet(_Group):
         sentinels: int = 3,
         service: str = "chatstream",
         down_after_ms: int = 1000,
+        durable: bool = False,
     ) -> None:
         self.service = service
-        self.primary = RedisServer()
+        self.primary = RedisServer(durable=durable)
         self.data = [self.primary] + [
-            RedisServer(extra_config=[f"replicaof 127.0.0.1 {self.primary.port}"])
+            RedisServer(durable=durable, extra_config=[f"replicaof 127.0.0.1 {self.primary.port}"])
             for _ in range(replicas)
         ]
         quorum = sentinels // 2 + 1
