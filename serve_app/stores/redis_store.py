@@ -388,7 +388,9 @@ class RedisStore(StateStore):
             await self._ready()
             if target.mode == "sentinel":
                 await self._verify_sentinel()
-            info = await self._info()
+            # A cluster client already refused a node without cluster mode; its INFO would be
+            # one random node's (perhaps a replica's): only the write probe below applies.
+            info = {} if target.mode == "cluster" else await self._info()
             if target.mode == "standalone" and str(info.get("cluster_enabled", "0")) == "1":
                 raise self._refuse(
                     "is a Redis Cluster node: set it to redis+cluster://<host>:<port> (the same "
@@ -421,6 +423,11 @@ class RedisStore(StateStore):
                 "is read-only (a replica): point it at the primary, or at the sentinels with "
                 "redis+sentinel://<sentinel>:26379/<service>"
             ) from None
+        except AskError:  # MOVED: INFO was not allowed, the write probe found the cluster
+            raise self._refuse(
+                "is a Redis Cluster node: set it to redis+cluster://<host>:<port> (the same "
+                "credentials) so that the client follows the cluster's slots"
+            ) from None
         except NoPermissionError as exc:
             raise self._refuse(
                 f"does not let this user write ({exc}): grant it the keys chatstream:*"
@@ -437,15 +444,12 @@ class RedisStore(StateStore):
         self._verified = True
 
     async def _info(self) -> dict[str, Any]:
-        """INFO's cluster and replication sections (of one node of a cluster); {} if this user
-        may not run INFO (the write probe then decides)."""
+        """INFO's cluster and replication sections; {} if this user may not run INFO (the
+        write probe then decides)."""
         info: dict[str, Any] = {}
         for section in ("cluster", "replication"):
             try:
-                if self.target.mode == "cluster":
-                    found = await self._redis.info(section, target_nodes=RedisCluster.RANDOM)
-                else:
-                    found = await self._redis.info(section)
+                found = await self._redis.info(section)
             except NoPermissionError:
                 continue
             except ResponseError as exc:
