@@ -174,6 +174,35 @@ async def test_cluster_sessions_and_ledger_spread_over_every_node(redis_cluster)
         assert any(":s:" in k for k in keys), node.port
 
 
+async def test_a_new_store_on_the_cluster_finds_the_key_and_the_conversation(redis_cluster):
+    """What a restart of Serve and Ray relies on: a new store object (a new ingress replica)
+    gets the same generated signing key and the stored conversation."""
+    shared = settings()
+    first, second = (RedisStore(shared, redis_cluster.url) for _ in range(2))
+    try:
+        keys = await asyncio.gather(first.signing_key(), second.signing_key())
+        assert keys[0] == keys[1]
+        record = await first.change_session("s-1", begin_turn("t-1", time.time(), 60))
+        await first.change_session(
+            "s-1",
+            finish_turn(
+                "t-1",
+                record["epoch"],
+                user_message={"role": "user", "content": "q"},
+                answer={"role": "assistant", "content": "a", "message_id": "m-1"},
+            ),
+        )
+    finally:
+        await first.close()
+        await second.close()
+    after = RedisStore(shared, redis_cluster.url)
+    try:
+        assert await after.signing_key() == keys[0]
+        assert [m["content"] for m in (await after.load_session("s-1"))["messages"]] == ["q", "a"]
+    finally:
+        await after.close()
+
+
 async def test_a_stopped_cluster_node_means_store_unavailable_then_working():
     with RedisClusterServers(masters=3) as cluster:
         store = RedisStore(settings(), cluster.url)

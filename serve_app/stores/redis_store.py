@@ -281,6 +281,7 @@ class RedisStore(StateStore):
         sentinel_kwargs = {
             "username": target.sentinel_username,
             "password": target.sentinel_password,
+            "ssl": target.ssl,
             **timeouts,
         }
         self._sentinel = Sentinel(

@@ -9,7 +9,7 @@
     rediss+cluster://...                                  the same over TLS
     redis+sentinel://[[user]:password@]host:26379[,host:26379...]/<service>[/db]
                                                           a primary found through Sentinel
-    rediss+sentinel://...                                 the same over TLS (data nodes)
+    rediss+sentinel://...                                 the same over TLS (sentinels and data)
 
 ChatStream's own options, in the query string (removed before redis-py sees the URL):
 
