@@ -255,6 +255,31 @@ async def retried(call, log: list[str], timeout_s: float = 60.0):
         await asyncio.sleep(0.2)
 
 
+async def test_a_dropped_connection_reconnects_to_the_new_primary_not_the_old():
+    """The old primary, restarted after a failover, is a primary for some seconds until the
+    sentinels demote it (and then drops what it took meanwhile). A connection that dropped and
+    reconnects inside a command's retry must go to the primary the sentinels name now (redis-py
+    alone reconnects to the address it had: see `_PrimaryConnection`)."""
+    with SentinelSet(replicas=1, sentinels=1) as servers:
+        store = RedisStore(settings(), servers.url)
+        try:
+            await store.record_rejection("before", "invalid_json")
+            pool = store._redis.connection_pool
+            connection = await pool.get_connection()
+            old = servers.primary_port()
+            assert connection.port == old
+            await asyncio.to_thread(servers.kill_primary)
+            new = await asyncio.to_thread(servers.wait_for_failover, old)
+            await asyncio.to_thread(servers.server_on(old).start)  # a primary, for now
+            await connection.disconnect()
+            await connection.send_command("ROLE")  # what a command's retry does
+            role = await connection.read_response()
+            assert (connection.port, role[0]) == (new, "master")
+            await pool.release(connection)
+        finally:
+            await store.close()
+
+
 async def test_sentinel_failover_mid_load_loses_nothing_acknowledged(sentinels):
     """Last in the module: it fails the module's Sentinel set over (to save a set-up)."""
     servers = sentinels

@@ -56,7 +56,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
+from redis.asyncio.sentinel import (
+    MasterNotFoundError,
+    Sentinel,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.exceptions import (
     AskError,
     AuthenticationError,
@@ -203,6 +208,30 @@ return excess
 """
 
 
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary that Sentinel names now, on every (re)connect.
+
+    redis-py 7.4's asyncio client reconnects a dropped connection inside a command's retry
+    (`send_packed_command` -> `connect_check_health`) to the host and port it had, skipping
+    the Sentinel lookup. After a failover that is the old primary: once restarted, it serves as
+    a primary for some seconds until the sentinels make it a replica, and what was written to
+    it meanwhile is then discarded (seen in a load test: rejections counted after the failover
+    went missing). Asking the sentinels first sends every reconnect to the current primary."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
+class _PrimarySSLConnection(_PrimaryConnection, SentinelManagedSSLConnection):
+    pass
+
+
 def _shard(identifier: str, shards: int) -> int:
     return zlib.crc32(identifier.encode()) % shards if shards > 1 else 0
 
@@ -289,6 +318,7 @@ class RedisStore(StateStore):
         )
         return self._sentinel.master_for(
             target.service,
+            connection_class=_PrimarySSLConnection if target.ssl else _PrimaryConnection,
             db=target.db,
             decode_responses=True,
             health_check_interval=10,
