@@ -204,7 +204,8 @@ async def test_a_new_store_on_the_cluster_finds_the_key_and_the_conversation(red
 
 
 async def test_a_stopped_cluster_node_means_store_unavailable_then_working():
-    with RedisClusterServers(masters=3) as cluster:
+    """A primary without a replica is killed (its data kept on disk: append-only file)."""
+    with RedisClusterServers(masters=3, durable=True) as cluster:
         store = RedisStore(settings(), cluster.url)
         try:
             await store.record_outcome("rec-before", "req-before", "success")
