@@ -35,6 +35,6 @@ if $with_tests && { [[ ! -x /usr/bin/chromium ]] || [[ ! -x /usr/bin/redis-serve
   echo "==> installing Debian's chromium and redis-server for the tests"
   if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
   "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium redis-server redis-sentinel redis-tools >/dev/null
 fi
 echo "==> ready: .venv"

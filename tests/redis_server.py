@@ -16,6 +16,16 @@ stop: `stop()` reads the pidfile and stops that process, after checking it is a 
 on our port.
 `durable=True` turns on the append-only file with `appendfsync always`: every acknowledged
 write survives a restart or a SIGKILL of Redis itself.
+
+Production shapes, also on loopback and stopped by pid:
+
+    with RedisClusterServers(masters=3) as cluster:   # redis-cli --cluster create
+        cluster.url                                   # redis+cluster://127.0.0.1:<p1>,...
+        cluster.nodes[0].url                          # one node behind a plain URL
+    with SentinelSet(replicas=1, sentinels=3) as s:   # a primary, replicas, sentinels
+        s.url                                         # redis+sentinel://127.0.0.1:<s1>,.../<svc>
+        s.kill_primary()                              # SIGKILL: the sentinels fail over
+        s.wait_for_failover(old_port)
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ def ping(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            reply = sock.recv(64)
+            return reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH")  # up, wants AUTH
     except OSError:
         return False
 
@@ -76,7 +87,11 @@ class RedisServer:
         directory: str | os.PathLike | None = None,
         durable: bool = False,
         startup_timeout_s: float = 20.0,
+        extra_config: tuple[str, ...] | list[str] = (),
+        sentinel: bool = False,
     ) -> None:
+        """`extra_config`: more lines for redis.conf (cluster mode, replicaof ...);
+        `sentinel`: run it as a Redis Sentinel (`extra_config` holds its `sentinel` lines)."""
         self.port = port or free_port()
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="chatstream-redis-")
         self.dir = Path(directory) if directory else Path(self._tmp.name)
@@ -84,6 +99,8 @@ class RedisServer:
         self.startup_timeout_s = startup_timeout_s
         self.pidfile = self.dir / "redis.pid"
         self.log_path = self.dir / "redis.log"
+        self.extra_config = list(extra_config)
+        self.sentinel = sentinel
         self._proc: subprocess.Popen | None = None
 
     @property
@@ -101,17 +118,20 @@ class RedisServer:
             f"port {self.port}",
             "bind 127.0.0.1",
             f'dir "{self.dir}"',
-            'save ""',
-            f"appendonly {'yes' if self.durable else 'no'}",
-            "appendfsync always",
             f'pidfile "{self.pidfile}"',
             f'logfile "{self.log_path}"',
             "daemonize no",
         ]
-        return "\n".join(lines) + "\n"
+        if not self.sentinel:
+            lines += [
+                'save ""',
+                f"appendonly {'yes' if self.durable else 'no'}",
+                "appendfsync always",
+            ]
+        return "\n".join(lines + self.extra_config) + "\n"
 
     def command(self) -> list[str]:
-        return [REDIS_SERVER, str(self.config_path)]
+        return [REDIS_SERVER, str(self.config_path)] + (["--sentinel"] if self.sentinel else [])
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> RedisServer:
@@ -218,13 +238,210 @@ class RedisServer:
         self.close()
 
 
-def start_redis(durable: bool = False, attempts: int = 3) -> RedisServer:
+def start_redis(durable: bool = False, attempts: int = 3, **options) -> RedisServer:
     """A started RedisServer on a free port (retried: another process may take the port)."""
     for attempt in range(attempts):
-        server = RedisServer(durable=durable)
+        server = RedisServer(durable=durable, **options)
         try:
             return server.__enter__()
         except RuntimeError:
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def _redis_cli(*args: str, timeout_s: float = 30.0) -> str:
+    cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    done = subprocess.run(
+        [cli, *args], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(args)}: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+def _wait(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+class _Group:
+    """Several servers started and stopped together (each by its own pid)."""
+
+    servers: list[RedisServer]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisClusterServers(_Group):
+    """A Redis Cluster on loopback: `masters` primaries (each with `replicas` replicas), the
+    16384 slots split by `redis-cli --cluster create`."""
+
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        durable: bool = False,
+    ) -> None:
+        self.masters, self.replicas = masters, replicas
+        cluster_config = [
+            "cluster-enabled yes",
+            "cluster-config-file nodes.conf",
+            f"cluster-node-timeout {node_timeout_ms}",
+            "cluster-require-full-coverage yes",
+        ]
+        # The cluster bus on a free port of its own (by default: the port + 10000).
+        self.servers = [
+            RedisServer(
+                durable=durable, extra_config=[*cluster_config, f"cluster-port {free_port()}"]
+            )
+            for _ in range(masters * (1 + replicas))
+        ]
+        self.nodes = self.servers
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.nodes[: self.masters])
+        return f"redis+cluster://{hosts}"
+
+    def start(self) -> RedisClusterServers:
+        for server in self.servers:
+            server.start()
+        _redis_cli(
+            "--cluster",
+            "create",
+            *(f"127.0.0.1:{s.port}" for s in self.servers),
+            "--cluster-replicas",
+            str(self.replicas),
+            "--cluster-yes",
+            timeout_s=60,
+        )
+        for server in self.servers:
+            _wait(
+                lambda port=server.port: (
+                    "cluster_state:ok" in _redis_cli("-p", str(port), "cluster", "info")
+                ),
+                30,
+                f"cluster node {server.port} did not reach cluster_state:ok",
+            )
+        return self
+
+
+class SentinelSet(_Group):
+    """A primary with `replicas` replicas and `sentinels` Redis Sentinels watching it as
+    `service` (quorum: a majority), with quick failure detection for tests."""
+
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        service: str = "chatstream",
+        down_after_ms: int = 1000,
+        durable: bool = False,
+    ) -> None:
+        self.service = service
+        self.primary = RedisServer(durable=durable)
+        self.data = [self.primary] + [
+            RedisServer(durable=durable, extra_config=[f"replicaof 127.0.0.1 {self.primary.port}"])
+            for _ in range(replicas)
+        ]
+        quorum = sentinels // 2 + 1
+        self.sentinels = [
+            RedisServer(
+                sentinel=True,
+                extra_config=[
+                    f"sentinel monitor {service} 127.0.0.1 {self.primary.port} {quorum}",
+                    f"sentinel down-after-milliseconds {service} {down_after_ms}",
+                    f"sentinel failover-timeout {service} 10000",
+                    f"sentinel parallel-syncs {service} 1",
+                ],
+            )
+            for _ in range(sentinels)
+        ]
+        self.servers = self.data + self.sentinels
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    def _sentinel(self, index: int):
+        import redis
+
+        return redis.Redis(port=self.sentinels[index].port, socket_timeout=2, decode_responses=True)
+
+    def primary_port(self, index: int = 0) -> int:
+        """The primary's port, as sentinel `index` sees it."""
+        with self._sentinel(index) as sentinel:
+            return int(sentinel.sentinel_get_master_addr_by_name(self.service)[1])
+
+    def server_on(self, port: int) -> RedisServer:
+        return next(s for s in self.data if s.port == port)
+
+    def _sees_everyone(self, index: int) -> bool:
+        """Sentinel `index` knows the other sentinels (for a quorum) and the live replicas
+        (to promote one)."""
+        with self._sentinel(index) as sentinel:
+            others = sentinel.sentinel_sentinels(self.service)
+            replicas = [
+                r
+                for r in sentinel.sentinel_slaves(self.service)
+                if "s_down" not in r["flags"] and r.get("master-link-status") == "ok"
+            ]
+        return len(others) >= len(self.sentinels) - 1 and len(replicas) >= len(self.data) - 1
+
+    def start(self) -> SentinelSet:
+        for server in self.data:
+            server.start()
+        for replica in self.data[1:]:
+            _wait(
+                lambda r=replica: (
+                    "master_link_status:up" in _redis_cli("-p", str(r.port), "info", "replication")
+                ),
+                30,
+                f"replica {replica.port} did not sync",
+            )
+        for sentinel in self.sentinels:
+            sentinel.start()
+        for index in range(len(self.sentinels)):
+            _wait(
+                lambda i=index: self._sees_everyone(i),
+                30,
+                f"sentinel {index} did not find the other sentinels and the replicas",
+            )
+        return self
+
+    def kill_primary(self) -> int:
+        """SIGKILL the current primary (a crash); returns its port."""
+        port = self.primary_port()
+        self.server_on(port).stop(hard=True)
+        return port
+
+    def wait_for_failover(self, old_port: int, timeout_s: float = 30.0) -> int:
+        """Wait until every sentinel names a new primary that answers as one; its port."""
+
+        def promoted() -> bool:
+            ports = {self.primary_port(i) for i in range(len(self.sentinels))}
+            if len(ports) != 1 or old_port in ports:
+                return False
+            role = _redis_cli("-p", str(next(iter(ports))), "role")
+            return role.startswith("master")
+
+        _wait(promoted, timeout_s, "the sentinels did not fail over")
+        return self.primary_port()

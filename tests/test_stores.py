@@ -1,6 +1,10 @@
 """One contract for every state store (serve_app.stores), run against the memory store and the
 Redis store (a real redis-server on loopback, tests/redis_server.py; no fakes).
 
+The Redis store's part runs twice: on one redis-server and on a 3-node Redis Cluster
+(`redis+cluster://`, where every script must keep to one slot and sessions and the ledger are
+sharded; its bounds then hold per shard, see `capacity`).
+
 The contract: every session change is atomic on the store's side (concurrent changes lose
 nothing, a clear during a turn stays cleared), one active turn per session, sliding expiry,
 a flood of new clients cannot evict an established conversation, an idempotent and bounded
@@ -42,7 +46,7 @@ from serve_app.session_state import (
 from serve_app.stores import StateStore, StoreSettings, StoreUnavailable
 from serve_app.stores.memory import MemoryStore
 from serve_app.stores.redis_store import RedisStore
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisClusterServers, RedisServer
 
 LEASE = 60.0
 # A store call that does not return within this is a hang (Redis' own timeouts are 2 s).
@@ -63,7 +67,15 @@ def new_id(prefix: str = "s") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def redis_cluster():
+    """A 3-node Redis Cluster for the module (redis-cli --cluster create), keys apart by
+    namespace."""
+    with RedisClusterServers(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_store(request) -> AsyncIterator[MakeStore]:
     """`make_store(**settings)`: a store of the parametrized kind, in a namespace of its own
     (pass `namespace=` to share one)."""
@@ -74,6 +86,9 @@ async def make_store(request) -> AsyncIterator[MakeStore]:
         settings = StoreSettings(**{"namespace": default_namespace, **overrides})
         if request.param == "memory":
             store: StateStore = MemoryStore(settings)
+        elif request.param == "cluster":
+            cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+            store = RedisStore(settings, cluster.url)
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
             store = RedisStore(settings, server.url)
@@ -83,6 +98,23 @@ async def make_store(request) -> AsyncIterator[MakeStore]:
     yield make
     for store in created:
         await store.close()
+
+
+def shards(store: StateStore) -> int:
+    """How many parts the store splits its bounds into (a cluster's Redis store: 32)."""
+    return getattr(store, "shards", 1)
+
+
+def newest_per_shard(store: StateStore, ids: list[str], bound: int) -> set[str]:
+    """Of `ids` (oldest first), what a bound of `bound` keeps: the newest `bound`, or on a
+    sharded store the newest `ceil(bound / shards)` of each ledger shard."""
+    if shards(store) == 1:
+        return set(ids[-bound:])
+    per_shard = -(-bound // shards(store))
+    groups: dict[int, list[str]] = {}
+    for request_id in ids:
+        groups.setdefault(store._ledger_shard(request_id), []).append(request_id)
+    return {i for group in groups.values() for i in group[-per_shard:]}
 
 
 async def with_history(store: StateStore | ReadModifyWrite, session_id: str, turns: int) -> Record:
@@ -269,8 +301,12 @@ async def test_a_flood_of_new_sessions_does_not_evict_an_established_one(make_st
     assert record is not None
     assert [m["content"] for m in record["messages"]] == ["q0", "a0", "q1", "a1"]
     # The bound did apply, to the new sessions only: the oldest went, the newest stayed.
-    assert await store.load_session(flood[0]) is None
     assert await store.load_session(latest) is not None
+    if shards(store) == 1:
+        assert await store.load_session(flood[0]) is None
+    else:  # per shard: at most ceil(20 / shards) new sessions in each
+        alive = [s for s in flood if await store.load_session(s) is not None]
+        assert len(alive) + 1 <= -(-20 // shards(store)) * shards(store) < len(flood)
 
 
 async def test_a_flood_does_not_evict_a_session_in_its_first_turn(make_store):
@@ -327,15 +363,18 @@ async def test_a_retried_outcome_counts_once_and_a_reused_request_id_overwrites_
 
 async def test_the_ledger_is_bounded_and_keeps_the_newest(make_store):
     store = make_store(ledger_size=5)
-    for index in range(8):
+    for index in range(40):
         await store.record_outcome(f"rec-{index}", f"req-{index}", "success")
         await store.record_rejection(f"rej-{index}", "too_many_requests")
     ledger = await store.outcome_ledger(None)
-    assert ledger["outcomes"] == {f"req-{i}": "success" for i in range(3, 8)}
-    assert ledger["rejections"] == {f"rej-{i}": "too_many_requests" for i in range(3, 8)}
+    kept = newest_per_shard(store, [f"req-{i}" for i in range(40)], 5)
+    assert ledger["outcomes"] == dict.fromkeys(kept, "success")
+    kept = newest_per_shard(store, [f"rej-{i}" for i in range(40)], 5)
+    assert ledger["rejections"] == dict.fromkeys(kept, "too_many_requests")
+    assert "req-39" in ledger["outcomes"] and len(ledger["outcomes"]) < 32
     totals = await store.outcome_totals()  # the totals count everything
-    assert totals["outcomes"]["success"] == 8
-    assert totals["rejections"] == {"too_many_requests": 8}
+    assert totals["outcomes"]["success"] == 40
+    assert totals["rejections"] == {"too_many_requests": 40}
 
 
 async def test_concurrent_outcomes_are_all_counted(make_store):
@@ -516,9 +555,11 @@ async def test_redis_keys_stay_under_the_app_prefix_and_sessions_expire(redis_se
         await store.record_outcome("rec", "req", "success")
         await store.report_load("replica-a", 1, 0, 0, time.time() + 60)
         keys = [key async for key in raw.scan_iter("*")]
-        mine = [key for key in keys if key.startswith(f"chatstream:{namespace}:")]
+        # chatstream:{<app>}:... and chatstream:{<app>|<shard>}:... (hash tags: one slot each)
+        prefixes = (f"chatstream:{{{namespace}}}:", f"chatstream:{{{namespace}|")
+        mine = [key for key in keys if key.startswith(prefixes)]
         assert mine and not [k for k in keys if namespace in k and k not in mine]
-        ttl = await raw.pttl(f"chatstream:{namespace}:s:{session_id}")
+        ttl = await raw.pttl(f"chatstream:{{{namespace}|s0}}:s:{session_id}")
         assert 0 < ttl <= 300_000
     finally:
         await raw.aclose()
@@ -527,10 +568,7 @@ async def test_redis_keys_stay_under_the_app_prefix_and_sessions_expire(redis_se
 
 @pytest.mark.parametrize(
     "make_store",
-    [
-        "memory",
-        "redis",
-    ],
+    ["memory", "redis", "cluster"],
     indirect=True,
 )
 async def test_a_loaded_record_is_a_snapshot(make_store):

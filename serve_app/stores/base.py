@@ -21,6 +21,12 @@ class StoreUnavailable(Exception):
     """The store cannot be reached now; new requests get 503 until it is back."""
 
 
+class StoreMisconfigured(RuntimeError):
+    """The store's settings do not fit what they point at (a Redis Cluster behind a plain URL,
+    a read-only replica, an unknown Sentinel service, a Redis that cannot be reached at start).
+    Raised at start by `StateStore.verify`; the message is one line that says what to set."""
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     namespace: str  # the Serve application's name: one app's state never mixes with another's
@@ -88,6 +94,11 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def load(self) -> dict[str, int]:
         """Requests waiting for a slot and holding one, summed over live ingress replicas."""
+
+    async def verify(self) -> None:  # noqa: B027 - optional hook
+        """Once, at start (before serving): check that the store's settings fit what they
+        point at, waiting a few seconds for a store that is still starting. Raises
+        `StoreMisconfigured` (one line saying what to set) instead of failing every request."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
