@@ -21,6 +21,7 @@ With keys off, usage is counted under the id `anonymous` and nothing is limited.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import ipaddress
@@ -28,9 +29,10 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from serve_app import metrics
 from serve_app.api_keys import (
@@ -86,6 +88,15 @@ def check_admin(request: Request, admin_token: str | None) -> None:
         raise Refusal(403, "forbidden", "the admin token is not valid")
 
 
+class Guard(enum.Enum):
+    """What a route needs from its caller (the HTTP edge checks it: serve_app/edge.py)."""
+
+    OPEN = "open"  # request id and header limits only
+    ADMIN = "admin"  # the admin token (or loopback without one)
+    KEY = "key"  # an API key, when keys are on
+    ADMITS = "admits"  # an API key and a hold on its stream limit: the route admits generations
+
+
 @dataclass(eq=False)
 class Caller:
     """Who sent a request, as the HTTP edge found it: the request id, the API key's id
@@ -99,6 +110,24 @@ class Caller:
         """Give the key's stream back (idempotent; the request is over)."""
         if self.lease is not None:
             self.lease.release()
+
+
+def caller_of(request: Request) -> Caller | None:
+    """The caller the edge found for `request`, if it has been checked."""
+    return getattr(request.state, "caller", None)
+
+
+class Gate(Protocol):
+    """What the services need of the HTTP edge (serve_app/edge.py), for requests that reach
+    them through a user's own route, which no middleware checked."""
+
+    def enter(self, request: Request, guard: Guard) -> Caller: ...
+
+    async def read_body(self, request: Request, request_body: bytes | None = None) -> bytes: ...
+
+    async def refuse(
+        self, request: Request, refusal: Refusal, *, openai: bool | None = None
+    ) -> Response: ...
 
 
 def key_limits(config: ChatStreamConfig) -> KeyLimits:

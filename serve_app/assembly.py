@@ -51,7 +51,7 @@ class Parts:
     config: ChatStreamConfig
     store: StateStore
     formatter: PromptFormatter
-    edge: Edge
+    edge: Edge  # also the services' Gate (serve_app/access.py)
     sessions: Sessions
     bookkeeping: Bookkeeping
     admission: Admission

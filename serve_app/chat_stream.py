@@ -19,11 +19,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
+from serve_app.access import Guard, caller_of
 from serve_app.admission import GenerationFailed
 from serve_app.assembly import Parts, build_parts
 from serve_app.config import ChatStreamConfig, GenerationParams
 from serve_app.conversation import plan_turn
-from serve_app.edge import Guard
 from serve_app.exchange import Callback, Exchange, Turn
 from serve_app.model_contract import AnswerChunk, GenerationRequest
 from serve_app.refusals import Refusal, server_error
@@ -74,7 +74,9 @@ class ChatStream:
         turn_id = uuid.uuid4().hex  # known before it is taken: any failure can give it back
         view: SessionView | None = None
         try:
-            caller = parts.edge.enter(request, Guard.ADMITS)
+            # Checked by the edge's middleware on ChatStream's own routes; on a user's own
+            # route, here.
+            caller = caller_of(request) or parts.edge.enter(request, Guard.ADMITS)
             turn_request = parse_chat_turn(await parts.edge.read_body(request, request_body))
             view = await parts.sessions.open(request)
             turn = await self._begin_turn(view, turn_id, turn_request.user_input,
@@ -102,7 +104,7 @@ class ChatStream:
             return parts.sessions.with_cookie(await parts.edge.refuse(request, refusal), view)
         except BaseException:  # e.g. the client left; an admitted exchange did the same
             self._give_back_turn(view, turn_id)
-            if (caller := getattr(request.state, "caller", None)) is not None:
+            if (caller := caller_of(request)) is not None:
                 caller.release()
             raise
         response = parts.admission.response(

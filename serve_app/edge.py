@@ -15,7 +15,6 @@ ChatStream's own app, by the guard each router declares.
 
 from __future__ import annotations
 
-import enum
 import logging
 import uuid
 from collections.abc import Mapping
@@ -26,25 +25,19 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app import metrics
-from serve_app.access import Access, Caller
+from serve_app.access import Access, Caller, Guard, caller_of
 from serve_app.api_keys import QuotaExceeded
 from serve_app.refusals import Refusal, authentication_error, rate_limited, store_unavailable
 from serve_app.stores import StateStore, StoreUnavailable
-from serve_app.validation import REQUEST_ID_HEADER, check_header_size, read_body, request_id_from
+from serve_app.validation import (
+    OPENAI_REQUEST_ID_HEADER,
+    REQUEST_ID_HEADER,
+    check_header_size,
+    read_body,
+    request_id_from,
+)
 
 logger = logging.getLogger("ray.serve")
-
-# OpenAI's own request id header (the SDKs expose it as `_request_id`).
-OPENAI_REQUEST_ID_HEADER = "x-request-id"
-
-
-class Guard(enum.Enum):
-    """What a route needs from its caller."""
-
-    OPEN = "open"  # request id and header limits only
-    ADMIN = "admin"  # the admin token (or loopback without one)
-    KEY = "key"  # an API key, when keys are on
-    ADMITS = "admits"  # an API key and a hold on its stream limit: the route admits generations
 
 
 def route_path(scope: Scope) -> str:
@@ -67,7 +60,7 @@ class Edge:
 
     def enter(self, request: Request, guard: Guard) -> Caller:
         """The request's caller, checked as `guard` says (once per request). Raises Refusal."""
-        caller = getattr(request.state, "caller", None)
+        caller = caller_of(request)
         if caller is not None:
             return caller
         request.state.guard = guard
@@ -106,7 +99,7 @@ class Edge:
         self, request: Request, refusal: Refusal, *, openai: bool | None = None
     ) -> Response:
         """Answer `refusal` (counted, when the route admits generations)."""
-        caller = getattr(request.state, "caller", None) or Caller(uuid.uuid4().hex)
+        caller = caller_of(request) or Caller(uuid.uuid4().hex)
         caller.release()
         guard = getattr(request.state, "guard", Guard.ADMITS)
         if guard is Guard.ADMITS:

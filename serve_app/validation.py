@@ -23,6 +23,8 @@ from serve_app.config import MaxNewTokens, Temperature, TopK, TopP
 from serve_app.refusals import Refusal
 
 REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
+# OpenAI's own request id header (the SDKs expose it as `_request_id`).
+OPENAI_REQUEST_ID_HEADER = "x-request-id"
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_USER_INPUT_CHARS = 32_000

@@ -17,10 +17,10 @@ import json
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve_app.access import Gate, Guard, caller_of
 from serve_app.admission import Admission, GenerationFailed
 from serve_app.config import ChatStreamConfig, GenerationParams
 from serve_app.conversation import plan_messages
-from serve_app.edge import OPENAI_REQUEST_ID_HEADER, Edge, Guard
 from serve_app.engines.base import PromptFormatter
 from serve_app.exchange import Callback, Exchange
 from serve_app.model_contract import AnswerChunk, GenerationRequest
@@ -33,7 +33,7 @@ from serve_app.openai_api.encoding import (
 from serve_app.openai_api.protocol import parse_chat_completion
 from serve_app.outcomes import is_client_disconnect
 from serve_app.refusals import Refusal, server_error
-from serve_app.validation import REQUEST_ID_HEADER
+from serve_app.validation import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MOCK_MODEL_NAME = "mock"
@@ -85,7 +85,7 @@ class OpenAIService:
         self,
         config: ChatStreamConfig,
         formatter: PromptFormatter,
-        edge: Edge,
+        edge: Gate,
         admission: Admission,
     ) -> None:
         self.model_name = served_model_name(config)
@@ -100,7 +100,7 @@ class OpenAIService:
     ) -> Response:
         """Answer one request (the body, if a route already read it; the callback, if any)."""
         try:
-            caller = self._edge.enter(request, Guard.ADMITS)
+            caller = caller_of(request) or self._edge.enter(request, Guard.ADMITS)
             body = await self._edge.read_body(request, request_body)
             completion = parse_chat_completion(body, served_model=self.model_name)
             plan = plan_messages(

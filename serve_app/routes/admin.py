@@ -12,8 +12,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 
+from serve_app.access import Guard
 from serve_app.config import MODEL_DEPLOYMENT_NAME
-from serve_app.edge import Guard
 from serve_app.routes import openapi
 
 STATIC_DIR = Path(__file__).parent.parent / "static"

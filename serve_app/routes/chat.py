@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from serve_app import session_state
-from serve_app.edge import Guard
+from serve_app.access import Guard
 from serve_app.refusals import Refusal
 from serve_app.routes import openapi
 from serve_app.validation import parse_feedback, parse_generation_overrides, parse_json_object

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from serve_app.edge import Guard
+from serve_app.access import Guard
 from serve_app.openai_api.encoding import SSE_MEDIA_TYPE, model_list
 from serve_app.routes import openapi
 
