@@ -24,10 +24,11 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from chatstream_defaults import answer_seconds, wait_loop_seconds
+
 from .spec import with_defaults
 
 SWITCH_SLACK_SEC = 30
-MIN_WAIT_LOOP_S, MAX_WAIT_LOOP_S = 0.1, 2.0
 
 
 class DrainBounds(NamedTuple):
@@ -41,11 +42,12 @@ class DrainBounds(NamedTuple):
 def drain_bounds(spec: Mapping[str, Any]) -> DrainBounds:
     s = with_defaults(spec)
     drain = s["drain"]
-    answer = round(
-        drain["firstTokenSec"] + s["generation"]["maxNewTokens"] * drain["timePerTokenSec"], 3
+    # The formula serve_app's builder uses for `serve run` too (one definition).
+    answer = answer_seconds(
+        s["generation"]["maxNewTokens"], drain["firstTokenSec"], drain["timePerTokenSec"]
     )
     ingress = round(2 * answer, 3)
-    wait_loop = round(min(MAX_WAIT_LOOP_S, max(MIN_WAIT_LOOP_S, answer / 20)), 2)
+    wait_loop = wait_loop_seconds(answer)
     return DrainBounds(
         answer_s=answer,
         ingress_s=ingress,

@@ -6,6 +6,8 @@
   (drift) and copy its state into the ChatStream's status.
 - repair_drift (timer, only with --drift-interval > 0): the same apply now and then.
 
+The operator's flags reach the handlers as kopf's `memo` (options.py), never the environment.
+
 No finalizer by default: kopf adds one only for timers, so without the timer nothing keeps a
 deleted ChatStream in Terminating when the operator is gone (uninstalled, scaled to zero).
 Garbage collection removes the RayService, the NetworkPolicy and the generated Secret.
@@ -14,9 +16,7 @@ Garbage collection removes the RayService, the NetworkPolicy and the generated S
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -37,39 +37,12 @@ from . import (
     kube,
 )
 from .credentials import generated_secret_name, render_generated_secret
-from .network import DEFAULT_CONTROL_PLANE_PEERS, network_policy_name, render_network_policy
+from .network import network_policy_name, render_network_policy
+from .options import OperatorOptions, options_of
 from .patching import merge_patch
 from .render import render_rayservice
 from .spec import validate
 from .status import INVALID_SPEC, derive_status, now_iso, set_condition, status_changes
-
-# Read at import: kopf fixes a timer's interval when the handler is registered. 0: no timer
-# (and no finalizer); drift is then repaired from the RayService watch alone.
-DRIFT_INTERVAL_SEC = float(os.environ.get("CHATSTREAM_DRIFT_INTERVAL_SEC", "0"))
-# Seconds between attempts while a RayService of a deleted ChatStream of the same name awaits
-# garbage collection.
-RECREATE_RETRY_SEC = float(os.environ.get("CHATSTREAM_RECREATE_RETRY_SEC", "5"))
-
-
-def allowed_image_repositories() -> list[str]:
-    """--allowed-image-repository (CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES, comma-separated)."""
-    value = os.environ.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "")
-    return [repo.strip() for repo in value.split(",") if repo.strip()]
-
-
-def network_policy_settings() -> tuple[bool, list[Any], list[Any]]:
-    """(enabled, control-plane peers, metrics peers) from the operator's environment
-    (CHATSTREAM_NETWORK_POLICY, CHATSTREAM_CONTROL_PLANE_PEERS, CHATSTREAM_METRICS_PEERS; the
-    peers are JSON lists of NetworkPolicyPeer objects)."""
-    env = os.environ
-    enabled = env.get("CHATSTREAM_NETWORK_POLICY", "1") != "0"
-    control = env.get("CHATSTREAM_CONTROL_PLANE_PEERS")
-    metrics = env.get("CHATSTREAM_METRICS_PEERS")
-    return (
-        enabled,
-        json.loads(control) if control else DEFAULT_CONTROL_PLANE_PEERS,
-        json.loads(metrics) if metrics else [],
-    )
 
 
 @kopf.on.startup()
@@ -102,7 +75,9 @@ def _controlled_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     return False
 
 
-def _check_controller(child: Mapping[str, Any], owner: Mapping[str, Any], what: str) -> None:
+def _check_controller(
+    child: Mapping[str, Any], owner: Mapping[str, Any], what: str, retry_sec: float
+) -> None:
     """Refuse, for now, a child this ChatStream does not control. A child of an earlier
     ChatStream of the same name (deleted and re-created) is garbage soon: retry shortly, so the
     new one is reconciled once the old child is gone. Another owner's: retry now and then (the
@@ -118,7 +93,7 @@ def _check_controller(child: Mapping[str, Any], owner: Mapping[str, Any], what: 
         raise kopf.TemporaryError(
             f"{what} {name} belongs to a deleted ChatStream of the same name; waiting for "
             "garbage collection to remove it",
-            delay=RECREATE_RETRY_SEC,
+            delay=retry_sec,
         )
     raise kopf.TemporaryError(
         f"{what} {name} exists but is not controlled by this ChatStream; delete or rename it",
@@ -149,19 +124,22 @@ async def ensure_secret(body: Mapping[str, Any], spec: Mapping[str, Any], name: 
     return "created"
 
 
-async def apply_network_policy(body: Mapping[str, Any], name: str, namespace: str) -> str:
+async def apply_network_policy(
+    body: Mapping[str, Any], name: str, namespace: str, options: OperatorOptions
+) -> str:
     """Create or minimally patch the NetworkPolicy of the Ray pods (see network.py)."""
-    enabled, control_plane, metrics = network_policy_settings()
-    if not enabled:
+    if not options.network_policy:
         return "disabled"
-    desired = render_network_policy(name, control_plane, metrics)
+    desired = render_network_policy(
+        name, list(options.control_plane_peers), list(options.metrics_peers)
+    )
     kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
     with _api_errors():
         current = await kube.get_network_policy(namespace, network_policy_name(name))
         if current is None:
             await kube.create_network_policy(namespace, desired)
             return "created"
-        _check_controller(current, body, "NetworkPolicy")
+        _check_controller(current, body, "NetworkPolicy", options.recreate_retry_sec)
         changes = merge_patch(current, desired)
         if not changes:
             return "unchanged"
@@ -189,6 +167,7 @@ async def apply_rayservice(
     namespace: str,
     *,
     children: bool = False,
+    options: OperatorOptions = OperatorOptions(),  # noqa: B008  (frozen: never mutated)
 ) -> tuple[str, dict[str, Any]]:
     """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
     With `children`, first the generated Secret and the NetworkPolicy (once the RayService is
@@ -199,11 +178,11 @@ async def apply_rayservice(
         # Always the fresh object: a patch computed from a stale event would undo newer changes.
         current = await kube.get_rayservice(namespace, name)
     if current is not None:
-        _check_controller(current, body, "RayService")
+        _check_controller(current, body, "RayService", options.recreate_retry_sec)
     if children:
         # The NetworkPolicy first: one left by a deleted predecessor is waited for like its
         # RayService, which also gives garbage collection time for its Secret (unreadable here).
-        await apply_network_policy(body, name, namespace)
+        await apply_network_policy(body, name, namespace, options)
         await ensure_secret(body, spec, name)
     with _api_errors():
         if current is None:
@@ -235,14 +214,14 @@ def _deleting(body: Mapping[str, Any]) -> bool:
     return bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
-def _repairable(body: Mapping[str, Any]) -> bool:
+def _repairable(body: Mapping[str, Any], options: OperatorOptions) -> bool:
     """Whether a difference to the rendered RayService is drift: the spec was reconciled
     (its generation observed), is valid, and the ChatStream is not being deleted. A spec change
     that reconcile has not handled yet is reconcile's job, not a repair."""
     meta, status = body.get("metadata", {}), body.get("status") or {}
     return (
         status.get("observedGeneration") == meta.get("generation")
-        and not validate(body.get("spec") or {}, allowed_image_repositories())
+        and not validate(body.get("spec") or {}, options.allowed_image_repositories)
         and not _deleting(body)
     )
 
@@ -258,11 +237,13 @@ async def reconcile(
     name: str,
     namespace: str,
     patch: kopf.Patch,
+    memo: kopf.Memo,
     **_: Any,
 ) -> dict[str, str]:
+    options = options_of(memo)
     now, generation = now_iso(), meta.get("generation")
     conditions = status.get("conditions") or []
-    problems = validate(spec, allowed_image_repositories())
+    problems = validate(spec, options.allowed_image_repositories)
     if problems:
         message = "; ".join(problems)
         patch.status["conditions"] = set_condition(
@@ -273,7 +254,9 @@ async def reconcile(
         # Permanent: retrying cannot help; the next edit of the spec runs this handler again.
         raise kopf.PermanentError(message)
 
-    action, rayservice = await apply_rayservice(body, spec, name, namespace, children=True)
+    action, rayservice = await apply_rayservice(
+        body, spec, name, namespace, children=True, options=options
+    )
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
@@ -291,28 +274,39 @@ async def repair_drift(
     name: str,
     namespace: str,
     patch: kopf.Patch,
+    memo: kopf.Memo | None = None,
     **_: Any,
 ) -> None:
-    if not _repairable(body):
+    options = options_of(memo)
+    if not _repairable(body, options):
         return
-    action, rayservice = await apply_rayservice(body, spec, name, namespace)
+    action, rayservice = await apply_rayservice(body, spec, name, namespace, options=options)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
     derived = derive_status(name, namespace, rayservice, status.get("conditions") or [], now_iso())
     patch.status.update(status_changes(status, derived))
 
 
-if DRIFT_INTERVAL_SEC > 0:
-    # Opt-in: kopf keeps a finalizer on every ChatStream that has a timer.
-    kopf.timer(
-        GROUP, VERSION, PLURAL, interval=DRIFT_INTERVAL_SEC, initial_delay=DRIFT_INTERVAL_SEC
-    )(repair_drift)
+def register_drift_timer(interval_sec: float) -> None:
+    """Opt-in (--drift-interval): kopf keeps a finalizer on every ChatStream that has a timer.
+    Called by `chatstream-operator` before the operator starts, as kopf fixes a timer's
+    interval when it is registered."""
+    if interval_sec > 0:
+        kopf.timer(GROUP, VERSION, PLURAL, interval=interval_sec, initial_delay=interval_sec)(
+            repair_drift
+        )
 
 
 @kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL, labels={MANAGED_BY_LABEL: OPERATOR_NAME})
 async def follow_rayservice(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str, logger: kopf.Logger, **_: Any
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
+    options = options_of(memo)
     owner = body.get("metadata", {}).get("labels", {}).get(NAME_LABEL)
     if not owner:
         return
@@ -323,9 +317,11 @@ async def follow_rayservice(
     if not _controlled_by(body, chatstream):
         return  # a deleted predecessor's RayService awaiting garbage collection, or a stranger's
     rayservice = None if event["type"] == "DELETED" else dict(body)
-    if _repairable(chatstream):
+    if _repairable(chatstream, options):
         spec = chatstream.get("spec") or {}
-        action, rayservice = await apply_rayservice(chatstream, spec, owner, namespace)
+        action, rayservice = await apply_rayservice(
+            chatstream, spec, owner, namespace, options=options
+        )
         if action != "unchanged":
             kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
     current = chatstream.get("status") or {}

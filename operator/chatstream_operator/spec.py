@@ -2,7 +2,9 @@
 
 The API server applies the CRD's defaults before the operator sees an object; `with_defaults`
 applies the same ones again so that the renderer also works on objects that skipped it (older
-stored objects, tests). A unit test keeps DEFAULTS equal to the CRD's `default:` values.
+stored objects, tests). The values the Serve application shares come from `chatstream_defaults`
+(serve_app/config.py uses the same); a unit test keeps DEFAULTS equal to the CRD's `default:`
+values.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import chatstream_defaults as shared
 
 DEFAULTS: dict[str, Any] = {
     "engine": "transformers",
@@ -22,31 +26,43 @@ DEFAULTS: dict[str, Any] = {
         "maxContextTokens": 0,
         "systemPrompt": "",
     },
-    "mock": {"mode": "echo", "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
-    "maxOngoingRequests": 32,
-    "maxQueuedRequests": 64,
-    "retryAfterSec": 1,
-    "streamIntervalMs": 0,
-    "generation": {"temperature": 0.7, "topK": 50, "topP": 0.9, "maxNewTokens": 256},
+    "mock": {"mode": shared.MOCK_MODE, "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
+    "maxOngoingRequests": shared.MAX_ONGOING_REQUESTS,
+    "maxQueuedRequests": shared.MAX_QUEUED_REQUESTS,
+    "retryAfterSec": shared.RETRY_AFTER_SEC,
+    "streamIntervalMs": shared.STREAM_INTERVAL_MS,
+    "generation": {
+        "temperature": shared.TEMPERATURE,
+        "topK": shared.TOP_K,
+        "topP": shared.TOP_P,
+        "maxNewTokens": shared.MAX_NEW_TOKENS,
+    },
     "resources": {"gpus": 0, "cpus": 1, "memory": "4Gi"},
-    "ingress": {"replicas": 1},
+    "ingress": {"replicas": shared.INGRESS_REPLICAS},
     "session": {
-        "store": "ray",
-        "cookieName": "chatstream_session",
-        "ttlSec": 86400,
-        "maxTurns": 50,
-        "cookieSecure": False,
+        "store": shared.SESSION_STORE,
+        "cookieName": shared.SESSION_COOKIE_NAME,
+        "ttlSec": shared.SESSION_TTL_SEC,
+        "maxTurns": shared.SESSION_MAX_TURNS,
+        "cookieSecure": shared.COOKIE_SECURE,
     },
     "image": "chatstream-serve:0.1.0",
     "imagePullPolicy": "IfNotPresent",
     "rayVersion": "2.60.0",
     "head": {"cpus": 2, "memory": "4Gi"},
     # How long a scale-down or an upgrade may take (see drain.py).
-    "drain": {"timePerTokenSec": 0.25, "firstTokenSec": 10, "podIdleTimeoutSec": 60},
+    "drain": {
+        "timePerTokenSec": shared.DRAIN_TIME_PER_TOKEN_SEC,
+        "firstTokenSec": shared.DRAIN_FIRST_TOKEN_SEC,
+        "podIdleTimeoutSec": shared.DRAIN_POD_IDLE_TIMEOUT_SEC,
+    },
 }
 
 # Defaults inside optional objects: they apply only when the object itself is present.
-AUTOSCALING_DEFAULTS: dict[str, Any] = {"minReplicas": 1, "targetOngoingRequests": 24}
+AUTOSCALING_DEFAULTS: dict[str, Any] = {
+    "minReplicas": 1,
+    "targetOngoingRequests": shared.TARGET_ONGOING_REQUESTS,
+}
 
 
 def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

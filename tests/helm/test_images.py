@@ -17,6 +17,8 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 OPERATOR_PACKAGE = REPO / "operator" / "chatstream_operator"
+# Shared with the serve app; both images copy it, and it imports the standard library only.
+DEFAULTS_PACKAGE = REPO / "chatstream_defaults"
 CHART_DIR = REPO / "helm" / "chatstream"
 
 # Distribution name -> the module it provides, for the operator image's pinned packages.
@@ -75,8 +77,17 @@ def test_operator_imports_only_what_its_image_installs():
     installed = {MODULE_OF[r.name.lower()] for r in pip_installs(dockerfile("Dockerfile.operator"))}
     third_party = imported_modules(OPERATOR_PACKAGE) - set(sys.stdlib_module_names) - {"__future__"}
 
-    assert third_party - {"chatstream_operator"} <= installed
+    assert third_party - {"chatstream_operator", "chatstream_defaults"} <= installed
     assert not third_party & {"serve_app", "ray", "torch", "transformers"}
+
+
+def test_shared_defaults_are_stdlib_only_and_in_both_images():
+    assert imported_modules(DEFAULTS_PACKAGE) <= set(sys.stdlib_module_names) | {"__future__"}
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "chatstream_defaults*" in include
+    for name in ("Dockerfile.operator", "Dockerfile.serve"):
+        assert re.search(r"^COPY .*chatstream_defaults \./chatstream_defaults$",
+                         dockerfile(name), re.MULTILINE), name
 
 
 def test_serve_image_matches_the_ray_and_python_of_the_project(crd):

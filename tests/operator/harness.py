@@ -253,14 +253,19 @@ class _ErrorLogs(logging.Handler):
 
 
 @contextlib.asynccontextmanager
-async def _running_operator(namespaces: Sequence[str] | None) -> AsyncIterator[asyncio.Task]:
-    """The operator as `chatstream-operator --standalone [-A | -n NS ...]` runs it."""
+async def _running_operator(
+    namespaces: Sequence[str] | None, *flags: str, recreate_retry_sec: float | None = None
+) -> AsyncIterator[asyncio.Task]:
+    """The operator as `chatstream-operator --standalone [-A | -n NS ...] [flags]` runs it."""
     import kopf
     from chatstream_operator import handlers  # noqa: F401  (registers the real handlers)
     from chatstream_operator.__main__ import operator_kwargs, parse_args
 
     scope = [f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"]
-    kwargs = operator_kwargs(parse_args(["--standalone", "--liveness=", *scope]))
+    kwargs = operator_kwargs(parse_args(["--standalone", "--liveness=", *scope, *flags]))
+    if recreate_retry_sec is not None:
+        options = kwargs["memo"].options
+        kwargs["memo"].options = dataclasses.replace(options, recreate_retry_sec=recreate_retry_sec)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(stop_flag=stop, ready_flag=ready, **kwargs))
     try:
@@ -498,27 +503,14 @@ async def run_recreate_scenario(
     Secret of the generated name exists beforehand (the operator must leave it alone). A second
     ChatStream names an image outside the allow-list. Then the operator is uninstalled (stopped)
     and the ChatStream deleted: nothing may keep it in Terminating."""
-    from chatstream_operator import handlers
-
-    saved_env = os.environ.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES")
-    saved_delay = handlers.RECREATE_RETRY_SEC
-    os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = allowed_images
-    handlers.RECREATE_RETRY_SEC = 0.5
-    try:
-        async with (
-            _ApiServer() as emulator,
-            kmock.Server(emulator, host="127.0.0.1") as server,
-        ):
-            for resource, info in RESOURCES.items():
-                emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
-            with _kubeconfig(str(server.url)):
-                return await _recreate(emulator, allowed_images, step_timeout)
-    finally:
-        handlers.RECREATE_RETRY_SEC = saved_delay
-        if saved_env is None:
-            os.environ.pop("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", None)
-        else:
-            os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = saved_env
+    async with (
+        _ApiServer() as emulator,
+        kmock.Server(emulator, host="127.0.0.1") as server,
+    ):
+        for resource, info in RESOURCES.items():
+            emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
+        with _kubeconfig(str(server.url)):
+            return await _recreate(emulator, allowed_images, step_timeout)
 
 
 async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -> RecreateResult:
@@ -574,7 +566,9 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
     errors = _ErrorLogs()
     logging.getLogger().addHandler(errors)
     try:
-        async with _running_operator(None) as task:
+        async with _running_operator(
+            None, f"--allowed-image-repository={allowed_images}", recreate_retry_sec=0.5
+        ) as task:
             spec = {**copy.deepcopy(SPEC), "image": image}
             await send("POST", cs_path, chatstream(NAME, new_uid, spec))
             bad = {**copy.deepcopy(SPEC), "image": "evil.example.com/miner:1"}

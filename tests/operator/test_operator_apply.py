@@ -8,6 +8,7 @@ import kopf
 import kubernetes
 import pytest
 from chatstream_operator import handlers, kube
+from chatstream_operator.options import OperatorOptions
 from chatstream_operator.render import render_rayservice
 
 OWNER = {
@@ -105,7 +106,7 @@ async def test_the_rayservice_of_a_deleted_same_named_chatstream_is_waited_for(a
     fake = api(current=stale)
     with pytest.raises(kopf.TemporaryError, match="deleted ChatStream of the same name") as error:
         await handlers.apply_rayservice(OWNER, {}, "chat", "ns", children=True)
-    assert error.value.delay == handlers.RECREATE_RETRY_SEC <= 10
+    assert error.value.delay == OperatorOptions().recreate_retry_sec <= 10
     assert [c[0] for c in fake.calls] == ["get"]  # no Secret, no NetworkPolicy, no patch yet
 
 
