@@ -221,7 +221,9 @@ def _repairable(body: Mapping[str, Any], options: OperatorOptions) -> bool:
     meta, status = body.get("metadata", {}), body.get("status") or {}
     return (
         status.get("observedGeneration") == meta.get("generation")
-        and not validate(body.get("spec") or {}, options.allowed_image_repositories)
+        and not validate(
+            body.get("spec") or {}, options.allowed_image_repositories, meta.get("name")
+        )
         and not _deleting(body)
     )
 
@@ -243,7 +245,7 @@ async def reconcile(
     options = options_of(memo)
     now, generation = now_iso(), meta.get("generation")
     conditions = status.get("conditions") or []
-    problems = validate(spec, options.allowed_image_repositories)
+    problems = validate(spec, options.allowed_image_repositories, name)
     if problems:
         message = "; ".join(problems)
         patch.status["conditions"] = set_condition(

@@ -15,6 +15,8 @@ from typing import Any
 
 import chatstream_defaults as shared
 
+from .schema import name_problems, spec_problems
+
 DEFAULTS: dict[str, Any] = {
     "engine": "transformers",
     "model": {
@@ -119,12 +121,19 @@ def image_allowed(image: str, allowed: Sequence[str]) -> bool:
 
 
 def validate(
-    spec: Mapping[str, Any], allowed_image_repositories: Sequence[str] = ()
+    spec: Mapping[str, Any],
+    allowed_image_repositories: Sequence[str] = (),
+    name: str | None = None,
 ) -> list[str]:
-    """Problems the schema cannot catch, each naming its field. Empty when the spec is usable.
+    """What makes the spec unusable, each naming its field; empty when it is usable: the CRD's
+    own schema (checked again here: it is not always applied, see schema.py), KubeRay's rules
+    for the name, and the rules the schema cannot express.
     `allowed_image_repositories` is the operator's allow-list for spec.image (empty: any)."""
+    problems = name_problems(name) if name is not None else []
+    problems += spec_problems(spec)
+    if problems:
+        return problems  # the checks below assume the schema's types
     full = with_defaults(spec)
-    problems: list[str] = []
     if not image_allowed(full["image"], allowed_image_repositories):
         problems.append(
             f"spec.image ({full['image']}) is not in an allowed repository "

@@ -152,7 +152,8 @@ def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
     ready = int(cluster.get("readyWorkerReplicas") or 0)
     if model_status not in (*SERVING_MODEL_STATES, "UPDATING"):
         ready = 0
-    return replicas, min(ready, replicas)
+    replicas = max(replicas, 0)  # never a negative count (an unchecked spec, by hand)
+    return replicas, max(0, min(ready, replicas))
 
 
 def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bool, str, str]:

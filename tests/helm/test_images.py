@@ -144,3 +144,18 @@ def test_running_the_operator_loads_no_serve_runtime():
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_operator_image_carries_the_crd_schema_it_validates_against():
+    """The operator checks specs against the CRD (chatstream_operator/schema.py): the image puts
+    the chart's CRD where schema.py looks first, and the package data ships it."""
+    from chatstream_operator import schema
+
+    text = dockerfile("Dockerfile.operator")
+    copied = re.search(r"^COPY helm/chatstream/crds (\S+)$", text, re.MULTILINE)
+    assert copied, "the operator image copies the CRD"
+    where = Path(copied.group(1))
+    assert where.parent == Path("operator/chatstream_operator")
+    assert schema.CRD_LOCATIONS[0] == OPERATOR_PACKAGE.resolve() / where.name / schema.CRD_FILE
+    assert "crd/*.yaml" in PYPROJECT["tool"]["setuptools"]["package-data"]["chatstream_operator"]
+    assert (CHART_DIR / "crds" / schema.CRD_FILE).is_file()

@@ -419,12 +419,22 @@ async def _scenario(
                 ),
             )
             assert not task.done(), "the operator stopped after an invalid spec"
+            # The emulator applies no schema (like an old CRD): the operator checks it itself.
+            unchecked = {"spec": {"autoscaling": None, "replicas": -5}}
+            await step(
+                "unchecked",
+                send("PATCH", f"{cs_path}/{NAME}", unchecked),
+                lambda: (
+                    "spec.replicas" in condition("InvalidSpec").get("message", "")
+                    and status().get("observedGeneration") == 4
+                ),
+            )
             await step(
                 "fixed",
-                send("PATCH", f"{cs_path}/{NAME}", {"spec": {"autoscaling": None}}),
+                send("PATCH", f"{cs_path}/{NAME}", {"spec": {"replicas": 3}}),
                 lambda: (
                     condition("InvalidSpec")["status"] == "False"
-                    and status().get("observedGeneration") == 4
+                    and status().get("observedGeneration") == 5
                 ),
             )
             np_path = (

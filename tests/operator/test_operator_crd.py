@@ -169,6 +169,7 @@ def test_the_crd_the_operator_and_serve_app_share_one_set_of_defaults():
     """chatstream_defaults is the one definition: an empty ChatStream renders exactly the
     arguments `serve run serve_app:app` would default to (for every shared knob)."""
     from chatstream_operator.render import serve_args
+
     from serve_app.config import ChatStreamConfig
 
     app_defaults = ChatStreamConfig().model_dump()

@@ -175,21 +175,34 @@ def test_invalid_spec_reports_and_leaves_the_rayservice_alone(run):
     assert invalid["observedGeneration"] == 3
     assert run.rayservice_patches["invalid"] == 0
     assert _rs(run, "invalid")["spec"] == _rs(run, "drift")["spec"]
-    (event,) = [e for e in run.events if e.get("reason") == "InvalidSpec"]
+    event, _ = [e for e in run.events if e.get("reason") == "InvalidSpec"]
     assert event["type"] == "Warning" and "spec.autoscaling.minReplicas" in event["message"]
     assert event["involvedObject"]["name"] == NAME
+
+
+def test_a_spec_the_schema_refuses_is_refused_without_it(run):
+    """The emulator, like an old CRD, lets `replicas: -5` through; the operator does not."""
+    status = _cs_status(run, "unchecked")
+    invalid = _condition(status, "InvalidSpec")
+    assert invalid["status"] == "True" and invalid["observedGeneration"] == 4
+    assert invalid["message"].startswith("spec.replicas (-5) must be at least 0")
+    assert run.rayservice_patches["unchecked"] == 0
+    assert _rs(run, "unchecked")["spec"] == _rs(run, "drift")["spec"]
+    assert status["replicas"] == 3 and "-5" not in _condition(status, "Ready")["message"]
 
 
 def test_fixing_the_spec_clears_invalid_spec(run):
     status = _cs_status(run, "fixed")
     assert _condition(status, "InvalidSpec")["status"] == "False"
-    assert status["observedGeneration"] == 4
+    assert status["observedGeneration"] == 5
     assert _worker_replicas(_rs(run, "fixed")) == 3
     assert run.rayservice_patches["fixed"] == 0
 
 
 def test_only_the_invalid_spec_logged_errors_and_the_operator_stopped_cleanly(run):
-    assert all("spec.autoscaling.minReplicas" in m for m in run.error_logs), run.error_logs
+    assert all(
+        "spec.autoscaling.minReplicas" in m or "spec.replicas (-5)" in m for m in run.error_logs
+    ), run.error_logs
     assert run.stopped_cleanly
 
 

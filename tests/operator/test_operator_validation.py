@@ -1,0 +1,76 @@
+"""Defence in depth: the operator checks each spec against the CRD's own schema (read from the
+CRD) and KubeRay's naming rules, whether or not the API server applied the schema."""
+
+from __future__ import annotations
+
+import pytest
+from chatstream_operator import schema
+from chatstream_operator.spec import validate
+from chatstream_operator.status import derive_status
+
+from tests.operator.crd_schema import chatstream_schema
+
+
+def test_the_schema_is_the_crds_own():
+    assert schema.spec_schema() == chatstream_schema()["properties"]["spec"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"replicas": -5}, "spec.replicas"),
+        ({"replicas": "3"}, "spec.replicas"),
+        ({"engine": "vllm"}, "spec.engine"),
+        ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
+        ({"resources": {"gpus": 1.5}}, "spec.resources.gpus"),
+        ({"generation": {"topP": 7}}, "spec.generation.topP"),
+        ({"maxQueuedRequests": -2}, "spec.maxQueuedRequests"),
+        ({"head": {"cpus": 0}}, "spec.head.cpus"),
+        ({"resources": {"tolerations": [{"operator": "Maybe"}]}}, "spec.resources.tolerations[0]"),
+        ({"replica": 3}, "spec.replica"),  # a typo is not silently ignored
+        ({"session": {"cookieSecure": "yes"}}, "spec.session.cookieSecure"),
+    ],
+)
+def test_what_the_schema_refuses_the_operator_refuses(spec, field):
+    problems = validate(spec)
+    assert problems and all(p.startswith(field) for p in problems), problems
+
+
+def test_a_schema_problem_does_not_crash_the_later_checks():
+    # Today's cross-field checks compare numbers; a string there must not raise.
+    assert validate({"autoscaling": {"minReplicas": "1", "maxReplicas": 2}})
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 48, "Chat", "1chat", "chat.v2", "chat-", "chat_v2"],
+)
+def test_names_kuberay_refuses_are_invalid(name):
+    problems = validate({}, name=name)
+    assert problems and all(p.startswith("metadata.name") for p in problems)
+
+
+@pytest.mark.parametrize("name", ["a" * 47, "chat", "chat-v2", "c"])
+def test_names_kuberay_accepts(name):
+    assert validate({}, name=name) == []
+
+
+def test_the_samples_and_defaults_are_valid():
+    from tests.operator.crd_schema import SAMPLES, load_sample
+
+    for sample in sorted(SAMPLES.glob("*.yaml")):
+        obj = load_sample(sample.name)
+        assert validate(obj["spec"], name=obj["metadata"]["name"]) == [], sample
+
+
+def test_a_negative_count_never_shows_as_replicas():
+    """A RayService with a negative num_replicas (written by an older operator) is no count."""
+    from chatstream_operator.render import render_rayservice
+
+    rs = render_rayservice("chat", {"replicas": 2})
+    rs["spec"]["serveConfigV2"] = rs["spec"]["serveConfigV2"].replace(
+        "num_replicas: 2", "num_replicas: -5"
+    )
+    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = -5
+    status = derive_status("chat", "ns", rs, [], "2026-01-01T00:00:00Z")
+    assert (status["replicas"], status["readyReplicas"]) == (0, 0)
