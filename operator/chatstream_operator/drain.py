@@ -14,6 +14,9 @@ One number drives them all, the longest answer the service allows:
 - After an upgrade, KubeRay keeps the old Ray cluster for `rayClusterDeletionDelaySeconds`:
   the ingress bound plus SWITCH_SLACK_SEC for requests that reach the old cluster while the
   Service's endpoints change.
+- A pod that Kubernetes stops (a node drain, an eviction) gets its replicas' bound plus
+  POD_STOP_SLACK_SEC, rounded up to a minute, as terminationGracePeriodSeconds: the model pods
+  `answer_s`, the head (which holds the ingress replicas) `2 * answer_s`.
 - A worker pod whose model replica is gone is removed by Ray's autoscaler once it has been
   idle for `drain.podIdleTimeoutSec`; a pod still holding a draining replica is never idle.
 """
@@ -29,6 +32,9 @@ from chatstream_defaults import answer_seconds, wait_loop_seconds
 from .spec import with_defaults
 
 SWITCH_SLACK_SEC = 30
+# Beyond the drain bound, a pod being stopped (a node drain, an eviction) gets this long for
+# Ray's own shutdown.
+POD_STOP_SLACK_SEC = 15
 
 
 class DrainBounds(NamedTuple):
@@ -37,6 +43,15 @@ class DrainBounds(NamedTuple):
     wait_loop_s: float  # graceful_shutdown_wait_loop_s of both deployments
     cluster_deletion_delay_s: int  # KubeRay's rayClusterDeletionDelaySeconds
     pod_idle_timeout_s: int  # Ray autoscaler's idleTimeoutSeconds for worker pods
+    worker_grace_s: int  # model pods' terminationGracePeriodSeconds
+    head_grace_s: int  # the head pod's (it holds the ingress replicas)
+
+
+def _grace(bound_s: float) -> int:
+    """terminationGracePeriodSeconds for a drain bound: the bound plus POD_STOP_SLACK_SEC,
+    rounded up to a whole minute. It is part of the pod template, which KubeRay hashes: a change
+    starts a new Ray cluster, so small changes of the bound should leave it as it is."""
+    return math.ceil((bound_s + POD_STOP_SLACK_SEC) / 60) * 60
 
 
 def drain_bounds(spec: Mapping[str, Any]) -> DrainBounds:
@@ -54,4 +69,6 @@ def drain_bounds(spec: Mapping[str, Any]) -> DrainBounds:
         wait_loop_s=wait_loop,
         cluster_deletion_delay_s=math.ceil(ingress) + SWITCH_SLACK_SEC,
         pod_idle_timeout_s=int(drain["podIdleTimeoutSec"]),
+        worker_grace_s=_grace(answer),
+        head_grace_s=_grace(ingress),
     )

@@ -37,6 +37,7 @@ from . import (
     kube,
 )
 from .credentials import generated_secret_name, render_generated_secret
+from .disruption import disruption_budget_name, render_disruption_budget
 from .network import network_policy_name, render_network_policy
 from .options import OperatorOptions, options_of
 from .patching import merge_patch
@@ -147,6 +148,25 @@ async def apply_network_policy(
         return "updated"
 
 
+async def apply_disruption_budget(body: Mapping[str, Any], name: str, namespace: str) -> str:
+    """Create or minimally patch the model pods' PodDisruptionBudget (see disruption.py)."""
+    desired = render_disruption_budget(name)
+    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
+    budget = disruption_budget_name(name)
+    with _api_errors():
+        current = await kube.get_disruption_budget(namespace, budget)
+        if current is None:
+            await kube.create_disruption_budget(namespace, desired)
+            return "created"
+        if not _controlled_by(current, body):
+            return "foreign"  # someone else's budget of that name: left alone
+        changes = merge_patch(current, desired)
+        if not changes:
+            return "unchanged"
+        await kube.patch_disruption_budget(namespace, budget, changes)
+        return "updated"
+
+
 @contextlib.contextmanager
 def _api_errors() -> Iterator[None]:
     """API failures are worth a retry; a missing RayService CRD means KubeRay is not installed."""
@@ -183,6 +203,7 @@ async def apply_rayservice(
         # The NetworkPolicy first: one left by a deleted predecessor is waited for like its
         # RayService, which also gives garbage collection time for its Secret (unreadable here).
         await apply_network_policy(body, name, namespace, options)
+        await apply_disruption_budget(body, name, namespace)
         await ensure_secret(body, spec, name)
     with _api_errors():
         if current is None:
@@ -264,7 +285,7 @@ async def reconcile(
             body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
         )
     conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
-    patch.status.update(derive_status(name, namespace, rayservice, conditions, now))
+    patch.status.update(derive_status(name, namespace, rayservice, conditions, now, generation))
     patch.status["observedGeneration"] = generation
     return {"rayService": name, "action": action}
 
@@ -285,7 +306,14 @@ async def repair_drift(
     action, rayservice = await apply_rayservice(body, spec, name, namespace, options=options)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
-    derived = derive_status(name, namespace, rayservice, status.get("conditions") or [], now_iso())
+    derived = derive_status(
+        name,
+        namespace,
+        rayservice,
+        status.get("conditions") or [],
+        now_iso(),
+        status.get("observedGeneration"),
+    )
     patch.status.update(status_changes(status, derived))
 
 
@@ -327,8 +355,18 @@ async def follow_rayservice(
         if action != "unchanged":
             kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
     current = chatstream.get("status") or {}
+    if current.get("observedGeneration") != chatstream.get("metadata", {}).get("generation"):
+        # A spec change that reconcile has not written yet: its status write comes, computed
+        # from a fresh RayService. Writing the conditions now, from the older status, would
+        # race it (a merge patch replaces the whole list: the last writer wins).
+        return
     derived = derive_status(
-        owner, namespace, rayservice, current.get("conditions") or [], now_iso()
+        owner,
+        namespace,
+        rayservice,
+        current.get("conditions") or [],
+        now_iso(),
+        current.get("observedGeneration"),
     )
     changes = status_changes(current, derived)
     if changes:

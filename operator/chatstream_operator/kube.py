@@ -138,3 +138,26 @@ async def patch_network_policy(
     return await _call_typed(
         "NetworkingV1Api", "patch_namespaced_network_policy", name, namespace, patch
     )
+
+
+async def get_disruption_budget(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return await _call_typed(
+            "PolicyV1Api", "read_namespaced_pod_disruption_budget", name, namespace
+        )
+    except NotFound:
+        return None
+
+
+async def create_disruption_budget(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    return await _call_typed(
+        "PolicyV1Api", "create_namespaced_pod_disruption_budget", namespace, body
+    )
+
+
+async def patch_disruption_budget(
+    namespace: str, name: str, patch: Mapping[str, Any]
+) -> dict[str, Any]:
+    return await _call_typed(
+        "PolicyV1Api", "patch_namespaced_pod_disruption_budget", name, namespace, patch
+    )

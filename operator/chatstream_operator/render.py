@@ -37,8 +37,8 @@ from . import (
     RAY_GROUP,
     RAY_VERSION,
 )
-from .credentials import secret_env
 from .drain import drain_bounds
+from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate
 from .spec import desired_replicas, is_autoscaling, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
@@ -190,29 +190,34 @@ def _cpu_quantity(cpus: float) -> str:
 
 def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     head = s["head"]
-    size = {"cpu": str(head["cpus"]), "memory": head["memory"]}
+    pod_spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "ray-head",
+                "image": s["image"],
+                "imagePullPolicy": s["imagePullPolicy"],
+                "ports": [
+                    {"name": "gcs-server", "containerPort": 6379},
+                    {"name": "dashboard", "containerPort": 8265},
+                    {"name": "client", "containerPort": 10001},
+                    {"name": "serve", "containerPort": SERVE_PORT},
+                ],
+                "resources": {
+                    "requests": {"cpu": str(head["cpus"]), "memory": head["memory"]},
+                    "limits": {"cpu": str(head["cpus"]), "memory": head["memory"]},
+                },
+            }
+        ]
+    }
+    # The head holds the ingress replicas: it gets their drain bound before it is killed.
+    grace = drain_bounds(s).head_grace_s
+    decorate(pod_spec, name, s, scheduling=head, grace_s=grace, model=False)
     return {
         # The head's CPUs are for Serve's controller, proxy and the ingress replicas.
         "rayStartParams": {"num-cpus": str(head["cpus"]), "dashboard-host": "0.0.0.0"},
         "template": {
             "metadata": {"labels": {NAME_LABEL: name, COMPONENT_LABEL: "head"}},
-            "spec": {
-                "containers": [
-                    {
-                        "name": "ray-head",
-                        "image": s["image"],
-                        "imagePullPolicy": s["imagePullPolicy"],
-                        "ports": [
-                            {"name": "gcs-server", "containerPort": 6379},
-                            {"name": "dashboard", "containerPort": 8265},
-                            {"name": "client", "containerPort": 10001},
-                            {"name": "serve", "containerPort": SERVE_PORT},
-                        ],
-                        "resources": {"requests": dict(size), "limits": dict(size)},
-                        "env": secret_env(name, s),
-                    }
-                ]
-            },
+            "spec": pod_spec,
         },
     }
 
@@ -220,8 +225,9 @@ def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
 def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     res = s["resources"]
     size: dict[str, str] = {"cpu": _cpu_quantity(res["cpus"]), "memory": res["memory"]}
+    gpu_resource = res["gpuResourceName"]
     if res["gpus"]:
-        size["nvidia.com/gpu"] = str(res["gpus"])
+        size[gpu_resource] = str(res["gpus"])
     pod_spec: dict[str, Any] = {
         "containers": [
             {
@@ -229,16 +235,17 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
                 "image": s["image"],
                 "imagePullPolicy": s["imagePullPolicy"],
                 "resources": {"requests": dict(size), "limits": dict(size)},
-                "env": secret_env(name, s),
             }
         ]
     }
-    if res.get("nodeSelector"):
-        pod_spec["nodeSelector"] = dict(res["nodeSelector"])
-    if res.get("tolerations"):
-        pod_spec["tolerations"] = [dict(t) for t in res["tolerations"]]
+    grace = drain_bounds(s).worker_grace_s
+    decorate(pod_spec, name, s, scheduling=res, grace_s=grace, model=True)
     # rayStartParams values are spliced into a shell command line, hence the quoted JSON.
     slot = '"' + json.dumps({MODEL_SLOT: 1}).replace('"', '\\"') + '"'
+    start_params = {"resources": slot}
+    if res["gpus"] and gpu_resource != DEFAULT_GPU_RESOURCE:
+        # KubeRay counts GPUs from resource names it knows; a MIG slice it does not.
+        start_params["num-gpus"] = str(res["gpus"])
     return {
         "groupName": WORKER_GROUP,
         # The pods a new Ray cluster starts with (creation, upgrade). KubeRay leaves a running
@@ -246,7 +253,7 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
         "replicas": desired_replicas(s),
         "minReplicas": 0,
         "maxReplicas": WORKER_POD_CEILING,
-        "rayStartParams": {"resources": slot},
+        "rayStartParams": start_params,
         "template": {
             "metadata": {"labels": {NAME_LABEL: name, COMPONENT_LABEL: "model"}},
             "spec": pod_spec,
@@ -289,7 +296,11 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
                 "rayVersion": s["rayVersion"],
                 # Always: Ray's autoscaler removes a worker pod only once Serve is done with it.
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"idleTimeoutSeconds": drain.pod_idle_timeout_s},
+                "autoscalerOptions": {
+                    "idleTimeoutSeconds": drain.pod_idle_timeout_s,
+                    # The autoscaler sidecar runs in the head pod: "restricted" too.
+                    "securityContext": container_security_context(s),
+                },
                 "headGroupSpec": _head_group(name, s),
                 "workerGroupSpecs": [_worker_group(name, s)],
             },

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "topP": shared.TOP_P,
         "maxNewTokens": shared.MAX_NEW_TOKENS,
     },
-    "resources": {"gpus": 0, "cpus": 1, "memory": "4Gi"},
+    "resources": {"gpus": 0, "cpus": 1, "memory": "4Gi", "gpuResourceName": "nvidia.com/gpu"},
     "ingress": {"replicas": shared.INGRESS_REPLICAS},
     "session": {
         "store": shared.SESSION_STORE,

@@ -1,8 +1,10 @@
 """Pure status logic: a RayService's status -> the ChatStream's status fields and conditions.
 
 Conditions:
-- Ready: the Serve application serves: RUNNING with the model deployment HEALTHY, or a scale
-  under way (the model deployment UPSCALING / DOWNSCALING while the other replicas serve).
+- Ready: the Serve application serves: RUNNING with the model deployment HEALTHY, a scale
+  under way (the model deployment UPSCALING / DOWNSCALING while the other replicas serve), or
+  a rebuild of an application that served (DEPLOYING: Serve replaces replicas in rolling
+  fashion). Every condition carries the observedGeneration it describes.
 - Progressing: a deployment, scale or cluster upgrade is under way. Its reason names the phase
   (`kubectl get chs` shows it): Creating, Deploying, Updating, Upgrading (a new Ray cluster),
   ScalingUp, ScalingDown (Serve drains the model replicas it removes), ReleasingPods (Serve is
@@ -192,20 +194,32 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
     return False, "Deploying", message, True, "Deploying", f"application {app_status.lower()}"
 
 
+def _was_ready(conditions: Sequence[Mapping[str, Any]]) -> bool:
+    return any(c.get("type") == READY and c.get("status") == "True" for c in conditions)
+
+
 def derive_status(
     name: str,
     namespace: str,
     rayservice: Mapping[str, Any] | None,
     conditions: Sequence[Mapping[str, Any]],
     now: str,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """The ChatStream status fields that follow from the RayService (InvalidSpec is left alone)."""
+    """The ChatStream status fields that follow from the RayService (InvalidSpec is left alone).
+    `generation`: the ChatStream generation these conditions describe (the one last acted on);
+    every condition carries it as observedGeneration, as Kubernetes' conventions ask."""
     replicas, ready_replicas = _counts(rayservice)
     ready, r_reason, r_msg, progressing, p_reason, p_msg = _readiness(rayservice)
+    if not ready and r_reason == "Deploying" and _was_ready(conditions):
+        # Serve rebuilds the application in rolling fashion (new arguments, options): the old
+        # replicas serve until new ones run, so the service stays Ready while it updates.
+        ready, r_reason = True, "Serving"
+        p_reason, p_msg = "Updating", "Serve replaces the replicas; the old ones serve meanwhile"
     if not r_msg:
         r_msg = f"{ready_replicas}/{replicas} model replicas ready"
-    conds = set_condition(conditions, READY, ready, r_reason, r_msg, now)
-    conds = set_condition(conds, PROGRESSING, progressing, p_reason, p_msg, now)
+    conds = set_condition(conditions, READY, ready, r_reason, r_msg, now, generation)
+    conds = set_condition(conds, PROGRESSING, progressing, p_reason, p_msg, now, generation)
     return {
         "replicas": replicas,
         "readyReplicas": ready_replicas,

@@ -55,6 +55,7 @@ CHATSTREAMS = "chatstream.dev/v1alpha1/chatstreams"
 RAYSERVICES = "ray.io/v1/rayservices"
 SECRETS = "v1/secrets"
 NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
+PDBS = "policy/v1/poddisruptionbudgets"
 HARNESS_HEADER = "X-ChatStream-Harness"  # marks the harness's own calls, which are not recorded
 
 # What the emulator serves: the operator's resources and kopf's own backbone resources.
@@ -66,6 +67,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
     SECRETS: {"kind": "Secret", "singular": "secret", "namespaced": True},
     NETWORKPOLICIES: {"kind": "NetworkPolicy", "singular": "networkpolicy", "namespaced": True},
+    PDBS: {"kind": "PodDisruptionBudget", "singular": "poddisruptionbudget", "namespaced": True},
     "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "namespaced": False},
     "apiextensions.k8s.io/v1/customresourcedefinitions": {
         "kind": "CustomResourceDefinition", "singular": "customresourcedefinition",
@@ -362,6 +364,7 @@ async def _scenario(
             "rayservice": rayservice(),
             "secret": child(SECRETS, f"{NAME}-chatstream"),
             "networkpolicy": child(NETWORKPOLICIES, f"{NAME}-ray"),
+            "disruptionbudget": child(PDBS, f"{NAME}-model"),
         }
 
     errors = _ErrorLogs()
@@ -442,15 +445,21 @@ async def _scenario(
             )
 
             async def open_the_policy() -> None:
-                # Someone admits everything to every port; the next reconcile closes it again.
+                # Someone admits everything to every port, and lets every model pod be evicted
+                # at once; the next reconcile puts both back.
                 await send("PATCH", np_path, {"spec": {"ingress": [{}]}})
+                pdb_path = f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets"
+                await send("PATCH", f"{pdb_path}/{NAME}-model", {"spec": {"maxUnavailable": 9}})
                 touch = {"metadata": {"annotations": {"example.com/touched": "again"}}}
                 await send("PATCH", f"{cs_path}/{NAME}", touch)
 
             await step(
                 "policy-drift",
                 open_the_policy(),
-                lambda: {} not in child(NETWORKPOLICIES, f"{NAME}-ray")["spec"]["ingress"],
+                lambda: (
+                    {} not in child(NETWORKPOLICIES, f"{NAME}-ray")["spec"]["ingress"]
+                    and child(PDBS, f"{NAME}-model")["spec"]["maxUnavailable"] == 1
+                ),
             )
             errors_before_delete = len(errors.messages)
             async with emulator.request("DELETE", f"{cs_path}/{NAME}", headers=headers) as resp:

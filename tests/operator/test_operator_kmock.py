@@ -244,6 +244,9 @@ def test_calls_are_recorded_as_rbac_verbs(run):
         ApiCall("get", "networking.k8s.io", "v1", "networkpolicies", True, None),
         ApiCall("create", "networking.k8s.io", "v1", "networkpolicies", True, None),
         ApiCall("patch", "networking.k8s.io", "v1", "networkpolicies", True, None),
+        ApiCall("get", "policy", "v1", "poddisruptionbudgets", True, None),
+        ApiCall("create", "policy", "v1", "poddisruptionbudgets", True, None),
+        ApiCall("patch", "policy", "v1", "poddisruptionbudgets", True, None),
         # Owner references with blockOwnerDeletion (kopf.adopt), as admission checks them.
         ApiCall("update", "chatstream.dev", "v1alpha1", "chatstreams", True, "finalizers"),
     }
@@ -263,4 +266,29 @@ def test_a_namespaced_operator_makes_only_namespaced_calls():
         ("", "events"),
         ("", "secrets"),
         ("networking.k8s.io", "networkpolicies"),
+        ("policy", "poddisruptionbudgets"),
     }
+
+
+def test_a_disruption_budget_keeps_the_model_pods_up_through_a_node_drain(run):
+    """One model pod evicted at a time; an edit of the budget is put back (policy-drift)."""
+    budget = run.snapshots["create"]["disruptionbudget"]
+    assert budget["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"chatstream.dev/name": NAME,
+                                     "chatstream.dev/component": "model"}},
+    }  # fmt: skip
+    (owner,) = budget["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("ChatStream", UID, True)
+    assert run.snapshots["policy-drift"]["disruptionbudget"]["spec"]["maxUnavailable"] == 1
+    # The pods it selects are the model pods the operator renders.
+    worker = run.snapshots["create"]["rayservice"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    labels = worker[0]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_conditions_carry_the_generation_they_describe(run):
+    for step in ("create", "scale", "ray-ready", "fixed"):
+        status = _cs_status(run, step)
+        generations = {c["type"]: c.get("observedGeneration") for c in status["conditions"]}
+        assert set(generations.values()) == {status["observedGeneration"]}, (step, generations)

@@ -122,3 +122,42 @@ def test_status_changes_are_only_the_differences():
     assert status_changes(derived, derived) == {}
     changed = status_changes({**derived, "readyReplicas": 2}, derived)
     assert changed == {"readyReplicas": 0}
+
+
+def test_every_condition_carries_the_generation_it_describes():
+    rs = _rayservice({"replicas": 3}, "RUNNING", "HEALTHY", readyWorkerReplicas=3)
+    conditions = set_condition([], INVALID_SPEC, False, "Valid", "", T0, 7)
+    status = derive_status("chat", "ns", rs, conditions, T0, 7)
+    assert {c["type"]: c.get("observedGeneration") for c in status["conditions"]} == {
+        INVALID_SPEC: 7,
+        READY: 7,
+        PROGRESSING: 7,
+    }
+
+
+def test_a_rebuild_of_a_serving_application_stays_ready():
+    """Serve rebuilds in rolling fashion (DEPLOYING, the model deployment UPDATING): the old
+    replicas keep serving, so Ready stays True while Progressing says Updating."""
+    serving = derive_status(
+        "chat", "ns", _rayservice({"replicas": 3}, "RUNNING", "HEALTHY", readyWorkerReplicas=3),
+        [], T0, 1,
+    )  # fmt: skip
+    rebuild = _rayservice({"replicas": 3}, "DEPLOYING", "UPDATING", readyWorkerReplicas=3)
+    status = derive_status("chat", "ns", rebuild, serving["conditions"], T1, 2)
+    assert (_cond(status, READY)["status"], _cond(status, READY)["reason"]) == ("True", "Serving")
+    assert _cond(status, READY)["lastTransitionTime"] == T0
+    assert (_cond(status, PROGRESSING)["status"], _cond(status, PROGRESSING)["reason"]) == (
+        "True",
+        "Updating",
+    )
+    # A first deployment has not served yet: not Ready.
+    first = derive_status("chat", "ns", rebuild, [], T0, 1)
+    assert _cond(first, READY)["status"] == "False"
+
+
+def test_conditions_are_a_list_map_keyed_by_type():
+    from tests.operator.crd_schema import chatstream_schema
+
+    conditions = chatstream_schema()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
