@@ -163,6 +163,13 @@ def validate(
                 f"spec.replicas ({full['replicas']}) must lie within the autoscaling bounds "
                 f"[{low}, {high}]; scale within them or remove spec.autoscaling"
             )
+    if (full.get("gcsFaultTolerance") or {}).get("externalStorageNamespace"):
+        problems.append(
+            "spec.gcsFaultTolerance.externalStorageNamespace is unsafe with KubeRay's new-cluster "
+            "upgrades: the old cluster's Redis cleanup deletes the namespace the new cluster uses "
+            "(ray-project/ray#39525, kuberay#5052); remove it (each Ray cluster then keeps its "
+            "state under its own uid)"
+        )
     if full["maxQueuedRequests"] == 0:
         problems.append(
             "spec.maxQueuedRequests must be -1 (no limit) or at least 1: "

@@ -7,6 +7,7 @@ rendered into the RayService (whose spec anyone with read access sees).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 
 import kubernetes_validate
@@ -42,7 +43,6 @@ REDIS_SPEC = {
     "gcsFaultTolerance": {
         "redisAddress": "chatstream-redis.chatstream-system.svc:6379",
         "redisPasswordSecretRef": {"name": "chat-redis", "key": "password"},
-        "externalStorageNamespace": "chat",
     },
 }
 
@@ -134,7 +134,9 @@ def test_the_redis_store_needs_a_url_secret():
 
 
 def test_gcs_fault_tolerance_is_rendered_for_kuberay(kuberay):
-    rs = render_rayservice("chat", REDIS_SPEC)
+    shared = copy.deepcopy(REDIS_SPEC)
+    shared["gcsFaultTolerance"]["externalStorageNamespace"] = "chat"
+    rs = render_rayservice("chat", shared)
     assert rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] == {
         "redisAddress": "chatstream-redis.chatstream-system.svc:6379",
         "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "chat-redis", "key": "password"}}},
@@ -226,3 +228,13 @@ def test_the_redis_example_is_valid_and_renders_for_kuberay(kuberay):
     assert ChatStreamConfig.model_validate(app["args"]).session_store == "redis"
     env = {e["name"] for c in _containers(rs) for e in c["env"]}
     assert "CHATSTREAM_REDIS_URL" in env
+
+
+def test_a_shared_external_storage_namespace_is_refused():
+    """With new-cluster upgrades, the old cluster's Redis cleanup Job deletes the namespace the
+    new cluster uses (ray-project/ray#39525, kuberay#5052): refused, saying what to do."""
+    spec = copy.deepcopy(REDIS_SPEC)
+    spec["gcsFaultTolerance"]["externalStorageNamespace"] = "chat"
+    (problem,) = validate(spec)
+    assert problem.startswith("spec.gcsFaultTolerance.externalStorageNamespace")
+    assert "remove it" in problem
