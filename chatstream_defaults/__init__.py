@@ -16,6 +16,8 @@ MAX_QUEUED_REQUESTS = 64
 # Ongoing requests per model replica that autoscaling aims for (3/4 of the slots).
 TARGET_ONGOING_REQUESTS = 24
 INGRESS_REPLICAS = 1
+# CPUs reserved per ingress replica (it mostly waits on the network and the model).
+INGRESS_NUM_CPUS = 0.5
 RETRY_AFTER_SEC = 1
 STREAM_INTERVAL_MS = 0
 

@@ -139,7 +139,7 @@ class ChatStreamConfig(BaseModel):
     )
     ingress_replicas: int = Field(shared.INGRESS_REPLICAS, ge=1)
     ingress_num_cpus: float = Field(
-        0.5,
+        shared.INGRESS_NUM_CPUS,
         ge=0.0,
         description="CPUs reserved per ingress replica: it mostly waits on the network and the "
         "model, so two fit beside a model replica on a 2-core machine",

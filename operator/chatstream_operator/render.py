@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+import chatstream_defaults as shared
+
 from . import (
     COMPONENT_LABEL,
     MANAGED_BY_LABEL,
@@ -49,6 +51,11 @@ MODEL_DEPLOYMENT_NAME = "ChatModel"
 INGRESS_DEPLOYMENT_NAME = "ChatStreamIngress"
 
 MODEL_SLOT = "chatstream_model"
+# Offered by the head only, and asked for by each ingress replica, so that no ingress replica
+# lands on a model pod: one there would keep the pod (and its GPU) from ever being idle and
+# released. The head offers more than any valid spec uses (ingress.replicas <= head.cpus <= 256).
+HEAD_SLOT = "chatstream_head"
+HEAD_SLOTS = 1000
 SERVE_PORT = 8000
 WORKER_GROUP = "model"
 # The worker group's maxReplicas. KubeRay never copies a changed min/maxReplicas of a RayService
@@ -160,10 +167,15 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def ingress_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Serve deployment options of the ingress: its drain bounds (applied without a restart)."""
+    """Serve deployment options of the ingress: its drain bounds (applied without a restart),
+    and its place: the head pod (HEAD_SLOT)."""
     drain = drain_bounds(spec)
     return {
         "name": INGRESS_DEPLOYMENT_NAME,
+        "ray_actor_options": {
+            "num_cpus": shared.INGRESS_NUM_CPUS,
+            "resources": {HEAD_SLOT: 1},
+        },
         "graceful_shutdown_timeout_s": drain.ingress_s,
         "graceful_shutdown_wait_loop_s": drain.wait_loop_s,
     }
@@ -186,6 +198,11 @@ def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def _cpu_quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
+
+
+def _ray_resources(resources: Mapping[str, int]) -> str:
+    """A rayStartParams `resources` value: spliced into a shell command line, hence quoted JSON."""
+    return '"' + json.dumps(dict(resources)).replace('"', '\\"') + '"'
 
 
 def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,7 +231,11 @@ def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     decorate(pod_spec, name, s, scheduling=head, grace_s=grace, model=False)
     return {
         # The head's CPUs are for Serve's controller, proxy and the ingress replicas.
-        "rayStartParams": {"num-cpus": str(head["cpus"]), "dashboard-host": "0.0.0.0"},
+        "rayStartParams": {
+            "num-cpus": str(head["cpus"]),
+            "dashboard-host": "0.0.0.0",
+            "resources": _ray_resources({HEAD_SLOT: HEAD_SLOTS}),
+        },
         "template": {
             "metadata": {"labels": {NAME_LABEL: name, COMPONENT_LABEL: "head"}},
             "spec": pod_spec,
@@ -240,9 +261,7 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     }
     grace = drain_bounds(s).worker_grace_s
     decorate(pod_spec, name, s, scheduling=res, grace_s=grace, model=True)
-    # rayStartParams values are spliced into a shell command line, hence the quoted JSON.
-    slot = '"' + json.dumps({MODEL_SLOT: 1}).replace('"', '\\"') + '"'
-    start_params = {"resources": slot}
+    start_params = {"resources": _ray_resources({MODEL_SLOT: 1})}
     if res["gpus"] and gpu_resource != DEFAULT_GPU_RESOURCE:
         # KubeRay counts GPUs from resource names it knows; a MIG slice it does not.
         start_params["num-gpus"] = str(res["gpus"])
