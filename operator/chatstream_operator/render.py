@@ -63,8 +63,18 @@ WORKER_GROUP = "model"
 # scale-up past it. No ceiling (KubeRay's own default) instead: the pods never outnumber the
 # model replicas, because the autoscaler adds a pod only for a replica that waits for a slot.
 WORKER_POD_CEILING = 2**31 - 1
-# KubeRay's zero-downtime upgrade: a new Ray cluster, traffic switched once it serves.
+# KubeRay's zero-downtime upgrade by default: a new Ray cluster, traffic switched once it serves
+# (spec.upgradeStrategy; NewClusterWithIncrementalUpgrade shifts traffic step by step).
 UPGRADE_STRATEGY = "NewCluster"
+
+
+def upgrade_strategy(s: Mapping[str, Any]) -> dict[str, Any]:
+    """KubeRay's upgradeStrategy for the spec's (with defaults)."""
+    upgrade = s["upgradeStrategy"]
+    strategy: dict[str, Any] = {"type": upgrade.get("type") or UPGRADE_STRATEGY}
+    if strategy["type"] != UPGRADE_STRATEGY and upgrade.get("clusterUpgradeOptions"):
+        strategy["clusterUpgradeOptions"] = dict(upgrade["clusterUpgradeOptions"])
+    return strategy
 
 
 def serve_service_name(name: str) -> str:
@@ -307,7 +317,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         "kind": "RayService",
         "metadata": {"name": name, "labels": labels(name)},
         "spec": {
-            "upgradeStrategy": {"type": UPGRADE_STRATEGY},
+            "upgradeStrategy": upgrade_strategy(s),
             # The old cluster after an upgrade finishes the streams it holds.
             "rayClusterDeletionDelaySeconds": drain.cluster_deletion_delay_s,
             "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),

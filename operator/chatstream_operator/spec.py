@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
     "rayVersion": "2.60.0",
     "head": {"cpus": 2, "memory": "4Gi"},
+    "upgradeStrategy": {"type": "NewCluster"},
     # How long a scale-down or an upgrade may take (see drain.py).
     "drain": {
         "timePerTokenSec": shared.DRAIN_TIME_PER_TOKEN_SEC,
@@ -169,6 +170,15 @@ def validate(
             "upgrades: the old cluster's Redis cleanup deletes the namespace the new cluster uses "
             "(ray-project/ray#39525, kuberay#5052); remove it (each Ray cluster then keeps its "
             "state under its own uid)"
+        )
+    upgrade = full["upgradeStrategy"]
+    if upgrade["type"] == "NewClusterWithIncrementalUpgrade" and not upgrade.get(
+        "clusterUpgradeOptions"
+    ):
+        problems.append(
+            "spec.upgradeStrategy.clusterUpgradeOptions is required with "
+            "NewClusterWithIncrementalUpgrade: name the Gateway API class (gatewayClassName), "
+            "stepSizePercent and intervalSeconds"
         )
     if full["maxQueuedRequests"] == 0:
         problems.append(

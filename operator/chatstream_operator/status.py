@@ -158,6 +158,27 @@ def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
     return replicas, max(0, min(ready, replicas))
 
 
+def _upgrade_message(status: Mapping[str, Any]) -> str:
+    """What an upgrade waits for: the new cluster's pods, which need the cluster's resources a
+    second time while the old cluster serves (GPUs twice, with NewCluster)."""
+    pending = status.get("pendingServiceStatus") or {}
+    name = pending.get("rayClusterName")
+    cluster = pending.get("rayClusterStatus") or {}
+    ready, desired = cluster.get("readyWorkerReplicas"), cluster.get("desiredWorkerReplicas")
+    message = f"new Ray cluster {name}"
+    if isinstance(desired, int) and desired and (ready or 0) < desired:
+        message += (
+            f": {ready or 0}/{desired} worker pods ready; it needs the cluster's resources a "
+            "second time while the old one serves (GPUs twice): pods that stay Pending mean "
+            "the cluster lacks room (kubectl get pods; free capacity or use "
+            "upgradeStrategy NewClusterWithIncrementalUpgrade)"
+        )
+    elif (pending.get("applicationStatuses") or {}).get(DEFAULT_APP_NAME):
+        app = pending["applicationStatuses"][DEFAULT_APP_NAME].get("status", "").lower()
+        message += f": the Serve application is {app}" if app else ""
+    return message
+
+
 def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bool, str, str]:
     """(ready, reason, message, progressing, reason, message) from the RayService."""
     if rayservice is None:
@@ -172,6 +193,7 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
     app_status, model_status, message = _serve_state(rayservice)
     status = rayservice.get("status") or {}
     pending = (status.get("pendingServiceStatus") or {}).get("rayClusterName")
+    upgrading = _upgrade_message(status) if pending else ""
     generation = (rayservice.get("metadata") or {}).get("generation")
     seen = status.get("observedGeneration")
     behind = generation is not None and seen is not None and seen < generation
@@ -179,7 +201,7 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
     scaling = app_status == "DEPLOYING" and model_status in SERVING_MODEL_STATES[1:]
     if (app_status == "RUNNING" and model_status in SERVING_MODEL_STATES) or scaling:
         if pending:
-            return True, "Serving", message, True, "Upgrading", f"new Ray cluster {pending}"
+            return True, "Serving", message, True, "Upgrading", upgrading
         if behind:
             return True, "Serving", message, True, "Updating", "KubeRay has not seen the change yet"
         phase, detail = _scale_phase(rayservice, model_status)

@@ -161,3 +161,15 @@ def test_conditions_are_a_list_map_keyed_by_type():
     conditions = chatstream_schema()["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_an_upgrade_that_waits_for_resources_says_so():
+    rs = _rayservice({"replicas": 3}, "RUNNING", "HEALTHY", readyWorkerReplicas=3)
+    rs["status"]["pendingServiceStatus"] = {
+        "rayClusterName": "chat-raycluster-new",
+        "rayClusterStatus": {"readyWorkerReplicas": 1, "desiredWorkerReplicas": 3},
+    }
+    progressing = _cond(derive_status("chat", "ns", rs, [], T0), PROGRESSING)
+    assert progressing["reason"] == "Upgrading"
+    assert "1/3 worker pods ready" in progressing["message"]
+    assert "Pending" in progressing["message"] and "GPUs twice" in progressing["message"]

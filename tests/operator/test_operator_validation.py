@@ -74,3 +74,24 @@ def test_a_negative_count_never_shows_as_replicas():
     rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = -5
     status = derive_status("chat", "ns", rs, [], "2026-01-01T00:00:00Z")
     assert (status["replicas"], status["readyReplicas"]) == (0, 0)
+
+
+def test_the_upgrade_strategy_is_the_specs():
+    from chatstream_operator.render import render_rayservice
+
+    from tests.operator.crd_schema import KUBERAY_CRD_PATH, errors, load_crd, validator_for
+
+    assert render_rayservice("chat", {})["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    options = {"gatewayClassName": "istio", "stepSizePercent": 25, "intervalSeconds": 30}
+    spec = {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade",
+                                "clusterUpgradeOptions": options}}  # fmt: skip
+    assert validate(spec) == []
+    rs = render_rayservice("chat", spec)
+    assert rs["spec"]["upgradeStrategy"] == {
+        "type": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": options,
+    }
+    assert errors(validator_for(load_crd(KUBERAY_CRD_PATH), "v1"), rs) == []
+    (problem,) = validate({"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}})
+    assert problem.startswith("spec.upgradeStrategy.clusterUpgradeOptions is required")
+    assert validate({"upgradeStrategy": {"type": "Rolling"}})
