@@ -24,6 +24,7 @@ import kopf
 import kubernetes
 
 from . import (
+    COMPONENT_LABEL,
     GROUP,
     KIND,
     MANAGED_BY_LABEL,
@@ -211,7 +212,20 @@ async def apply_rayservice(
         changes = merge_patch(current, _with_removals(current, desired))
         if not changes:
             return "unchanged", current
-        return "updated", await kube.patch_rayservice(namespace, name, changes)
+        updated = await kube.patch_rayservice(namespace, name, changes)
+    if _tolerations(current) != _tolerations(desired):
+        kopf.warn(
+            body,  # type: ignore[arg-type]
+            reason="TolerationsNotRolled",
+            message=(
+                "KubeRay applies changed tolerations to new pods only (they are outside its "
+                "cluster hash): the running Ray pods keep the old ones. To move them, delete "
+                "the model pods one at a time (kubectl get pods -l "
+                f"{NAME_LABEL}={name},{COMPONENT_LABEL}=model; kubectl delete pod POD) or change "
+                "a field that starts a new Ray cluster"
+            ),
+        )
+    return "updated", updated
 
 
 # Fields the renderer sets only when the spec asks for them: absent in the rendering means
@@ -229,6 +243,15 @@ def _with_removals(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[
         if isinstance(have, Mapping) and key in have and isinstance(want, dict):
             want.setdefault(key, None)
     return desired
+
+
+def _tolerations(rayservice: Mapping[str, Any]) -> list[Any]:
+    """The head's and the worker groups' tolerations, in order."""
+    cluster = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
+    groups = [cluster.get("headGroupSpec") or {}, *(cluster.get("workerGroupSpecs") or [])]
+    return [
+        ((g.get("template") or {}).get("spec") or {}).get("tolerations") or [] for g in groups
+    ]
 
 
 def _deleting(body: Mapping[str, Any]) -> bool:

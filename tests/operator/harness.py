@@ -56,6 +56,7 @@ RAYSERVICES = "ray.io/v1/rayservices"
 SECRETS = "v1/secrets"
 NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
 PDBS = "policy/v1/poddisruptionbudgets"
+LONG_NAME = "chat-" + "x" * 43  # 48 characters: one more than KubeRay takes
 HARNESS_HEADER = "X-ChatStream-Harness"  # marks the harness's own calls, which are not recorded
 
 # What the emulator serves: the operator's resources and kopf's own backbone resources.
@@ -509,6 +510,8 @@ class RecreateResult:
     new_uid: str
     invalid_image: dict[str, Any]  # the ChatStream with an image outside the allow-list
     invalid_image_rayservice: dict[str, Any] | None  # its RayService (none, it must be)
+    invalid_name: dict[str, Any]  # a ChatStream whose name KubeRay refuses
+    invalid_name_rayservice: dict[str, Any] | None  # its RayService (none)
     finalizers: list[str]  # metadata.finalizers of the reconciled ChatStream
     gone_after_uninstall: bool  # deleted with no operator running: gone at once, not stuck
     operator_survived: bool
@@ -592,6 +595,9 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
             await send("POST", cs_path, chatstream(NAME, new_uid, spec))
             bad = {**copy.deepcopy(SPEC), "image": "evil.example.com/miner:1"}
             await send("POST", cs_path, chatstream("evil", str(uuid.uuid4()), bad))
+            # A name KubeRay refuses for the RayService (over 47 characters).
+            spec_ok = {**copy.deepcopy(SPEC), "image": image}
+            await send("POST", cs_path, chatstream(LONG_NAME, str(uuid.uuid4()), spec_ok))
             await _wait(
                 "waiting for the old RayService",
                 lambda: any("deleted ChatStream of the same name" in m for m in errors.messages),
@@ -615,13 +621,14 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
             rayservice = await _wait("re-created", lambda: created(RAYSERVICES, NAME), timeout)
             policy = await _wait("policy", lambda: created(NETWORKPOLICIES, f"{NAME}-ray"), timeout)
 
-            def invalid() -> dict[str, Any] | None:
-                obj = get(CHATSTREAMS, "evil")
+            def invalid(name: str = "evil") -> dict[str, Any] | None:
+                obj = get(CHATSTREAMS, name)
                 conds = ((obj or {}).get("status") or {}).get("conditions") or []
                 return obj if any(c["type"] == "InvalidSpec" and c["status"] == "True"
                                   for c in conds) else None  # fmt: skip
 
             invalid_image = await _wait("invalid image", invalid, timeout)
+            invalid_name = await _wait("invalid name", lambda: invalid(LONG_NAME), timeout)
             await asyncio.sleep(0.5)
             finalizers = list(get(CHATSTREAMS, NAME)["metadata"].get("finalizers") or [])
             survived = not task.done()
@@ -641,6 +648,8 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
         new_uid=new_uid,
         invalid_image=invalid_image,
         invalid_image_rayservice=get(RAYSERVICES, "evil"),
+        invalid_name=invalid_name,
+        invalid_name_rayservice=get(RAYSERVICES, LONG_NAME),
         finalizers=finalizers,
         gone_after_uninstall=gone,
         operator_survived=survived,

@@ -176,3 +176,19 @@ async def test_gcs_fault_tolerance_is_removed_when_the_spec_drops_it(api):
     fake = api(current=with_ft)
     spec = {"gcsFaultTolerance": {"redisAddress": "redis:6379"}}
     assert (await handlers.apply_rayservice(OWNER, spec, "chat", "ns"))[0] == "unchanged"
+
+
+async def test_a_toleration_change_says_that_running_pods_keep_the_old_ones(api, posted):
+    """KubeRay (1.5.2+) leaves tolerations out of its cluster hash: the change reaches new pods
+    only, while the status would read Stable. The operator says so, and what to do."""
+    api(current=_owned({"replicas": 2}))
+    gpu = {"replicas": 2, "resources": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}}
+    action, _ = await handlers.apply_rayservice(OWNER, gpu, "chat", "ns")
+    assert action == "updated"
+    ((kind, event),) = posted
+    assert (kind, event["reason"]) == ("Warning", "TolerationsNotRolled")
+    assert "delete the model pods one at a time" in event["message"]
+    posted.clear()
+    api(current=_owned({"replicas": 2}))
+    await handlers.apply_rayservice(OWNER, {"replicas": 3}, "chat", "ns")
+    assert posted == []
