@@ -96,6 +96,9 @@ SPEC: dict[str, Any] = {
     "maxOngoingRequests": 4,
     "maxQueuedRequests": 16,
     "resources": {"cpus": 1, "memory": "1Gi"},
+    # A first install's pod surface: a private registry and a model cache.
+    "imagePullSecrets": [{"name": "regcred"}],
+    "modelCache": {"size": "10Gi", "storageClassName": "standard"},
 }
 
 

@@ -292,3 +292,20 @@ def test_conditions_carry_the_generation_they_describe(run):
         status = _cs_status(run, step)
         generations = {c["type"]: c.get("observedGeneration") for c in status["conditions"]}
         assert set(generations.values()) == {status["observedGeneration"]}, (step, generations)
+
+
+def test_the_pods_of_the_created_rayservice_pass_pod_security_restricted(run):
+    """What the real operator created through the API: restricted pods, the pull secret on the
+    head and the workers, the model cache on the workers."""
+    from pod_security import violations
+
+    cluster = run.snapshots["create"]["rayservice"]["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (worker,) = [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    sidecar = {"name": "autoscaler", "image": "x",
+               "securityContext": cluster["autoscalerOptions"]["securityContext"]}  # fmt: skip
+    assert violations({**head, "containers": [*head["containers"], sidecar]}) == []
+    assert violations(worker) == []
+    for pod in (head, worker):
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert [v["name"] for v in worker["volumes"]] == ["model-cache"]

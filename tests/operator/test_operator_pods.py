@@ -228,3 +228,28 @@ def test_the_full_surface_is_valid_for_kuberay_and_the_crd():
     assert validate(spec, name="chat") == []
     kuberay = validator_for(load_crd(KUBERAY_CRD_PATH), "v1")
     assert errors(kuberay, render_rayservice("chat", spec)) == []
+
+
+# The oldest Kubernetes the chart claims (Chart.yaml kubeVersion >=1.29) and the tested one.
+KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_pods_and_the_disruption_budget_are_valid_kubernetes(version):
+    import kubernetes_validate
+    from chatstream_operator.disruption import render_disruption_budget
+
+    spec = {
+        **GPU,
+        "imagePullSecrets": [{"name": "regcred"}],
+        "modelCache": {"size": "50Gi", "storageClassName": "fast"},
+        "runtimeClassName": "nvidia",
+        "priorityClassName": "high",
+        "head": {"tolerations": [{"key": "cpu", "operator": "Exists"}]},
+    }
+    for kind, pod_spec in _pods(render_rayservice("chat", spec)).items():
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": kind}, "spec": pod_spec}
+        kubernetes_validate.validate(pod, version, strict=True)
+    budget = render_disruption_budget("chat")
+    kubernetes_validate.validate({**budget, "metadata": {**budget["metadata"],
+                                                         "namespace": "ns"}}, version, strict=True)
