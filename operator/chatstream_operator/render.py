@@ -50,6 +50,12 @@ DEFAULT_APP_NAME = "chatstream"
 MODEL_DEPLOYMENT_NAME = "ChatModel"
 INGRESS_DEPLOYMENT_NAME = "ChatStreamIngress"
 
+# spec.autoscaling's optional timing -> Serve's autoscaling_config (Serve's defaults if unset).
+AUTOSCALING_DELAYS = {
+    "upscaleDelaySec": "upscale_delay_s",
+    "downscaleDelaySec": "downscale_delay_s",
+    "lookBackPeriodSec": "look_back_period_s",
+}
 MODEL_SLOT = "chatstream_model"
 # Offered by the head only, and asked for by each ingress replica, so that no ingress replica
 # lands on a model pod: one there would keep the pod (and its GPU) from ever being idle and
@@ -162,6 +168,9 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
             "max_replicas": bounds["maxReplicas"],
             "target_ongoing_requests": bounds["targetOngoingRequests"],
         }
+        for field, option in AUTOSCALING_DELAYS.items():
+            if bounds.get(field) is not None:
+                deployment["autoscaling_config"][option] = bounds[field]
     else:
         deployment["num_replicas"] = desired_replicas(s)
     deployment["max_ongoing_requests"] = s["maxOngoingRequests"]

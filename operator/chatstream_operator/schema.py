@@ -74,8 +74,11 @@ def schema_problems(value: Any, schema: Mapping[str, Any], path: str) -> list[st
     if "enum" in schema and value not in schema["enum"]:
         problems.append(f"{path} ({value!r}) must be one of {', '.join(map(str, schema['enum']))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            problems.append(f"{path} ({value}) must be at least {schema['minimum']}")
+        if "minimum" in schema:
+            if schema.get("exclusiveMinimum") is True and value <= schema["minimum"]:
+                problems.append(f"{path} ({value}) must be more than {schema['minimum']}")
+            elif value < schema["minimum"]:
+                problems.append(f"{path} ({value}) must be at least {schema['minimum']}")
         if "maximum" in schema and value > schema["maximum"]:
             problems.append(f"{path} ({value}) must be at most {schema['maximum']}")
     if isinstance(value, str):

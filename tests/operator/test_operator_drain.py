@@ -111,6 +111,9 @@ CHANGES: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("autoscaling bounds", AUTO, {"autoscaling": {"minReplicas": 2, "maxReplicas": 9,
                                                   "targetOngoingRequests": 1}},
      "in-place", "same-cluster"),
+    ("autoscaling delays", AUTO, {"autoscaling": {"upscaleDelaySec": 5, "downscaleDelaySec": 300,
+                                                  "lookBackPeriodSec": 20}},
+     "in-place", "same-cluster"),
     # Serve's code version covers the deployments' autoscaling policies: on or off rebuilds.
     ("fixed to autoscaling", {}, AUTO, "rebuild", "same-cluster"),
     ("concurrency", {}, {"maxOngoingRequests": 8, "maxQueuedRequests": 4}, "rebuild",

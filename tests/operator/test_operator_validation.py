@@ -95,3 +95,26 @@ def test_the_upgrade_strategy_is_the_specs():
     (problem,) = validate({"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}})
     assert problem.startswith("spec.upgradeStrategy.clusterUpgradeOptions is required")
     assert validate({"upgradeStrategy": {"type": "Rolling"}})
+
+
+def test_an_exclusive_minimum_is_exclusive():
+    (problem,) = validate({"autoscaling": {"maxReplicas": 2, "targetOngoingRequests": 0}})
+    assert problem.startswith("spec.autoscaling.targetOngoingRequests (0) must be more than 0")
+
+
+def test_autoscaling_delays_reach_serve_in_place():
+    """Serve's upscale/downscale delays and look-back period: autoscaling_config options, which
+    Serve applies without a rebuild (like the bounds)."""
+    from chatstream_operator.render import model_deployment
+    from ray.serve.config import AutoscalingConfig
+
+    timing = {"upscaleDelaySec": 5, "downscaleDelaySec": 300, "lookBackPeriodSec": 20}
+    spec = {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, **timing}}
+    assert validate(spec) == []
+    config = model_deployment(spec)["autoscaling_config"]
+    assert (config["upscale_delay_s"], config["downscale_delay_s"]) == (5, 300)
+    assert config["look_back_period_s"] == 20
+    AutoscalingConfig(**config)  # Serve accepts it
+    plain = model_deployment({"autoscaling": {"maxReplicas": 4}})["autoscaling_config"]
+    assert "upscale_delay_s" not in plain  # Serve's defaults
+    assert validate({"autoscaling": {"maxReplicas": 4, "lookBackPeriodSec": 0}})
