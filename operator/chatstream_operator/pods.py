@@ -7,8 +7,10 @@ real GPU cluster needs beyond the containers' size.
   it adds to the workers;
 - image pull secrets on both pods (KubeRay gives the head its own ServiceAccount with in-tree
   autoscaling, so the namespace default ServiceAccount's pull secrets never reach it);
-- environment: the Secret references (credentials.py), a Hugging Face token from a Secret
-  (`model.tokenSecretRef` -> HF_TOKEN) and the spec's own `env`;
+- environment: the Secret references (credentials.py) on the head only, where the ingress
+  replicas that use them run (the model pods never see the signing key, admin token, API keys
+  or Redis URL), a Hugging Face token from a Secret (`model.tokenSecretRef` -> HF_TOKEN) and the
+  spec's own `env` on both;
 - volumes: a model cache at HF_HOME on the model pods, and the spec's own volumes;
 - scheduling: runtimeClassName and the GPU resource name (model pods), priorityClassName,
   nodeSelector / tolerations / affinity per pod kind;
@@ -63,9 +65,10 @@ def container_security_context(s: Mapping[str, Any]) -> dict[str, Any]:
     return _merged(CONTAINER_SECURITY_CONTEXT, s.get("containerSecurityContext"))
 
 
-def container_env(name: str, s: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Secret references first, then the Hugging Face token, then the spec's own env."""
-    env = secret_env(name, s)
+def container_env(name: str, s: Mapping[str, Any], *, model: bool) -> list[dict[str, Any]]:
+    """The service's Secret references (head only: the ingress replicas, which alone use them,
+    run there), then the Hugging Face token, then the spec's own env."""
+    env = [] if model else secret_env(name, s)
     token = s["model"].get("tokenSecretRef")
     if token:
         ref = {"name": token["name"], "key": token["key"]}
@@ -102,7 +105,7 @@ def decorate(
 ) -> dict[str, Any]:
     """Add the shared pod surface to a rendered head or worker pod spec (its one container)."""
     (container,) = pod_spec["containers"]
-    container["env"] = container_env(name, s)
+    container["env"] = container_env(name, s, model=model)
     container["securityContext"] = container_security_context(s)
     pod_spec["securityContext"] = pod_security_context(s)
     pod_spec["terminationGracePeriodSeconds"] = grace_s

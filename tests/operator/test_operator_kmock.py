@@ -84,9 +84,11 @@ def test_the_generated_secret_is_created_once_and_owned(run):
     assert {c.verb for c in creates} == {"create"}  # the operator never reads a Secret
 
 
-def test_the_pods_read_secrets_from_the_generated_secret(run):
+def test_the_head_reads_secrets_from_the_generated_secret_and_the_workers_none(run):
     cluster = _rs(run, "create")["spec"]["rayClusterConfig"]
-    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+    (worker,) = cluster["workerGroupSpecs"]
+    assert worker["template"]["spec"]["containers"][0]["env"] == []
+    for group in [cluster["headGroupSpec"]]:
         (container,) = group["template"]["spec"]["containers"]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
         assert refs["CHATSTREAM_SESSION_SECRET"] == {

@@ -71,7 +71,9 @@ def test_env_var_names_are_serve_apps():
         assert getattr(serve_config, constant) == literal, constant
 
 
-def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
+def test_referenced_secrets_reach_the_head_only_as_secret_key_refs(kuberay):
+    """The ingress replicas, which alone read these, run on the head (pinned there); the GPU
+    workers never see the signing key, admin token, API keys or Redis URL."""
     rs = render_rayservice("chat", REDIS_SPEC)
     assert errors(kuberay, rs) == []
     expected = [
@@ -85,9 +87,9 @@ def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
          "valueFrom": {"secretKeyRef": {"name": "chat-api-keys", "key": "keys"}}},
     ]  # fmt: skip
     containers = _containers(rs)
-    assert len(containers) == 2
-    for container in containers:
-        assert container["env"] == expected
+    head, worker = containers
+    assert head["env"] == expected
+    assert worker["env"] == []
     # Nothing is written as a literal anywhere: no env `value`, no URL in the Serve config.
     assert not any("value" in e for c in containers for e in c["env"])
     (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
@@ -97,7 +99,7 @@ def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
 
 def test_without_references_the_generated_secret_is_used():
     rs = render_rayservice("chat", {"engine": "mock"})
-    for container in _containers(rs):
+    for container in _containers(rs)[:1]:  # the head
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
         assert refs == {
             "CHATSTREAM_SESSION_SECRET": {"name": "chat-chatstream", "key": "session-secret"},
