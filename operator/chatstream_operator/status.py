@@ -179,6 +179,28 @@ def _upgrade_message(status: Mapping[str, Any]) -> str:
     return message
 
 
+def _head_ready(cluster: Mapping[str, Any]) -> bool:
+    conditions = cluster.get("conditions") or []
+    return cluster.get("state") == "ready" or any(
+        c.get("type") == "HeadPodReady" and c.get("status") == "True" for c in conditions
+    )
+
+
+def _no_serve_status(status: Mapping[str, Any]) -> str:
+    """Why there is no Serve status yet. A Ray cluster whose head runs but whose application
+    KubeRay never reports is, most often, a KubeRay that cannot reach the head's dashboard: the
+    NetworkPolicy admits only the control-plane peers (KubeRay in kuberay-system by default)."""
+    cluster = (status.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
+    if not _head_ready(cluster):
+        return "no Serve status yet"
+    return (
+        "the Ray head runs but KubeRay reports no Serve application yet: KubeRay deploys it "
+        "through the head's dashboard (port 8265), which the NetworkPolicy opens only to the "
+        "control-plane peers; if KubeRay runs outside the namespace kuberay-system, allow it with "
+        "the operator's --control-plane-peers (chart: networkPolicy.controlPlanePeers)"
+    )
+
+
 def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bool, str, str]:
     """(ready, reason, message, progressing, reason, message) from the RayService."""
     if rayservice is None:
@@ -212,7 +234,7 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
         reason = "DeployFailed" if app_status == "DEPLOY_FAILED" else "Unhealthy"
         return False, reason, message, False, reason, message
     if not app_status:
-        return False, "WaitingForRayCluster", message, True, "Creating", "no Serve status yet"
+        return False, "WaitingForRayCluster", message, True, "Creating", _no_serve_status(status)
     return False, "Deploying", message, True, "Deploying", f"application {app_status.lower()}"
 
 

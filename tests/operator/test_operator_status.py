@@ -173,3 +173,17 @@ def test_an_upgrade_that_waits_for_resources_says_so():
     assert progressing["reason"] == "Upgrading"
     assert "1/3 worker pods ready" in progressing["message"]
     assert "Pending" in progressing["message"] and "GPUs twice" in progressing["message"]
+
+
+def test_a_running_head_without_serve_status_names_the_likely_network_policy_block():
+    """KubeRay outside kuberay-system cannot reach the dashboard through the NetworkPolicy: the
+    Serve application never deploys. The status says where to look."""
+    rs = _rayservice({"replicas": 1})
+    rs["status"] = {"activeServiceStatus": {"rayClusterStatus": {
+        "state": "ready", "conditions": [{"type": "HeadPodReady", "status": "True"}]}}}  # fmt: skip
+    progressing = _cond(derive_status("chat", "ns", rs, [], T0), PROGRESSING)
+    assert progressing["reason"] == "Creating"
+    assert "--control-plane-peers" in progressing["message"]
+    assert "kuberay-system" in progressing["message"]
+    fresh = _cond(derive_status("chat", "ns", _rayservice({"replicas": 1}), [], T0), PROGRESSING)
+    assert "control-plane" not in fresh["message"]
