@@ -20,7 +20,7 @@ from crd_schema import (
     version_of,
 )
 
-SAMPLES = ["chatstream-sample.yaml", "chatstream-mock.yaml"]
+SAMPLES = ["chatstream-sample.yaml", "chatstream-mock.yaml", "chatstream-gpu.yaml"]
 
 # Names of built-in resources (kubectl api-resources) that a short name must not shadow.
 BUILTIN_SHORT_NAMES = {

@@ -253,3 +253,28 @@ def test_the_pods_and_the_disruption_budget_are_valid_kubernetes(version):
     budget = render_disruption_budget("chat")
     kubernetes_validate.validate({**budget, "metadata": {**budget["metadata"],
                                                          "namespace": "ns"}}, version, strict=True)
+
+
+def test_the_gpu_walk_through_is_the_example_and_renders_restricted_pods():
+    """operator/README.md's "Installing on a GPU cluster" ChatStream is examples/chatstream-gpu.yaml
+    (so the walk-through is tested): valid, restricted, and valid for KubeRay."""
+    import pathlib
+    import re
+
+    import yaml
+    from chatstream_operator.spec import validate
+
+    from tests.operator.crd_schema import ROOT, load_sample
+
+    readme = (ROOT / "operator" / "README.md").read_text()
+    section = readme[readme.index("**4. The ChatStream.**") :]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    sample = load_sample("chatstream-gpu.yaml")
+    assert yaml.safe_load(block) == sample
+    assert pathlib.Path(ROOT / "operator" / "examples" / "chatstream-gpu.yaml").is_file()
+    name, spec = sample["metadata"]["name"], sample["spec"]
+    assert validate(spec, name=name) == []
+    rs = render_rayservice(name, spec)
+    for pod in _pods(rs).values():
+        assert violations(pod) == []
+    assert errors(validator_for(load_crd(KUBERAY_CRD_PATH), "v1"), rs) == []
