@@ -363,22 +363,47 @@ async def follow_rayservice(
     owner = body.get("metadata", {}).get("labels", {}).get(NAME_LABEL)
     if not owner:
         return
-    with _api_errors():
-        chatstream = await kube.get_chatstream(namespace, owner)
-    if chatstream is None or _deleting(chatstream):
-        return  # the ChatStream is going; garbage collection removes the RayService
-    if not _controlled_by(body, chatstream):
-        return  # a deleted predecessor's RayService awaiting garbage collection, or a stranger's
     rayservice = None if event["type"] == "DELETED" else dict(body)
-    if _repairable(chatstream, options):
-        spec = chatstream.get("spec") or {}
-        action, rayservice = await apply_rayservice(
-            chatstream, spec, owner, namespace, options=options
-        )
-        if action != "unchanged":
-            kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
+    for _attempt in range(STATUS_WRITE_ATTEMPTS):
+        with _api_errors():
+            chatstream = await kube.get_chatstream(namespace, owner)
+        if chatstream is None or _deleting(chatstream):
+            return  # the ChatStream is going; garbage collection removes the RayService
+        if not _controlled_by(body, chatstream):
+            return  # a deleted predecessor's RayService awaiting collection, or a stranger's
+        if _repairable(chatstream, options):
+            spec = chatstream.get("spec") or {}
+            action, rayservice = await apply_rayservice(
+                chatstream, spec, owner, namespace, options=options
+            )
+            if action != "unchanged":
+                kopf.warn(
+                    chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}"
+                )
+        try:
+            await _mirror_status(chatstream, rayservice, owner, namespace, logger)
+            return
+        except kube.Conflict:
+            continue  # reconcile wrote the status meanwhile: read it again
+    logger.info(f"ChatStream {owner} kept changing; its status follows at the next event")
+
+
+# How often the follower re-reads a ChatStream whose status changed under its write.
+STATUS_WRITE_ATTEMPTS = 3
+
+
+async def _mirror_status(
+    chatstream: Mapping[str, Any],
+    rayservice: Mapping[str, Any] | None,
+    owner: str,
+    namespace: str,
+    logger: kopf.Logger,
+) -> None:
+    """Copy the RayService's state into the ChatStream's status: one writer at a time. Only for
+    a reconciled spec, and only onto the status it was computed from (resourceVersion)."""
     current = chatstream.get("status") or {}
-    if current.get("observedGeneration") != chatstream.get("metadata", {}).get("generation"):
+    meta = chatstream.get("metadata", {})
+    if current.get("observedGeneration") != meta.get("generation"):
         # A spec change that reconcile has not written yet: its status write comes, computed
         # from a fresh RayService. Writing the conditions now, from the older status, would
         # race it (a merge patch replaces the whole list: the last writer wins).
@@ -395,4 +420,6 @@ async def follow_rayservice(
     if changes:
         logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")
         with _api_errors():
-            await kube.patch_chatstream_status(namespace, owner, changes)
+            await kube.patch_chatstream_status(
+                namespace, owner, changes, meta.get("resourceVersion")
+            )

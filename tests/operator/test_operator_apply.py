@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import kopf
 import kubernetes
@@ -192,3 +193,39 @@ async def test_a_toleration_change_says_that_running_pods_keep_the_old_ones(api,
     api(current=_owned({"replicas": 2}))
     await handlers.apply_rayservice(OWNER, {"replicas": 3}, "chat", "ns")
     assert posted == []
+
+
+async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
+    """The RayService follower writes the status only onto the version it read (resourceVersion
+    precondition); on a conflict (reconcile wrote meanwhile) it reads again and recomputes."""
+    chatstream = {
+        **copy.deepcopy(OWNER),
+        "spec": {"replicas": 2},
+        "status": {"observedGeneration": 1},
+    }
+    chatstream["metadata"].update(generation=1, resourceVersion="10")
+    newer = copy.deepcopy(chatstream)
+    newer["metadata"]["resourceVersion"] = "11"
+    reads, writes = [chatstream, newer], []
+
+    async def get_chatstream(namespace, name):
+        return copy.deepcopy(reads.pop(0))
+
+    async def patch_chatstream_status(namespace, name, status, resource_version=None):
+        writes.append(resource_version)
+        if resource_version == "10":
+            raise kube.Conflict("changed")
+        return {}
+
+    async def get_rayservice(namespace, name):
+        return _owned({"replicas": 2})
+
+    monkeypatch.setattr(kube, "get_chatstream", get_chatstream)
+    monkeypatch.setattr(kube, "patch_chatstream_status", patch_chatstream_status)
+    monkeypatch.setattr(kube, "get_rayservice", get_rayservice)
+    rayservice = _owned({"replicas": 2})
+    logger = logging.getLogger("test")
+    await handlers.follow_rayservice(
+        event={"type": "MODIFIED"}, body=rayservice, namespace="ns", logger=logger, memo=kopf.Memo()
+    )
+    assert writes == ["10", "11"]
