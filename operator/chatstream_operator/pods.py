@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .credentials import secret_env
+from .spec import merged
 
 # The serve image's user (rayproject/ray: `ray`, uid 1000, group `users`, gid 100).
 RAY_UID, RAY_GID = 1000, 100
@@ -47,22 +48,12 @@ HF_TOKEN_ENV = "HF_TOKEN"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 
 
-def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in (given or {}).items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def pod_security_context(s: Mapping[str, Any]) -> dict[str, Any]:
-    return _merged(POD_SECURITY_CONTEXT, s.get("podSecurityContext"))
+    return merged(POD_SECURITY_CONTEXT, s.get("podSecurityContext"))
 
 
 def container_security_context(s: Mapping[str, Any]) -> dict[str, Any]:
-    return _merged(CONTAINER_SECURITY_CONTEXT, s.get("containerSecurityContext"))
+    return merged(CONTAINER_SECURITY_CONTEXT, s.get("containerSecurityContext"))
 
 
 def container_env(name: str, s: Mapping[str, Any], *, model: bool) -> list[dict[str, Any]]:

@@ -68,21 +68,22 @@ AUTOSCALING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in given.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
+def merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A deep copy of `defaults` with `given` merged over it (nested mappings key by key)."""
+    result = copy.deepcopy(dict(defaults))
+    for key, value in (given or {}).items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
         else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 def with_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of `spec` with every schema default filled in."""
-    full = _merge(DEFAULTS, spec)
+    full = merged(DEFAULTS, spec)
     if full.get("autoscaling") is not None:
-        full["autoscaling"] = _merge(AUTOSCALING_DEFAULTS, full["autoscaling"])
+        full["autoscaling"] = merged(AUTOSCALING_DEFAULTS, full["autoscaling"])
     return full
 
 

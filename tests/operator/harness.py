@@ -305,6 +305,13 @@ async def run_lifecycle_scenario(
     *, namespaces: Sequence[str] | None = None, step_timeout: float = 20.0
 ) -> LifecycleResult:
     """Run the whole scenario once; see the module docstring. Takes about 10 seconds."""
+    async with _emulated_api() as emulator:
+        return await _scenario(emulator, namespaces, step_timeout)
+
+
+@contextlib.asynccontextmanager
+async def _emulated_api() -> AsyncIterator[_ApiServer]:
+    """kmock serving RESOURCES, with the operator's kubeconfig pointing at it."""
     async with (
         _ApiServer() as emulator,
         kmock.Server(emulator, host="127.0.0.1") as server,
@@ -312,7 +319,7 @@ async def run_lifecycle_scenario(
         for resource, info in RESOURCES.items():
             emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
         with _kubeconfig(str(server.url)):
-            return await _scenario(emulator, namespaces, step_timeout)
+            yield emulator
 
 
 async def _scenario(
@@ -528,14 +535,8 @@ async def run_recreate_scenario(
     Secret of the generated name exists beforehand (the operator must leave it alone). A second
     ChatStream names an image outside the allow-list. Then the operator is uninstalled (stopped)
     and the ChatStream deleted: nothing may keep it in Terminating."""
-    async with (
-        _ApiServer() as emulator,
-        kmock.Server(emulator, host="127.0.0.1") as server,
-    ):
-        for resource, info in RESOURCES.items():
-            emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
-        with _kubeconfig(str(server.url)):
-            return await _recreate(emulator, allowed_images, step_timeout)
+    async with _emulated_api() as emulator:
+        return await _recreate(emulator, allowed_images, step_timeout)
 
 
 async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -> RecreateResult:
