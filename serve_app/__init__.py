@@ -1,8 +1,8 @@
 """ChatStream on Ray Serve.
 
 `serve run serve_app:app` serves the default model; `serve_app.ChatStream` is the facade for
-your own FastAPI routes. Imports are lazy so that `serve_app.config` stays light (the operator
-reads it without Ray or torch).
+your own FastAPI routes. Imports are lazy so that `serve_app.config` stays light (it imports
+only pydantic; the operator imports neither it nor Ray: it shares `chatstream_defaults`).
 """
 
 from __future__ import annotations

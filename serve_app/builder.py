@@ -6,23 +6,18 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
+from chatstream_defaults import answer_seconds, wait_loop_seconds
 from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.ingress import ChatStreamIngress
 from serve_app.model_deployment import ChatModel
-
-# The operator's default drain bound (operator/chatstream_operator/drain.py; a test keeps them
-# equal): the longest answer is DRAIN_FIRST_TOKEN_SEC + max_new_tokens x DRAIN_TIME_PER_TOKEN_SEC.
-DRAIN_FIRST_TOKEN_SEC = 10.0
-DRAIN_TIME_PER_TOKEN_SEC = 0.25
 
 
 def drain_options(config: ChatStreamConfig, factor: float = 1.0) -> dict[str, float]:
     """Graceful-shutdown options: a replica that goes finishes its streams within the bound
     (`factor` times the model's: the ingress holds a wait for a slot, then the answer)."""
-    timeout = config.graceful_shutdown_timeout_s or round(
-        DRAIN_FIRST_TOKEN_SEC + config.max_new_tokens * DRAIN_TIME_PER_TOKEN_SEC, 3
-    )
-    loop = config.graceful_shutdown_wait_loop_s or round(min(2.0, max(0.1, timeout / 20)), 2)
+    # The operator's default bound (chatstream_defaults), unless set.
+    timeout = config.graceful_shutdown_timeout_s or answer_seconds(config.max_new_tokens)
+    loop = config.graceful_shutdown_wait_loop_s or wait_loop_seconds(timeout)
     return {"graceful_shutdown_timeout_s": timeout * factor, "graceful_shutdown_wait_loop_s": loop}
 
 

@@ -2,8 +2,8 @@
 
 This module is the single source of truth for the application's arguments. The same field names
 are used by `serve run serve_app:app key=value ...`, by the `args:` of a Serve config file, and
-by the operator when it renders a RayService. It imports only pydantic so the operator can use it
-without pulling in Ray or torch.
+by the operator when it renders a RayService (the operator does not import this module: the
+defaults it shares with it live in `chatstream_defaults`). It imports only pydantic.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+import chatstream_defaults as shared
 
 # Import path of the Serve application builder (used by the operator and the Serve config file).
 APP_IMPORT_PATH = "serve_app:app"
@@ -58,10 +60,10 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    temperature: Temperature = 0.7
-    top_k: TopK = 50
-    top_p: TopP = 0.9
-    max_new_tokens: MaxNewTokens = 256
+    temperature: Temperature = shared.TEMPERATURE
+    top_k: TopK = shared.TOP_K
+    top_p: TopP = shared.TOP_P
+    max_new_tokens: MaxNewTokens = shared.MAX_NEW_TOKENS
 
 
 class ChatStreamConfig(BaseModel):
@@ -99,7 +101,7 @@ class ChatStreamConfig(BaseModel):
     system_prompt: str = ""
 
     # --- mock engine (tests, load tests) -----------------------------------------------------
-    mock_mode: Literal["echo", "round", "long"] = "echo"
+    mock_mode: Literal["echo", "round", "long"] = shared.MOCK_MODE
     mock_initial_wait_sec: float = Field(0.0, ge=0.0)
     mock_time_per_token_sec: float = Field(0.0, ge=0.0)
     mock_fail_marker: str = Field(
@@ -110,7 +112,7 @@ class ChatStreamConfig(BaseModel):
 
     # --- concurrency and scaling -------------------------------------------------------------
     max_ongoing_requests: int = Field(
-        32,
+        shared.MAX_ONGOING_REQUESTS,
         ge=1,
         description="Generations run at once per model replica (num_of_concurrent_executions). "
         "The transformers engine runs them all in one batch (continuous batching): on a 2-core "
@@ -118,7 +120,7 @@ class ChatStreamConfig(BaseModel):
         "(README, Performance), so the default is 32; a GPU replica batches more",
     )
     max_queued_requests: int = Field(
-        64,
+        shared.MAX_QUEUED_REQUESTS,
         ge=-1,
         description="Requests waiting per ingress replica; beyond it 429. -1 = unbounded. "
         "Twice max_ongoing_requests: a waiting request gets a slot within about two answers' "
@@ -130,14 +132,14 @@ class ChatStreamConfig(BaseModel):
         0, ge=0, description="Autoscaling upper bound; 0 disables autoscaling"
     )
     target_ongoing_requests: float = Field(
-        24.0,
+        float(shared.TARGET_ONGOING_REQUESTS),
         gt=0.0,
         description="Ongoing requests per model replica that autoscaling aims for: 3/4 of the "
         "default 32 slots (a continuously batching replica is efficient when it is full)",
     )
-    ingress_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(shared.INGRESS_REPLICAS, ge=1)
     ingress_num_cpus: float = Field(
-        0.5,
+        shared.INGRESS_NUM_CPUS,
         ge=0.0,
         description="CPUs reserved per ingress replica: it mostly waits on the network and the "
         "model, so two fit beside a model replica on a 2-core machine",
@@ -153,9 +155,13 @@ class ChatStreamConfig(BaseModel):
     torch_threads: int = Field(
         0, ge=0, description="torch intra-op threads of a model replica; 0 follows num_cpus"
     )
-    retry_after_sec: int = Field(1, ge=0, description="Retry-After header value on 429")
+    retry_after_sec: int = Field(
+        shared.RETRY_AFTER_SEC, ge=0, description="Retry-After header value on 429"
+    )
     stream_interval_ms: float = Field(
-        0.0, ge=0.0, description="Coalesce streamed chunks over this interval; 0 sends each token"
+        float(shared.STREAM_INTERVAL_MS),
+        ge=0.0,
+        description="Coalesce streamed chunks over this interval; 0 sends each token",
     )
 
     # --- draining: how long a replica that goes (scale-down, upgrade) may take ---------------
@@ -176,22 +182,24 @@ class ChatStreamConfig(BaseModel):
     )
 
     # --- generation defaults ---------------------------------------------------------------
-    temperature: Temperature = 0.7
-    top_k: TopK = 50
-    top_p: TopP = 0.9
-    max_new_tokens: MaxNewTokens = 256
+    temperature: Temperature = shared.TEMPERATURE
+    top_k: TopK = shared.TOP_K
+    top_p: TopP = shared.TOP_P
+    max_new_tokens: MaxNewTokens = shared.MAX_NEW_TOKENS
 
     # --- sessions ----------------------------------------------------------------------------
     session_store: Literal["ray", "memory", "redis"] = Field(
-        "ray",
+        shared.SESSION_STORE,
         description=(
             "'ray': shared by the ingress replicas, gone with the Ray cluster; 'redis': durable "
             f"(URL from the environment variable {REDIS_URL_ENV}); 'memory': per replica"
         ),
     )
-    session_cookie_name: str = "chatstream_session"
-    session_ttl_sec: int = Field(86400, ge=60)
-    session_max_turns: int = Field(50, ge=1, description="Oldest turns are dropped beyond this")
+    session_cookie_name: str = shared.SESSION_COOKIE_NAME
+    session_ttl_sec: int = Field(shared.SESSION_TTL_SEC, ge=60)
+    session_max_turns: int = Field(
+        shared.SESSION_MAX_TURNS, ge=1, description="Oldest turns are dropped beyond this"
+    )
     session_max_feedback: int = Field(
         200, ge=1, description="Feedback entries kept per session; the oldest are dropped beyond"
     )
@@ -209,7 +217,7 @@ class ChatStreamConfig(BaseModel):
         description="A session's active turn is released after this if its ingress replica "
         "died without releasing it",
     )
-    cookie_secure: bool = False
+    cookie_secure: bool = shared.COOKIE_SECURE
 
     # --- limits on what clients send -------------------------------------------------------------
     max_body_bytes: int = Field(

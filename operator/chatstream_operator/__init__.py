@@ -1,9 +1,12 @@
 """chatstream-operator: renders ChatStream custom resources into KubeRay RayServices.
 
-Read in this order: `spec` (defaults and the checks the CRD schema cannot express), `render`
-(spec -> desired RayService, pure), `patching` (minimal merge patches), `status` (RayService
-status -> ChatStream status, pure), `kube` (the few API calls), `handlers` (thin kopf layer),
-`__main__` (the `chatstream-operator` command).
+Read in this order: `spec` (defaults and the checks the CRD schema cannot express), `schema`
+(the CRD's own schema and KubeRay's naming rules, checked again), `render` (spec -> desired
+RayService, pure) with `pods` (the pod template surface), `drain` (drain bounds), `network`
+and `disruption` (the NetworkPolicy and PodDisruptionBudget), `patching` (minimal merge patches),
+`status` (RayService status -> ChatStream status, pure), `kube` (the few API calls), `options`
+(the flags, handed to the handlers as kopf's memo), `handlers` (thin kopf layer), `__main__`
+(the `chatstream-operator` command).
 """
 
 GROUP = "chatstream.dev"

@@ -16,6 +16,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from .options import OperatorOptions
+
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 
 
@@ -126,24 +128,6 @@ def _peers(value: str) -> str:
     return json.dumps(peers)
 
 
-def configure_environment(args: argparse.Namespace) -> None:
-    """Hand the settings the handlers read to them (through the environment, as kopf imports
-    the handlers module and fixes a timer's interval at import)."""
-    os.environ["CHATSTREAM_DRIFT_INTERVAL_SEC"] = str(args.drift_interval)
-    os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = ",".join(
-        args.allowed_image_repositories
-    )
-    os.environ["CHATSTREAM_NETWORK_POLICY"] = "1" if args.network_policy else "0"
-    for name, value in (
-        ("CHATSTREAM_CONTROL_PLANE_PEERS", args.control_plane_peers),
-        ("CHATSTREAM_METRICS_PEERS", args.metrics_peers),
-    ):
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
 def _exact(pattern: str) -> bool:
     return not any(char in pattern for char in "*?[!")
 
@@ -163,6 +147,8 @@ def operator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "priority": args.priority,
         "standalone": bool(args.standalone),
         "peering_name": None if args.standalone else args.peering,
+        # The handlers' settings (options.py): kopf hands each handler a copy of the memo.
+        "memo": kopf.Memo(options=OperatorOptions.from_args(args)),
     }
     if args.namespaces:
         kwargs["namespaces"] = list(args.namespaces)
@@ -173,12 +159,12 @@ def operator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    # The timer's interval is read when the handlers are imported.
-    configure_environment(args)
 
     import kopf
 
-    from . import handlers  # noqa: F401  (registers the handlers with kopf)
+    from . import handlers  # registers the handlers with kopf
+
+    handlers.register_drift_timer(args.drift_interval)
 
     kopf.configure(verbose=args.verbose, debug=args.debug)
     asyncio.run(kopf.operator(**operator_kwargs(args)))

@@ -14,6 +14,9 @@ One number drives them all, the longest answer the service allows:
 - After an upgrade, KubeRay keeps the old Ray cluster for `rayClusterDeletionDelaySeconds`:
   the ingress bound plus SWITCH_SLACK_SEC for requests that reach the old cluster while the
   Service's endpoints change.
+- A pod that Kubernetes stops (a node drain, an eviction) gets its replicas' bound plus
+  POD_STOP_SLACK_SEC, rounded up to a minute, as terminationGracePeriodSeconds: the model pods
+  `answer_s`, the head (which holds the ingress replicas) `2 * answer_s`.
 - A worker pod whose model replica is gone is removed by Ray's autoscaler once it has been
   idle for `drain.podIdleTimeoutSec`; a pod still holding a draining replica is never idle.
 """
@@ -24,10 +27,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from chatstream_defaults import answer_seconds, wait_loop_seconds
+
 from .spec import with_defaults
 
 SWITCH_SLACK_SEC = 30
-MIN_WAIT_LOOP_S, MAX_WAIT_LOOP_S = 0.1, 2.0
+# Beyond the drain bound, a pod being stopped (a node drain, an eviction) gets this long for
+# Ray's own shutdown.
+POD_STOP_SLACK_SEC = 15
 
 
 class DrainBounds(NamedTuple):
@@ -36,20 +43,32 @@ class DrainBounds(NamedTuple):
     wait_loop_s: float  # graceful_shutdown_wait_loop_s of both deployments
     cluster_deletion_delay_s: int  # KubeRay's rayClusterDeletionDelaySeconds
     pod_idle_timeout_s: int  # Ray autoscaler's idleTimeoutSeconds for worker pods
+    worker_grace_s: int  # model pods' terminationGracePeriodSeconds
+    head_grace_s: int  # the head pod's (it holds the ingress replicas)
+
+
+def _grace(bound_s: float) -> int:
+    """terminationGracePeriodSeconds for a drain bound: the bound plus POD_STOP_SLACK_SEC,
+    rounded up to a whole minute. It is part of the pod template, which KubeRay hashes: a change
+    starts a new Ray cluster, so small changes of the bound should leave it as it is."""
+    return math.ceil((bound_s + POD_STOP_SLACK_SEC) / 60) * 60
 
 
 def drain_bounds(spec: Mapping[str, Any]) -> DrainBounds:
     s = with_defaults(spec)
     drain = s["drain"]
-    answer = round(
-        drain["firstTokenSec"] + s["generation"]["maxNewTokens"] * drain["timePerTokenSec"], 3
+    # The formula serve_app's builder uses for `serve run` too (one definition).
+    answer = answer_seconds(
+        s["generation"]["maxNewTokens"], drain["firstTokenSec"], drain["timePerTokenSec"]
     )
     ingress = round(2 * answer, 3)
-    wait_loop = round(min(MAX_WAIT_LOOP_S, max(MIN_WAIT_LOOP_S, answer / 20)), 2)
+    wait_loop = wait_loop_seconds(answer)
     return DrainBounds(
         answer_s=answer,
         ingress_s=ingress,
         wait_loop_s=wait_loop,
         cluster_deletion_delay_s=math.ceil(ingress) + SWITCH_SLACK_SEC,
         pod_idle_timeout_s=int(drain["podIdleTimeoutSec"]),
+        worker_grace_s=_grace(answer),
+        head_grace_s=_grace(ingress),
     )

@@ -6,6 +6,8 @@
   (drift) and copy its state into the ChatStream's status.
 - repair_drift (timer, only with --drift-interval > 0): the same apply now and then.
 
+The operator's flags reach the handlers as kopf's `memo` (options.py), never the environment.
+
 No finalizer by default: kopf adds one only for timers, so without the timer nothing keeps a
 deleted ChatStream in Terminating when the operator is gone (uninstalled, scaled to zero).
 Garbage collection removes the RayService, the NetworkPolicy and the generated Secret.
@@ -14,9 +16,7 @@ Garbage collection removes the RayService, the NetworkPolicy and the generated S
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,6 +24,7 @@ import kopf
 import kubernetes
 
 from . import (
+    COMPONENT_LABEL,
     GROUP,
     KIND,
     MANAGED_BY_LABEL,
@@ -37,39 +38,13 @@ from . import (
     kube,
 )
 from .credentials import generated_secret_name, render_generated_secret
-from .network import DEFAULT_CONTROL_PLANE_PEERS, network_policy_name, render_network_policy
+from .disruption import disruption_budget_name, render_disruption_budget
+from .network import network_policy_name, render_network_policy
+from .options import OperatorOptions, options_of
 from .patching import merge_patch
 from .render import render_rayservice
 from .spec import validate
 from .status import INVALID_SPEC, derive_status, now_iso, set_condition, status_changes
-
-# Read at import: kopf fixes a timer's interval when the handler is registered. 0: no timer
-# (and no finalizer); drift is then repaired from the RayService watch alone.
-DRIFT_INTERVAL_SEC = float(os.environ.get("CHATSTREAM_DRIFT_INTERVAL_SEC", "0"))
-# Seconds between attempts while a RayService of a deleted ChatStream of the same name awaits
-# garbage collection.
-RECREATE_RETRY_SEC = float(os.environ.get("CHATSTREAM_RECREATE_RETRY_SEC", "5"))
-
-
-def allowed_image_repositories() -> list[str]:
-    """--allowed-image-repository (CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES, comma-separated)."""
-    value = os.environ.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "")
-    return [repo.strip() for repo in value.split(",") if repo.strip()]
-
-
-def network_policy_settings() -> tuple[bool, list[Any], list[Any]]:
-    """(enabled, control-plane peers, metrics peers) from the operator's environment
-    (CHATSTREAM_NETWORK_POLICY, CHATSTREAM_CONTROL_PLANE_PEERS, CHATSTREAM_METRICS_PEERS; the
-    peers are JSON lists of NetworkPolicyPeer objects)."""
-    env = os.environ
-    enabled = env.get("CHATSTREAM_NETWORK_POLICY", "1") != "0"
-    control = env.get("CHATSTREAM_CONTROL_PLANE_PEERS")
-    metrics = env.get("CHATSTREAM_METRICS_PEERS")
-    return (
-        enabled,
-        json.loads(control) if control else DEFAULT_CONTROL_PLANE_PEERS,
-        json.loads(metrics) if metrics else [],
-    )
 
 
 @kopf.on.startup()
@@ -102,7 +77,9 @@ def _controlled_by(child: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
     return False
 
 
-def _check_controller(child: Mapping[str, Any], owner: Mapping[str, Any], what: str) -> None:
+def _check_controller(
+    child: Mapping[str, Any], owner: Mapping[str, Any], what: str, retry_sec: float
+) -> None:
     """Refuse, for now, a child this ChatStream does not control. A child of an earlier
     ChatStream of the same name (deleted and re-created) is garbage soon: retry shortly, so the
     new one is reconciled once the old child is gone. Another owner's: retry now and then (the
@@ -118,7 +95,7 @@ def _check_controller(child: Mapping[str, Any], owner: Mapping[str, Any], what: 
         raise kopf.TemporaryError(
             f"{what} {name} belongs to a deleted ChatStream of the same name; waiting for "
             "garbage collection to remove it",
-            delay=RECREATE_RETRY_SEC,
+            delay=retry_sec,
         )
     raise kopf.TemporaryError(
         f"{what} {name} exists but is not controlled by this ChatStream; delete or rename it",
@@ -149,23 +126,45 @@ async def ensure_secret(body: Mapping[str, Any], spec: Mapping[str, Any], name: 
     return "created"
 
 
-async def apply_network_policy(body: Mapping[str, Any], name: str, namespace: str) -> str:
+async def apply_network_policy(
+    body: Mapping[str, Any], name: str, namespace: str, options: OperatorOptions
+) -> str:
     """Create or minimally patch the NetworkPolicy of the Ray pods (see network.py)."""
-    enabled, control_plane, metrics = network_policy_settings()
-    if not enabled:
+    if not options.network_policy:
         return "disabled"
-    desired = render_network_policy(name, control_plane, metrics)
+    desired = render_network_policy(
+        name, list(options.control_plane_peers), list(options.metrics_peers)
+    )
     kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
     with _api_errors():
         current = await kube.get_network_policy(namespace, network_policy_name(name))
         if current is None:
             await kube.create_network_policy(namespace, desired)
             return "created"
-        _check_controller(current, body, "NetworkPolicy")
+        _check_controller(current, body, "NetworkPolicy", options.recreate_retry_sec)
         changes = merge_patch(current, desired)
         if not changes:
             return "unchanged"
         await kube.patch_network_policy(namespace, network_policy_name(name), changes)
+        return "updated"
+
+
+async def apply_disruption_budget(body: Mapping[str, Any], name: str, namespace: str) -> str:
+    """Create or minimally patch the model pods' PodDisruptionBudget (see disruption.py)."""
+    desired = render_disruption_budget(name)
+    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
+    budget = disruption_budget_name(name)
+    with _api_errors():
+        current = await kube.get_disruption_budget(namespace, budget)
+        if current is None:
+            await kube.create_disruption_budget(namespace, desired)
+            return "created"
+        if not _controlled_by(current, body):
+            return "foreign"  # someone else's budget of that name: left alone
+        changes = merge_patch(current, desired)
+        if not changes:
+            return "unchanged"
+        await kube.patch_disruption_budget(namespace, budget, changes)
         return "updated"
 
 
@@ -189,6 +188,7 @@ async def apply_rayservice(
     namespace: str,
     *,
     children: bool = False,
+    options: OperatorOptions = OperatorOptions(),  # noqa: B008  (frozen: never mutated)
 ) -> tuple[str, dict[str, Any]]:
     """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
     With `children`, first the generated Secret and the NetworkPolicy (once the RayService is
@@ -199,11 +199,12 @@ async def apply_rayservice(
         # Always the fresh object: a patch computed from a stale event would undo newer changes.
         current = await kube.get_rayservice(namespace, name)
     if current is not None:
-        _check_controller(current, body, "RayService")
+        _check_controller(current, body, "RayService", options.recreate_retry_sec)
     if children:
         # The NetworkPolicy first: one left by a deleted predecessor is waited for like its
         # RayService, which also gives garbage collection time for its Secret (unreadable here).
-        await apply_network_policy(body, name, namespace)
+        await apply_network_policy(body, name, namespace, options)
+        await apply_disruption_budget(body, name, namespace)
         await ensure_secret(body, spec, name)
     with _api_errors():
         if current is None:
@@ -211,7 +212,20 @@ async def apply_rayservice(
         changes = merge_patch(current, _with_removals(current, desired))
         if not changes:
             return "unchanged", current
-        return "updated", await kube.patch_rayservice(namespace, name, changes)
+        updated = await kube.patch_rayservice(namespace, name, changes)
+    if _tolerations(current) != _tolerations(desired):
+        kopf.warn(
+            body,  # type: ignore[arg-type]
+            reason="TolerationsNotRolled",
+            message=(
+                "KubeRay applies changed tolerations to new pods only (they are outside its "
+                "cluster hash): the running Ray pods keep the old ones. To move them, delete "
+                "the model pods one at a time (kubectl get pods -l "
+                f"{NAME_LABEL}={name},{COMPONENT_LABEL}=model; kubectl delete pod POD) or change "
+                "a field that starts a new Ray cluster"
+            ),
+        )
+    return "updated", updated
 
 
 # Fields the renderer sets only when the spec asks for them: absent in the rendering means
@@ -231,18 +245,29 @@ def _with_removals(current: Mapping[str, Any], desired: dict[str, Any]) -> dict[
     return desired
 
 
+def _tolerations(rayservice: Mapping[str, Any]) -> list[Any]:
+    """The head's and the worker groups' tolerations, in order."""
+    cluster = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
+    groups = [cluster.get("headGroupSpec") or {}, *(cluster.get("workerGroupSpecs") or [])]
+    return [
+        ((g.get("template") or {}).get("spec") or {}).get("tolerations") or [] for g in groups
+    ]
+
+
 def _deleting(body: Mapping[str, Any]) -> bool:
     return bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
-def _repairable(body: Mapping[str, Any]) -> bool:
+def _repairable(body: Mapping[str, Any], options: OperatorOptions) -> bool:
     """Whether a difference to the rendered RayService is drift: the spec was reconciled
     (its generation observed), is valid, and the ChatStream is not being deleted. A spec change
     that reconcile has not handled yet is reconcile's job, not a repair."""
     meta, status = body.get("metadata", {}), body.get("status") or {}
     return (
         status.get("observedGeneration") == meta.get("generation")
-        and not validate(body.get("spec") or {}, allowed_image_repositories())
+        and not validate(
+            body.get("spec") or {}, options.allowed_image_repositories, meta.get("name")
+        )
         and not _deleting(body)
     )
 
@@ -258,11 +283,13 @@ async def reconcile(
     name: str,
     namespace: str,
     patch: kopf.Patch,
+    memo: kopf.Memo,
     **_: Any,
 ) -> dict[str, str]:
+    options = options_of(memo)
     now, generation = now_iso(), meta.get("generation")
     conditions = status.get("conditions") or []
-    problems = validate(spec, allowed_image_repositories())
+    problems = validate(spec, options.allowed_image_repositories, name)
     if problems:
         message = "; ".join(problems)
         patch.status["conditions"] = set_condition(
@@ -273,13 +300,15 @@ async def reconcile(
         # Permanent: retrying cannot help; the next edit of the spec runs this handler again.
         raise kopf.PermanentError(message)
 
-    action, rayservice = await apply_rayservice(body, spec, name, namespace, children=True)
+    action, rayservice = await apply_rayservice(
+        body, spec, name, namespace, children=True, options=options
+    )
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
         )
     conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
-    patch.status.update(derive_status(name, namespace, rayservice, conditions, now))
+    patch.status.update(derive_status(name, namespace, rayservice, conditions, now, generation))
     patch.status["observedGeneration"] = generation
     return {"rayService": name, "action": action}
 
@@ -291,49 +320,106 @@ async def repair_drift(
     name: str,
     namespace: str,
     patch: kopf.Patch,
+    memo: kopf.Memo | None = None,
     **_: Any,
 ) -> None:
-    if not _repairable(body):
+    options = options_of(memo)
+    if not _repairable(body, options):
         return
-    action, rayservice = await apply_rayservice(body, spec, name, namespace)
+    action, rayservice = await apply_rayservice(body, spec, name, namespace, options=options)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
-    derived = derive_status(name, namespace, rayservice, status.get("conditions") or [], now_iso())
+    derived = derive_status(
+        name,
+        namespace,
+        rayservice,
+        status.get("conditions") or [],
+        now_iso(),
+        status.get("observedGeneration"),
+    )
     patch.status.update(status_changes(status, derived))
 
 
-if DRIFT_INTERVAL_SEC > 0:
-    # Opt-in: kopf keeps a finalizer on every ChatStream that has a timer.
-    kopf.timer(
-        GROUP, VERSION, PLURAL, interval=DRIFT_INTERVAL_SEC, initial_delay=DRIFT_INTERVAL_SEC
-    )(repair_drift)
+def register_drift_timer(interval_sec: float) -> None:
+    """Opt-in (--drift-interval): kopf keeps a finalizer on every ChatStream that has a timer.
+    Called by `chatstream-operator` before the operator starts, as kopf fixes a timer's
+    interval when it is registered."""
+    if interval_sec > 0:
+        kopf.timer(GROUP, VERSION, PLURAL, interval=interval_sec, initial_delay=interval_sec)(
+            repair_drift
+        )
 
 
 @kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL, labels={MANAGED_BY_LABEL: OPERATOR_NAME})
 async def follow_rayservice(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str, logger: kopf.Logger, **_: Any
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str,
+    logger: kopf.Logger,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
+    options = options_of(memo)
     owner = body.get("metadata", {}).get("labels", {}).get(NAME_LABEL)
     if not owner:
         return
-    with _api_errors():
-        chatstream = await kube.get_chatstream(namespace, owner)
-    if chatstream is None or _deleting(chatstream):
-        return  # the ChatStream is going; garbage collection removes the RayService
-    if not _controlled_by(body, chatstream):
-        return  # a deleted predecessor's RayService awaiting garbage collection, or a stranger's
     rayservice = None if event["type"] == "DELETED" else dict(body)
-    if _repairable(chatstream):
-        spec = chatstream.get("spec") or {}
-        action, rayservice = await apply_rayservice(chatstream, spec, owner, namespace)
-        if action != "unchanged":
-            kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
+    for _attempt in range(STATUS_WRITE_ATTEMPTS):
+        with _api_errors():
+            chatstream = await kube.get_chatstream(namespace, owner)
+        if chatstream is None or _deleting(chatstream):
+            return  # the ChatStream is going; garbage collection removes the RayService
+        if not _controlled_by(body, chatstream):
+            return  # a deleted predecessor's RayService awaiting collection, or a stranger's
+        if _repairable(chatstream, options):
+            spec = chatstream.get("spec") or {}
+            action, rayservice = await apply_rayservice(
+                chatstream, spec, owner, namespace, options=options
+            )
+            if action != "unchanged":
+                kopf.warn(
+                    chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}"
+                )
+        try:
+            await _mirror_status(chatstream, rayservice, owner, namespace, logger)
+            return
+        except kube.Conflict:
+            continue  # reconcile wrote the status meanwhile: read it again
+    logger.info(f"ChatStream {owner} kept changing; its status follows at the next event")
+
+
+# How often the follower re-reads a ChatStream whose status changed under its write.
+STATUS_WRITE_ATTEMPTS = 3
+
+
+async def _mirror_status(
+    chatstream: Mapping[str, Any],
+    rayservice: Mapping[str, Any] | None,
+    owner: str,
+    namespace: str,
+    logger: kopf.Logger,
+) -> None:
+    """Copy the RayService's state into the ChatStream's status: one writer at a time. Only for
+    a reconciled spec, and only onto the status it was computed from (resourceVersion)."""
     current = chatstream.get("status") or {}
+    meta = chatstream.get("metadata", {})
+    if current.get("observedGeneration") != meta.get("generation"):
+        # A spec change that reconcile has not written yet: its status write comes, computed
+        # from a fresh RayService. Writing the conditions now, from the older status, would
+        # race it (a merge patch replaces the whole list: the last writer wins).
+        return
     derived = derive_status(
-        owner, namespace, rayservice, current.get("conditions") or [], now_iso()
+        owner,
+        namespace,
+        rayservice,
+        current.get("conditions") or [],
+        now_iso(),
+        current.get("observedGeneration"),
     )
     changes = status_changes(current, derived)
     if changes:
         logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")
         with _api_errors():
-            await kube.patch_chatstream_status(namespace, owner, changes)
+            await kube.patch_chatstream_status(
+                namespace, owner, changes, meta.get("resourceVersion")
+            )

@@ -36,7 +36,13 @@ async def _call(method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
     except kubernetes.client.ApiException as e:
         if e.status == 404:
             raise NotFound(f"{method}: {e.reason}") from e
+        if e.status == 409:
+            raise Conflict(f"{method}: {e.reason}") from e
         raise
+
+
+class Conflict(Exception):
+    """The object changed since it was read (a resourceVersion precondition failed)."""
 
 
 async def get_rayservice(namespace: str, name: str) -> dict[str, Any] | None:
@@ -75,16 +81,15 @@ async def get_chatstream(namespace: str, name: str) -> dict[str, Any] | None:
 
 
 async def patch_chatstream_status(
-    namespace: str, name: str, status: Mapping[str, Any]
+    namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None = None
 ) -> dict[str, Any]:
+    """Merge-patch the status; with `resource_version`, only if the object is still at it
+    (else Conflict): a status computed from what was read never overwrites a newer one."""
+    body: dict[str, Any] = {"status": dict(status)}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
     return await _call(
-        "patch_namespaced_custom_object_status",
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        name,
-        {"status": dict(status)},
+        "patch_namespaced_custom_object_status", GROUP, VERSION, namespace, PLURAL, name, body
     )
 
 
@@ -137,4 +142,27 @@ async def patch_network_policy(
 ) -> dict[str, Any]:
     return await _call_typed(
         "NetworkingV1Api", "patch_namespaced_network_policy", name, namespace, patch
+    )
+
+
+async def get_disruption_budget(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return await _call_typed(
+            "PolicyV1Api", "read_namespaced_pod_disruption_budget", name, namespace
+        )
+    except NotFound:
+        return None
+
+
+async def create_disruption_budget(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    return await _call_typed(
+        "PolicyV1Api", "create_namespaced_pod_disruption_budget", namespace, body
+    )
+
+
+async def patch_disruption_budget(
+    namespace: str, name: str, patch: Mapping[str, Any]
+) -> dict[str, Any]:
+    return await _call_typed(
+        "PolicyV1Api", "patch_namespaced_pod_disruption_budget", name, namespace, patch
     )

@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+import chatstream_defaults as shared
+
 from . import (
     COMPONENT_LABEL,
     MANAGED_BY_LABEL,
@@ -37,8 +39,8 @@ from . import (
     RAY_GROUP,
     RAY_VERSION,
 )
-from .credentials import secret_env
 from .drain import drain_bounds
+from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate
 from .spec import desired_replicas, is_autoscaling, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
@@ -48,7 +50,18 @@ DEFAULT_APP_NAME = "chatstream"
 MODEL_DEPLOYMENT_NAME = "ChatModel"
 INGRESS_DEPLOYMENT_NAME = "ChatStreamIngress"
 
+# spec.autoscaling's optional timing -> Serve's autoscaling_config (Serve's defaults if unset).
+AUTOSCALING_DELAYS = {
+    "upscaleDelaySec": "upscale_delay_s",
+    "downscaleDelaySec": "downscale_delay_s",
+    "lookBackPeriodSec": "look_back_period_s",
+}
 MODEL_SLOT = "chatstream_model"
+# Offered by the head only, and asked for by each ingress replica, so that no ingress replica
+# lands on a model pod: one there would keep the pod (and its GPU) from ever being idle and
+# released. The head offers more than any valid spec uses (ingress.replicas <= head.cpus <= 256).
+HEAD_SLOT = "chatstream_head"
+HEAD_SLOTS = 1000
 SERVE_PORT = 8000
 WORKER_GROUP = "model"
 # The worker group's maxReplicas. KubeRay never copies a changed min/maxReplicas of a RayService
@@ -56,8 +69,18 @@ WORKER_GROUP = "model"
 # scale-up past it. No ceiling (KubeRay's own default) instead: the pods never outnumber the
 # model replicas, because the autoscaler adds a pod only for a replica that waits for a slot.
 WORKER_POD_CEILING = 2**31 - 1
-# KubeRay's zero-downtime upgrade: a new Ray cluster, traffic switched once it serves.
+# KubeRay's zero-downtime upgrade by default: a new Ray cluster, traffic switched once it serves
+# (spec.upgradeStrategy; NewClusterWithIncrementalUpgrade shifts traffic step by step).
 UPGRADE_STRATEGY = "NewCluster"
+
+
+def upgrade_strategy(s: Mapping[str, Any]) -> dict[str, Any]:
+    """KubeRay's upgradeStrategy for the spec's (with defaults)."""
+    upgrade = s["upgradeStrategy"]
+    strategy: dict[str, Any] = {"type": upgrade.get("type") or UPGRADE_STRATEGY}
+    if strategy["type"] != UPGRADE_STRATEGY and upgrade.get("clusterUpgradeOptions"):
+        strategy["clusterUpgradeOptions"] = dict(upgrade["clusterUpgradeOptions"])
+    return strategy
 
 
 def serve_service_name(name: str) -> str:
@@ -145,6 +168,9 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
             "max_replicas": bounds["maxReplicas"],
             "target_ongoing_requests": bounds["targetOngoingRequests"],
         }
+        for field, option in AUTOSCALING_DELAYS.items():
+            if bounds.get(field) is not None:
+                deployment["autoscaling_config"][option] = bounds[field]
     else:
         deployment["num_replicas"] = desired_replicas(s)
     deployment["max_ongoing_requests"] = s["maxOngoingRequests"]
@@ -160,10 +186,15 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def ingress_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Serve deployment options of the ingress: its drain bounds (applied without a restart)."""
+    """Serve deployment options of the ingress: its drain bounds (applied without a restart),
+    and its place: the head pod (HEAD_SLOT)."""
     drain = drain_bounds(spec)
     return {
         "name": INGRESS_DEPLOYMENT_NAME,
+        "ray_actor_options": {
+            "num_cpus": shared.INGRESS_NUM_CPUS,
+            "resources": {HEAD_SLOT: 1},
+        },
         "graceful_shutdown_timeout_s": drain.ingress_s,
         "graceful_shutdown_wait_loop_s": drain.wait_loop_s,
     }
@@ -188,31 +219,45 @@ def _cpu_quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
 
 
+def _ray_resources(resources: Mapping[str, int]) -> str:
+    """A rayStartParams `resources` value: spliced into a shell command line, hence quoted JSON."""
+    return '"' + json.dumps(dict(resources)).replace('"', '\\"') + '"'
+
+
 def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     head = s["head"]
-    size = {"cpu": str(head["cpus"]), "memory": head["memory"]}
+    pod_spec: dict[str, Any] = {
+        "containers": [
+            {
+                "name": "ray-head",
+                "image": s["image"],
+                "imagePullPolicy": s["imagePullPolicy"],
+                "ports": [
+                    {"name": "gcs-server", "containerPort": 6379},
+                    {"name": "dashboard", "containerPort": 8265},
+                    {"name": "client", "containerPort": 10001},
+                    {"name": "serve", "containerPort": SERVE_PORT},
+                ],
+                "resources": {
+                    "requests": {"cpu": str(head["cpus"]), "memory": head["memory"]},
+                    "limits": {"cpu": str(head["cpus"]), "memory": head["memory"]},
+                },
+            }
+        ]
+    }
+    # The head holds the ingress replicas: it gets their drain bound before it is killed.
+    grace = drain_bounds(s).head_grace_s
+    decorate(pod_spec, name, s, scheduling=head, grace_s=grace, model=False)
     return {
         # The head's CPUs are for Serve's controller, proxy and the ingress replicas.
-        "rayStartParams": {"num-cpus": str(head["cpus"]), "dashboard-host": "0.0.0.0"},
+        "rayStartParams": {
+            "num-cpus": str(head["cpus"]),
+            "dashboard-host": "0.0.0.0",
+            "resources": _ray_resources({HEAD_SLOT: HEAD_SLOTS}),
+        },
         "template": {
             "metadata": {"labels": {NAME_LABEL: name, COMPONENT_LABEL: "head"}},
-            "spec": {
-                "containers": [
-                    {
-                        "name": "ray-head",
-                        "image": s["image"],
-                        "imagePullPolicy": s["imagePullPolicy"],
-                        "ports": [
-                            {"name": "gcs-server", "containerPort": 6379},
-                            {"name": "dashboard", "containerPort": 8265},
-                            {"name": "client", "containerPort": 10001},
-                            {"name": "serve", "containerPort": SERVE_PORT},
-                        ],
-                        "resources": {"requests": dict(size), "limits": dict(size)},
-                        "env": secret_env(name, s),
-                    }
-                ]
-            },
+            "spec": pod_spec,
         },
     }
 
@@ -220,8 +265,9 @@ def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
 def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     res = s["resources"]
     size: dict[str, str] = {"cpu": _cpu_quantity(res["cpus"]), "memory": res["memory"]}
+    gpu_resource = res["gpuResourceName"]
     if res["gpus"]:
-        size["nvidia.com/gpu"] = str(res["gpus"])
+        size[gpu_resource] = str(res["gpus"])
     pod_spec: dict[str, Any] = {
         "containers": [
             {
@@ -229,16 +275,15 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
                 "image": s["image"],
                 "imagePullPolicy": s["imagePullPolicy"],
                 "resources": {"requests": dict(size), "limits": dict(size)},
-                "env": secret_env(name, s),
             }
         ]
     }
-    if res.get("nodeSelector"):
-        pod_spec["nodeSelector"] = dict(res["nodeSelector"])
-    if res.get("tolerations"):
-        pod_spec["tolerations"] = [dict(t) for t in res["tolerations"]]
-    # rayStartParams values are spliced into a shell command line, hence the quoted JSON.
-    slot = '"' + json.dumps({MODEL_SLOT: 1}).replace('"', '\\"') + '"'
+    grace = drain_bounds(s).worker_grace_s
+    decorate(pod_spec, name, s, scheduling=res, grace_s=grace, model=True)
+    start_params = {"resources": _ray_resources({MODEL_SLOT: 1})}
+    if res["gpus"] and gpu_resource != DEFAULT_GPU_RESOURCE:
+        # KubeRay counts GPUs from resource names it knows; a MIG slice it does not.
+        start_params["num-gpus"] = str(res["gpus"])
     return {
         "groupName": WORKER_GROUP,
         # The pods a new Ray cluster starts with (creation, upgrade). KubeRay leaves a running
@@ -246,7 +291,7 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
         "replicas": desired_replicas(s),
         "minReplicas": 0,
         "maxReplicas": WORKER_POD_CEILING,
-        "rayStartParams": {"resources": slot},
+        "rayStartParams": start_params,
         "template": {
             "metadata": {"labels": {NAME_LABEL: name, COMPONENT_LABEL: "model"}},
             "spec": pod_spec,
@@ -281,7 +326,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
         "kind": "RayService",
         "metadata": {"name": name, "labels": labels(name)},
         "spec": {
-            "upgradeStrategy": {"type": UPGRADE_STRATEGY},
+            "upgradeStrategy": upgrade_strategy(s),
             # The old cluster after an upgrade finishes the streams it holds.
             "rayClusterDeletionDelaySeconds": drain.cluster_deletion_delay_s,
             "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),
@@ -289,7 +334,11 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
                 "rayVersion": s["rayVersion"],
                 # Always: Ray's autoscaler removes a worker pod only once Serve is done with it.
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"idleTimeoutSeconds": drain.pod_idle_timeout_s},
+                "autoscalerOptions": {
+                    "idleTimeoutSeconds": drain.pod_idle_timeout_s,
+                    # The autoscaler sidecar runs in the head pod: "restricted" too.
+                    "securityContext": container_security_context(s),
+                },
                 "headGroupSpec": _head_group(name, s),
                 "workerGroupSpecs": [_worker_group(name, s)],
             },

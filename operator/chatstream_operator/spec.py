@@ -2,7 +2,9 @@
 
 The API server applies the CRD's defaults before the operator sees an object; `with_defaults`
 applies the same ones again so that the renderer also works on objects that skipped it (older
-stored objects, tests). A unit test keeps DEFAULTS equal to the CRD's `default:` values.
+stored objects, tests). The values the Serve application shares come from `chatstream_defaults`
+(serve_app/config.py uses the same); a unit test keeps DEFAULTS equal to the CRD's `default:`
+values.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import chatstream_defaults as shared
+
+from .schema import name_problems, spec_problems
 
 DEFAULTS: dict[str, Any] = {
     "engine": "transformers",
@@ -22,48 +28,62 @@ DEFAULTS: dict[str, Any] = {
         "maxContextTokens": 0,
         "systemPrompt": "",
     },
-    "mock": {"mode": "echo", "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
-    "maxOngoingRequests": 32,
-    "maxQueuedRequests": 64,
-    "retryAfterSec": 1,
-    "streamIntervalMs": 0,
-    "generation": {"temperature": 0.7, "topK": 50, "topP": 0.9, "maxNewTokens": 256},
-    "resources": {"gpus": 0, "cpus": 1, "memory": "4Gi"},
-    "ingress": {"replicas": 1},
+    "mock": {"mode": shared.MOCK_MODE, "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
+    "maxOngoingRequests": shared.MAX_ONGOING_REQUESTS,
+    "maxQueuedRequests": shared.MAX_QUEUED_REQUESTS,
+    "retryAfterSec": shared.RETRY_AFTER_SEC,
+    "streamIntervalMs": shared.STREAM_INTERVAL_MS,
+    "generation": {
+        "temperature": shared.TEMPERATURE,
+        "topK": shared.TOP_K,
+        "topP": shared.TOP_P,
+        "maxNewTokens": shared.MAX_NEW_TOKENS,
+    },
+    "resources": {"gpus": 0, "cpus": 1, "memory": "4Gi", "gpuResourceName": "nvidia.com/gpu"},
+    "ingress": {"replicas": shared.INGRESS_REPLICAS},
     "session": {
-        "store": "ray",
-        "cookieName": "chatstream_session",
-        "ttlSec": 86400,
-        "maxTurns": 50,
-        "cookieSecure": False,
+        "store": shared.SESSION_STORE,
+        "cookieName": shared.SESSION_COOKIE_NAME,
+        "ttlSec": shared.SESSION_TTL_SEC,
+        "maxTurns": shared.SESSION_MAX_TURNS,
+        "cookieSecure": shared.COOKIE_SECURE,
     },
     "image": "chatstream-serve:0.1.0",
     "imagePullPolicy": "IfNotPresent",
     "rayVersion": "2.60.0",
     "head": {"cpus": 2, "memory": "4Gi"},
+    "upgradeStrategy": {"type": "NewCluster"},
     # How long a scale-down or an upgrade may take (see drain.py).
-    "drain": {"timePerTokenSec": 0.25, "firstTokenSec": 10, "podIdleTimeoutSec": 60},
+    "drain": {
+        "timePerTokenSec": shared.DRAIN_TIME_PER_TOKEN_SEC,
+        "firstTokenSec": shared.DRAIN_FIRST_TOKEN_SEC,
+        "podIdleTimeoutSec": shared.DRAIN_POD_IDLE_TIMEOUT_SEC,
+    },
 }
 
 # Defaults inside optional objects: they apply only when the object itself is present.
-AUTOSCALING_DEFAULTS: dict[str, Any] = {"minReplicas": 1, "targetOngoingRequests": 24}
+AUTOSCALING_DEFAULTS: dict[str, Any] = {
+    "minReplicas": 1,
+    "targetOngoingRequests": shared.TARGET_ONGOING_REQUESTS,
+}
 
 
-def _merge(defaults: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in given.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
+def merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A deep copy of `defaults` with `given` merged over it (nested mappings key by key)."""
+    result = copy.deepcopy(dict(defaults))
+    for key, value in (given or {}).items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
         else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 def with_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Return a copy of `spec` with every schema default filled in."""
-    full = _merge(DEFAULTS, spec)
+    full = merged(DEFAULTS, spec)
     if full.get("autoscaling") is not None:
-        full["autoscaling"] = _merge(AUTOSCALING_DEFAULTS, full["autoscaling"])
+        full["autoscaling"] = merged(AUTOSCALING_DEFAULTS, full["autoscaling"])
     return full
 
 
@@ -103,12 +123,19 @@ def image_allowed(image: str, allowed: Sequence[str]) -> bool:
 
 
 def validate(
-    spec: Mapping[str, Any], allowed_image_repositories: Sequence[str] = ()
+    spec: Mapping[str, Any],
+    allowed_image_repositories: Sequence[str] = (),
+    name: str | None = None,
 ) -> list[str]:
-    """Problems the schema cannot catch, each naming its field. Empty when the spec is usable.
+    """What makes the spec unusable, each naming its field; empty when it is usable: the CRD's
+    own schema (checked again here: it is not always applied, see schema.py), KubeRay's rules
+    for the name, and the rules the schema cannot express.
     `allowed_image_repositories` is the operator's allow-list for spec.image (empty: any)."""
+    problems = name_problems(name) if name is not None else []
+    problems += spec_problems(spec)
+    if problems:
+        return problems  # the checks below assume the schema's types
     full = with_defaults(spec)
-    problems: list[str] = []
     if not image_allowed(full["image"], allowed_image_repositories):
         problems.append(
             f"spec.image ({full['image']}) is not in an allowed repository "
@@ -138,6 +165,22 @@ def validate(
                 f"spec.replicas ({full['replicas']}) must lie within the autoscaling bounds "
                 f"[{low}, {high}]; scale within them or remove spec.autoscaling"
             )
+    if (full.get("gcsFaultTolerance") or {}).get("externalStorageNamespace"):
+        problems.append(
+            "spec.gcsFaultTolerance.externalStorageNamespace is unsafe with KubeRay's new-cluster "
+            "upgrades: the old cluster's Redis cleanup deletes the namespace the new cluster uses "
+            "(ray-project/ray#39525, kuberay#5052); remove it (each Ray cluster then keeps its "
+            "state under its own uid)"
+        )
+    upgrade = full["upgradeStrategy"]
+    if upgrade["type"] == "NewClusterWithIncrementalUpgrade" and not upgrade.get(
+        "clusterUpgradeOptions"
+    ):
+        problems.append(
+            "spec.upgradeStrategy.clusterUpgradeOptions is required with "
+            "NewClusterWithIncrementalUpgrade: name the Gateway API class (gatewayClassName), "
+            "stepSizePercent and intervalSeconds"
+        )
     if full["maxQueuedRequests"] == 0:
         problems.append(
             "spec.maxQueuedRequests must be -1 (no limit) or at least 1: "

@@ -1,8 +1,10 @@
 """Pure status logic: a RayService's status -> the ChatStream's status fields and conditions.
 
 Conditions:
-- Ready: the Serve application serves: RUNNING with the model deployment HEALTHY, or a scale
-  under way (the model deployment UPSCALING / DOWNSCALING while the other replicas serve).
+- Ready: the Serve application serves: RUNNING with the model deployment HEALTHY, a scale
+  under way (the model deployment UPSCALING / DOWNSCALING while the other replicas serve), or
+  a rebuild of an application that served (DEPLOYING: Serve replaces replicas in rolling
+  fashion). Every condition carries the observedGeneration it describes.
 - Progressing: a deployment, scale or cluster upgrade is under way. Its reason names the phase
   (`kubectl get chs` shows it): Creating, Deploying, Updating, Upgrading (a new Ray cluster),
   ScalingUp, ScalingDown (Serve drains the model replicas it removes), ReleasingPods (Serve is
@@ -152,7 +154,51 @@ def _counts(rayservice: Mapping[str, Any] | None) -> tuple[int, int]:
     ready = int(cluster.get("readyWorkerReplicas") or 0)
     if model_status not in (*SERVING_MODEL_STATES, "UPDATING"):
         ready = 0
-    return replicas, min(ready, replicas)
+    replicas = max(replicas, 0)  # never a negative count (an unchecked spec, by hand)
+    return replicas, max(0, min(ready, replicas))
+
+
+def _upgrade_message(status: Mapping[str, Any]) -> str:
+    """What an upgrade waits for: the new cluster's pods, which need the cluster's resources a
+    second time while the old cluster serves (GPUs twice, with NewCluster)."""
+    pending = status.get("pendingServiceStatus") or {}
+    name = pending.get("rayClusterName")
+    cluster = pending.get("rayClusterStatus") or {}
+    ready, desired = cluster.get("readyWorkerReplicas"), cluster.get("desiredWorkerReplicas")
+    message = f"new Ray cluster {name}"
+    if isinstance(desired, int) and desired and (ready or 0) < desired:
+        message += (
+            f": {ready or 0}/{desired} worker pods ready; it needs the cluster's resources a "
+            "second time while the old one serves (GPUs twice): pods that stay Pending mean "
+            "the cluster lacks room (kubectl get pods; free capacity or use "
+            "upgradeStrategy NewClusterWithIncrementalUpgrade)"
+        )
+    elif (pending.get("applicationStatuses") or {}).get(DEFAULT_APP_NAME):
+        app = pending["applicationStatuses"][DEFAULT_APP_NAME].get("status", "").lower()
+        message += f": the Serve application is {app}" if app else ""
+    return message
+
+
+def _head_ready(cluster: Mapping[str, Any]) -> bool:
+    conditions = cluster.get("conditions") or []
+    return cluster.get("state") == "ready" or any(
+        c.get("type") == "HeadPodReady" and c.get("status") == "True" for c in conditions
+    )
+
+
+def _no_serve_status(status: Mapping[str, Any]) -> str:
+    """Why there is no Serve status yet. A Ray cluster whose head runs but whose application
+    KubeRay never reports is, most often, a KubeRay that cannot reach the head's dashboard: the
+    NetworkPolicy admits only the control-plane peers (KubeRay in kuberay-system by default)."""
+    cluster = (status.get("activeServiceStatus") or {}).get("rayClusterStatus") or {}
+    if not _head_ready(cluster):
+        return "no Serve status yet"
+    return (
+        "the Ray head runs but KubeRay reports no Serve application yet: KubeRay deploys it "
+        "through the head's dashboard (port 8265), which the NetworkPolicy opens only to the "
+        "control-plane peers; if KubeRay runs outside the namespace kuberay-system, allow it with "
+        "the operator's --control-plane-peers (chart: networkPolicy.controlPlanePeers)"
+    )
 
 
 def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bool, str, str]:
@@ -169,6 +215,7 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
     app_status, model_status, message = _serve_state(rayservice)
     status = rayservice.get("status") or {}
     pending = (status.get("pendingServiceStatus") or {}).get("rayClusterName")
+    upgrading = _upgrade_message(status) if pending else ""
     generation = (rayservice.get("metadata") or {}).get("generation")
     seen = status.get("observedGeneration")
     behind = generation is not None and seen is not None and seen < generation
@@ -176,7 +223,7 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
     scaling = app_status == "DEPLOYING" and model_status in SERVING_MODEL_STATES[1:]
     if (app_status == "RUNNING" and model_status in SERVING_MODEL_STATES) or scaling:
         if pending:
-            return True, "Serving", message, True, "Upgrading", f"new Ray cluster {pending}"
+            return True, "Serving", message, True, "Upgrading", upgrading
         if behind:
             return True, "Serving", message, True, "Updating", "KubeRay has not seen the change yet"
         phase, detail = _scale_phase(rayservice, model_status)
@@ -187,8 +234,12 @@ def _readiness(rayservice: Mapping[str, Any] | None) -> tuple[bool, str, str, bo
         reason = "DeployFailed" if app_status == "DEPLOY_FAILED" else "Unhealthy"
         return False, reason, message, False, reason, message
     if not app_status:
-        return False, "WaitingForRayCluster", message, True, "Creating", "no Serve status yet"
+        return False, "WaitingForRayCluster", message, True, "Creating", _no_serve_status(status)
     return False, "Deploying", message, True, "Deploying", f"application {app_status.lower()}"
+
+
+def _was_ready(conditions: Sequence[Mapping[str, Any]]) -> bool:
+    return any(c.get("type") == READY and c.get("status") == "True" for c in conditions)
 
 
 def derive_status(
@@ -197,14 +248,22 @@ def derive_status(
     rayservice: Mapping[str, Any] | None,
     conditions: Sequence[Mapping[str, Any]],
     now: str,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """The ChatStream status fields that follow from the RayService (InvalidSpec is left alone)."""
+    """The ChatStream status fields that follow from the RayService (InvalidSpec is left alone).
+    `generation`: the ChatStream generation these conditions describe (the one last acted on);
+    every condition carries it as observedGeneration, as Kubernetes' conventions ask."""
     replicas, ready_replicas = _counts(rayservice)
     ready, r_reason, r_msg, progressing, p_reason, p_msg = _readiness(rayservice)
+    if not ready and r_reason == "Deploying" and _was_ready(conditions):
+        # Serve rebuilds the application in rolling fashion (new arguments, options): the old
+        # replicas serve until new ones run, so the service stays Ready while it updates.
+        ready, r_reason = True, "Serving"
+        p_reason, p_msg = "Updating", "Serve replaces the replicas; the old ones serve meanwhile"
     if not r_msg:
         r_msg = f"{ready_replicas}/{replicas} model replicas ready"
-    conds = set_condition(conditions, READY, ready, r_reason, r_msg, now)
-    conds = set_condition(conds, PROGRESSING, progressing, p_reason, p_msg, now)
+    conds = set_condition(conditions, READY, ready, r_reason, r_msg, now, generation)
+    conds = set_condition(conds, PROGRESSING, progressing, p_reason, p_msg, now, generation)
     return {
         "replicas": replicas,
         "readyReplicas": ready_replicas,

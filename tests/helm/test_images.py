@@ -17,6 +17,8 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 OPERATOR_PACKAGE = REPO / "operator" / "chatstream_operator"
+# Shared with the serve app; both images copy it, and it imports the standard library only.
+DEFAULTS_PACKAGE = REPO / "chatstream_defaults"
 CHART_DIR = REPO / "helm" / "chatstream"
 
 # Distribution name -> the module it provides, for the operator image's pinned packages.
@@ -75,8 +77,17 @@ def test_operator_imports_only_what_its_image_installs():
     installed = {MODULE_OF[r.name.lower()] for r in pip_installs(dockerfile("Dockerfile.operator"))}
     third_party = imported_modules(OPERATOR_PACKAGE) - set(sys.stdlib_module_names) - {"__future__"}
 
-    assert third_party - {"chatstream_operator"} <= installed
+    assert third_party - {"chatstream_operator", "chatstream_defaults"} <= installed
     assert not third_party & {"serve_app", "ray", "torch", "transformers"}
+
+
+def test_shared_defaults_are_stdlib_only_and_in_both_images():
+    assert imported_modules(DEFAULTS_PACKAGE) <= set(sys.stdlib_module_names) | {"__future__"}
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "chatstream_defaults*" in include
+    for name in ("Dockerfile.operator", "Dockerfile.serve"):
+        assert re.search(r"^COPY .*chatstream_defaults \./chatstream_defaults$",
+                         dockerfile(name), re.MULTILINE), name
 
 
 def test_serve_image_matches_the_ray_and_python_of_the_project(crd):
@@ -133,3 +144,18 @@ def test_running_the_operator_loads_no_serve_runtime():
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_operator_image_carries_the_crd_schema_it_validates_against():
+    """The operator checks specs against the CRD (chatstream_operator/schema.py): the image puts
+    the chart's CRD where schema.py looks first, and the package data ships it."""
+    from chatstream_operator import schema
+
+    text = dockerfile("Dockerfile.operator")
+    copied = re.search(r"^COPY helm/chatstream/crds (\S+)$", text, re.MULTILINE)
+    assert copied, "the operator image copies the CRD"
+    where = Path(copied.group(1))
+    assert where.parent == Path("operator/chatstream_operator")
+    assert schema.CRD_LOCATIONS[0] == OPERATOR_PACKAGE.resolve() / where.name / schema.CRD_FILE
+    assert "crd/*.yaml" in PYPROJECT["tool"]["setuptools"]["package-data"]["chatstream_operator"]
+    assert (CHART_DIR / "crds" / schema.CRD_FILE).is_file()

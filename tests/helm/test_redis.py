@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from chatstream_operator.__main__ import configure_environment, parse_args
+from chatstream_operator.__main__ import operator_kwargs, parse_args
 from chatstream_operator.render import render_rayservice
 from conftest import NAMESPACE, VALUE_SETS
 
@@ -181,24 +181,21 @@ def _operator_args(manifests) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-def test_allow_list_and_peers_reach_the_operator(render, monkeypatch):
+def test_allow_list_and_peers_reach_the_operator(render):
     from chatstream_operator import handlers
     from chatstream_operator.network import DEFAULT_CONTROL_PLANE_PEERS
+    from chatstream_operator.options import options_of
 
-    for name in ("ALLOWED_IMAGE_REPOSITORIES", "NETWORK_POLICY", "CONTROL_PLANE_PEERS",
-                 "METRICS_PEERS", "DRIFT_INTERVAL_SEC"):  # fmt: skip
-        monkeypatch.setenv(f"CHATSTREAM_{name}", "")  # restored after the test
-        monkeypatch.delenv(f"CHATSTREAM_{name}")
     values = VALUE_SETS["redis"]
-    configure_environment(parse_args(_operator_args(render(values))))
-    assert handlers.allowed_image_repositories() == values["allowedImageRepositories"]
-    enabled, control, metrics = handlers.network_policy_settings()
-    assert enabled and control == DEFAULT_CONTROL_PLANE_PEERS
-    assert metrics == values["networkPolicy"]["metricsPeers"]
-    assert handlers.validate({"image": "docker.io/evil:1"}, handlers.allowed_image_repositories())
+    options = options_of(operator_kwargs(parse_args(_operator_args(render(values))))["memo"])
+    assert list(options.allowed_image_repositories) == values["allowedImageRepositories"]
+    assert options.network_policy
+    assert list(options.control_plane_peers) == DEFAULT_CONTROL_PLANE_PEERS
+    assert list(options.metrics_peers) == values["networkPolicy"]["metricsPeers"]
+    assert handlers.validate({"image": "docker.io/evil:1"}, options.allowed_image_repositories)
     # The chart's own sample image is in the list.
     sample = only(render(values), "ChatStream")
-    assert handlers.validate(sample["spec"], handlers.allowed_image_repositories()) == []
+    assert handlers.validate(sample["spec"], options.allowed_image_repositories) == []
 
 
 def test_without_network_policies_the_operator_neither_renders_nor_may_touch_them(render):

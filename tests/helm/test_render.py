@@ -205,6 +205,17 @@ def test_monitoring_objects_appear_only_when_asked_for(render):
         "ray.io/node-type": "head",
     }
     assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # ... of which only the ChatStreams' heads are kept (their pods carry chatstream.dev/name).
+    (keep,) = service_monitor["spec"]["endpoints"][0]["relabelings"]
+    assert keep == {
+        "action": "keep",
+        "sourceLabels": ["__meta_kubernetes_pod_label_chatstream_dev_name"],
+        "regex": ".+",
+    }
+    from chatstream_operator.render import render_rayservice
+
+    head = render_rayservice("chat", {})["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert "chatstream.dev/name" in head["template"]["metadata"]["labels"]
     pod_monitor = only(manifests, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"chatstream.dev/component": "model"}
     assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"

@@ -55,6 +55,8 @@ CHATSTREAMS = "chatstream.dev/v1alpha1/chatstreams"
 RAYSERVICES = "ray.io/v1/rayservices"
 SECRETS = "v1/secrets"
 NETWORKPOLICIES = "networking.k8s.io/v1/networkpolicies"
+PDBS = "policy/v1/poddisruptionbudgets"
+LONG_NAME = "chat-" + "x" * 43  # 48 characters: one more than KubeRay takes
 HARNESS_HEADER = "X-ChatStream-Harness"  # marks the harness's own calls, which are not recorded
 
 # What the emulator serves: the operator's resources and kopf's own backbone resources.
@@ -66,6 +68,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "singular": "event", "namespaced": True},
     SECRETS: {"kind": "Secret", "singular": "secret", "namespaced": True},
     NETWORKPOLICIES: {"kind": "NetworkPolicy", "singular": "networkpolicy", "namespaced": True},
+    PDBS: {"kind": "PodDisruptionBudget", "singular": "poddisruptionbudget", "namespaced": True},
     "v1/namespaces": {"kind": "Namespace", "singular": "namespace", "namespaced": False},
     "apiextensions.k8s.io/v1/customresourcedefinitions": {
         "kind": "CustomResourceDefinition", "singular": "customresourcedefinition",
@@ -93,6 +96,9 @@ SPEC: dict[str, Any] = {
     "maxOngoingRequests": 4,
     "maxQueuedRequests": 16,
     "resources": {"cpus": 1, "memory": "1Gi"},
+    # A first install's pod surface: a private registry and a model cache.
+    "imagePullSecrets": [{"name": "regcred"}],
+    "modelCache": {"size": "10Gi", "storageClassName": "standard"},
 }
 
 
@@ -253,14 +259,19 @@ class _ErrorLogs(logging.Handler):
 
 
 @contextlib.asynccontextmanager
-async def _running_operator(namespaces: Sequence[str] | None) -> AsyncIterator[asyncio.Task]:
-    """The operator as `chatstream-operator --standalone [-A | -n NS ...]` runs it."""
+async def _running_operator(
+    namespaces: Sequence[str] | None, *flags: str, recreate_retry_sec: float | None = None
+) -> AsyncIterator[asyncio.Task]:
+    """The operator as `chatstream-operator --standalone [-A | -n NS ...] [flags]` runs it."""
     import kopf
     from chatstream_operator import handlers  # noqa: F401  (registers the real handlers)
     from chatstream_operator.__main__ import operator_kwargs, parse_args
 
     scope = [f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"]
-    kwargs = operator_kwargs(parse_args(["--standalone", "--liveness=", *scope]))
+    kwargs = operator_kwargs(parse_args(["--standalone", "--liveness=", *scope, *flags]))
+    if recreate_retry_sec is not None:
+        options = kwargs["memo"].options
+        kwargs["memo"].options = dataclasses.replace(options, recreate_retry_sec=recreate_retry_sec)
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(stop_flag=stop, ready_flag=ready, **kwargs))
     try:
@@ -294,6 +305,13 @@ async def run_lifecycle_scenario(
     *, namespaces: Sequence[str] | None = None, step_timeout: float = 20.0
 ) -> LifecycleResult:
     """Run the whole scenario once; see the module docstring. Takes about 10 seconds."""
+    async with _emulated_api() as emulator:
+        return await _scenario(emulator, namespaces, step_timeout)
+
+
+@contextlib.asynccontextmanager
+async def _emulated_api() -> AsyncIterator[_ApiServer]:
+    """kmock serving RESOURCES, with the operator's kubeconfig pointing at it."""
     async with (
         _ApiServer() as emulator,
         kmock.Server(emulator, host="127.0.0.1") as server,
@@ -301,7 +319,7 @@ async def run_lifecycle_scenario(
         for resource, info in RESOURCES.items():
             emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
         with _kubeconfig(str(server.url)):
-            return await _scenario(emulator, namespaces, step_timeout)
+            yield emulator
 
 
 async def _scenario(
@@ -357,6 +375,7 @@ async def _scenario(
             "rayservice": rayservice(),
             "secret": child(SECRETS, f"{NAME}-chatstream"),
             "networkpolicy": child(NETWORKPOLICIES, f"{NAME}-ray"),
+            "disruptionbudget": child(PDBS, f"{NAME}-model"),
         }
 
     errors = _ErrorLogs()
@@ -414,12 +433,22 @@ async def _scenario(
                 ),
             )
             assert not task.done(), "the operator stopped after an invalid spec"
+            # The emulator applies no schema (like an old CRD): the operator checks it itself.
+            unchecked = {"spec": {"autoscaling": None, "replicas": -5}}
+            await step(
+                "unchecked",
+                send("PATCH", f"{cs_path}/{NAME}", unchecked),
+                lambda: (
+                    "spec.replicas" in condition("InvalidSpec").get("message", "")
+                    and status().get("observedGeneration") == 4
+                ),
+            )
             await step(
                 "fixed",
-                send("PATCH", f"{cs_path}/{NAME}", {"spec": {"autoscaling": None}}),
+                send("PATCH", f"{cs_path}/{NAME}", {"spec": {"replicas": 3}}),
                 lambda: (
                     condition("InvalidSpec")["status"] == "False"
-                    and status().get("observedGeneration") == 4
+                    and status().get("observedGeneration") == 5
                 ),
             )
             np_path = (
@@ -427,15 +456,21 @@ async def _scenario(
             )
 
             async def open_the_policy() -> None:
-                # Someone admits everything to every port; the next reconcile closes it again.
+                # Someone admits everything to every port, and lets every model pod be evicted
+                # at once; the next reconcile puts both back.
                 await send("PATCH", np_path, {"spec": {"ingress": [{}]}})
+                pdb_path = f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets"
+                await send("PATCH", f"{pdb_path}/{NAME}-model", {"spec": {"maxUnavailable": 9}})
                 touch = {"metadata": {"annotations": {"example.com/touched": "again"}}}
                 await send("PATCH", f"{cs_path}/{NAME}", touch)
 
             await step(
                 "policy-drift",
                 open_the_policy(),
-                lambda: {} not in child(NETWORKPOLICIES, f"{NAME}-ray")["spec"]["ingress"],
+                lambda: (
+                    {} not in child(NETWORKPOLICIES, f"{NAME}-ray")["spec"]["ingress"]
+                    and child(PDBS, f"{NAME}-model")["spec"]["maxUnavailable"] == 1
+                ),
             )
             errors_before_delete = len(errors.messages)
             async with emulator.request("DELETE", f"{cs_path}/{NAME}", headers=headers) as resp:
@@ -485,6 +520,8 @@ class RecreateResult:
     new_uid: str
     invalid_image: dict[str, Any]  # the ChatStream with an image outside the allow-list
     invalid_image_rayservice: dict[str, Any] | None  # its RayService (none, it must be)
+    invalid_name: dict[str, Any]  # a ChatStream whose name KubeRay refuses
+    invalid_name_rayservice: dict[str, Any] | None  # its RayService (none)
     finalizers: list[str]  # metadata.finalizers of the reconciled ChatStream
     gone_after_uninstall: bool  # deleted with no operator running: gone at once, not stuck
     operator_survived: bool
@@ -498,27 +535,8 @@ async def run_recreate_scenario(
     Secret of the generated name exists beforehand (the operator must leave it alone). A second
     ChatStream names an image outside the allow-list. Then the operator is uninstalled (stopped)
     and the ChatStream deleted: nothing may keep it in Terminating."""
-    from chatstream_operator import handlers
-
-    saved_env = os.environ.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES")
-    saved_delay = handlers.RECREATE_RETRY_SEC
-    os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = allowed_images
-    handlers.RECREATE_RETRY_SEC = 0.5
-    try:
-        async with (
-            _ApiServer() as emulator,
-            kmock.Server(emulator, host="127.0.0.1") as server,
-        ):
-            for resource, info in RESOURCES.items():
-                emulator.resources[resource] = kmock.ResourceInfo(verbs=VERBS, **info)
-            with _kubeconfig(str(server.url)):
-                return await _recreate(emulator, allowed_images, step_timeout)
-    finally:
-        handlers.RECREATE_RETRY_SEC = saved_delay
-        if saved_env is None:
-            os.environ.pop("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", None)
-        else:
-            os.environ["CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES"] = saved_env
+    async with _emulated_api() as emulator:
+        return await _recreate(emulator, allowed_images, step_timeout)
 
 
 async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -> RecreateResult:
@@ -574,11 +592,16 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
     errors = _ErrorLogs()
     logging.getLogger().addHandler(errors)
     try:
-        async with _running_operator(None) as task:
+        async with _running_operator(
+            None, f"--allowed-image-repository={allowed_images}", recreate_retry_sec=0.5
+        ) as task:
             spec = {**copy.deepcopy(SPEC), "image": image}
             await send("POST", cs_path, chatstream(NAME, new_uid, spec))
             bad = {**copy.deepcopy(SPEC), "image": "evil.example.com/miner:1"}
             await send("POST", cs_path, chatstream("evil", str(uuid.uuid4()), bad))
+            # A name KubeRay refuses for the RayService (over 47 characters).
+            spec_ok = {**copy.deepcopy(SPEC), "image": image}
+            await send("POST", cs_path, chatstream(LONG_NAME, str(uuid.uuid4()), spec_ok))
             await _wait(
                 "waiting for the old RayService",
                 lambda: any("deleted ChatStream of the same name" in m for m in errors.messages),
@@ -602,13 +625,14 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
             rayservice = await _wait("re-created", lambda: created(RAYSERVICES, NAME), timeout)
             policy = await _wait("policy", lambda: created(NETWORKPOLICIES, f"{NAME}-ray"), timeout)
 
-            def invalid() -> dict[str, Any] | None:
-                obj = get(CHATSTREAMS, "evil")
+            def invalid(name: str = "evil") -> dict[str, Any] | None:
+                obj = get(CHATSTREAMS, name)
                 conds = ((obj or {}).get("status") or {}).get("conditions") or []
                 return obj if any(c["type"] == "InvalidSpec" and c["status"] == "True"
                                   for c in conds) else None  # fmt: skip
 
             invalid_image = await _wait("invalid image", invalid, timeout)
+            invalid_name = await _wait("invalid name", lambda: invalid(LONG_NAME), timeout)
             await asyncio.sleep(0.5)
             finalizers = list(get(CHATSTREAMS, NAME)["metadata"].get("finalizers") or [])
             survived = not task.done()
@@ -628,6 +652,8 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
         new_uid=new_uid,
         invalid_image=invalid_image,
         invalid_image_rayservice=get(RAYSERVICES, "evil"),
+        invalid_name=invalid_name,
+        invalid_name_rayservice=get(RAYSERVICES, LONG_NAME),
         finalizers=finalizers,
         gone_after_uninstall=gone,
         operator_survived=survived,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import kopf
 import kubernetes
 import pytest
 from chatstream_operator import handlers, kube
+from chatstream_operator.options import OperatorOptions
 from chatstream_operator.render import render_rayservice
 
 OWNER = {
@@ -105,7 +107,7 @@ async def test_the_rayservice_of_a_deleted_same_named_chatstream_is_waited_for(a
     fake = api(current=stale)
     with pytest.raises(kopf.TemporaryError, match="deleted ChatStream of the same name") as error:
         await handlers.apply_rayservice(OWNER, {}, "chat", "ns", children=True)
-    assert error.value.delay == handlers.RECREATE_RETRY_SEC <= 10
+    assert error.value.delay == OperatorOptions().recreate_retry_sec <= 10
     assert [c[0] for c in fake.calls] == ["get"]  # no Secret, no NetworkPolicy, no patch yet
 
 
@@ -175,3 +177,55 @@ async def test_gcs_fault_tolerance_is_removed_when_the_spec_drops_it(api):
     fake = api(current=with_ft)
     spec = {"gcsFaultTolerance": {"redisAddress": "redis:6379"}}
     assert (await handlers.apply_rayservice(OWNER, spec, "chat", "ns"))[0] == "unchanged"
+
+
+async def test_a_toleration_change_says_that_running_pods_keep_the_old_ones(api, posted):
+    """KubeRay (1.5.2+) leaves tolerations out of its cluster hash: the change reaches new pods
+    only, while the status would read Stable. The operator says so, and what to do."""
+    api(current=_owned({"replicas": 2}))
+    gpu = {"replicas": 2, "resources": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}}
+    action, _ = await handlers.apply_rayservice(OWNER, gpu, "chat", "ns")
+    assert action == "updated"
+    ((kind, event),) = posted
+    assert (kind, event["reason"]) == ("Warning", "TolerationsNotRolled")
+    assert "delete the model pods one at a time" in event["message"]
+    posted.clear()
+    api(current=_owned({"replicas": 2}))
+    await handlers.apply_rayservice(OWNER, {"replicas": 3}, "chat", "ns")
+    assert posted == []
+
+
+async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
+    """The RayService follower writes the status only onto the version it read (resourceVersion
+    precondition); on a conflict (reconcile wrote meanwhile) it reads again and recomputes."""
+    chatstream = {
+        **copy.deepcopy(OWNER),
+        "spec": {"replicas": 2},
+        "status": {"observedGeneration": 1},
+    }
+    chatstream["metadata"].update(generation=1, resourceVersion="10")
+    newer = copy.deepcopy(chatstream)
+    newer["metadata"]["resourceVersion"] = "11"
+    reads, writes = [chatstream, newer], []
+
+    async def get_chatstream(namespace, name):
+        return copy.deepcopy(reads.pop(0))
+
+    async def patch_chatstream_status(namespace, name, status, resource_version=None):
+        writes.append(resource_version)
+        if resource_version == "10":
+            raise kube.Conflict("changed")
+        return {}
+
+    async def get_rayservice(namespace, name):
+        return _owned({"replicas": 2})
+
+    monkeypatch.setattr(kube, "get_chatstream", get_chatstream)
+    monkeypatch.setattr(kube, "patch_chatstream_status", patch_chatstream_status)
+    monkeypatch.setattr(kube, "get_rayservice", get_rayservice)
+    rayservice = _owned({"replicas": 2})
+    logger = logging.getLogger("test")
+    await handlers.follow_rayservice(
+        event={"type": "MODIFIED"}, body=rayservice, namespace="ns", logger=logger, memo=kopf.Memo()
+    )
+    assert writes == ["10", "11"]

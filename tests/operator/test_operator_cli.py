@@ -6,14 +6,9 @@ import json
 import os
 
 import pytest
-from chatstream_operator import handlers
-from chatstream_operator.__main__ import (
-    DEFAULT_LIVENESS,
-    configure_environment,
-    operator_kwargs,
-    parse_args,
-)
+from chatstream_operator.__main__ import DEFAULT_LIVENESS, operator_kwargs, parse_args
 from chatstream_operator.network import DEFAULT_CONTROL_PLANE_PEERS
+from chatstream_operator.options import OperatorOptions, options_of
 
 
 @pytest.fixture(autouse=True)
@@ -89,26 +84,34 @@ def test_no_drift_timer_by_default():
     assert parse_args(["--drift-interval=60"]).drift_interval == 60
 
 
-def test_allow_list_and_network_policy_reach_the_handlers(monkeypatch):
+def test_allow_list_and_network_policy_reach_the_handlers_as_memo():
+    """The flags travel to the handlers as kopf's memo, not through the environment."""
     prometheus = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    before = dict(os.environ)
     args = parse_args(
         [
             "--allowed-image-repository=registry.example.com/ml",
             "--allowed-image-repository=ghcr.io/acme",
             f"--metrics-peers={json.dumps(prometheus)}",
+            "--drift-interval=30",
         ]
     )
-    names = ("DRIFT_INTERVAL_SEC", "ALLOWED_IMAGE_REPOSITORIES", "NETWORK_POLICY", "METRICS_PEERS")
-    for name in names:
-        monkeypatch.setenv(f"CHATSTREAM_{name}", "")  # so that they are restored after the test
-    configure_environment(args)
-    assert handlers.allowed_image_repositories() == ["registry.example.com/ml", "ghcr.io/acme"]
-    assert handlers.network_policy_settings() == (True, DEFAULT_CONTROL_PLANE_PEERS, prometheus)
-    for name in names:
-        del os.environ[f"CHATSTREAM_{name}"]
-    configure_environment(parse_args(["--no-network-policy"]))
-    assert handlers.network_policy_settings()[0] is False
-    assert handlers.allowed_image_repositories() == []
+    options = options_of(operator_kwargs(args)["memo"])
+    assert options.allowed_image_repositories == ("registry.example.com/ml", "ghcr.io/acme")
+    assert options.network_policy is True
+    assert list(options.control_plane_peers) == DEFAULT_CONTROL_PLANE_PEERS
+    assert list(options.metrics_peers) == prometheus
+    assert options.drift_interval_sec == 30
+    assert dict(os.environ) == before
+    off = options_of(operator_kwargs(parse_args(["--no-network-policy"]))["memo"])
+    assert off.network_policy is False and off.allowed_image_repositories == ()
+
+
+def test_handlers_without_a_memo_use_the_defaults():
+    """`kopf run -m chatstream_operator.handlers` passes an empty memo."""
+    import kopf
+
+    assert options_of(kopf.Memo()) == options_of(None) == OperatorOptions()
 
 
 def test_allow_list_and_peers_from_the_environment(monkeypatch, capsys):

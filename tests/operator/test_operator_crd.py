@@ -20,7 +20,7 @@ from crd_schema import (
     version_of,
 )
 
-SAMPLES = ["chatstream-sample.yaml", "chatstream-mock.yaml"]
+SAMPLES = ["chatstream-sample.yaml", "chatstream-mock.yaml", "chatstream-gpu.yaml"]
 
 # Names of built-in resources (kubectl api-resources) that a short name must not shadow.
 BUILTIN_SHORT_NAMES = {
@@ -163,3 +163,22 @@ def test_status_keeps_unknown_fields_for_kopf(validator):
     obj = load_sample("chatstream-sample.yaml")
     obj["status"] = {"replicas": 1, "reconcile": {"action": "created"}, "kopf": {"x": 1}}
     assert errors(validator, obj) == []
+
+
+def test_the_crd_the_operator_and_serve_app_share_one_set_of_defaults():
+    """chatstream_defaults is the one definition: an empty ChatStream renders exactly the
+    arguments `serve run serve_app:app` would default to (for every shared knob)."""
+    from chatstream_operator.render import serve_args
+
+    from serve_app.config import ChatStreamConfig
+
+    app_defaults = ChatStreamConfig().model_dump()
+    rendered = serve_args({})
+    shared = {
+        "mock_mode", "max_ongoing_requests", "max_queued_requests", "ingress_replicas",
+        "retry_after_sec", "stream_interval_ms", "temperature", "top_k", "top_p",
+        "max_new_tokens", "session_store", "session_cookie_name", "session_ttl_sec",
+        "session_max_turns", "cookie_secure",
+    }  # fmt: skip
+    assert {k: rendered[k] for k in shared} == {k: app_defaults[k] for k in shared}
+    assert AUTOSCALING_DEFAULTS["targetOngoingRequests"] == app_defaults["target_ongoing_requests"]

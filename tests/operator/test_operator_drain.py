@@ -111,11 +111,17 @@ CHANGES: list[tuple[str, dict[str, Any], dict[str, Any], str, str]] = [
     ("autoscaling bounds", AUTO, {"autoscaling": {"minReplicas": 2, "maxReplicas": 9,
                                                   "targetOngoingRequests": 1}},
      "in-place", "same-cluster"),
+    ("autoscaling delays", AUTO, {"autoscaling": {"upscaleDelaySec": 5, "downscaleDelaySec": 300,
+                                                  "lookBackPeriodSec": 20}},
+     "in-place", "same-cluster"),
     # Serve's code version covers the deployments' autoscaling policies: on or off rebuilds.
     ("fixed to autoscaling", {}, AUTO, "rebuild", "same-cluster"),
     ("concurrency", {}, {"maxOngoingRequests": 8, "maxQueuedRequests": 4}, "rebuild",
      "same-cluster"),
-    ("drain bound", {}, {"drain": {"timePerTokenSec": 0.5}}, "in-place", "same-cluster"),
+    # The pods' grace period follows the bound, rounded up to a minute (pod template: hashed).
+    ("drain bound", {}, {"drain": {"firstTokenSec": 12}}, "in-place", "same-cluster"),
+    ("drain bound past a minute", {}, {"drain": {"timePerTokenSec": 0.5}}, "in-place",
+     "new-cluster"),
     ("pod idle timeout", {}, {"drain": {"podIdleTimeoutSec": 30}}, "none", "new-cluster"),
     ("generation defaults", {}, {"generation": {"temperature": 0.2}}, "rebuild", "same-cluster"),
     ("model resources", {}, {"resources": {"cpus": 2}}, "rebuild", "new-cluster"),
@@ -215,7 +221,7 @@ def test_pods_follow_serve_through_rays_autoscaler():
     rs = render_rayservice("chat", _merged(BASE, {"drain": {"podIdleTimeoutSec": 45}}))
     cluster = rs["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
-    assert cluster["autoscalerOptions"] == {"idleTimeoutSeconds": 45}
+    assert cluster["autoscalerOptions"]["idleTimeoutSeconds"] == 45
     (group,) = cluster["workerGroupSpecs"]
     assert (group["replicas"], group["minReplicas"]) == (3, 0)
     assert "scaleStrategy" not in group

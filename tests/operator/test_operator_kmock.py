@@ -84,9 +84,11 @@ def test_the_generated_secret_is_created_once_and_owned(run):
     assert {c.verb for c in creates} == {"create"}  # the operator never reads a Secret
 
 
-def test_the_pods_read_secrets_from_the_generated_secret(run):
+def test_the_head_reads_secrets_from_the_generated_secret_and_the_workers_none(run):
     cluster = _rs(run, "create")["spec"]["rayClusterConfig"]
-    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+    (worker,) = cluster["workerGroupSpecs"]
+    assert worker["template"]["spec"]["containers"][0]["env"] == []
+    for group in [cluster["headGroupSpec"]]:
         (container,) = group["template"]["spec"]["containers"]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
         assert refs["CHATSTREAM_SESSION_SECRET"] == {
@@ -175,21 +177,34 @@ def test_invalid_spec_reports_and_leaves_the_rayservice_alone(run):
     assert invalid["observedGeneration"] == 3
     assert run.rayservice_patches["invalid"] == 0
     assert _rs(run, "invalid")["spec"] == _rs(run, "drift")["spec"]
-    (event,) = [e for e in run.events if e.get("reason") == "InvalidSpec"]
+    event, _ = [e for e in run.events if e.get("reason") == "InvalidSpec"]
     assert event["type"] == "Warning" and "spec.autoscaling.minReplicas" in event["message"]
     assert event["involvedObject"]["name"] == NAME
+
+
+def test_a_spec_the_schema_refuses_is_refused_without_it(run):
+    """The emulator, like an old CRD, lets `replicas: -5` through; the operator does not."""
+    status = _cs_status(run, "unchecked")
+    invalid = _condition(status, "InvalidSpec")
+    assert invalid["status"] == "True" and invalid["observedGeneration"] == 4
+    assert invalid["message"].startswith("spec.replicas (-5) must be at least 0")
+    assert run.rayservice_patches["unchecked"] == 0
+    assert _rs(run, "unchecked")["spec"] == _rs(run, "drift")["spec"]
+    assert status["replicas"] == 3 and "-5" not in _condition(status, "Ready")["message"]
 
 
 def test_fixing_the_spec_clears_invalid_spec(run):
     status = _cs_status(run, "fixed")
     assert _condition(status, "InvalidSpec")["status"] == "False"
-    assert status["observedGeneration"] == 4
+    assert status["observedGeneration"] == 5
     assert _worker_replicas(_rs(run, "fixed")) == 3
     assert run.rayservice_patches["fixed"] == 0
 
 
 def test_only_the_invalid_spec_logged_errors_and_the_operator_stopped_cleanly(run):
-    assert all("spec.autoscaling.minReplicas" in m for m in run.error_logs), run.error_logs
+    assert all(
+        "spec.autoscaling.minReplicas" in m or "spec.replicas (-5)" in m for m in run.error_logs
+    ), run.error_logs
     assert run.stopped_cleanly
 
 
@@ -231,6 +246,9 @@ def test_calls_are_recorded_as_rbac_verbs(run):
         ApiCall("get", "networking.k8s.io", "v1", "networkpolicies", True, None),
         ApiCall("create", "networking.k8s.io", "v1", "networkpolicies", True, None),
         ApiCall("patch", "networking.k8s.io", "v1", "networkpolicies", True, None),
+        ApiCall("get", "policy", "v1", "poddisruptionbudgets", True, None),
+        ApiCall("create", "policy", "v1", "poddisruptionbudgets", True, None),
+        ApiCall("patch", "policy", "v1", "poddisruptionbudgets", True, None),
         # Owner references with blockOwnerDeletion (kopf.adopt), as admission checks them.
         ApiCall("update", "chatstream.dev", "v1alpha1", "chatstreams", True, "finalizers"),
     }
@@ -250,4 +268,46 @@ def test_a_namespaced_operator_makes_only_namespaced_calls():
         ("", "events"),
         ("", "secrets"),
         ("networking.k8s.io", "networkpolicies"),
+        ("policy", "poddisruptionbudgets"),
     }
+
+
+def test_a_disruption_budget_keeps_the_model_pods_up_through_a_node_drain(run):
+    """One model pod evicted at a time; an edit of the budget is put back (policy-drift)."""
+    budget = run.snapshots["create"]["disruptionbudget"]
+    assert budget["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"chatstream.dev/name": NAME,
+                                     "chatstream.dev/component": "model"}},
+    }  # fmt: skip
+    (owner,) = budget["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("ChatStream", UID, True)
+    assert run.snapshots["policy-drift"]["disruptionbudget"]["spec"]["maxUnavailable"] == 1
+    # The pods it selects are the model pods the operator renders.
+    worker = run.snapshots["create"]["rayservice"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    labels = worker[0]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_conditions_carry_the_generation_they_describe(run):
+    for step in ("create", "scale", "ray-ready", "fixed"):
+        status = _cs_status(run, step)
+        generations = {c["type"]: c.get("observedGeneration") for c in status["conditions"]}
+        assert set(generations.values()) == {status["observedGeneration"]}, (step, generations)
+
+
+def test_the_pods_of_the_created_rayservice_pass_pod_security_restricted(run):
+    """What the real operator created through the API: restricted pods, the pull secret on the
+    head and the workers, the model cache on the workers."""
+    from pod_security import violations
+
+    cluster = run.snapshots["create"]["rayservice"]["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (worker,) = [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    sidecar = {"name": "autoscaler", "image": "x",
+               "securityContext": cluster["autoscalerOptions"]["securityContext"]}  # fmt: skip
+    assert violations({**head, "containers": [*head["containers"], sidecar]}) == []
+    assert violations(worker) == []
+    for pod in (head, worker):
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert [v["name"] for v in worker["volumes"]] == ["model-cache"]

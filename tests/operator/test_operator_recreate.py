@@ -59,3 +59,13 @@ def test_an_image_outside_the_allow_list_is_invalid_spec(run):
 def test_deleting_after_uninstall_leaves_nothing_stuck(run):
     assert run.finalizers == []
     assert run.gone_after_uninstall
+
+
+def test_a_name_kuberay_refuses_is_invalid_spec(run):
+    """KubeRay refuses a RayService name over 47 characters; the ChatStream would stall."""
+    conditions = run.invalid_name["status"]["conditions"]
+    (invalid,) = [c for c in conditions if c["type"] == "InvalidSpec"]
+    assert invalid["status"] == "True"
+    assert invalid["message"].startswith("metadata.name (chat-xxx")
+    assert "at most 47" in invalid["message"]
+    assert run.invalid_name_rayservice is None

@@ -175,7 +175,28 @@ def test_each_worker_offers_exactly_one_model_slot():
     offered = _workers(rs)["rayStartParams"]["resources"]
     # rayStartParams are shell-quoted JSON: "{\"chatstream_model\": 1}"
     assert yaml.safe_load(offered.strip('"').replace('\\"', '"')) == {render.MODEL_SLOT: 1}
-    assert "resources" not in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["resources"]
+    assert render.MODEL_SLOT not in yaml.safe_load(head.strip('"').replace('\\"', '"'))
+
+
+def test_ingress_replicas_run_on_the_head_only():
+    """An ingress replica on a model pod would keep it (and its GPU) from ever being released:
+    each asks for a slot that only the head offers."""
+    rs = render_rayservice("chat", {**SPECS["fixed-cpu"], "ingress": {"replicas": 2}})
+    deployments = {d["name"]: d for d in _serve_config(rs)["applications"][0]["deployments"]}
+    ingress = deployments[render.INGRESS_DEPLOYMENT_NAME]["ray_actor_options"]
+    assert ingress["resources"] == {render.HEAD_SLOT: 1}
+    cluster = rs["spec"]["rayClusterConfig"]
+
+    def offered(params):
+        return yaml.safe_load(params["resources"].strip('"').replace('\\"', '"'))
+
+    assert offered(cluster["headGroupSpec"]["rayStartParams"])[render.HEAD_SLOT] >= 2
+    for group in cluster["workerGroupSpecs"]:
+        assert render.HEAD_SLOT not in offered(group["rayStartParams"])
+    from serve_app.config import ChatStreamConfig
+
+    assert ingress["num_cpus"] == ChatStreamConfig().ingress_num_cpus
 
 
 def test_pod_labels_match_the_scale_selector():

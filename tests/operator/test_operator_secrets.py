@@ -7,6 +7,7 @@ rendered into the RayService (whose spec anyone with read access sees).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 
 import kubernetes_validate
@@ -42,7 +43,6 @@ REDIS_SPEC = {
     "gcsFaultTolerance": {
         "redisAddress": "chatstream-redis.chatstream-system.svc:6379",
         "redisPasswordSecretRef": {"name": "chat-redis", "key": "password"},
-        "externalStorageNamespace": "chat",
     },
 }
 
@@ -71,7 +71,9 @@ def test_env_var_names_are_serve_apps():
         assert getattr(serve_config, constant) == literal, constant
 
 
-def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
+def test_referenced_secrets_reach_the_head_only_as_secret_key_refs(kuberay):
+    """The ingress replicas, which alone read these, run on the head (pinned there); the GPU
+    workers never see the signing key, admin token, API keys or Redis URL."""
     rs = render_rayservice("chat", REDIS_SPEC)
     assert errors(kuberay, rs) == []
     expected = [
@@ -85,9 +87,9 @@ def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
          "valueFrom": {"secretKeyRef": {"name": "chat-api-keys", "key": "keys"}}},
     ]  # fmt: skip
     containers = _containers(rs)
-    assert len(containers) == 2
-    for container in containers:
-        assert container["env"] == expected
+    head, worker = containers
+    assert head["env"] == expected
+    assert worker["env"] == []
     # Nothing is written as a literal anywhere: no env `value`, no URL in the Serve config.
     assert not any("value" in e for c in containers for e in c["env"])
     (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
@@ -97,7 +99,7 @@ def test_referenced_secrets_reach_head_and_workers_as_secret_key_refs(kuberay):
 
 def test_without_references_the_generated_secret_is_used():
     rs = render_rayservice("chat", {"engine": "mock"})
-    for container in _containers(rs):
+    for container in _containers(rs)[:1]:  # the head
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
         assert refs == {
             "CHATSTREAM_SESSION_SECRET": {"name": "chat-chatstream", "key": "session-secret"},
@@ -134,7 +136,9 @@ def test_the_redis_store_needs_a_url_secret():
 
 
 def test_gcs_fault_tolerance_is_rendered_for_kuberay(kuberay):
-    rs = render_rayservice("chat", REDIS_SPEC)
+    shared = copy.deepcopy(REDIS_SPEC)
+    shared["gcsFaultTolerance"]["externalStorageNamespace"] = "chat"
+    rs = render_rayservice("chat", shared)
     assert rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"] == {
         "redisAddress": "chatstream-redis.chatstream-system.svc:6379",
         "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "chat-redis", "key": "password"}}},
@@ -226,3 +230,13 @@ def test_the_redis_example_is_valid_and_renders_for_kuberay(kuberay):
     assert ChatStreamConfig.model_validate(app["args"]).session_store == "redis"
     env = {e["name"] for c in _containers(rs) for e in c["env"]}
     assert "CHATSTREAM_REDIS_URL" in env
+
+
+def test_a_shared_external_storage_namespace_is_refused():
+    """With new-cluster upgrades, the old cluster's Redis cleanup Job deletes the namespace the
+    new cluster uses (ray-project/ray#39525, kuberay#5052): refused, saying what to do."""
+    spec = copy.deepcopy(REDIS_SPEC)
+    spec["gcsFaultTolerance"]["externalStorageNamespace"] = "chat"
+    (problem,) = validate(spec)
+    assert problem.startswith("spec.gcsFaultTolerance.externalStorageNamespace")
+    assert "remove it" in problem

@@ -122,3 +122,68 @@ def test_status_changes_are_only_the_differences():
     assert status_changes(derived, derived) == {}
     changed = status_changes({**derived, "readyReplicas": 2}, derived)
     assert changed == {"readyReplicas": 0}
+
+
+def test_every_condition_carries_the_generation_it_describes():
+    rs = _rayservice({"replicas": 3}, "RUNNING", "HEALTHY", readyWorkerReplicas=3)
+    conditions = set_condition([], INVALID_SPEC, False, "Valid", "", T0, 7)
+    status = derive_status("chat", "ns", rs, conditions, T0, 7)
+    assert {c["type"]: c.get("observedGeneration") for c in status["conditions"]} == {
+        INVALID_SPEC: 7,
+        READY: 7,
+        PROGRESSING: 7,
+    }
+
+
+def test_a_rebuild_of_a_serving_application_stays_ready():
+    """Serve rebuilds in rolling fashion (DEPLOYING, the model deployment UPDATING): the old
+    replicas keep serving, so Ready stays True while Progressing says Updating."""
+    serving = derive_status(
+        "chat", "ns", _rayservice({"replicas": 3}, "RUNNING", "HEALTHY", readyWorkerReplicas=3),
+        [], T0, 1,
+    )  # fmt: skip
+    rebuild = _rayservice({"replicas": 3}, "DEPLOYING", "UPDATING", readyWorkerReplicas=3)
+    status = derive_status("chat", "ns", rebuild, serving["conditions"], T1, 2)
+    assert (_cond(status, READY)["status"], _cond(status, READY)["reason"]) == ("True", "Serving")
+    assert _cond(status, READY)["lastTransitionTime"] == T0
+    assert (_cond(status, PROGRESSING)["status"], _cond(status, PROGRESSING)["reason"]) == (
+        "True",
+        "Updating",
+    )
+    # A first deployment has not served yet: not Ready.
+    first = derive_status("chat", "ns", rebuild, [], T0, 1)
+    assert _cond(first, READY)["status"] == "False"
+
+
+def test_conditions_are_a_list_map_keyed_by_type():
+    from tests.operator.crd_schema import chatstream_schema
+
+    conditions = chatstream_schema()["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_an_upgrade_that_waits_for_resources_says_so():
+    rs = _rayservice({"replicas": 3}, "RUNNING", "HEALTHY", readyWorkerReplicas=3)
+    rs["status"]["pendingServiceStatus"] = {
+        "rayClusterName": "chat-raycluster-new",
+        "rayClusterStatus": {"readyWorkerReplicas": 1, "desiredWorkerReplicas": 3},
+    }
+    progressing = _cond(derive_status("chat", "ns", rs, [], T0), PROGRESSING)
+    assert progressing["reason"] == "Upgrading"
+    assert "1/3 worker pods ready" in progressing["message"]
+    assert "Pending" in progressing["message"] and "GPUs twice" in progressing["message"]
+
+
+def test_a_running_head_without_serve_status_names_the_likely_network_policy_block():
+    """KubeRay outside kuberay-system cannot reach the dashboard through the NetworkPolicy: the
+    Serve application never deploys. The status says where to look."""
+    rs = _rayservice({"replicas": 1})
+    rs["status"] = {"activeServiceStatus": {"rayClusterStatus": {
+        "state": "ready", "conditions": [{"type": "HeadPodReady", "status": "True"}]}}}  # fmt: skip
+    progressing = _cond(derive_status("chat", "ns", rs, [], T0), PROGRESSING)
+    assert progressing["reason"] == "Creating"
+    assert "--control-plane-peers" in progressing["message"]
+    assert "kuberay-system" in progressing["message"]
+    fresh = _cond(derive_status("chat", "ns", _rayservice({"replicas": 1}), [], T0), PROGRESSING)
+    assert "control-plane" not in fresh["message"]

@@ -148,6 +148,10 @@ ClusterRole when cluster-wide.
   resources: ["networkpolicies"]
   verbs: ["get", "create", "patch"]
 {{- end }}
+# The PodDisruptionBudget of each ChatStream's model pods: created, kept in line.
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
 # Events on the ChatStreams about what the operator did.
 - apiGroups: [""]
   resources: ["events"]

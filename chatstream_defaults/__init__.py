@@ -1,0 +1,60 @@
+"""Defaults and formulas shared by the Serve application and the operator: one definition each.
+
+Standard library only: the operator image installs this package beside `chatstream_operator`
+without Ray, torch or transformers, and the serve image beside `serve_app`. Users set these
+through `serve run serve_app:app key=value` (serve_app/config.py) or a ChatStream's spec (the
+operator's `spec.DEFAULTS`, which the CRD's `default:` values must equal; a test checks both).
+"""
+
+from __future__ import annotations
+
+# --- concurrency -------------------------------------------------------------------------------
+# Generations at once per model replica (ChatStream's num_of_concurrent_executions).
+MAX_ONGOING_REQUESTS = 32
+# Requests waiting per ingress replica (max_queue_size); beyond it 429.
+MAX_QUEUED_REQUESTS = 64
+# Ongoing requests per model replica that autoscaling aims for (3/4 of the slots).
+TARGET_ONGOING_REQUESTS = 24
+INGRESS_REPLICAS = 1
+# CPUs reserved per ingress replica (it mostly waits on the network and the model).
+INGRESS_NUM_CPUS = 0.5
+RETRY_AFTER_SEC = 1
+STREAM_INTERVAL_MS = 0
+
+# --- generation defaults -----------------------------------------------------------------------
+TEMPERATURE = 0.7
+TOP_K = 50
+TOP_P = 0.9
+MAX_NEW_TOKENS = 256
+
+# --- sessions ----------------------------------------------------------------------------------
+SESSION_STORE = "ray"
+SESSION_COOKIE_NAME = "chatstream_session"
+SESSION_TTL_SEC = 86400
+SESSION_MAX_TURNS = 50
+COOKIE_SECURE = False
+
+# --- mock engine -------------------------------------------------------------------------------
+MOCK_MODE = "echo"
+
+# --- draining: how long a replica that goes (scale-down, upgrade) may take ---------------------
+# The longest answer the service allows is FIRST_TOKEN + max_new_tokens x TIME_PER_TOKEN.
+DRAIN_FIRST_TOKEN_SEC = 10.0
+DRAIN_TIME_PER_TOKEN_SEC = 0.25
+DRAIN_POD_IDLE_TIMEOUT_SEC = 60
+# Serve checks a draining replica every twentieth of its bound, within these limits.
+MIN_WAIT_LOOP_S, MAX_WAIT_LOOP_S = 0.1, 2.0
+
+
+def answer_seconds(
+    max_new_tokens: int,
+    first_token_sec: float = DRAIN_FIRST_TOKEN_SEC,
+    time_per_token_sec: float = DRAIN_TIME_PER_TOKEN_SEC,
+) -> float:
+    """The longest answer: a model replica's graceful_shutdown_timeout_s (the ingress: twice)."""
+    return round(first_token_sec + max_new_tokens * time_per_token_sec, 3)
+
+
+def wait_loop_seconds(bound_s: float) -> float:
+    """graceful_shutdown_wait_loop_s for a drain bound: a twentieth of it, 0.1 s to 2 s."""
+    return round(min(MAX_WAIT_LOOP_S, max(MIN_WAIT_LOOP_S, bound_s / 20)), 2)

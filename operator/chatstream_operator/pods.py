@@ -1,0 +1,125 @@
+"""The pod template surface of the Ray head and model pods (pure): what a first install on a
+real GPU cluster needs beyond the containers' size.
+
+- security contexts that pass Pod Security "restricted" by default (the spec's
+  `podSecurityContext` / `containerSecurityContext` are merged over them), also for KubeRay's
+  autoscaler sidecar; KubeRay copies the Ray container's securityContext to the init container
+  it adds to the workers;
+- image pull secrets on both pods (KubeRay gives the head its own ServiceAccount with in-tree
+  autoscaling, so the namespace default ServiceAccount's pull secrets never reach it);
+- environment: the Secret references (credentials.py) on the head only, where the ingress
+  replicas that use them run (the model pods never see the signing key, admin token, API keys
+  or Redis URL), a Hugging Face token from a Secret (`model.tokenSecretRef` -> HF_TOKEN) and the
+  spec's own `env` on both;
+- volumes: a model cache at HF_HOME on the model pods, and the spec's own volumes;
+- scheduling: runtimeClassName and the GPU resource name (model pods), priorityClassName,
+  nodeSelector / tolerations / affinity per pod kind;
+- terminationGracePeriodSeconds from the drain bound (drain.py).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from .credentials import secret_env
+from .spec import merged
+
+# The serve image's user (rayproject/ray: `ray`, uid 1000, group `users`, gid 100).
+RAY_UID, RAY_GID = 1000, 100
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": RAY_UID,
+    "runAsGroup": RAY_GID,
+    "fsGroup": RAY_GID,  # volumes (the model cache) writable by the ray user
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+# Where the serve image keeps Hugging Face downloads (Dockerfile.serve: HF_HOME=/models).
+MODEL_CACHE_PATH = "/models"
+MODEL_CACHE_VOLUME = "model-cache"
+HF_TOKEN_ENV = "HF_TOKEN"
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def pod_security_context(s: Mapping[str, Any]) -> dict[str, Any]:
+    return merged(POD_SECURITY_CONTEXT, s.get("podSecurityContext"))
+
+
+def container_security_context(s: Mapping[str, Any]) -> dict[str, Any]:
+    return merged(CONTAINER_SECURITY_CONTEXT, s.get("containerSecurityContext"))
+
+
+def container_env(name: str, s: Mapping[str, Any], *, model: bool) -> list[dict[str, Any]]:
+    """The service's Secret references (head only: the ingress replicas, which alone use them,
+    run there), then the Hugging Face token, then the spec's own env."""
+    env = [] if model else secret_env(name, s)
+    token = s["model"].get("tokenSecretRef")
+    if token:
+        ref = {"name": token["name"], "key": token["key"]}
+        env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
+    env += [copy.deepcopy(dict(e)) for e in s.get("env") or []]
+    return env
+
+
+def model_cache_volume(s: Mapping[str, Any]) -> dict[str, Any] | None:
+    cache = s.get("modelCache")
+    if not cache:
+        return None
+    if cache.get("storageClassName"):
+        claim = {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": cache["storageClassName"],
+            "resources": {"requests": {"storage": cache["size"]}},
+        }
+        return {
+            "name": MODEL_CACHE_VOLUME,
+            "ephemeral": {"volumeClaimTemplate": {"spec": claim}},
+        }
+    return {"name": MODEL_CACHE_VOLUME, "emptyDir": {"sizeLimit": cache["size"]}}
+
+
+def decorate(
+    pod_spec: dict[str, Any],
+    name: str,
+    s: Mapping[str, Any],
+    *,
+    scheduling: Mapping[str, Any],
+    grace_s: int,
+    model: bool,
+) -> dict[str, Any]:
+    """Add the shared pod surface to a rendered head or worker pod spec (its one container)."""
+    (container,) = pod_spec["containers"]
+    container["env"] = container_env(name, s, model=model)
+    container["securityContext"] = container_security_context(s)
+    pod_spec["securityContext"] = pod_security_context(s)
+    pod_spec["terminationGracePeriodSeconds"] = grace_s
+    if s.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [{"name": x["name"]} for x in s["imagePullSecrets"]]
+    if s.get("priorityClassName"):
+        pod_spec["priorityClassName"] = s["priorityClassName"]
+    if model and s.get("runtimeClassName"):
+        pod_spec["runtimeClassName"] = s["runtimeClassName"]
+    if scheduling.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(scheduling["nodeSelector"])
+    if scheduling.get("tolerations"):
+        pod_spec["tolerations"] = [dict(t) for t in scheduling["tolerations"]]
+    if scheduling.get("affinity"):
+        pod_spec["affinity"] = copy.deepcopy(dict(scheduling["affinity"]))
+    volumes = [copy.deepcopy(dict(v)) for v in s.get("volumes") or []]
+    mounts = [copy.deepcopy(dict(m)) for m in s.get("volumeMounts") or []]
+    cache = model_cache_volume(s) if model else None
+    if cache:
+        volumes.append(cache)
+        mounts.append({"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_PATH})
+    if volumes:
+        pod_spec["volumes"] = volumes
+    if mounts:
+        container["volumeMounts"] = mounts
+    return pod_spec
