@@ -145,15 +145,15 @@ class ChatStreamConfig(BaseModel):
         "model, so two fit beside a model replica on a 2-core machine",
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per model replica")
+    torch_threads: int = Field(
+        0, ge=0, description="torch intra-op threads of a model replica; 0 follows num_cpus"
+    )
     num_cpus: float | None = Field(
         None,
         ge=0.0,
         description="CPUs reserved per model replica; its torch threads follow (rounded, at "
         "least 1). Empty (a local `serve run`): reserve 1 and compute on every core the "
         "process may use, since the proxy and the ingress need only a fraction of one",
-    )
-    torch_threads: int = Field(
-        0, ge=0, description="torch intra-op threads of a model replica; 0 follows num_cpus"
     )
     retry_after_sec: int = Field(
         shared.RETRY_AFTER_SEC, ge=0, description="Retry-After header value on 429"

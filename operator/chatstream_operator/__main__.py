@@ -74,15 +74,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "ChatStreams (a timer needs one). Env: CHATSTREAM_DRIFT_INTERVAL_SEC.",
     )
     parser.add_argument(
-        "--allowed-image-repository",
-        action="append",
-        dest="allowed_image_repositories",
-        metavar="REPO",
-        default=_split(env.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "")),
+        "--allowed-image-repository", action="append", dest="allowed_image_repositories",
+        metavar="REPO", default=_split(env.get("CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES", "")),
         help="Allow spec.image only from this repository or below it (repeatable, e.g. "
         "registry.example.com/ml); others get InvalidSpec. None: any image. "
         "Env: CHATSTREAM_ALLOWED_IMAGE_REPOSITORIES (comma-separated).",
-    )
+    )  # fmt: skip
     parser.add_argument(
         "--network-policy",
         action=argparse.BooleanOptionalAction,
@@ -90,23 +87,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Render a NetworkPolicy with each RayService: only the Serve port is open to all "
         "(default on). Env: CHATSTREAM_NETWORK_POLICY=0 turns it off.",
     )
-    parser.add_argument(
-        "--control-plane-peers",
-        type=_peers,
-        default=env.get("CHATSTREAM_CONTROL_PLANE_PEERS") or None,
-        metavar="JSON",
-        help="JSON list of NetworkPolicyPeers that may reach every port of the Ray pods "
-        "(dashboard, GCS, client): KubeRay's operator (default: pods named kuberay-operator in "
-        "the namespace kuberay-system). Env: CHATSTREAM_CONTROL_PLANE_PEERS.",
-    )
-    parser.add_argument(
-        "--metrics-peers",
-        type=_peers,
-        default=env.get("CHATSTREAM_METRICS_PEERS") or None,
-        metavar="JSON",
-        help="JSON list of NetworkPolicyPeers that may scrape the metrics port 8080 (e.g. "
-        "Prometheus); default none. Env: CHATSTREAM_METRICS_PEERS.",
-    )
+    peer_flags = {
+        "control-plane": "may reach every port of the Ray pods (dashboard, GCS, client): "
+        "KubeRay's operator (default: pods named kuberay-operator in the namespace "
+        "kuberay-system)",
+        "metrics": "may scrape the metrics port 8080 (e.g. Prometheus); default none",
+    }
+    for flag, who in peer_flags.items():
+        variable = f"CHATSTREAM_{flag.upper().replace('-', '_')}_PEERS"
+        parser.add_argument(
+            f"--{flag}-peers",
+            type=_peers,
+            default=env.get(variable) or None,
+            metavar="JSON",
+            help=f"JSON list of NetworkPolicyPeers that {who}. Env: {variable}.",
+        )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log more.")
     parser.add_argument("--debug", action="store_true", help="Log everything.")
     args = parser.parse_args(argv)

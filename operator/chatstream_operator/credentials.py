@@ -60,9 +60,7 @@ def secret_refs(name: str, spec: Mapping[str, Any]) -> dict[str, dict[str, str]]
         _ref(signing) if signing else {"name": generated, "key": SESSION_SECRET_KEY}
     )
     admin = auth.get("adminTokenSecretRef")
-    refs[ADMIN_TOKEN_ENV] = (
-        _ref(admin) if admin else {"name": generated, "key": ADMIN_TOKEN_KEY}
-    )
+    refs[ADMIN_TOKEN_ENV] = _ref(admin) if admin else {"name": generated, "key": ADMIN_TOKEN_KEY}
     if auth.get("apiKeysSecretRef"):
         refs[API_KEYS_ENV] = _ref(auth["apiKeysSecretRef"])
     return refs

@@ -89,9 +89,7 @@ def _check_controller(
     name = owner.get("metadata", {}).get("name")
     refs = child.get("metadata", {}).get("ownerReferences") or []
     ours = [r for r in refs if r.get("controller") and r.get("kind") == KIND]
-    if child.get("metadata", {}).get("deletionTimestamp") or (
-        ours and ours[0].get("name") == name
-    ):
+    if child.get("metadata", {}).get("deletionTimestamp") or (ours and ours[0].get("name") == name):
         raise kopf.TemporaryError(
             f"{what} {name} belongs to a deleted ChatStream of the same name; waiting for "
             "garbage collection to remove it",
@@ -249,9 +247,7 @@ def _tolerations(rayservice: Mapping[str, Any]) -> list[Any]:
     """The head's and the worker groups' tolerations, in order."""
     cluster = (rayservice.get("spec") or {}).get("rayClusterConfig") or {}
     groups = [cluster.get("headGroupSpec") or {}, *(cluster.get("workerGroupSpecs") or [])]
-    return [
-        ((g.get("template") or {}).get("spec") or {}).get("tolerations") or [] for g in groups
-    ]
+    return [((g.get("template") or {}).get("spec") or {}).get("tolerations") or [] for g in groups]
 
 
 def _deleting(body: Mapping[str, Any]) -> bool:
@@ -329,7 +325,16 @@ async def repair_drift(
     action, rayservice = await apply_rayservice(body, spec, name, namespace, options=options)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
-    derived = derive_status(
+    derived = status_from(name, namespace, rayservice, status)
+    patch.status.update(status_changes(status, derived))
+
+
+def status_from(
+    name: str, namespace: str, rayservice: dict[str, Any] | None, status: dict[str, Any]
+) -> dict[str, Any]:
+    """The ChatStream's status derived now from its RayService, after `status` (its current
+    one: conditions keep their transition times)."""
+    return derive_status(
         name,
         namespace,
         rayservice,
@@ -337,7 +342,6 @@ async def repair_drift(
         now_iso(),
         status.get("observedGeneration"),
     )
-    patch.status.update(status_changes(status, derived))
 
 
 def register_drift_timer(interval_sec: float) -> None:
@@ -408,14 +412,7 @@ async def _mirror_status(
         # from a fresh RayService. Writing the conditions now, from the older status, would
         # race it (a merge patch replaces the whole list: the last writer wins).
         return
-    derived = derive_status(
-        owner,
-        namespace,
-        rayservice,
-        current.get("conditions") or [],
-        now_iso(),
-        current.get("observedGeneration"),
-    )
+    derived = status_from(owner, namespace, rayservice, current)
     changes = status_changes(current, derived)
     if changes:
         logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")

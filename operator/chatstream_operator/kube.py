@@ -31,14 +31,7 @@ async def _call(method: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
         finally:
             api.api_client.close()
 
-    try:
-        return await asyncio.to_thread(run)
-    except kubernetes.client.ApiException as e:
-        if e.status == 404:
-            raise NotFound(f"{method}: {e.reason}") from e
-        if e.status == 409:
-            raise Conflict(f"{method}: {e.reason}") from e
-        raise
+    return await _in_thread(method, run, Conflict)
 
 
 class Conflict(Exception):
@@ -108,14 +101,7 @@ async def _call_typed(api_class: str, method: str, *args: Any, **kwargs: Any) ->
         finally:
             client.close()
 
-    try:
-        return await asyncio.to_thread(run)
-    except kubernetes.client.ApiException as e:
-        if e.status == 404:
-            raise NotFound(f"{method}: {e.reason}") from e
-        if e.status == 409:
-            raise AlreadyExists(f"{method}: {e.reason}") from e
-        raise
+    return await _in_thread(method, run, AlreadyExists)
 
 
 async def create_secret(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,13 +110,16 @@ async def create_secret(namespace: str, body: Mapping[str, Any]) -> dict[str, An
     return await _call_typed("CoreV1Api", "create_namespaced_secret", namespace, body)
 
 
-async def get_network_policy(namespace: str, name: str) -> dict[str, Any] | None:
+async def _read_or_none(api: str, method: str, namespace: str, name: str) -> dict | None:
+    """A namespaced object of the typed client, or None when there is none."""
     try:
-        return await _call_typed(
-            "NetworkingV1Api", "read_namespaced_network_policy", name, namespace
-        )
+        return await _call_typed(api, method, name, namespace)
     except NotFound:
         return None
+
+
+async def get_network_policy(namespace: str, name: str) -> dict[str, Any] | None:
+    return await _read_or_none("NetworkingV1Api", "read_namespaced_network_policy", namespace, name)
 
 
 async def create_network_policy(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,12 +135,9 @@ async def patch_network_policy(
 
 
 async def get_disruption_budget(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        return await _call_typed(
-            "PolicyV1Api", "read_namespaced_pod_disruption_budget", name, namespace
-        )
-    except NotFound:
-        return None
+    return await _read_or_none(
+        "PolicyV1Api", "read_namespaced_pod_disruption_budget", namespace, name
+    )
 
 
 async def create_disruption_budget(namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,3 +152,16 @@ async def patch_disruption_budget(
     return await _call_typed(
         "PolicyV1Api", "patch_namespaced_pod_disruption_budget", name, namespace, patch
     )
+
+
+async def _in_thread(method: str, run: Any, conflict: type[Exception]) -> Any:
+    """`run()` on a worker thread (the kubernetes client blocks), its API errors as ours: 404
+    NotFound, 409 `conflict`."""
+    try:
+        return await asyncio.to_thread(run)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            raise NotFound(f"{method}: {e.reason}") from e
+        if e.status == 409:
+            raise conflict(f"{method}: {e.reason}") from e
+        raise
