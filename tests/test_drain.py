@@ -1,8 +1,8 @@
 """Drain at the Serve level (issue 13): what KubeRay does with the operator's render, done by
 hand on a private local Ray cluster, while streams run.
 
-The cluster offers the custom resource the render asks for (`chatstream_model`), as the
-worker pods do; the operator's own `render_rayservice` gives the Serve config (its
+The cluster offers the custom resources the render asks for, as the head pod
+(`chatstream_head`, for the ingress) and the worker pods (`chatstream_model`) do; the operator's own `render_rayservice` gives the Serve config (its
 serveConfigV2), applied with `serve deploy` to the cluster's dashboard; a change while answers
 stream is the same request sent at once (`RayCluster.put`: the PUT that `serve deploy` and
 KubeRay send), since the CLI alone takes seconds to start on a busy 2-core machine.
@@ -38,7 +38,12 @@ from tests.support import new_request_id, outcome_of, wait_for
 
 pytest.importorskip("chatstream_operator")
 from chatstream_operator.drain import drain_bounds  # noqa: E402
-from chatstream_operator.render import render_rayservice  # noqa: E402
+from chatstream_operator.render import (  # noqa: E402
+    HEAD_SLOT,
+    HEAD_SLOTS,
+    MODEL_SLOT,
+    render_rayservice,
+)
 
 APP = "chatstream"
 TOKEN_SEC = 0.05
@@ -79,7 +84,10 @@ def with_autoscaling_knobs(config: dict[str, Any], **knobs: Any) -> dict[str, An
 @pytest.fixture(scope="module")
 def cluster():
     # Room for a rebuild: 3 old model replicas drain while 3 new ones start.
-    with RayCluster(num_cpus=4, resources={"chatstream_model": 8}) as running:
+    # One node that offers what the head pod offers (the ingress's HEAD_SLOT) and what the
+    # worker pods offer (a MODEL_SLOT per model replica).
+    resources = {MODEL_SLOT: 8, HEAD_SLOT: HEAD_SLOTS}
+    with RayCluster(num_cpus=4, resources=resources) as running:
         yield running
 
 
