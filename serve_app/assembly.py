@@ -79,8 +79,11 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
     )
     await store.verify()  # StoreMisconfigured: one line naming the setting; the replica stops
     formatter = await asyncio.to_thread(make_prompt_formatter, config)
-    access = Access(config)
     background = Background()
+    # Redis shares the per-key limits and usage between replicas; other stores: None.
+    access = Access(
+        config, key_state=store.key_state(), replica_id=replica_id, background=background
+    )
     bookkeeping = Bookkeeping(
         store,
         session_limits(config),
@@ -111,5 +114,7 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
         openai=OpenAIService(config, formatter, edge, admission),
         app_name=context.app_name,
         ingress_name=context.deployment,
-        heartbeat=background.spawn(heartbeat(board, store, bookkeeping.count_lost)),
+        heartbeat=background.spawn(
+            heartbeat(board, store, bookkeeping.count_lost, access.release_lost)
+        ),
     )

@@ -82,7 +82,7 @@ async def outcome_ledger(
 
 @router.get("/v1/usage", responses=_ADMIN_ERRORS)
 async def usage(request: Request) -> dict:
-    return request.app.state.parts.edge.access.usage_report()
+    return await request.app.state.parts.edge.access.usage_report()
 
 
 @router.get("/healthz", responses=openapi.errors(*openapi.EDGE, 503))

@@ -78,6 +78,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from serve_app.outcomes import LOST_OUTCOME, LOST_REASON, Outcome
 from serve_app.session_state import Record, SessionChange, apply_change, is_established
 from serve_app.stores.base import StateStore, StoreMisconfigured, StoreSettings, StoreUnavailable
+from serve_app.stores.redis_quotas import RedisKeyState
 from serve_app.stores.redis_url import RedisTarget, parse_redis_url
 
 logger = logging.getLogger("ray.serve")
@@ -288,6 +289,7 @@ class RedisStore(StateStore):
         self._init_lock = asyncio.Lock()
         self._warned_at = -1e9
         self._initialized = False
+        self._key_state: RedisKeyState | None = None
 
     def _client(self, target: RedisTarget) -> Any:
         timeouts = {
@@ -624,15 +626,28 @@ class RedisStore(StateStore):
         await self._durable(f"outcome of {request_id}", self._record_outcome, **call)
         self._open_shards.pop(record_id, None)
 
+    def key_state(self) -> RedisKeyState:
+        if self._key_state is None:
+            self._key_state = RedisKeyState(self)
+        return self._key_state
+
+    @staticmethod
+    def wall_clock() -> float:
+        return time.time()
+
+    async def live_replicas(self, grace_sec: float) -> set[str]:
+        """Ingress replicas whose load report expired less than `grace_sec` ago."""
+        reports = await self._run(self._redis.hgetall(self._k("load")))
+        cutoff = time.time() - grace_sec
+        return {k for k, v in reports.items() if json.loads(v)["expires_at"] > cutoff}
+
     async def sweep_lost_requests(self, grace_sec: float) -> int:
         open_requests: dict[str, str] = {}
         for found in await self._each_shard("hgetall", "open"):
             open_requests.update(found)
         if not open_requests:
             return 0
-        reports = await self._run(self._redis.hgetall(self._k("load")))
-        cutoff = time.time() - grace_sec
-        live = {k for k, v in reports.items() if json.loads(v)["expires_at"] > cutoff}
+        live = await self.live_replicas(grace_sec)
         lost = 0
         for record_id, raw in open_requests.items():
             entry = json.loads(raw)
