@@ -19,8 +19,9 @@ Design note
   A refusal is `QuotaExceeded` with `retry_after_s` computed from when the limit frees: for
   tokens, when the oldest entries leave the window; for streams, the key's mean stream
   duration (moving average of what it has seen) minus the age of its oldest running stream.
-  The state is per ingress replica (like Ray Serve's `max_queued_requests`); a store-backed
-  version can keep the same arithmetic.
+  `KeyQuotas` holds the state in this ingress replica (the memory and ray stores); with Redis
+  the state is the store's, shared by every replica (serve_app/shared_quotas.py), and the
+  decisions are the same pure functions (`tokens_free_in`, `stream_frees_in`).
 * `KeyUsage` counts, per key id: admitted requests by outcome, refusals by reason, prompt and
   completion tokens; `snapshot()` is the admin JSON and the source for Prometheus counters
   labelled by key id.
@@ -209,22 +210,16 @@ def smoothed_mean(previous: float | None, duration: float) -> float:
     return previous + DURATION_SMOOTHING * (duration - previous)
 
 
-def over_tokens(key_id: str, budget: int, retry_after_s: float) -> QuotaExceeded:
-    return QuotaExceeded(
-        key_id,
-        "tokens_per_minute_exceeded",
-        retry_after_s,
-        f"API key '{key_id}' used its {budget} tokens per minute",
-    )
+_REFUSALS = {
+    "tokens_per_minute_exceeded": "API key '{key_id}' used its {limit} tokens per minute",
+    "concurrency_limit_exceeded": "API key '{key_id}' already has {limit} streams running",
+}
 
 
-def over_streams(key_id: str, cap: int, retry_after_s: float) -> QuotaExceeded:
-    return QuotaExceeded(
-        key_id,
-        "concurrency_limit_exceeded",
-        retry_after_s,
-        f"API key '{key_id}' already has {cap} streams running",
-    )
+def over_limit(key_id: str, reason: str, limit: int, retry_after_s: float) -> QuotaExceeded:
+    """The refusal of a key over its `reason` limit (`limit` tokens or streams)."""
+    message = _REFUSALS[reason].format(key_id=key_id, limit=limit)
+    return QuotaExceeded(key_id, reason, retry_after_s, message)
 
 
 @dataclass(eq=False)
@@ -288,10 +283,17 @@ class KeyQuotas:
             self._expire(state, now)
             budget = limits.tokens_per_minute
             if budget is not None and state.tokens_in_window >= budget:
-                raise over_tokens(key_id, budget, self._tokens_free_in(state, budget, now))
+                raise over_limit(
+                    key_id,
+                    "tokens_per_minute_exceeded",
+                    budget,
+                    self._tokens_free_in(state, budget, now),
+                )
             cap = limits.max_concurrent_streams
             if cap is not None and len(state.running) >= cap:
-                raise over_streams(key_id, cap, self._stream_frees_in(state, now))
+                raise over_limit(
+                    key_id, "concurrency_limit_exceeded", cap, self._stream_frees_in(state, now)
+                )
             lease = QuotaLease(self, key_id, now)
             state.running.append(lease)
             return lease

@@ -15,20 +15,20 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from serve_app.api_keys import (
     TOKEN_WINDOW_S,
     KeyLimits,
     QuotaLease,
-    over_streams,
-    over_tokens,
+    over_limit,
     stream_frees_in,
     tokens_free_in,
 )
 from serve_app.background import Background
 from serve_app.stores import StoreUnavailable
-from serve_app.stores.base import KeyStateStore
+from serve_app.stores.base import KeyStateStore, StreamAsk
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,25 +36,16 @@ logger = logging.getLogger("ray.serve")
 RETRY_WINDOW_SEC = 300.0
 
 
+@dataclass
 class SharedKeyQuotas:
     """One ingress replica's door to the per-key state in the store."""
 
-    def __init__(
-        self,
-        state: KeyStateStore,
-        limits: Callable[[str], KeyLimits],
-        replica_id: str,
-        background: Background,
-        *,
-        clock: Callable[[], float] = time.time,
-        window_s: float = TOKEN_WINDOW_S,
-    ) -> None:
-        self.state = state
-        self.limits = limits
-        self.replica_id = replica_id
-        self.background = background
-        self.clock = clock
-        self.window_s = window_s
+    state: KeyStateStore
+    limits: Callable[[str], KeyLimits]  # a key id's limits
+    replica_id: str
+    background: Background
+    clock: Callable[[], float] = time.time
+    window_s: float = TOKEN_WINDOW_S
 
     async def admit(self, key_id: str) -> QuotaLease:
         """Take a stream of `key_id`'s (cluster-wide), or raise `QuotaExceeded` with a computed
@@ -62,30 +53,32 @@ class SharedKeyQuotas:
         limits = self.limits(key_id)
         now = self.clock()
         lease = QuotaLease(self, key_id, now, lease_id=uuid.uuid4().hex)
+        ask = StreamAsk(
+            key_id,
+            lease.lease_id,
+            self.replica_id,
+            now,
+            limits.max_concurrent_streams,
+            limits.tokens_per_minute,
+            self.window_s,
+        )
         try:
-            refusal = await self.state.take_stream(
-                key_id,
-                lease.lease_id,
-                self.replica_id,
-                now,
-                cap=limits.max_concurrent_streams,
-                budget=limits.tokens_per_minute,
-                window_s=self.window_s,
-            )
+            refusal = await self.state.take_stream(ask)
         except BaseException:  # cancelled or failed: the take may have landed, give it back
             self._release(lease)
             raise
         if refusal is None:
             return lease
         if refusal.reason == "tokens_per_minute_exceeded":
-            budget = limits.tokens_per_minute or 0
+            limit = limits.tokens_per_minute or 0
             retry = tokens_free_in(
-                refusal.token_entries, refusal.tokens_in_window, budget, now, self.window_s
+                refusal.token_entries, refusal.tokens_in_window, limit, now, self.window_s
             )
-            raise over_tokens(key_id, budget, retry)
-        oldest = min(refusal.stream_starts, default=now)
-        retry = stream_frees_in(refusal.mean_stream_s, oldest, now)
-        raise over_streams(key_id, limits.max_concurrent_streams or 0, retry)
+        else:
+            limit = limits.max_concurrent_streams or 0
+            oldest = min(refusal.stream_starts, default=now)
+            retry = stream_frees_in(refusal.mean_stream_s, oldest, now)
+        raise over_limit(key_id, refusal.reason, limit, retry)
 
     def _release(self, lease: QuotaLease) -> None:
         """Give the stream back (idempotent; from any thread)."""

@@ -46,6 +46,8 @@ async def load(request: Request) -> dict:
         "capacity": running(MODEL_DEPLOYMENT_NAME) * parts.config.max_ongoing_requests,
         # Serve bounds the queue per caller, that is per ingress replica.
         "max_queued": -1 if queue < 0 else queue * running(parts.ingress_name),
+        # This ingress replica's fair queue: each tenant's places, waiting and share.
+        "fair_queue": parts.admission.fair_queue.snapshot(),
     }
 
 

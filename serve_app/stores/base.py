@@ -51,6 +51,19 @@ class KeyRefusal:
     mean_stream_s: float | None = None
 
 
+@dataclass(frozen=True)
+class StreamAsk:
+    """One request for a key's stream: who asks, when, and the key's limits (None: none)."""
+
+    key_id: str
+    lease_id: str
+    replica_id: str
+    now: float
+    cap: int | None
+    budget: int | None
+    window_s: float
+
+
 class KeyStateStore(abc.ABC):
     """Per-key limits and usage shared by every ingress replica (Redis only; the memory and ray
     stores leave them to each replica: `StateStore.key_state()` is None). Times are wall-clock
@@ -59,19 +72,9 @@ class KeyStateStore(abc.ABC):
     scope = "cluster"
 
     @abc.abstractmethod
-    async def take_stream(
-        self,
-        key_id: str,
-        lease_id: str,
-        replica_id: str,
-        now: float,
-        *,
-        cap: int | None,
-        budget: int | None,
-        window_s: float,
-    ) -> KeyRefusal | None:
-        """Atomically: refuse if the key's token window is at `budget` or its running streams
-        at `cap` (None: unlimited), else take a stream as `lease_id`."""
+    async def take_stream(self, ask: StreamAsk) -> KeyRefusal | None:
+        """Atomically: refuse if the key's token window is at its budget or its running
+        streams at the cap, else take a stream as `ask.lease_id`."""
 
     @abc.abstractmethod
     async def release_stream(self, key_id: str, lease_id: str, now: float) -> None:

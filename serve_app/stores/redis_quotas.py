@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.api_keys import DURATION_SMOOTHING
-from serve_app.stores.base import KeyRefusal, KeyStateStore
+from serve_app.stores.base import KeyRefusal, KeyStateStore, StreamAsk
 
 # Age the token window: drop entries at or before ARGV[cutoff]; keep meta.tokens in step.
 _EXPIRE = """
@@ -139,23 +139,14 @@ class RedisKeyState(KeyStateStore):
     def _keys(self, key_id: str, *names: str) -> list[str]:
         return [f"{self._prefix}{key_id}}}:{name}" for name in names]
 
-    async def take_stream(
-        self,
-        key_id: str,
-        lease_id: str,
-        replica_id: str,
-        now: float,
-        *,
-        cap: int | None,
-        budget: int | None,
-        window_s: float,
-    ) -> KeyRefusal | None:
+    async def take_stream(self, ask: StreamAsk) -> KeyRefusal | None:
         found = await self._store._run(
             self._take(
-                keys=self._keys(key_id, "streams", "tokens", "meta"),
-                args=[lease_id, replica_id, repr(now), window_s, cap or 0, budget or 0],
+                keys=self._keys(ask.key_id, "streams", "tokens", "meta"),
+                args=[ask.lease_id, ask.replica_id, repr(ask.now), ask.window_s, ask.cap or 0,
+                      ask.budget or 0],
             )
-        )
+        )  # fmt: skip
         if found[0] == "ok":
             return None
         if found[0] == "tokens_per_minute_exceeded":
