@@ -52,7 +52,8 @@ from loadtest.final_check import (  # noqa: E402
 )
 from loadtest.openai_user import OpenAIUser  # noqa: E402
 from loadtest.run_state import RUN  # noqa: E402
-from loadtest.tenant_users import FloodUser, PoliteUser, tenant_report  # noqa: E402
+from loadtest.tenant_tally import tenant_report  # noqa: E402
+from loadtest.tenant_users import FloodUser, PoliteUser  # noqa: E402
 
 __all__ = [
     "BadInputUser",

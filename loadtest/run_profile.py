@@ -79,6 +79,9 @@ LARGER_MOCK_SERVICE: dict[str, Any] = {
 TENANT_KEYS = "\n".join(
     f"{key_id}:sk-{key_id}-0123456789" for key_id in ("flood", "polite-1", "polite-2", "polite-3")
 )
+# The final check's fresh request (and OpenAIUser) need a key of their own.
+TENANT_ENV = {"CHATSTREAM_API_KEYS": TENANT_KEYS + "\ncheck:sk-check-0123456789",
+              "CHATSTREAM_LOADTEST_API_KEY": "sk-check-0123456789"}  # fmt: skip
 TENANT_SERVICE: dict[str, Any] = {
     "engine": "mock",
     "mock_mode": "long",
@@ -190,7 +193,7 @@ PROFILES: dict[str, Profile] = {
             "polite_weight": 3,
             "answer_tokens": 40,
         },
-        service_env={"CHATSTREAM_API_KEYS": TENANT_KEYS},
+        service_env=TENANT_ENV,
     ),
     "long": Profile(
         "soak: 6 minutes, 60 users, about half of them disconnecting",

@@ -11,41 +11,16 @@ that got no request admitted was locked out, and the run fails.
 from __future__ import annotations
 
 import itertools
-import os
-import statistics
 import time
-from dataclasses import dataclass, field
 
 from locust import between, constant, task
 
 from loadtest.accounting import SUCCESS, UNKNOWN_ERROR
 from loadtest.client import REQUEST_ID_HEADER, AccountedUser, prompt
-from loadtest.openai_user import STREAM_CUT, CompletionChunks
+from loadtest.openai_user import STREAM_CUT, CompletionChunks, OpenAIUser
 from loadtest.run_state import RUN
+from loadtest.tenant_tally import TALLIES, Tally, keys_from_environment
 
-KEYS_ENV = "CHATSTREAM_API_KEYS"
-FLOOD_PREFIX = "flood"
-
-
-def keys_from_environment() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(flood keys, polite keys) as (key id, key) pairs."""
-    pairs = []
-    for line in os.environ.get(KEYS_ENV, "").splitlines():
-        key_id, sep, key = line.strip().partition(":")
-        if sep and not key_id.startswith("#"):
-            pairs.append((key_id.strip(), key.strip()))
-    flood = [p for p in pairs if p[0].startswith(FLOOD_PREFIX)]
-    return flood, [p for p in pairs if not p[0].startswith(FLOOD_PREFIX)]
-
-
-@dataclass
-class Tally:
-    admitted: int = 0
-    refused: int = 0
-    first_chunk_s: list[float] = field(default_factory=list)
-
-
-TALLIES: dict[str, Tally] = {}
 _next_polite = itertools.count()
 
 
@@ -53,6 +28,7 @@ class TenantUser(AccountedUser):
     abstract = True
     behaviour = "tenant"
     key_id = ""
+    error_code = OpenAIUser.error_code  # OpenAI's error object
 
     def pick_key(self) -> tuple[str, str] | None:
         raise NotImplementedError
@@ -60,7 +36,7 @@ class TenantUser(AccountedUser):
     def on_start(self) -> None:
         picked = self.pick_key()
         if picked is None:
-            raise RuntimeError(f"{type(self).__name__}: no such key in {KEYS_ENV}")
+            raise RuntimeError(f"{type(self).__name__}: no such key in CHATSTREAM_API_KEYS")
         self.key_id, key = picked
         self.auth = {"Authorization": f"Bearer {key}"}
         TALLIES.setdefault(self.key_id, Tally())
@@ -105,7 +81,7 @@ class FloodUser(TenantUser):
     """Sends again at once: one of many users of the flooding key."""
 
     behaviour = "flood"
-    weight = 0  # set from --flood-weight at init
+    weight = 1  # set from --flood-weight at init (a class of weight 0 Locust drops early)
     wait_time = constant(0)
 
     def pick_key(self) -> tuple[str, str] | None:
@@ -118,29 +94,9 @@ class PoliteUser(TenantUser):
     robin over the polite keys)."""
 
     behaviour = "polite"
-    weight = 0  # set from --polite-weight at init
+    weight = 1  # set from --polite-weight at init
     wait_time = between(0.3, 0.8)
 
     def pick_key(self) -> tuple[str, str] | None:
         _, polite = keys_from_environment()
         return polite[next(_next_polite) % len(polite)] if polite else None
-
-
-def tenant_report() -> tuple[str, bool]:
-    """The per-key table, and False if a polite key was locked out (nothing admitted)."""
-    if not TALLIES:
-        return "", True
-    lines = [f"{'key id':<12} {'admitted':>8} {'refused':>8} {'first chunk p50':>16} {'p95':>8}"]
-    locked_out = []
-    for key_id, tally in sorted(TALLIES.items()):
-        times = sorted(tally.first_chunk_s)
-        p50 = statistics.median(times) if times else float("nan")
-        p95 = times[int(0.95 * (len(times) - 1))] if times else float("nan")
-        lines.append(
-            f"{key_id:<12} {tally.admitted:>8} {tally.refused:>8} {p50:>15.2f}s {p95:>7.2f}s"
-        )
-        if not key_id.startswith(FLOOD_PREFIX) and tally.admitted == 0:
-            locked_out.append(key_id)
-    if locked_out:
-        lines.append(f"LOCKED OUT (no request admitted): {', '.join(locked_out)}")
-    return "\n".join(lines), not locked_out
