@@ -78,6 +78,9 @@ async def heartbeat(
         try:
             if release_lost is not None and (freed := await release_lost(LOST_GRACE_SEC)):
                 logger.error("released %d API key streams of ingress replicas that died", freed)
+        except Exception as exc:
+            logger.warning("could not release API key streams of lost replicas: %r", exc)
+        try:
             lost = await store.sweep_lost_requests(LOST_GRACE_SEC)
         except Exception as exc:
             logger.warning("could not look for requests of lost ingress replicas: %r", exc)
