@@ -11,7 +11,7 @@ import requests
 from locust import HttpUser
 
 from loadtest.accounting import ABSENT, BEFORE_STREAMING, UNKNOWN_ERROR, rejected
-from loadtest.run_state import RUN, STORE_UNAVAILABLE
+from loadtest.run_state import OVER_FAIR_SHARE, RUN, STORE_UNAVAILABLE
 
 REQUEST_ID_HEADER = "X-ChatStream-Request-Id"
 WORDS = ("river", "cloud", "lantern", "harbor", "meadow", "signal", "copper", "orbit", "garden")
@@ -78,8 +78,8 @@ class AccountedUser(HttpUser):
         unrecorded = (ABSENT,) if RUN.overlaps_store_fault(started_at) else ()
         violation = "" if code in allowed else f"unexpected HTTP {response.status_code} {code}"
         RUN.record(request_id, self.behaviour, rejected(code), *unrecorded, violation=violation)
-        if code == "too_many_requests":
-            response.failure("429 too_many_requests (expected while saturated)")
+        if code in ("too_many_requests", OVER_FAIR_SHARE):
+            response.failure(f"429 {code} (expected while saturated)")
         elif violation:
             response.failure(violation)
         else:

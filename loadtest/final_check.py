@@ -27,6 +27,7 @@ from loadtest.accounting import (
     server_view_from_json,
 )
 from loadtest.client import REQUEST_ID_HEADER
+from loadtest.openai_user import API_KEY_ENV
 from loadtest.run_state import RUN, STORE_UNAVAILABLE
 
 
@@ -65,6 +66,12 @@ def wait_until_quiet(host: str, timeout: float) -> tuple[dict[str, Any], dict[st
         time.sleep(0.5)
 
 
+def api_key() -> dict[str, str]:
+    """The bearer key of the load test's own checks, when the service has keys."""
+    key = os.environ.get(API_KEY_ENV, "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def fresh_request(host: str, prefix: str, max_ttfb: float) -> tuple[str, str]:
     """One new request must stream at once and be recorded as success. Returns (id, failure)."""
     request_id = f"{prefix}-fresh"
@@ -73,7 +80,7 @@ def fresh_request(host: str, prefix: str, max_ttfb: float) -> tuple[str, str]:
         with requests.post(
             f"{host}/chat_stream",
             json={"user_input": "are you still there", "max_new_tokens": 4},
-            headers={REQUEST_ID_HEADER: request_id},
+            headers={REQUEST_ID_HEADER: request_id, **api_key()},
             stream=True,
             timeout=(5, max_ttfb + 30),
         ) as response:

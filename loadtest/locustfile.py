@@ -7,6 +7,7 @@ Where things are (each file named for its job):
 - loadtest/chat_stream_users.py: the users of /chat_stream, one class per behaviour
   (ChatUser, EarlyQuitterUser, MidStreamQuitterUser, BadInputUser, FailingPromptUser);
 - loadtest/openai_user.py: OpenAIUser, /v1/chat/completions streamed and not;
+- loadtest/tenant_users.py: FloodUser and PoliteUser, API keys under saturation;
 - loadtest/quits.py: closing early, and what a close may end as on the server;
 - loadtest/options.py: the options, defined once (`python -m loadtest.options` lists them);
 - loadtest/run_state.py: the run's tallies; loadtest/final_check.py: the check at test stop;
@@ -51,14 +52,18 @@ from loadtest.final_check import (  # noqa: E402
 )
 from loadtest.openai_user import OpenAIUser  # noqa: E402
 from loadtest.run_state import RUN  # noqa: E402
+from loadtest.tenant_tally import tenant_report  # noqa: E402
+from loadtest.tenant_users import FloodUser, PoliteUser  # noqa: E402
 
 __all__ = [
     "BadInputUser",
     "ChatUser",
     "EarlyQuitterUser",
     "FailingPromptUser",
+    "FloodUser",
     "MidStreamQuitterUser",
     "OpenAIUser",
+    "PoliteUser",
 ]
 
 
@@ -78,6 +83,8 @@ def _on_init(environment: Environment, **_: Any) -> None:
         BadInputUser: chosen.bad_input_weight,
         OpenAIUser: chosen.openai_weight,
         FailingPromptUser: chosen.failing_prompt_weight if chosen.fail_marker else 0,
+        FloodUser: chosen.flood_weight,
+        PoliteUser: chosen.polite_weight,
     }
     for user_class, weight in weights.items():
         user_class.weight = weight
@@ -102,6 +109,9 @@ def _on_test_stop(environment: Environment, **_: Any) -> None:
     RUN.report = final_check(environment.host or "")
     print(format_report(RUN.report), flush=True)
     print(run_summary(), flush=True)
+    tenants, _ = tenant_report()
+    if tenants:
+        print(tenants, flush=True)
     if RUN.options.accounting_report:
         write_report(RUN.options.accounting_report)
 
@@ -112,4 +122,6 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         return
     # Decided by the accounting alone: the expected 429s, quits and cut streams are marked as
     # failures of their requests in Locust's statistics but are not failures of the run.
-    environment.process_exit_code = 0 if RUN.report.ok else 1
+    # A polite tenant locked out fails the run too (loadtest/tenant_users.py).
+    _, tenants_ok = tenant_report()
+    environment.process_exit_code = 0 if RUN.report.ok and tenants_ok else 1

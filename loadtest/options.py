@@ -38,6 +38,12 @@ class Options:
         0, "weight of FailingPromptUser (needs --fail-marker = the service's mock_fail_marker)"
     )
     fail_marker: str = option("", "the service's mock_fail_marker")
+    flood_weight: int = option(
+        0, "weight of FloodUser (sends again at once with the first `flood*` key of the keys)"
+    )
+    polite_weight: int = option(
+        0, "weight of PoliteUser (one request at a time with the other keys; none admitted: fail)"
+    )
     # -- what the users ask and how long they wait
     early_quit_sec: float = option(
         0.25, "early quitters close this long after sending (meant to be before the first chunk)"

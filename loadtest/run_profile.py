@@ -74,6 +74,23 @@ LARGER_MOCK_SERVICE: dict[str, Any] = {
 }
 
 
+# Tenants: one flooding key and three polite ones, on the set-up (8 slots, 8 queue
+# places, 0.05 s per token); answers of 40 tokens (2 s: a slot frees about every 0.25 s).
+TENANT_KEYS = "\n".join(
+    f"{key_id}:sk-{key_id}-0123456789" for key_id in ("flood", "polite-1", "polite-2", "polite-3")
+)
+# The final check's fresh request (and OpenAIUser) need a key of their own.
+TENANT_ENV = {"CHATSTREAM_API_KEYS": TENANT_KEYS + "\ncheck:sk-check-0123456789",
+              "CHATSTREAM_LOADTEST_API_KEY": "sk-check-0123456789"}  # fmt: skip
+TENANT_SERVICE: dict[str, Any] = {
+    "engine": "mock",
+    "mock_mode": "long",
+    "mock_time_per_token_sec": 0.05,
+    "max_ongoing_requests": 8,
+    "max_queued_requests": 8,
+}
+
+
 @dataclass(frozen=True)
 class Profile:
     description: str
@@ -82,6 +99,8 @@ class Profile:
     spawn_rate: float
     run_time: str
     options: dict[str, Any] = field(default_factory=dict)  # loadtest.options.Options fields
+    # The service's environment (API keys); Locust gets it too.
+    service_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         as_argv(self.options)  # an unknown option fails here, not in Locust
@@ -155,6 +174,26 @@ PROFILES: dict[str, Profile] = {
             "fault_scale_replicas": "1,3",
             "fault_scale_hold_sec": 4,
         },
+    ),
+    "tenants": Profile(
+        "one flooding API key (20 users that send again at once) and three polite ones (one "
+        "request at a time): every polite key gets its requests admitted (fair queue); "
+        "admissions and first-chunk times per key reported; accounting exact",
+        TENANT_SERVICE,
+        users=23,
+        spawn_rate=23,
+        run_time="30s",
+        options={
+            "chatter_weight": 0,
+            "early_quitter_weight": 0,
+            "mid_stream_quitter_weight": 0,
+            "bad_input_weight": 0,
+            "openai_weight": 0,
+            "flood_weight": 20,
+            "polite_weight": 3,
+            "answer_tokens": 40,
+        },
+        service_env=TENANT_ENV,
     ),
     "long": Profile(
         "soak: 6 minutes, 60 users, about half of them disconnecting",
@@ -278,6 +317,10 @@ def run_group(
         # The operator endpoints need the admin token: the service and Locust (a child process
         # that inherits this environment) share one, a fresh one unless it is already set.
         env = {ADMIN_TOKEN_ENV: os.environ.setdefault(ADMIN_TOKEN_ENV, secrets.token_urlsafe(24))}
+        # The group shares one service: its environment (API keys) is the first profile's;
+        # Locust, a child process, reads the keys from it too.
+        env.update(PROFILES[group[0]].service_env)
+        os.environ.update(PROFILES[group[0]].service_env)
         redis_dir: Path | str = ""
         if service.get("session_store") == "redis":
             from tests.redis_server import start_redis

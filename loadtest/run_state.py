@@ -14,6 +14,7 @@ from loadtest.options import STORE_FAULTS, Options
 
 STORE_UNAVAILABLE = "store_unavailable"
 TURN_IN_PROGRESS = "turn_in_progress"
+OVER_FAIR_SHARE = "over_fair_share"  # a 429 of the fair queue (serve_app/fair_queue.py)
 NOTHING_TO_REGENERATE = "nothing_to_regenerate"
 
 
@@ -80,7 +81,10 @@ class RunState:
         return started_at <= over + 1.0 and time.time() >= self.fault.started_at
 
     def refusal_codes(self, *codes: str) -> tuple[str, ...]:
-        """The error codes a behaviour may meet: its own, and those a store fault brings."""
+        """The error codes a behaviour may meet: its own, and those a store fault brings. A
+        full queue may also refuse a tenant that holds its share (the fair queue)."""
+        if "too_many_requests" in codes:
+            codes = (*codes, OVER_FAIR_SHARE)
         if not self.store_fault:
             return codes
         extra = (STORE_UNAVAILABLE, TURN_IN_PROGRESS)

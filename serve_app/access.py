@@ -14,8 +14,10 @@ is set. When on, `/v1/*` and `/chat_stream` need `Authorization: Bearer <key>` (
 slot is taken). Each key's concurrent streams and tokens per minute are limited by `KeyQuotas`,
 checked before ChatStream's own admission (a key at its limit never waits for, nor takes,
 another key's slot), with a Retry-After computed from when the limit frees. Usage per key id
-(requests by outcome, refusals, prompt and completion tokens) is counted in `KeyUsage` (this
-ingress replica's figures, for the admin JSON) and in Prometheus counters labelled by key id.
+(requests by outcome, refusals, prompt and completion tokens) is counted in `KeyUsage` and in
+Prometheus counters labelled by key id. With `session_store=redis` the limits and the usage of
+`/v1/usage` are the store's, shared by every ingress replica (`SharedKeyQuotas`); with the
+memory and ray stores each ingress replica limits and counts on its own.
 With keys off, usage is counted under the id `anonymous` and nothing is limited.
 """
 
@@ -46,8 +48,11 @@ from serve_app.api_keys import (
     bearer_token,
     load_api_keys,
 )
+from serve_app.background import Background
 from serve_app.config import ADMIN_TOKEN_ENV, ChatStreamConfig
 from serve_app.refusals import Refusal
+from serve_app.shared_quotas import SharedKeyQuotas
+from serve_app.stores.base import KeyStateStore
 
 logger = logging.getLogger("ray.serve")
 
@@ -121,7 +126,7 @@ class Gate(Protocol):
     """What the services need of the HTTP edge (serve_app/edge.py), for requests that reach
     them through a user's own route, which no middleware checked."""
 
-    def enter(self, request: Request, guard: Guard) -> Caller: ...
+    async def enter(self, request: Request, guard: Guard) -> Caller: ...
 
     async def read_body(self, request: Request, request_body: bytes | None = None) -> bytes: ...
 
@@ -144,12 +149,21 @@ class Access:
         self,
         config: ChatStreamConfig,
         environ: Mapping[str, str] | None = None,
+        *,
+        key_state: KeyStateStore | None = None,
+        replica_id: str = "",
+        background: Background | None = None,
     ) -> None:
+        """`key_state` (Redis): limits and usage shared by every ingress replica; without it
+        (memory and ray stores) each replica limits and counts on its own."""
         environ = os.environ if environ is None else environ
         self.admin_token = environ.get(ADMIN_TOKEN_ENV) or None
         self.keys: ApiKeyRing | None = load_api_keys(environ)  # ApiKeyError: fail at start
         self.quotas = KeyQuotas(key_limits(config) if self.keys else KeyLimits())
         self.usage = KeyUsage()
+        self.shared: SharedKeyQuotas | None = None
+        if key_state is not None and background is not None:
+            self.shared = SharedKeyQuotas(key_state, self.quotas.limits, replica_id, background)
         if self.admin_token is None:
             logger.warning(
                 "%s is not set: /outcomes, /outcomes/ledger, /load, /resource_usage and "
@@ -167,12 +181,31 @@ class Access:
     def require_admin(self, request: Request) -> None:
         check_admin(request, self.admin_token)
 
-    def usage_report(self) -> dict[str, Any]:
-        """The admin JSON: per key id usage and what it holds now (this ingress replica)."""
+    @property
+    def key_ids(self) -> list[str]:
+        """The ids that limits and usage are kept under (the configured keys, or `anonymous`)."""
+        return self.keys.key_ids if self.keys is not None else [ANONYMOUS_KEY_ID]
+
+    async def usage_report(self) -> dict[str, Any]:
+        """The admin JSON: per key id usage and what it holds now; `scope` says whose figures:
+        every ingress replica's (`cluster`, a store that shares them) or this one's."""
         usage = self.usage.snapshot()
-        for key_id, figures in usage.items():
-            figures["now"] = self.quotas.snapshot(key_id)
-        return {"api_keys": self.keys_on, "scope": "ingress_replica", "keys": usage}
+        if self.shared is None:
+            for key_id, figures in usage.items():
+                figures["now"] = self.quotas.snapshot(key_id)
+            return {"api_keys": self.keys_on, "scope": "ingress_replica", "keys": usage}
+        keys = {}
+        for key_id in dict.fromkeys([*self.key_ids, *usage]):
+            figures = await self.shared.report(key_id)
+            if figures["requests"] or figures["rejections"] or figures["now"]["running_streams"]:
+                keys[key_id] = figures
+        return {"api_keys": self.keys_on, "scope": "cluster", "keys": keys}
+
+    async def release_lost(self, grace_sec: float) -> int:
+        """Drop the streams that ingress replicas which died still held (shared limits only)."""
+        if self.shared is None:
+            return 0
+        return await self.shared.release_lost([*self.key_ids, "unauthenticated"], grace_sec)
 
     # ------------------------------------------------------------------ keys
     def authenticate(self, request: Request) -> str | None:
@@ -182,10 +215,17 @@ class Access:
             return ANONYMOUS_KEY_ID
         return self.keys.authenticate(request.headers.get("authorization"))
 
-    def admit(self, key_id: str) -> QuotaLease:
-        """Take one of the key's streams; raises QuotaExceeded (counted) over a limit."""
+    async def take_stream(self, key_id: str) -> QuotaLease:
+        """Take one of the key's streams (across every replica, with shared limits); raises
+        QuotaExceeded over a limit (counted by whoever renders the refusal)."""
+        if self.shared is not None:
+            return await self.shared.admit(key_id)
+        return self.quotas.admit(key_id)
+
+    async def admit(self, key_id: str) -> QuotaLease:
+        """`take_stream`, with a refusal counted here."""
         try:
-            return self.quotas.admit(key_id)
+            return await self.take_stream(key_id)
         except QuotaExceeded as exc:
             self.rejected(key_id, exc.reason)
             raise
@@ -193,6 +233,8 @@ class Access:
     def rejected(self, key_id: str | None, reason: str) -> None:
         key_id = key_id or "unauthenticated"
         self.usage.record_rejection(key_id, reason)
+        if self.shared is not None:
+            self.shared.rejected(key_id, reason)
         metrics.KEY_REJECTIONS.get().inc(tags={"key_id": key_id, "reason": reason})
 
     def finished(
@@ -200,7 +242,10 @@ class Access:
     ) -> None:
         """An admitted request's outcome and tokens: usage, metrics and the token budget."""
         self.usage.record_outcome(key_id, outcome, prompt_tokens, completion_tokens)
-        self.quotas.account(key_id, prompt_tokens + completion_tokens)
+        if self.shared is not None:
+            self.shared.finished(key_id, outcome, prompt_tokens, completion_tokens)
+        else:
+            self.quotas.account(key_id, prompt_tokens + completion_tokens)
         metrics.KEY_REQUESTS.get().inc(tags={"key_id": key_id, "outcome": outcome})
         if prompt_tokens:
             metrics.KEY_TOKENS.get().inc(prompt_tokens, tags={"key_id": key_id, "kind": "prompt"})

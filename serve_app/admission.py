@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -26,8 +27,10 @@ from starlette.responses import StreamingResponse
 
 from serve_app import metrics
 from serve_app.access import Caller
+from serve_app.api_keys import ANONYMOUS_KEY_ID
 from serve_app.bookkeeping import Bookkeeping
 from serve_app.exchange import Callback, Exchange, Turn
+from serve_app.fair_queue import OVER_SHARE, FairQueue, QueueRefused
 from serve_app.liveness import LoadBoard
 from serve_app.model_contract import AnswerChunk, GenerationRequest, SlotAcquired
 from serve_app.outcomes import Outcome, classify_outcome, is_client_disconnect
@@ -62,6 +65,38 @@ class Encoder(Protocol):
         """What to send when the engine fails mid-stream (None: cut the connection)."""
 
 
+def tenant_of(caller: Caller, session: SessionView | None, request: Request) -> str:
+    """Whose share a request waits in: its API key; without keys, its session (a chat turn) or
+    its client's address (a stateless `/v1` call)."""
+    if caller.key_id != ANONYMOUS_KEY_ID:
+        return caller.key_id
+    if session is not None:
+        return "session:" + hashlib.sha256(session.session_id.encode()).hexdigest()[:12]
+    return "client:" + (request.client.host if request.client else "unknown")
+
+
+def metric_tenant(tenant: str) -> str:
+    """A tenant as a Prometheus label: key ids as they are, sessions and clients as a kind (one
+    series each, however many clients come)."""
+    return tenant.split(":", 1)[0] if ":" in tenant else tenant
+
+
+def queue_refusal(full: Exception, retry_after_s: float) -> Refusal:
+    if isinstance(full, QueueRefused) and full.reason == OVER_SHARE:
+        return Refusal(
+            429,
+            OVER_SHARE,
+            "this tenant already holds its share of the waiting places; retry later",
+            retry_after_s=retry_after_s,
+        )
+    return Refusal(
+        429,
+        "too_many_requests",
+        "all generation slots and queue places are taken; retry later",
+        retry_after_s=retry_after_s,
+    )
+
+
 class Admission:
     """Admits requests to the model deployment and sees each through to its outcome."""
 
@@ -74,6 +109,7 @@ class Admission:
         *,
         replica_id: str,
         retry_after_sec: float,
+        fair_queue: FairQueue | None = None,
     ) -> None:
         self._model = model.options(stream=True)
         self._store = store
@@ -82,6 +118,7 @@ class Admission:
         self._load_board = load_board
         self._replica_id = replica_id
         self._retry_after_sec = retry_after_sec
+        self.fair_queue = fair_queue or FairQueue(1 << 30, -1)
 
     async def admit(
         self,
@@ -110,30 +147,33 @@ class Admission:
             request_id=request_id,
             record_id=record_id,
             message_id=uuid.uuid4().hex,
-            model_stream=self._model.generate.remote(generation),
+            model_stream=None,  # once the fair queue gives this request its turn
             callback=callback,
             session=session,
             turn=turn,
         )
         self._load_board.change(queued=1)
         try:
+            tenant = tenant_of(caller, session, request)
+            exchange.ticket = await self.fair_queue.enter(tenant)
+            metrics.TENANT_QUEUE_WAIT.get().observe(
+                exchange.ticket.waited_s, tags={"tenant": metric_tenant(tenant)}
+            )
+            exchange.model_stream = self._model.generate.remote(generation)
             slot = await exchange.model_stream.__anext__()
             assert isinstance(slot, SlotAcquired), f"the model's first item was {slot!r}"
             exchange.holds_slot = True
             exchange.prompt_tokens = slot.prompt_tokens
             self._load_board.change(queued=-1, ongoing=1)
             first_chunk = await self.next_chunk(exchange)
-        except BackPressureError:
+        except (BackPressureError, QueueRefused) as full:
             exchange.finished = True  # refused, not admitted: no outcome, no callback
+            if exchange.ticket is not None:
+                exchange.ticket.release()
             self._load_board.change(queued=-1)
             with contextlib.suppress(StoreUnavailable):
                 await self._store.close_request(record_id)
-            raise Refusal(
-                429,
-                "too_many_requests",
-                "all generation slots and queue places are taken; retry later",
-                retry_after_s=self._retry_after_sec,
-            ) from None
+            raise queue_refusal(full, self._retry_after_sec) from None
         except BaseException as exc:
             self.finish(exchange, exc)
             if is_client_disconnect(exc):
@@ -240,6 +280,8 @@ class Admission:
         if exchange.finished:
             return
         exchange.finished = True
+        if exchange.ticket is not None:
+            exchange.ticket.release()  # the model's place goes to the next tenant in turn
         if exchange.holds_slot:
             self._load_board.change(ongoing=-1)
         else:
@@ -257,6 +299,8 @@ class Admission:
         call's replica assignment and re-raises how that ended (e.g. the very error that ended
         the stream); raised here, it used to skip the load board and the bookkeeping above,
         leaving a phantom waiting request on /load and the session's turn taken."""
+        if exchange.model_stream is None:  # it left while waiting in the fair queue
+            return
         try:
             exchange.model_stream.cancel()
         except Exception as error:

@@ -19,8 +19,9 @@ Design note
   A refusal is `QuotaExceeded` with `retry_after_s` computed from when the limit frees: for
   tokens, when the oldest entries leave the window; for streams, the key's mean stream
   duration (moving average of what it has seen) minus the age of its oldest running stream.
-  The state is per ingress replica (like Ray Serve's `max_queued_requests`); a store-backed
-  version can keep the same arithmetic.
+  `KeyQuotas` holds the state in this ingress replica (the memory and ray stores); with Redis
+  the state is the store's, shared by every replica (serve_app/shared_quotas.py), and the
+  decisions are the same pure functions (`tokens_free_in`, `stream_frees_in`).
 * `KeyUsage` counts, per key id: admitted requests by outcome, refusals by reason, prompt and
   completion tokens; `snapshot()` is the admin JSON and the source for Prometheus counters
   labelled by key id.
@@ -35,7 +36,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,14 +173,64 @@ class QuotaExceeded(Exception):
         self.message = message
 
 
+# Weight of the newest stream in the moving average of stream durations.
+DURATION_SMOOTHING = 0.2
+# Floor and default of a stream-limit Retry-After (no history yet, or overdue streams).
+MIN_RETRY_AFTER_S = 0.05
+DEFAULT_STREAM_RETRY_AFTER_S = 1.0
+
+
+# The arithmetic of the limits, one definition for every store: the state is held in this
+# process (`KeyQuotas`) or in Redis (serve_app/stores/redis_quotas.py), the decisions are these.
+def tokens_free_in(
+    entries: Iterable[tuple[float, int]], in_window: int, budget: int, now: float, window_s: float
+) -> float:
+    """Seconds until a window holding `entries` (oldest first, `in_window` tokens in all) drops
+    below `budget`: entries only age out."""
+    excess = in_window - budget + 1
+    for stamp, tokens in entries:
+        excess -= tokens
+        if excess <= 0:
+            return max(MIN_RETRY_AFTER_S, stamp + window_s - now)
+    return window_s  # not reached when the entries sum to in_window
+
+
+def stream_frees_in(mean_stream_s: float | None, oldest_start: float, now: float) -> float:
+    """When one of a key's running streams is expected to end: its mean stream duration minus
+    the age of its oldest running stream (a default without history)."""
+    if mean_stream_s is None:
+        return DEFAULT_STREAM_RETRY_AFTER_S
+    return max(MIN_RETRY_AFTER_S, mean_stream_s - (now - oldest_start))
+
+
+def smoothed_mean(previous: float | None, duration: float) -> float:
+    """The moving average of stream durations after one more stream of `duration`."""
+    if previous is None:
+        return duration
+    return previous + DURATION_SMOOTHING * (duration - previous)
+
+
+_REFUSALS = {
+    "tokens_per_minute_exceeded": "API key '{key_id}' used its {limit} tokens per minute",
+    "concurrency_limit_exceeded": "API key '{key_id}' already has {limit} streams running",
+}
+
+
+def over_limit(key_id: str, reason: str, limit: int, retry_after_s: float) -> QuotaExceeded:
+    """The refusal of a key over its `reason` limit (`limit` tokens or streams)."""
+    message = _REFUSALS[reason].format(key_id=key_id, limit=limit)
+    return QuotaExceeded(key_id, reason, retry_after_s, message)
+
+
 @dataclass(eq=False)
 class QuotaLease:
     """One admitted request's hold on its key's stream limit. `release()` is idempotent."""
 
-    quotas: KeyQuotas
+    quotas: Any  # whoever holds the state: KeyQuotas, or the shared quotas of a store
     key_id: str
     started_at: float
     released: bool = False
+    lease_id: str = ""
 
     def release(self) -> None:
         self.quotas._release(self)
@@ -197,12 +248,6 @@ class KeyQuotas:
     """Per-key concurrent-stream and tokens-per-minute limits (one ingress replica's view).
 
     Thread-safe (a lock around each call) so finalizers and worker threads may release."""
-
-    # Weight of the newest stream in the moving average of stream durations.
-    DURATION_SMOOTHING = 0.2
-    # Floor and default of a stream-limit Retry-After (no history yet, or overdue streams).
-    MIN_RETRY_AFTER_S = 0.05
-    DEFAULT_STREAM_RETRY_AFTER_S = 1.0
 
     def __init__(
         self,
@@ -238,38 +283,27 @@ class KeyQuotas:
             self._expire(state, now)
             budget = limits.tokens_per_minute
             if budget is not None and state.tokens_in_window >= budget:
-                raise QuotaExceeded(
+                raise over_limit(
                     key_id,
                     "tokens_per_minute_exceeded",
+                    budget,
                     self._tokens_free_in(state, budget, now),
-                    f"API key '{key_id}' used its {budget} tokens per minute",
                 )
             cap = limits.max_concurrent_streams
             if cap is not None and len(state.running) >= cap:
-                raise QuotaExceeded(
-                    key_id,
-                    "concurrency_limit_exceeded",
-                    self._stream_frees_in(state, now),
-                    f"API key '{key_id}' already has {cap} streams running",
+                raise over_limit(
+                    key_id, "concurrency_limit_exceeded", cap, self._stream_frees_in(state, now)
                 )
             lease = QuotaLease(self, key_id, now)
             state.running.append(lease)
             return lease
 
     def _tokens_free_in(self, state: _KeyState, budget: int, now: float) -> float:
-        """Seconds until the window's total drops below `budget` (entries only age out)."""
-        excess = state.tokens_in_window - budget + 1
-        for stamp, tokens in state.tokens:
-            excess -= tokens
-            if excess <= 0:
-                return max(self.MIN_RETRY_AFTER_S, stamp + self.window_s - now)
-        return self.window_s  # not reached: the entries sum to tokens_in_window
+        return tokens_free_in(state.tokens, state.tokens_in_window, budget, now, self.window_s)
 
     def _stream_frees_in(self, state: _KeyState, now: float) -> float:
-        if state.mean_stream_s is None:
-            return self.DEFAULT_STREAM_RETRY_AFTER_S
-        oldest_age = now - min(lease.started_at for lease in state.running)
-        return max(self.MIN_RETRY_AFTER_S, state.mean_stream_s - oldest_age)
+        oldest = min(lease.started_at for lease in state.running)
+        return stream_frees_in(state.mean_stream_s, oldest, now)
 
     def _release(self, lease: QuotaLease) -> None:
         with self._lock:
@@ -279,12 +313,7 @@ class KeyQuotas:
             state = self._state(lease.key_id)
             state.running.remove(lease)
             duration = max(0.0, self.clock() - lease.started_at)
-            previous = state.mean_stream_s
-            state.mean_stream_s = (
-                duration
-                if previous is None
-                else previous + self.DURATION_SMOOTHING * (duration - previous)
-            )
+            state.mean_stream_s = smoothed_mean(state.mean_stream_s, duration)
 
     def account(self, key_id: str, tokens: int) -> None:
         """Charge `tokens` (prompt or completion) to `key_id`'s tokens-per-minute window."""

@@ -19,6 +19,7 @@ from serve_app.config import REDIS_URL_ENV, SESSION_SECRET_ENV, ChatStreamConfig
 from serve_app.edge import Edge
 from serve_app.engines import make_prompt_formatter
 from serve_app.engines.base import PromptFormatter
+from serve_app.fair_queue import FairQueue
 from serve_app.liveness import LoadBoard, heartbeat
 from serve_app.openai_api.service import OpenAIService
 from serve_app.session_state import SessionLimits
@@ -42,6 +43,14 @@ def session_limits(config: ChatStreamConfig) -> SessionLimits:
     return SessionLimits(
         max_turns=config.session_max_turns, max_feedback=config.session_max_feedback
     )
+
+
+def model_slots(config: ChatStreamConfig) -> int:
+    """The model's slots at most (autoscaling: at its largest, so that the queue it scales on
+    still shows): what the fair queue lets through to the model handle at once. Each ingress
+    replica lets that many through; beyond it, requests wait their turn in the ingress."""
+    replicas = config.max_replicas or config.num_replicas or 1
+    return config.max_ongoing_requests * replicas
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,11 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
     )
     await store.verify()  # StoreMisconfigured: one line naming the setting; the replica stops
     formatter = await asyncio.to_thread(make_prompt_formatter, config)
-    access = Access(config)
     background = Background()
+    # Redis shares the per-key limits and usage between replicas; other stores: None.
+    access = Access(
+        config, key_state=store.key_state(), replica_id=replica_id, background=background
+    )
     bookkeeping = Bookkeeping(
         store,
         session_limits(config),
@@ -97,6 +109,9 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
         board,
         replica_id=replica_id,
         retry_after_sec=config.retry_after_sec,
+        fair_queue=FairQueue(
+            model_slots(config), config.max_queued_requests, config.fair_share_weights
+        ),
     )
     edge = Edge(access, store, config.max_body_bytes)
     signer = CookieSigner(await store.signing_key(), config.session_ttl_sec)
@@ -111,5 +126,7 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
         openai=OpenAIService(config, formatter, edge, admission),
         app_name=context.app_name,
         ingress_name=context.deployment,
-        heartbeat=background.spawn(heartbeat(board, store, bookkeeping.count_lost)),
+        heartbeat=background.spawn(
+            heartbeat(board, store, bookkeeping.count_lost, access.release_lost)
+        ),
     )

@@ -76,7 +76,7 @@ class ChatStream:
         try:
             # Checked by the edge's middleware on ChatStream's own routes; on a user's own
             # route, here.
-            caller = caller_of(request) or parts.edge.enter(request, Guard.ADMITS)
+            caller = caller_of(request) or await parts.edge.enter(request, Guard.ADMITS)
             turn_request = parse_chat_turn(await parts.edge.read_body(request, request_body))
             view = await parts.sessions.open(request)
             turn = await self._begin_turn(view, turn_id, turn_request.user_input,

@@ -126,6 +126,11 @@ class ChatStreamConfig(BaseModel):
         "Twice max_ongoing_requests: a waiting request gets a slot within about two answers' "
         "time; past that a quick 429 with Retry-After serves a client better",
     )
+    fair_share_weights: dict[str, int] = Field(
+        default_factory=dict,
+        description="Weight of a tenant (an API key id) in the fair queue: places it gets per "
+        "round when the model is full, and its share of the waiting places. Others: 1",
+    )
     num_replicas: int = Field(1, ge=0, description="Model replicas (ignored when autoscaling)")
     min_replicas: int = Field(0, ge=0, description="Autoscaling lower bound (with max_replicas)")
     max_replicas: int = Field(

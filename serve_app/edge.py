@@ -58,7 +58,7 @@ class Edge:
         self._store = store
         self._max_body_bytes = max_body_bytes
 
-    def enter(self, request: Request, guard: Guard) -> Caller:
+    async def enter(self, request: Request, guard: Guard) -> Caller:
         """The request's caller, checked as `guard` says (once per request). Raises Refusal."""
         caller = caller_of(request)
         if caller is not None:
@@ -84,11 +84,13 @@ class Edge:
             caller.key_id = key_id
             if guard is Guard.ADMITS:
                 try:
-                    caller.lease = self.access.quotas.admit(key_id)
+                    caller.lease = await self.access.take_stream(key_id)
                 except QuotaExceeded as exceeded:
                     raise rate_limited(
                         exceeded.message, exceeded.retry_after_s, exceeded.reason
                     ) from None
+                except StoreUnavailable as exc:  # shared limits, and the store is down
+                    raise store_unavailable(exc) from None
         return caller
 
     async def read_body(self, request: Request, request_body: bytes | None = None) -> bytes:
@@ -144,7 +146,7 @@ class EdgeMiddleware:
             return
         request = Request(scope, receive)
         try:
-            caller = self.edge.enter(request, self.guards.get(route_path(scope), Guard.OPEN))
+            caller = await self.edge.enter(request, self.guards.get(route_path(scope), Guard.OPEN))
         except Refusal as refusal:
             response = await self.edge.refuse(request, refusal)
             await response(scope, receive, send)

@@ -42,12 +42,13 @@ class Exchange:
     request_id: str  # the request's key in the ledger (unique)
     record_id: str  # the server's own id: counts the outcome once, even if the write is retried
     message_id: str
-    model_stream: DeploymentResponseGenerator
+    model_stream: DeploymentResponseGenerator | None  # None while it waits in the fair queue
     callback: Callback | None
     session: SessionView | None = None  # None on stateless routes (/v1)
     turn: Turn | None = None
     admitted_at: float = field(default_factory=time.monotonic)
     holds_slot: bool = False
+    ticket: Any = None  # its place in the fair queue (serve_app/fair_queue.py)
     # From the model's stream: the prompt's tokens, the answer's tokens, why it ended.
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from serve_app.background import Background
 from serve_app.outcomes import LOST_OUTCOME, LOST_REASON
@@ -59,16 +59,27 @@ class LoadBoard:
         return True
 
 
-async def heartbeat(board: LoadBoard, store: StateStore, count_lost: Callable[[int], None]) -> None:
+async def heartbeat(
+    board: LoadBoard,
+    store: StateStore,
+    count_lost: Callable[[int], None],
+    release_lost: Callable[[float], Awaitable[int]] | None = None,
+) -> None:
     """Re-send the board, and sweep lost requests, forever. The sweep runs only after two
     reports in a row went through, so that after a store outage every live replica has spoken
-    before any is taken for dead."""
+    before any is taken for dead. `release_lost(grace)` drops the API key streams that dead
+    replicas held (shared per-key limits)."""
     reports_in_a_row = 0
     while True:
         await asyncio.sleep(LOAD_REPORT_INTERVAL_SEC)
         reports_in_a_row = reports_in_a_row + 1 if await board.report() else 0
         if reports_in_a_row < 2:
             continue
+        try:
+            if release_lost is not None and (freed := await release_lost(LOST_GRACE_SEC)):
+                logger.error("released %d API key streams of ingress replicas that died", freed)
+        except Exception as exc:
+            logger.warning("could not release API key streams of lost replicas: %r", exc)
         try:
             lost = await store.sweep_lost_requests(LOST_GRACE_SEC)
         except Exception as exc:

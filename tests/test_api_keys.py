@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from serve_app import api_keys
 from serve_app.api_keys import (
     API_KEYS_ENV,
     API_KEYS_FILE_ENV,
@@ -98,7 +99,7 @@ def test_concurrent_streams_with_a_computed_retry_after():
     with pytest.raises(QuotaExceeded) as info:
         quotas.admit("alice")
     assert info.value.reason == "concurrency_limit_exceeded"
-    assert info.value.retry_after_s == KeyQuotas.DEFAULT_STREAM_RETRY_AFTER_S  # no history yet
+    assert info.value.retry_after_s == api_keys.DEFAULT_STREAM_RETRY_AFTER_S  # no history yet
     assert "alice" in info.value.message
     other = quotas.admit("bob")  # a key at its limit does not hold back another key
 
@@ -111,7 +112,7 @@ def test_concurrent_streams_with_a_computed_retry_after():
     with pytest.raises(QuotaExceeded) as info:
         quotas.admit("alice")
     # Streams last ~10 s; the oldest running one (second) is 14 s old: overdue, retry soon.
-    assert info.value.retry_after_s == KeyQuotas.MIN_RETRY_AFTER_S
+    assert info.value.retry_after_s == api_keys.MIN_RETRY_AFTER_S
     second.release()  # lasted 14 s: mean 10 + 0.2 * (14 - 10) = 10.8
     clock.advance(1)
     fourth = quotas.admit("alice")

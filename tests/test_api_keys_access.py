@@ -3,6 +3,8 @@ bookkeeping of the chat routes (the HTTP behaviour is in tests/test_openai_api.p
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from starlette.requests import Request
 
@@ -59,9 +61,9 @@ def test_keys_off_everyone_is_anonymous_and_unlimited():
     access = Access(ChatStreamConfig(engine="mock", api_key_tokens_per_minute=1), environ={})
     assert not access.keys_on
     assert access.authenticate(request()) == "anonymous"
-    leases = [access.admit("anonymous") for _ in range(50)]
+    leases = [asyncio.run(access.admit("anonymous")) for _ in range(50)]
     access.finished("anonymous", "success", 10, 1000)
-    access.admit("anonymous")  # no budget without keys
+    asyncio.run(access.admit("anonymous"))  # no budget without keys
     for lease in leases:
         lease.release()
 
@@ -77,19 +79,19 @@ def test_keys_on_limits_and_usage_per_key():
     assert access.authenticate(request(authorization="Bearer key-c-0123456789")) is None
     assert access.authenticate(request()) is None
 
-    lease = access.admit("a")
+    lease = asyncio.run(access.admit("a"))
     with pytest.raises(QuotaExceeded) as caught:
-        access.admit("a")  # one stream at a time
+        asyncio.run(access.admit("a"))  # one stream at a time
     assert caught.value.reason == "concurrency_limit_exceeded"
-    access.admit("b").release()  # another key is not affected
+    asyncio.run(access.admit("b")).release()  # another key is not affected
     lease.release()
     access.finished("a", "success", 40, 60)
     with pytest.raises(QuotaExceeded) as caught:
-        access.admit("a")  # 100 tokens used in this minute
+        asyncio.run(access.admit("a"))  # 100 tokens used in this minute
     assert caught.value.reason == "tokens_per_minute_exceeded"
     assert 59 <= caught.value.retry_after_s <= 60
 
-    report = access.usage_report()
+    report = asyncio.run(access.usage_report())
     assert report["api_keys"] is True
     a = report["keys"]["a"]
     assert a["requests"] == {"success": 1}

@@ -425,7 +425,9 @@ def test_feedback_on_a_message_id(client):
 def test_load_resource_usage_and_outcome_totals(service, client):
     wait_for(lambda: idle(service))
     load = client.get("/load").json()
+    fair = load.pop("fair_queue")
     assert load == {"ongoing": 0, "queued": 0, "capacity": 1, "max_queued": 1}
+    assert fair == {"capacity": 1, "in_flight": 0, "waiting": 0, "max_waiting": 1, "tenants": {}}
     usage = client.get("/resource_usage").json()
     assert usage["memory"]["total_bytes"] > 0 and usage["cluster"]["total"]["CPU"] > 0
     totals = client.get("/outcomes").json()

@@ -100,7 +100,7 @@ class OpenAIService:
     ) -> Response:
         """Answer one request (the body, if a route already read it; the callback, if any)."""
         try:
-            caller = caller_of(request) or self._edge.enter(request, Guard.ADMITS)
+            caller = caller_of(request) or await self._edge.enter(request, Guard.ADMITS)
             body = await self._edge.read_body(request, request_body)
             completion = parse_chat_completion(body, served_model=self.model_name)
             plan = plan_messages(

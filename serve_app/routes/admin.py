@@ -46,6 +46,8 @@ async def load(request: Request) -> dict:
         "capacity": running(MODEL_DEPLOYMENT_NAME) * parts.config.max_ongoing_requests,
         # Serve bounds the queue per caller, that is per ingress replica.
         "max_queued": -1 if queue < 0 else queue * running(parts.ingress_name),
+        # This ingress replica's fair queue: each tenant's places, waiting and share.
+        "fair_queue": parts.admission.fair_queue.snapshot(),
     }
 
 
@@ -82,7 +84,7 @@ async def outcome_ledger(
 
 @router.get("/v1/usage", responses=_ADMIN_ERRORS)
 async def usage(request: Request) -> dict:
-    return request.app.state.parts.edge.access.usage_report()
+    return await request.app.state.parts.edge.access.usage_report()
 
 
 @router.get("/healthz", responses=openapi.errors(*openapi.EDGE, 503))

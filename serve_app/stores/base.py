@@ -40,7 +40,69 @@ class StoreSettings:
     signing_key: str = ""  # from the environment; empty: the store generates and keeps one
 
 
+@dataclass(frozen=True)
+class KeyRefusal:
+    """Why a store refused a key's stream, with the state its Retry-After is computed from."""
+
+    reason: str  # tokens_per_minute_exceeded or concurrency_limit_exceeded
+    token_entries: list[tuple[float, int]] = field(default_factory=list)  # oldest first
+    tokens_in_window: int = 0
+    stream_starts: list[float] = field(default_factory=list)
+    mean_stream_s: float | None = None
+
+
+@dataclass(frozen=True)
+class StreamAsk:
+    """One request for a key's stream: who asks, when, and the key's limits (None: none)."""
+
+    key_id: str
+    lease_id: str
+    replica_id: str
+    now: float
+    cap: int | None
+    budget: int | None
+    window_s: float
+
+
+class KeyStateStore(abc.ABC):
+    """Per-key limits and usage shared by every ingress replica (Redis only; the memory and ray
+    stores leave them to each replica: `StateStore.key_state()` is None). Times are wall-clock
+    seconds."""
+
+    scope = "cluster"
+
+    @abc.abstractmethod
+    async def take_stream(self, ask: StreamAsk) -> KeyRefusal | None:
+        """Atomically: refuse if the key's token window is at its budget or its running
+        streams at the cap, else take a stream as `ask.lease_id`."""
+
+    @abc.abstractmethod
+    async def release_stream(self, key_id: str, lease_id: str, now: float) -> None:
+        """Give a stream back (idempotent) and count its duration in the key's mean."""
+
+    @abc.abstractmethod
+    async def finished(
+        self, key_id: str, outcome: str, prompt: int, completion: int, now: float, window_s: float
+    ) -> None:
+        """Count an outcome and its tokens (usage and the token window)."""
+
+    @abc.abstractmethod
+    async def rejected(self, key_id: str, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    async def report(self, key_id: str, now: float, window_s: float) -> dict[str, Any]:
+        """The key's usage figures and what it holds now (the `/v1/usage` shape)."""
+
+    @abc.abstractmethod
+    async def release_lost(self, key_ids: list[str], grace_sec: float) -> int:
+        """Drop streams held by ingress replicas that are gone (see `sweep_lost_requests`)."""
+
+
 class StateStore(abc.ABC):
+    def key_state(self) -> KeyStateStore | None:
+        """Per-key limits and usage shared by all replicas, or None: each replica keeps its own."""
+        return None
+
     @abc.abstractmethod
     async def load_session(self, session_id: str) -> Record | None:
         """The session's record (its expiry restarts), or None if there is none."""

@@ -17,6 +17,7 @@ one slot of a cluster. The same layout serves all three shapes:
         ledger:o, ledger:order           the newest outcomes by request id (bounded)
         ledger:r, ledger:rorder          the newest rejections by request id (bounded)
         done:<record id>                 marks a counted outcome, so a retried write counts once
+    chatstream:{<app>|k:<key id>}:...    one API key's limits and usage (see `redis_quotas`)
 
 One server and Sentinel use one shard (the ledger bound is exact); a cluster uses
 `CLUSTER_SHARDS`, so that sessions and the ledger spread over the nodes and the totals are no

@@ -39,6 +39,7 @@ from serve_app.stores import redis_checks, redis_scripts
 from serve_app.stores.base import StateStore, StoreSettings, StoreUnavailable
 from serve_app.stores.redis_client import UNAVAILABLE, make_client
 from serve_app.stores.redis_keys import CLUSTER_SHARDS, RedisKeys
+from serve_app.stores.redis_quotas import RedisKeyState
 from serve_app.stores.redis_url import RedisTarget, parse_redis_url
 
 logger = logging.getLogger("ray.serve")
@@ -91,6 +92,7 @@ class RedisStore(StateStore):
         self._init_lock = asyncio.Lock()
         self._warned_at = -1e9
         self._initialized = False
+        self._key_state: RedisKeyState | None = None
 
     async def _ready(self) -> None:
         """A cluster client learns the slots once, before any concurrent use (redis-py's
@@ -264,15 +266,28 @@ class RedisStore(StateStore):
         await self._durable(f"outcome of {request_id}", self._record_outcome, **call)
         self._open_shards.pop(record_id, None)
 
+    def key_state(self) -> RedisKeyState:
+        if self._key_state is None:
+            self._key_state = RedisKeyState(self)
+        return self._key_state
+
+    @staticmethod
+    def wall_clock() -> float:
+        return time.time()
+
+    async def live_replicas(self, grace_sec: float) -> set[str]:
+        """Ingress replicas whose load report expired less than `grace_sec` ago."""
+        reports = await self._run(self._redis.hgetall(self._k("load")))
+        cutoff = time.time() - grace_sec
+        return {k for k, v in reports.items() if json.loads(v)["expires_at"] > cutoff}
+
     async def sweep_lost_requests(self, grace_sec: float) -> int:
         open_requests: dict[str, str] = {}
         for found in await self._each_shard("hgetall", "open"):
             open_requests.update(found)
         if not open_requests:
             return 0
-        reports = await self._run(self._redis.hgetall(self._k("load")))
-        cutoff = time.time() - grace_sec
-        live = {k for k, v in reports.items() if json.loads(v)["expires_at"] > cutoff}
+        live = await self.live_replicas(grace_sec)
         lost = 0
         for record_id, raw in open_requests.items():
             entry = json.loads(raw)
