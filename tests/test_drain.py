@@ -2,9 +2,10 @@
 hand on a private local Ray cluster, while streams run.
 
 The cluster offers the custom resources the render asks for, as the head pod
-(`chatstream_head`, for the ingress) and the worker pods (`chatstream_model`) do; the operator's own `render_rayservice` gives the Serve config (its
-serveConfigV2), applied with `serve deploy` to the cluster's dashboard; a change while answers
-stream is the same request sent at once (`RayCluster.put`: the PUT that `serve deploy` and
+(`chatstream_head`, for the ingress) and the worker pods (`chatstream_model`) do; the
+operator's own `render_rayservice` gives the Serve config (its serveConfigV2), applied with
+`serve deploy` to the cluster's dashboard; a change while answers stream is the same request
+sent at once (`RayCluster.put`: the PUT that `serve deploy` and
 KubeRay send), since the CLI alone takes seconds to start on a busy 2-core machine.
 The mock engine answers in about 10 s and the drain bound is lowered to match (spec.drain), so
 the module runs in a few minutes on 2 cores.
