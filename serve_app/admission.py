@@ -188,11 +188,7 @@ class Admission:
                 exchange.chunks_sent += 1
             exchange.completed = True
             self.finish(exchange, None)
-            if exchange.turn is not None:
-                # End the response only once the answer is saved (bounded: a slow store must
-                # not hold the client), so that what the client saw is what /history shows.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(exchange.turn_released.wait(), TURN_SAVE_WAIT_SEC)
+            await self._turn_saved(exchange)
         except BaseException as exc:
             error = exc
             raise
@@ -212,19 +208,32 @@ class Admission:
             raise
         return "".join(parts)
 
-    async def send_once(self, exchange: Exchange, body: bytes) -> AsyncIterator[bytes]:
-        """A whole answer as one body: success once it went out."""
+    async def send_once(
+        self, exchange: Exchange, body: bytes, text: str | None = None
+    ) -> AsyncIterator[bytes]:
+        """A whole answer as one body: success once it went out. `text`: the answer as a
+        session turn saves it (default: the body)."""
         error: BaseException | None = None
         try:
             yield body
-            exchange.sent.append(body.decode())
+            exchange.sent.append(body.decode() if text is None else text)
             exchange.chunks_sent += 1
             exchange.completed = True
+            self.finish(exchange, None)
+            await self._turn_saved(exchange)
         except BaseException as exc:
             error = exc
             raise
         finally:
             self.finish(exchange, error)
+
+    @staticmethod
+    async def _turn_saved(exchange: Exchange) -> None:
+        """End the response only once a session turn's answer is saved (bounded: a slow store
+        must not hold the client), so that what the client saw is what the session shows."""
+        if exchange.turn is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exchange.turn_released.wait(), TURN_SAVE_WAIT_SEC)
 
     def response(
         self, exchange: Exchange, content: AsyncIterator[Any], **kwargs: Any

@@ -42,7 +42,8 @@ _WHY = {
     401: "An API key (or the admin token) is required",
     403: "The admin token is wrong, or the client is not on loopback",
     404: "Not found (a model or message this server does not have)",
-    409: "The session's previous answer is still streaming, or there is nothing to regenerate",
+    409: "The session's (or response chain's) previous answer is still streaming, or there "
+    "is nothing to regenerate, or previous_response_id is not its chain's latest",
     413: "The body, or the prompt for the model's context, is too large",
     429: "All generation slots and queue places, or the API key's limits, are taken; "
     "see Retry-After",
@@ -211,5 +212,6 @@ def finish_document(api: Any, served_model: str) -> None:
     route["get"].pop("requestBody", None)
     route["get"]["operationId"] = "get_generation_params"
     route["put"]["operationId"] = "set_generation_params"
-    body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
-    body["schema"]["properties"]["model"]["enum"] = [served_model]
+    for path in ("/v1/chat/completions", "/v1/responses"):
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"]["properties"]["model"]["enum"] = [served_model]
