@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 import uuid
 import weakref
@@ -186,9 +187,7 @@ class Admission:
             if tail:
                 yield tail
                 exchange.chunks_sent += 1
-            exchange.completed = True
-            self.finish(exchange, None)
-            await self._turn_saved(exchange)
+            await self._completed(exchange)
         except BaseException as exc:
             error = exc
             raise
@@ -213,24 +212,20 @@ class Admission:
     ) -> AsyncIterator[bytes]:
         """A whole answer as one body: success once it went out. `text`: the answer as a
         session turn saves it (default: the body)."""
-        error: BaseException | None = None
         try:
             yield body
             exchange.sent.append(body.decode() if text is None else text)
             exchange.chunks_sent += 1
-            exchange.completed = True
-            self.finish(exchange, None)
-            await self._turn_saved(exchange)
-        except BaseException as exc:
-            error = exc
-            raise
+            await self._completed(exchange)
         finally:
-            self.finish(exchange, error)
+            self.finish(exchange, sys.exc_info()[1])
 
-    @staticmethod
-    async def _turn_saved(exchange: Exchange) -> None:
-        """End the response only once a session turn's answer is saved (bounded: a slow store
-        must not hold the client), so that what the client saw is what the session shows."""
+    async def _completed(self, exchange: Exchange) -> None:
+        """The whole answer went out: success. The response ends only once a session turn's
+        answer is saved (bounded: a slow store must not hold the client), so that what the
+        client saw is what the session shows."""
+        exchange.completed = True
+        self.finish(exchange, None)
         if exchange.turn is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(exchange.turn_released.wait(), TURN_SAVE_WAIT_SEC)

@@ -43,7 +43,7 @@ def build_api(parts: Parts) -> FastAPI:
         api.include_router(routes.router)
     guards = {**chat.GUARDS, **openai.GUARDS, **responses.GUARDS, **admin.GUARDS}
     api.add_middleware(EdgeMiddleware, edge=parts.edge, guards=guards)
-    with warnings.catch_warnings():  # the one route with two methods; finish_document says so
+    with warnings.catch_warnings():  # the routes with two methods; finish_document says so
         warnings.simplefilter("ignore", UserWarning)
         openapi.finish_document(api, parts.openai.model_name)
     return api

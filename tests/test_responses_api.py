@@ -131,9 +131,7 @@ def test_streaming_sends_the_typed_events_and_stores_the_answer(service):
     assert client.responses.retrieve(done.id).output_text == "one two three"
 
     # The SDK's own stream helper reads the same events.
-    with client.responses.stream(
-        model=MODEL, input="four", previous_response_id=done.id
-    ) as stream:
+    with client.responses.stream(model=MODEL, input="four", previous_response_id=done.id) as stream:
         final = stream.get_final_response()
     assert final.output_text == "four" and final.previous_response_id == done.id
 
@@ -192,9 +190,12 @@ def test_two_follow_ups_at_once_on_one_chain_get_one_409(service):
     assert conflicts[0].code == "turn_in_progress"
     assert answers[0].output_text == long_input
     # The winner's answer is the chain's latest: it can be continued.
-    assert client.responses.create(
-        model=MODEL, input="next", previous_response_id=answers[0].id
-    ).output_text == "next"
+    assert (
+        client.responses.create(
+            model=MODEL, input="next", previous_response_id=answers[0].id
+        ).output_text
+        == "next"
+    )
 
 
 def test_tools_and_structured_outputs_are_refused_naming_the_field(service):
@@ -218,6 +219,9 @@ def test_tools_and_structured_outputs_are_refused_naming_the_field(service):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="gpt-4o", input="x")
     # The neutral values pass.
-    assert client.responses.create(
-        model=MODEL, input="ok", tools=[], text={"format": {"type": "text"}}
-    ).output_text == "ok"
+    assert (
+        client.responses.create(
+            model=MODEL, input="ok", tools=[], text={"format": {"type": "text"}}
+        ).output_text
+        == "ok"
+    )

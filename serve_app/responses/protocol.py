@@ -29,8 +29,9 @@ from serve_app.openai_api.protocol import (
     _load_body,
     _strict_bool,
     _validate_param,
+    check_model,
 )
-from serve_app.refusals import Refusal, invalid_request, model_not_found, unsupported_parameter
+from serve_app.refusals import Refusal, invalid_request, unsupported_parameter
 
 MAX_INSTRUCTIONS_CHARS = 100_000
 MAX_METADATA_KEYS = 16
@@ -98,7 +99,7 @@ def _parse_part(part: Any, where: str) -> str:
     if not isinstance(part, dict):
         raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
     kind = part.get("type")
-    if kind not in _PART_TYPES:
+    if not isinstance(kind, str) or kind not in _PART_TYPES:
         raise unsupported_parameter(
             f"{where}.type", f"is {kind!r}; only 'input_text' and 'output_text' are supported"
         )
@@ -180,13 +181,7 @@ def parse_response_request(
     """Validate a `POST /v1/responses` body. Raises `Refusal` (400; 404 for another model)."""
     data = _load_body(body)
     _check_keys(data, _SUPPORTED, _HARMLESS, _NEUTRAL)
-    model = data.get("model")
-    if model is None:
-        raise invalid_request("'model' is required", "model", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise invalid_request("'model' must be a string", "model", "invalid_type")
-    if model != served_model:
-        raise model_not_found(model, served_model)
+    model = check_model(data, served_model)
     messages = parse_input(data.get("input"))
 
     text = data.get("text")

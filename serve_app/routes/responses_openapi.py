@@ -7,30 +7,13 @@ from typing import Any
 
 from serve_app.openai_api import protocol as chat_protocol
 from serve_app.responses import protocol
-from serve_app.routes.openapi import _param
+from serve_app.routes.openapi import _param, closed_body, text_message
 
 
 def response_create_schema() -> dict[str, Any]:
     """The `/v1/responses` body this server accepts."""
-    part = {
-        "type": "object",
-        "required": ["type", "text"],
-        "additionalProperties": False,
-        "properties": {
-            "type": {"type": "string", "enum": sorted(protocol._PART_TYPES)},
-            "text": {"type": "string"},
-        },
-    }
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "additionalProperties": False,
-        "properties": {
-            "type": {"type": "string", "enum": ["message"]},
-            "role": {"type": "string", "enum": sorted(chat_protocol.ROLES)},
-            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]},
-        },
-    }
+    message = text_message(sorted(protocol._PART_TYPES))
+    message["properties"]["type"] = {"type": "string", "enum": ["message"]}
     limit = {"maxLength": chat_protocol.MAX_CONTENT_CHARS}
     properties: dict[str, Any] = {
         "model": {"type": "string", "description": "The served model (GET /v1/models); 404 else"},
@@ -73,12 +56,8 @@ def response_create_schema() -> dict[str, Any]:
             "additionalProperties": {"type": "string", "maxLength": 512},
         },
     }
-    for name in properties.keys() - {"model", "input"}:  # null means "not given"
-        properties[name] = {"anyOf": [properties[name], {"type": "null"}]}
-    return {
-        "type": "object",
-        "required": ["model", "input"],
-        "additionalProperties": False,
-        "properties": properties,
-        "description": "Tools and text.format structured outputs are not supported yet (400)",
-    }
+    return closed_body(
+        properties,
+        ["model", "input"],
+        "Tools and text.format structured outputs are not supported yet (400)",
+    )
