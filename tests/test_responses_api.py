@@ -6,6 +6,7 @@ the key that made it, one active turn at a time, saved by the same bookkeeping.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 from serve_app.api_keys import API_KEYS_ENV
 from serve_app.config import ADMIN_TOKEN_ENV
 from serve_app.local_server import LocalServe
-from tests.support import new_request_id, outcome_of
+from tests.support import new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in ("alice", "bob")}
@@ -225,3 +226,39 @@ def test_tools_and_structured_outputs_are_refused_naming_the_field(service):
         ).output_text
         == "ok"
     )
+
+
+def test_a_client_that_leaves_mid_stream_keeps_the_cut_answer_as_incomplete(service):
+    client = sdk(service)
+    long_input = " ".join(f"v{i}" for i in range(60))  # ~1.2 s of answer
+    headers = {**rid("resp-cut"), "Authorization": f"Bearer {KEYS['alice']}"}
+    body = {"model": MODEL, "input": long_input, "stream": True}
+    seen, response_id = "", None
+    with httpx.stream(
+        "POST", f"{service.url}/v1/responses", json=body, headers=headers, timeout=30
+    ) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event["type"] == "response.created":
+                response_id = event["response"]["id"]
+            if event["type"] == "response.output_text.delta":
+                seen += event["delta"]
+                if len(seen.split()) >= 3:
+                    break  # and close the connection
+    assert outcome(service, headers) == "client_disconnected_while_streaming"
+    cut = wait_for(lambda: _retrieved(client, response_id))
+    assert cut.status == "incomplete"
+    # What the client got (the server counts a piece once the next is asked for).
+    assert long_input.startswith(cut.output_text) and 0 < len(cut.output_text) < len(long_input)
+    # The cut answer is the chain's latest: the conversation goes on from it.
+    follow = client.responses.create(model=MODEL, input="go on", previous_response_id=cut.id)
+    assert follow.output_text == "go on"
+
+
+def _retrieved(client: openai.OpenAI, response_id: str):
+    try:
+        return client.responses.retrieve(response_id)
+    except openai.NotFoundError:
+        return None
