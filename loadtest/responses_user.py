@@ -13,7 +13,7 @@ Outcome each task implies:
   client_disconnected_while_streaming (or success, if it had ended: see loadtest/quits.py)
 - close before the first chunk can exist -> client_disconnected_before_streaming
 - a 429 (queue full), or a 409 turn_in_progress (a slow store has not released the chain's
-  last turn yet) -> a rejection
+  last turn yet) -> a rejection; a 404 (the chain is gone) only in a run with a store fault
 """
 
 from __future__ import annotations
@@ -95,6 +95,14 @@ class ResponsesUser(OpenAIUser):
             )
             self.latest, self.turns = None, 0
 
+    def refused_turn(self, response: Any, request_id: str) -> None:
+        """A continuation refused: the chain starts again. A 404 (the chain is gone) is
+        expected only where the run loses state on purpose (a store fault)."""
+        lost = ("not_found",) if RUN.errors_expected else ()
+        self.refused(response, request_id, "too_many_requests", "turn_in_progress", *lost)
+        if response.status_code == 404:
+            self.latest, self.turns = None, 0
+
     def turn(self, stream: bool) -> Any:
         return self.create(
             input=prompt(random.randint(3, 8)),
@@ -108,7 +116,7 @@ class ResponsesUser(OpenAIUser):
         request_id = RUN.new_id("resp")
         with self.turn(stream=True)(request_id, "responses stream") as response:
             if response.status_code != 200:
-                return self.refused(response, request_id, "too_many_requests", "turn_in_progress")
+                return self.refused_turn(response, request_id)
             deltas = ResponseDeltas(response)
             try:
                 for _ in deltas:
@@ -130,7 +138,7 @@ class ResponsesUser(OpenAIUser):
         request_id = RUN.new_id("resp")
         with self.turn(stream=False)(request_id, "responses whole") as response:
             if response.status_code != 200:
-                return self.refused(response, request_id, "too_many_requests", "turn_in_progress")
+                return self.refused_turn(response, request_id)
             try:
                 answer = response.json()
                 ok = answer["object"] == "response"
