@@ -98,7 +98,7 @@ class ResponsesUser(OpenAIUser):
     def refused_turn(self, response: Any, request_id: str) -> None:
         """A continuation refused: the chain starts again. A 404 (the chain is gone) is
         expected only where the run loses state on purpose (a store fault)."""
-        lost = ("not_found",) if RUN.errors_expected else ()
+        lost = ("not_found",) if RUN.store_fault else ()
         self.refused(response, request_id, "too_many_requests", "turn_in_progress", *lost)
         if response.status_code == 404:
             self.latest, self.turns = None, 0
