@@ -27,7 +27,7 @@ from locust import between, task
 
 from loadtest.accounting import SUCCESS, UNKNOWN_ERROR
 from loadtest.client import REQUEST_ID_HEADER, prompt
-from loadtest.openai_user import STREAM_CUT, OpenAIUser, StreamCut, sse_data
+from loadtest.openai_user import STREAM_CUT, OpenAIClient, StreamCut, sse_data
 from loadtest.quits import quit_early, quitting, read_then_close
 from loadtest.run_state import RUN
 
@@ -61,7 +61,7 @@ class ResponseDeltas:
             raise StreamCut("the stream ended without response.completed")
 
 
-class ResponsesUser(OpenAIUser):
+class ResponsesUser(OpenAIClient):
     """Talks to /v1/responses as an OpenAI SDK client keeping its conversation on the server."""
 
     behaviour = "responses"

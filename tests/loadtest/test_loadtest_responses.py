@@ -46,3 +46,4 @@ def test_responses_users_accounting_is_exact(tmp_path: Path) -> None:
     seen = {row["key"]: row["client"] for row in report["rows"]}
     assert seen.get("success", 0) > 0, output
     assert "/v1/responses/{id}" in done.stdout + done.stderr, output  # chains were deleted
+    assert "/v1/chat/completions" not in done.stdout and "openai stream" not in done.stdout
