@@ -8,6 +8,7 @@ Where things are (each file named for its job):
   (ChatUser, EarlyQuitterUser, MidStreamQuitterUser, BadInputUser, FailingPromptUser);
 - loadtest/openai_user.py: OpenAIUser, /v1/chat/completions streamed and not;
 - loadtest/tenant_users.py: FloodUser and PoliteUser, API keys under saturation;
+- loadtest/responses_user.py: ResponsesUser, /v1/responses chains kept on the server;
 - loadtest/quits.py: closing early, and what a close may end as on the server;
 - loadtest/options.py: the options, defined once (`python -m loadtest.options` lists them);
 - loadtest/run_state.py: the run's tallies; loadtest/final_check.py: the check at test stop;
@@ -51,6 +52,7 @@ from loadtest.final_check import (  # noqa: E402
     write_report,
 )
 from loadtest.openai_user import OpenAIUser  # noqa: E402
+from loadtest.responses_user import ResponsesUser  # noqa: E402
 from loadtest.run_state import RUN  # noqa: E402
 from loadtest.tenant_tally import tenant_report  # noqa: E402
 from loadtest.tenant_users import FloodUser, PoliteUser  # noqa: E402
@@ -64,6 +66,7 @@ __all__ = [
     "MidStreamQuitterUser",
     "OpenAIUser",
     "PoliteUser",
+    "ResponsesUser",
 ]
 
 
@@ -82,6 +85,7 @@ def _on_init(environment: Environment, **_: Any) -> None:
         MidStreamQuitterUser: chosen.mid_stream_quitter_weight,
         BadInputUser: chosen.bad_input_weight,
         OpenAIUser: chosen.openai_weight,
+        ResponsesUser: chosen.responses_weight,
         FailingPromptUser: chosen.failing_prompt_weight if chosen.fail_marker else 0,
         FloodUser: chosen.flood_weight,
         PoliteUser: chosen.polite_weight,

@@ -81,12 +81,11 @@ class CompletionChunks:
 STREAM_CUT = (StreamCut, requests.RequestException, ValueError)
 
 
-class OpenAIUser(AccountedUser):
-    """Talks to /v1/chat/completions as an OpenAI SDK client would."""
+class OpenAIClient(AccountedUser):
+    """What the users of the `/v1` API share (no tasks): the served model, the bearer key,
+    OpenAI's error object."""
 
-    behaviour = "openai"
-    weight = 2  # set from --openai-weight at init
-    wait_time = between(0.5, 1.5)
+    abstract = True
 
     def on_start(self) -> None:
         key = os.environ.get(API_KEY_ENV, "")
@@ -101,6 +100,14 @@ class OpenAIUser(AccountedUser):
             return str(error.get("code") or error.get("type"))
         except (ValueError, KeyError, TypeError, AttributeError):
             return f"http_{response.status_code}"
+
+
+class OpenAIUser(OpenAIClient):
+    """Talks to /v1/chat/completions as an OpenAI SDK client would."""
+
+    behaviour = "openai"
+    weight = 2  # set from --openai-weight at init
+    wait_time = between(0.5, 1.5)
 
     def ask(self, question: str, **fields: Any) -> Any:
         """The sender of a request: `ask(...)(request_id, name)` posts it."""

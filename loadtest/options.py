@@ -34,6 +34,7 @@ class Options:
     mid_stream_quitter_weight: int = option(3, "weight of MidStreamQuitterUser")
     bad_input_weight: int = option(2, "weight of BadInputUser")
     openai_weight: int = option(2, "weight of OpenAIUser (/v1/chat/completions)")
+    responses_weight: int = option(2, "weight of ResponsesUser (/v1/responses chains)")
     failing_prompt_weight: int = option(
         0, "weight of FailingPromptUser (needs --fail-marker = the service's mock_fail_marker)"
     )

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import sys
 import time
 import uuid
 import weakref
@@ -226,13 +227,7 @@ class Admission:
             if tail:
                 yield tail
                 exchange.chunks_sent += 1
-            exchange.completed = True
-            self.finish(exchange, None)
-            if exchange.turn is not None:
-                # End the response only once the answer is saved (bounded: a slow store must
-                # not hold the client), so that what the client saw is what /history shows.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(exchange.turn_released.wait(), TURN_SAVE_WAIT_SEC)
+            await self._completed(exchange)
         except BaseException as exc:
             error = exc
             raise
@@ -252,19 +247,28 @@ class Admission:
             raise
         return "".join(parts)
 
-    async def send_once(self, exchange: Exchange, body: bytes) -> AsyncIterator[bytes]:
-        """A whole answer as one body: success once it went out."""
-        error: BaseException | None = None
+    async def send_once(
+        self, exchange: Exchange, body: bytes, text: str | None = None
+    ) -> AsyncIterator[bytes]:
+        """A whole answer as one body: success once it went out. `text`: the answer as a
+        session turn saves it (default: the body)."""
         try:
             yield body
-            exchange.sent.append(body.decode())
+            exchange.sent.append(body.decode() if text is None else text)
             exchange.chunks_sent += 1
-            exchange.completed = True
-        except BaseException as exc:
-            error = exc
-            raise
+            await self._completed(exchange)
         finally:
-            self.finish(exchange, error)
+            self.finish(exchange, sys.exc_info()[1])
+
+    async def _completed(self, exchange: Exchange) -> None:
+        """The whole answer went out: success. The response ends only once a session turn's
+        answer is saved (bounded: a slow store must not hold the client), so that what the
+        client saw is what the session shows."""
+        exchange.completed = True
+        self.finish(exchange, None)
+        if exchange.turn is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exchange.turn_released.wait(), TURN_SAVE_WAIT_SEC)
 
     def response(
         self, exchange: Exchange, content: AsyncIterator[Any], **kwargs: Any

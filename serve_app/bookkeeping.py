@@ -112,6 +112,14 @@ class Bookkeeping:
                 "content": "".join(exchange.sent),
                 "message_id": exchange.message_id,
             }
+            if turn.answer_meta is not None:
+                answer["meta"] = {
+                    **turn.answer_meta,
+                    "outcome": outcome.value,
+                    "prompt_tokens": exchange.prompt_tokens,
+                    "completion_tokens": exchange.completion_tokens,
+                    "finish_reason": exchange.finish_reason,
+                }
         change = finish_turn(
             turn.turn_id,
             turn.epoch,

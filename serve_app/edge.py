@@ -46,6 +46,23 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+def guard_of(guards: Mapping[str, Guard], path: str) -> Guard:
+    """The guard of `path`: its own entry, else that of a template (`/v1/responses/{id}`)
+    whose fixed segments it matches; OPEN if none."""
+    if path in guards:
+        return guards[path]
+    segments = path.split("/")
+    for template, guard in guards.items():
+        fixed = template.split("/")
+        if (
+            "{" in template
+            and len(fixed) == len(segments)
+            and all(f.startswith("{") or f == s for f, s in zip(fixed, segments, strict=True))
+        ):
+            return guard
+    return Guard.OPEN
+
+
 def is_openai_route(request: Request) -> bool:
     return route_path(request.scope).startswith("/v1/")
 
@@ -146,7 +163,7 @@ class EdgeMiddleware:
             return
         request = Request(scope, receive)
         try:
-            caller = await self.edge.enter(request, self.guards.get(route_path(scope), Guard.OPEN))
+            caller = await self.edge.enter(request, guard_of(self.guards, route_path(scope)))
         except Refusal as refusal:
             response = await self.edge.refuse(request, refusal)
             await response(scope, receive, send)

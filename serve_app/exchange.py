@@ -29,8 +29,11 @@ class Turn:
 
     turn_id: str
     epoch: int
-    user_message: dict[str, Any] | None  # None for regenerate
+    user_message: dict[str, Any] | list[dict[str, Any]] | None  # None for regenerate
     kept_messages: int = 0  # the newest messages that fitted the prompt (older ones go)
+    # Saved with the answer under "meta", with the outcome, token counts and finish reason
+    # (a Responses turn keeps what its response object needs: serve_app/responses/).
+    answer_meta: dict[str, Any] | None = None
 
 
 @dataclass(eq=False)

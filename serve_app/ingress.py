@@ -21,7 +21,8 @@ from serve_app.assembly import Parts, build_parts
 from serve_app.chat_stream import ChatStream
 from serve_app.config import ChatStreamConfig
 from serve_app.edge import EdgeMiddleware, exception_handlers
-from serve_app.routes import admin, chat, openai, openapi
+from serve_app.responses.service import ResponsesService
+from serve_app.routes import admin, chat, openai, openapi, responses
 
 # Far above any realistic concurrency: the ingress itself must never queue or refuse.
 INGRESS_MAX_ONGOING_REQUESTS = 100_000
@@ -36,12 +37,13 @@ def build_api(parts: Parts) -> FastAPI:
     )
     api.state.parts = parts
     api.state.chat_stream = ChatStream(parts)
+    api.state.responses = ResponsesService(parts)
     api.mount("/static", StaticFiles(directory=admin.STATIC_DIR, check_dir=False), name="static")
-    for routes in (chat, openai, admin):
+    for routes in (chat, openai, responses, admin):
         api.include_router(routes.router)
-    guards = {**chat.GUARDS, **openai.GUARDS, **admin.GUARDS}
+    guards = {**chat.GUARDS, **openai.GUARDS, **responses.GUARDS, **admin.GUARDS}
     api.add_middleware(EdgeMiddleware, edge=parts.edge, guards=guards)
-    with warnings.catch_warnings():  # the one route with two methods; finish_document says so
+    with warnings.catch_warnings():  # the routes with two methods; finish_document says so
         warnings.simplefilter("ignore", UserWarning)
         openapi.finish_document(api, parts.openai.model_name)
     return api

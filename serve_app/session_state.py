@@ -9,11 +9,12 @@ A record is a plain dict (it crosses Ray's object store and Redis as JSON):
 
     {"messages": [{"role", "content", "message_id"?}], "params": {...},
      "feedback": {message_id: {"rating", "comment"}}, "epoch": int,
-     "turn": {"id": str, "until": float} | None}
+     "turn": {"id": str, "until": float} | None, "owner"?: str}
 
 `epoch` grows with every clear, so an answer that lands after a clear cannot bring the cleared
 turns back. `turn` is the lock of the session's one active turn, with a lease that lets it go
-if the ingress replica holding it dies.
+if the ingress replica holding it dies. `owner`, on a Responses chain only, is the API key id
+that made it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ Record = dict[str, Any]
 
 class TurnInProgress(Exception):
     """The session already has a turn whose answer is still streaming."""
+
+
+class NotOwner(Exception):
+    """The record belongs to another API key (a Responses chain: see serve_app/responses/)."""
 
 
 class UnknownMessage(Exception):
@@ -68,15 +73,22 @@ class SessionChange:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-def begin_turn(turn_id: str, now: float, lease_sec: float) -> SessionChange:
-    return SessionChange("begin_turn", {"turn_id": turn_id, "until": now + lease_sec, "now": now})
+def begin_turn(
+    turn_id: str, now: float, lease_sec: float, owner: str | None = None
+) -> SessionChange:
+    """Take the one active turn. With `owner` (a Responses chain's API key id), the record is
+    that owner's: a new one becomes theirs, another's is refused (NotOwner)."""
+    args = {"turn_id": turn_id, "until": now + lease_sec, "now": now}
+    if owner is not None:
+        args["owner"] = owner
+    return SessionChange("begin_turn", args)
 
 
 def finish_turn(
     turn_id: str,
     epoch: int,
     *,
-    user_message: dict[str, Any] | None = None,
+    user_message: dict[str, Any] | list[dict[str, Any]] | None = None,
     regenerate: bool = False,
     answer: dict[str, Any] | None = None,
     keep_messages: int = 0,
@@ -118,6 +130,9 @@ def apply_change(record: Record | None, change: SessionChange, limits: SessionLi
     new.setdefault("turn", None)
     args = change.args
     if change.kind == "begin_turn":
+        owner = args.get("owner")
+        if owner is not None and new.setdefault("owner", owner) != owner:
+            raise NotOwner()
         turn = new["turn"]
         if turn is not None and turn["until"] > args["now"]:
             raise TurnInProgress()
@@ -150,12 +165,14 @@ def apply_change(record: Record | None, change: SessionChange, limits: SessionLi
 def _with_answer(
     messages: list[dict[str, Any]], args: dict[str, Any], limits: SessionLimits
 ) -> list[dict[str, Any]]:
-    """The history after a turn: the user's message (or, for regenerate, the history without
-    its last answer), then the answer; trimmed to the newest `max_turns` turns."""
+    """The history after a turn: the user's message (or messages: a Responses input; or, for
+    regenerate, the history without its last answer), then the answer; trimmed to the newest
+    `max_turns` turns."""
+    added = args["user_message"]
     if args["regenerate"]:
         base = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
     else:
-        base = [*messages, args["user_message"]]
+        base = [*messages, *(added if isinstance(added, list) else [added])]
     if args.get("keep_messages"):
         base = base[-args["keep_messages"] :]
     return trim_history([*base, args["answer"]], limits.max_turns)

@@ -267,6 +267,18 @@ def _parse_stop(raw: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(stops))
 
 
+def check_model(data: Mapping[str, Any], served_model: str) -> str:
+    """The body's `model`: required, and the served one (404 else)."""
+    model = data.get("model")
+    if model is None:
+        raise invalid_request("'model' is required", "model", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise invalid_request("'model' must be a string", "model", "invalid_type")
+    if model != served_model:
+        raise model_not_found(model, served_model)
+    return model
+
+
 def parse_chat_completion(
     body: bytes | str | Mapping[str, Any],
     *,
@@ -276,14 +288,7 @@ def parse_chat_completion(
     than `served_model`)."""
     data = _load_body(body)
     _check_keys(data, _SUPPORTED, _HARMLESS, _NEUTRAL)
-
-    model = data.get("model")
-    if model is None:
-        raise invalid_request("'model' is required", "model", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise invalid_request("'model' must be a string", "model", "invalid_type")
-    if model != served_model:
-        raise model_not_found(model, served_model)
+    model = check_model(data, served_model)
     messages = _parse_messages(data.get("messages"))
 
     stream = _strict_bool(data, "stream", "stream")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from serve_app.access import Guard
-from serve_app.openai_api.encoding import SSE_MEDIA_TYPE, model_list
+from serve_app.openai_api.encoding import model_list
 from serve_app.routes import openapi
 
 router = APIRouter()
@@ -20,10 +20,9 @@ _STARTED = int(time.time())
     "/v1/chat/completions",
     response_class=Response,
     responses={
-        200: {
-            "description": "A chat.completion, or chat.completion.chunk events when streaming",
-            "content": {"application/json": {}, SSE_MEDIA_TYPE: {}},
-        },
+        **openapi.answer_or_events(
+            "A chat.completion, or chat.completion.chunk events when streaming"
+        ),
         **openapi.errors(*openapi.OPENAI, openai=True),
     },
     openapi_extra=openapi.json_body(openapi.chat_completion_schema(), "OpenAI's chat request"),

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from serve_app.config import MIN_TEMPERATURE, GenerationParams
 from serve_app.openai_api import protocol
+from serve_app.openai_api.encoding import SSE_MEDIA_TYPE
 from serve_app.validation import MAX_USER_INPUT_CHARS
 
 
@@ -42,7 +43,8 @@ _WHY = {
     401: "An API key (or the admin token) is required",
     403: "The admin token is wrong, or the client is not on loopback",
     404: "Not found (a model or message this server does not have)",
-    409: "The session's previous answer is still streaming, or there is nothing to regenerate",
+    409: "The session's (or response chain's) previous answer is still streaming, or there "
+    "is nothing to regenerate, or previous_response_id is not its chain's latest",
     413: "The body, or the prompt for the model's context, is too large",
     429: "All generation slots and queue places, or the API key's limits, are taken; "
     "see Retry-After",
@@ -139,23 +141,28 @@ FEEDBACK_SCHEMA = {
 }
 
 
-def chat_completion_schema() -> dict[str, Any]:
-    """The `/v1/chat/completions` body this server accepts."""
-    text_part = {
+def text_message(part_types: list[str]) -> dict[str, Any]:
+    """A message whose content is a string or an array of text parts of `part_types`."""
+    part = {
         "type": "object",
         "required": ["type", "text"],
         "additionalProperties": False,
-        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+        "properties": {"type": {"type": "string", "enum": part_types}, "text": {"type": "string"}},
     }
-    message = {
+    return {
         "type": "object",
         "required": ["role", "content"],
         "additionalProperties": False,
         "properties": {
             "role": {"type": "string", "enum": sorted(protocol.ROLES)},
-            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]},
         },
     }
+
+
+def chat_completion_schema() -> dict[str, Any]:
+    """The `/v1/chat/completions` body this server accepts."""
+    message = text_message(["text"])
     budget = {**_param("max_new_tokens"), "description": "With the prompt, at most the context"}
     stop = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
     properties: dict[str, Any] = {
@@ -191,25 +198,51 @@ def chat_completion_schema() -> dict[str, Any]:
         "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
         "user": {"type": "string", "maxLength": protocol.MAX_USER_CHARS},
     }
-    for name in properties.keys() - {"model", "messages"}:  # null means "not given"
+    return closed_body(
+        properties,
+        ["model", "messages"],
+        "max_tokens and max_completion_tokens, when both are sent, must agree",
+    )
+
+
+def closed_body(
+    properties: dict[str, Any], required: list[str], description: str
+) -> dict[str, Any]:
+    """A request body with only `properties`; those not `required` may be null (not given)."""
+    for name in properties.keys() - set(required):
         properties[name] = {"anyOf": [properties[name], {"type": "null"}]}
     return {
         "type": "object",
-        "required": ["model", "messages"],
+        "required": required,
         "additionalProperties": False,
         "properties": properties,
-        "description": "max_tokens and max_completion_tokens, when both are sent, must agree",
+        "description": description,
+    }
+
+
+def answer_or_events(description: str) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` entry of a /v1 route answering JSON, or SSE when streaming."""
+    return {
+        200: {
+            "description": description,
+            "content": {"application/json": {}, SSE_MEDIA_TYPE: {}},
+        }
     }
 
 
 def finish_document(api: Any, served_model: str) -> None:
     """What only the running app knows: the served model's name. And what FastAPI cannot say
     of one route serving two methods: `/generation_params` is one route (so that a 405 lists
-    both methods in `Allow`), read with GET and set with PUT."""
+    both methods in `Allow`), read with GET and set with PUT; `/v1/responses/{response_id}`
+    too (GET and DELETE)."""
     paths = api.openapi()["paths"]
     route = paths["/generation_params"]
     route["get"].pop("requestBody", None)
     route["get"]["operationId"] = "get_generation_params"
     route["put"]["operationId"] = "set_generation_params"
-    body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
-    body["schema"]["properties"]["model"]["enum"] = [served_model]
+    route = paths["/v1/responses/{response_id}"]  # likewise GET and DELETE
+    route["get"]["operationId"] = "retrieve_response"
+    route["delete"]["operationId"] = "delete_response"
+    for path in ("/v1/chat/completions", "/v1/responses"):
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"]["properties"]["model"]["enum"] = [served_model]

@@ -1,0 +1,1 @@
+"""OpenAI's Responses API (`/v1/responses`) on ChatStream's sessions: see service.py."""
