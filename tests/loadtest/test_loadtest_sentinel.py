@@ -74,6 +74,35 @@ def _turn(client: httpx.Client, text: str) -> str:
         return "".join(response.iter_text())
 
 
+def _during_a_failover(url: str, fault_dir: str | Path) -> tuple[list[int], list]:
+    """Fail the primary over with the injector while one client sends short turns in a row
+    (each in a new session, none may hang); their statuses, and the 503s' headers and body."""
+    injector = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.fault", "--kind", "redis-kill"]
+        + ["--redis-dir", str(fault_dir), "--down-sec", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    statuses: list[int] = []
+    refusals: list[tuple[httpx.Headers, dict]] = []
+    try:
+        while injector.poll() is None:
+            response = httpx.post(
+                f"{url}/chat_stream",
+                json={"user_input": "are you there", "max_new_tokens": 2},
+                timeout=30,  # a hung request fails the test
+            )
+            statuses.append(response.status_code)
+            if response.status_code == 503:
+                refusals.append((response.headers, response.json()))
+    finally:
+        output = injector.communicate(timeout=150)[0]
+    assert injector.returncode == 0, output
+    return statuses, refusals
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_sentinel_failover_profile_is_exact_and_keeps_conversations(tmp_path: Path) -> None:
@@ -99,6 +128,15 @@ def test_sentinel_failover_profile_is_exact_and_keeps_conversations(tmp_path: Pa
         after = client.get("/history").json()["messages"]
         assert after == before, "the conversation did not survive the failover"
         _turn(client, "and now?")  # the conversation goes on, on the new primary
+        assert len(client.get("/history").json()["messages"]) == 4
+
+        # The accounting run cannot share the service with other traffic; now, alone, a second
+        # failover (back to the first primary) seen request by request: 503 with Retry-After.
+        statuses, refusals = _during_a_failover(server.url, fault_dir)
+        assert refusals, f"no request met the failover: {statuses}"
+        assert set(statuses) <= {200, 503}, statuses
+        for headers, body in refusals:
+            assert int(headers["retry-after"]) >= 1 and body["error"] == "store_unavailable"
         assert len(client.get("/history").json()["messages"]) == 4
 
     output = (done.stdout + done.stderr)[-12000:]
