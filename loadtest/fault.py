@@ -31,7 +31,8 @@ gevent monkey-patching. Prints one JSON line:
 {"killed", "recovered", "seconds", "detail", "kind", "down_at", "up_at", "state_lost"}
 (`down_at`/`up_at`: wall-clock times the state holder went away and answered again).
 
-The scale itself is in `loadtest/fault_scale.py`.
+The scale itself is in `loadtest/fault_scale.py`, the Sentinel failover in
+`loadtest/fault_sentinel.py`.
 
 `gcs_address_for_port(port)` finds the Ray cluster of a service started on this machine (e.g. by
 `serve_app.local_server.LocalServe`): the process listening on the Serve HTTP port is a Ray
@@ -53,6 +54,7 @@ from pathlib import Path
 import psutil
 
 from loadtest.fault_scale import scale_deployment
+from loadtest.fault_sentinel import fail_over, is_sentinel_dir
 from loadtest.options import FAULT_KINDS as KINDS
 
 REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve names replica actors SERVE_REPLICA::app#deployment#id
@@ -285,10 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.redis_dir is None:
             parser.error(f"--kind {args.kind} needs --redis-dir")
         result = {"kind": args.kind}
+        hard = args.kind == "redis-kill"
         try:
-            result |= restart_redis(
-                args.redis_dir, args.down_sec, args.kind == "redis-kill", args.recovery_timeout
-            )
+            if is_sentinel_dir(args.redis_dir):
+                result |= fail_over(args.redis_dir, args.down_sec, hard, args.recovery_timeout)
+            else:
+                result |= restart_redis(args.redis_dir, args.down_sec, hard, args.recovery_timeout)
         except (OSError, ValueError, psutil.Error) as exc:
             result |= {"killed": "", "recovered": False, "detail": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(result), flush=True)

@@ -8,11 +8,20 @@ against it, stop the service. The exit code is Locust's: 0 only if the accountin
     python -m loadtest.run_profile --profile state-kill-ray               # the Ray actor store
     python -m loadtest.run_profile --profile scale        # model replicas 3 -> 1 -> 3 mid-run
     python -m loadtest.run_profile --profile ci --url http://127.0.0.1:8000   # a running service
+    python -m loadtest.run_profile --profile long --redis-shape cluster   # soak on a Redis Cluster
+    python -m loadtest.run_profile --profile sentinel-failover   # Sentinel primary killed mid-run
 
 Profiles whose service uses session_store=redis start their own redis-server on loopback (in a
 temporary directory, with an append-only file) and hand its URL to the service through
 CHATSTREAM_REDIS_URL; with --url, pass the Redis directory of the running service instead
 (--redis-dir, for the redis fault profiles).
+
+`--redis-shape single|cluster|sentinel` runs the profiles on the Redis store in that shape: one
+durable redis-server, a 3-primary Redis Cluster (`redis+cluster://`) or a primary with one
+replica and three sentinels (`redis+sentinel://`, outcomes WAIT for the replica). A profile
+whose service has no session_store=redis (`ci`, `long`, ...) is switched to it. Without the
+option each profile runs as defined (`single` for the Redis fault profiles, `sentinel` for
+`sentinel-failover`).
 
 Reports (Locust CSV + HTML, the accounting JSON, the service log) go to loadtest/reports/.
 Anything after `--` is passed to Locust.
@@ -26,7 +35,9 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +112,7 @@ class Profile:
     options: dict[str, Any] = field(default_factory=dict)  # loadtest.options.Options fields
     # The service's environment (API keys); Locust gets it too.
     service_env: dict[str, str] = field(default_factory=dict)
+    redis_shape: str = "single"  # with session_store=redis: single, cluster or sentinel
 
     def __post_init__(self) -> None:
         as_argv(self.options)  # an unknown option fails here, not in Locust
@@ -212,6 +224,70 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
+# The Sentinel fault (its own entry, after the table): the store's primary is killed (SIGKILL)
+# six seconds in; the sentinels promote the replica, the old primary comes back as a replica.
+PROFILES["sentinel-failover"] = Profile(
+    "kills the Redis primary behind Sentinel (session_store=redis, redis+sentinel://, one "
+    "replica, three sentinels) mid-run with SIGKILL: the sentinels fail over, 503 "
+    "store_unavailable meanwhile, running streams finish, outcomes written on the new primary",
+    REDIS_MOCK_SERVICE,
+    **{**FAULT_RUN, "run_time": "30s"},
+    options={**FAULT_MIX, "fault_kind": "redis-kill", "fault_down_sec": STORE_DOWN_SEC},
+    redis_shape="sentinel",
+)
+REDIS_SHAPES = ("single", "cluster", "sentinel")
+
+
+def redis_shape_of(name: str, requested: str = "") -> str:
+    """The Redis shape profile `name` runs on ("" for a service without the Redis store), with
+    `--redis-shape requested` (which puts any service on the Redis store). A combination that
+    cannot work raises ValueError."""
+    profile = PROFILES[name]
+    on_redis = profile.service.get("session_store") == "redis"
+    if not requested:
+        return profile.redis_shape if on_redis else ""
+    if requested not in REDIS_SHAPES:
+        raise ValueError(f"--redis-shape {requested}: one of {', '.join(REDIS_SHAPES)}")
+    kind = str(profile.options.get("fault_kind", "")) if profile.options.get("fault_at") else ""
+    if profile.redis_shape != "single" and requested != profile.redis_shape:
+        raise ValueError(f"profile {name} runs on Redis {profile.redis_shape}, not {requested}")
+    if kind == "state-actor":
+        raise ValueError(f"profile {name} tests the Ray actor store, not Redis")
+    if kind.startswith("redis-") and requested == "cluster":
+        raise ValueError(f"profile {name}: no Redis fault injector for a cluster (its nodes)")
+    return requested
+
+
+def service_of(name: str, shape: str) -> dict[str, Any]:
+    """Profile `name`'s service, on the Redis store when it runs on a Redis shape."""
+    service = PROFILES[name].service
+    return {**service, "session_store": "redis"} if shape else service
+
+
+@contextlib.contextmanager
+def redis_store(shape: str) -> Iterator[tuple[str, Path | str]]:
+    """Start the Redis of `shape` on loopback (durable: append-only file, fsync always); yields
+    its URL for CHATSTREAM_REDIS_URL and the directory the fault injector acts on ("" for a
+    cluster). Stopped at the end, each server by its own pid."""
+    from tests.redis_server import RedisClusterServers, SentinelSet, start_redis
+
+    if shape == "cluster":
+        with RedisClusterServers(masters=3, durable=True) as cluster:
+            print(f"Redis Cluster, 3 primaries: {cluster.url}", flush=True)
+            yield cluster.url, ""
+    elif shape == "sentinel":
+        with (
+            SentinelSet(replicas=1, sentinels=3, durable=True) as sentinels,
+            tempfile.TemporaryDirectory(prefix="chatstream-sentinel-") as directory,
+        ):
+            sentinels.describe(Path(directory))
+            print(f"Redis behind Sentinel: {sentinels.url} (fault dir {directory})", flush=True)
+            yield sentinels.url, directory
+    else:
+        with contextlib.closing(start_redis(durable=True)) as redis:
+            print(f"redis-server on {redis.url} (directory {redis.dir})", flush=True)
+            yield redis.url, redis.dir
+
 
 def locust_command(
     name: str,
@@ -281,18 +357,22 @@ def run_profiles(
     reports_dir: Path = LOADTEST_DIR / "reports",
     extra: list[str] | None = None,
     redis_dir: str | Path = "",
+    redis_shape: str = "",
 ) -> int:
-    """Run the profiles in order; consecutive ones with the same service share one start."""
+    """Run the profiles in order; consecutive ones with the same service (and Redis shape)
+    share one start."""
     reports_dir.mkdir(parents=True, exist_ok=True)
     codes: list[int] = []
-    groups: list[tuple[dict[str, Any], list[str]]] = []
+    groups: list[tuple[dict[str, Any], str, list[str]]] = []
     for name in names:
-        if groups and groups[-1][0] == PROFILES[name].service:
-            groups[-1][1].append(name)
+        shape = redis_shape_of(name, redis_shape)
+        service = service_of(name, shape)
+        if groups and groups[-1][:2] == (service, shape):
+            groups[-1][2].append(name)
         else:
-            groups.append((PROFILES[name].service, [name]))
+            groups.append((service, shape, [name]))
 
-    for service, group in groups:
+    for service, shape, group in groups:
         if url:
             for name in group:
                 profile = PROFILES[name]
@@ -301,12 +381,16 @@ def run_profiles(
                 )
                 codes.append(run_locust(command))
             continue
-        codes += run_group(group, service, reports_dir, extra)
+        codes += run_group(group, service, reports_dir, extra, shape)
     return max(codes, default=0)
 
 
 def run_group(
-    group: list[str], service: dict[str, Any], reports_dir: Path, extra: list[str] | None
+    group: list[str],
+    service: dict[str, Any],
+    reports_dir: Path,
+    extra: list[str] | None,
+    redis_shape: str = "",
 ) -> list[int]:
     """Start the service (and its redis-server when it needs one), run the profiles, stop."""
     from loadtest.fault import gcs_address_for_port
@@ -323,12 +407,9 @@ def run_group(
         os.environ.update(PROFILES[group[0]].service_env)
         redis_dir: Path | str = ""
         if service.get("session_store") == "redis":
-            from tests.redis_server import start_redis
-
-            redis = stack.enter_context(start_redis(durable=True))
-            env[REDIS_URL_ENV] = redis.url
-            redis_dir = redis.dir
-            print(f"redis-server on {redis.url} (directory {redis.dir})", flush=True)
+            env[REDIS_URL_ENV], redis_dir = stack.enter_context(
+                redis_store(redis_shape or "single")
+            )
         log_path = reports_dir / f"serve-{'-'.join(group)}.log"
         print(f"starting ChatStream on loopback with {service} (log: {log_path})", flush=True)
         started = time.monotonic()
@@ -370,9 +451,28 @@ def main(argv: list[str] | None = None) -> int:
         "for the redis fault profiles",
     )
     parser.add_argument("--reports-dir", type=Path, default=LOADTEST_DIR / "reports")
+    parser.add_argument(
+        "--redis-shape",
+        choices=REDIS_SHAPES,
+        default="",
+        help="run on the Redis store in this shape (a service without it is switched to "
+        "session_store=redis): one server, a 3-primary cluster, or a primary with a replica "
+        "behind three sentinels; default: each profile's own",
+    )
     args = parser.parse_args(argv)
+    try:
+        for name in args.profile:
+            redis_shape_of(name, args.redis_shape)
+    except ValueError as exc:
+        parser.error(str(exc))
     return run_profiles(
-        args.profile, args.url, args.ray_address, args.reports_dir, extra, args.redis_dir
+        args.profile,
+        args.url,
+        args.ray_address,
+        args.reports_dir,
+        extra,
+        args.redis_dir,
+        args.redis_shape,
     )
 
 

@@ -31,6 +31,7 @@ Production shapes, also on loopback and stopped by pid:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -426,6 +427,22 @@ class SentinelSet(_Group):
                 f"sentinel {index} did not find the other sentinels and the replicas",
             )
         return self
+
+    def describe(self, directory: Path) -> Path:
+        """Write `<directory>/sentinel.json` (the service, the sentinels' ports, each data
+        server's port and directory): what the load test's fault injector (`loadtest.fault
+        --kind redis-kill --redis-dir <directory>`) needs to kill the primary from outside."""
+        path = Path(directory) / "sentinel.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "service": self.service,
+                    "sentinels": [s.port for s in self.sentinels],
+                    "servers": [{"port": s.port, "dir": str(s.dir)} for s in self.data],
+                }
+            )
+        )
+        return path
 
     def kill_primary(self) -> int:
         """SIGKILL the current primary (a crash); returns its port."""
