@@ -118,7 +118,10 @@ class FairQueue:
         newest = self._lines[victim][-1]
         self._leave(newest)
         newest.released = True
-        newest.future.set_exception(QueueRefused(victim, OVER_SHARE))
+        # Its wait may be over already (its client left, its task not yet resumed): then it
+        # is simply gone, and its place is the newcomer's.
+        if not newest.future.done():
+            newest.future.set_exception(QueueRefused(victim, OVER_SHARE))
 
     def _admit(self, ticket: Ticket) -> None:
         ticket.admitted_at = self.clock()

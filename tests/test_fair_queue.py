@@ -185,3 +185,31 @@ def test_a_flooding_tenant_never_locks_a_polite_one_out():
         assert len(waits) == 6 and max(waits) <= 2
 
     run(scenario())
+
+
+def test_a_newcomer_displacing_a_waiter_whose_client_just_left_is_not_an_error():
+    """A waiter's client leaves (its task is cancelled, its future with it) and, before that
+    task runs again, a newcomer needs room and picks that waiter to displace. Refusing it again
+    raised InvalidStateError in the newcomer: the soak saw an early quit recorded as
+    unknown_error_occurred."""
+
+    async def scenario():
+        queue = FairQueue(capacity=1, max_waiting=2)
+        holder = await queue.enter("alice")  # the one place at the model
+        first = await waiting(queue, "alice")
+        gone = await waiting(queue, "alice")  # alice is over her share of 2 places
+        newcomer = asyncio.ensure_future(queue.enter("bob"))  # runs before `gone` resumes
+        gone.cancel()  # cancels the awaited future now; the task resumes later
+        await asyncio.sleep(0)
+        assert not newcomer.done() or newcomer.exception() is None
+        holder.release()  # a place frees: bob's turn or alice's, never an error
+        await asyncio.sleep(0)
+        for task in (first, newcomer):
+            if task.done() and not task.cancelled():
+                task.result().release()
+        assert gone.cancelled()
+        first.cancel()
+        newcomer.cancel()
+        await asyncio.gather(first, newcomer, return_exceptions=True)
+
+    run(scenario())
