@@ -55,7 +55,7 @@ async def verify(redis: Redis, wait_sec: float = VERIFY_WAIT_SEC) -> None:
     deadline = time.monotonic() + wait_sec
     while True:
         try:
-            await _verify_once(redis)
+            await check_once(redis)
             return
         except StoreUnavailable as exc:
             if time.monotonic() >= deadline:
@@ -71,7 +71,8 @@ def _refuse(redis: Redis, what: str) -> StoreMisconfigured:
     return StoreMisconfigured(f"{redis.setting_name}: {redis.target.describe()} {what}")
 
 
-async def _verify_once(redis: Redis) -> None:
+async def check_once(redis: Redis) -> None:
+    """One check, no waiting: StoreMisconfigured for a misfit, StoreUnavailable if unreachable."""
     target = redis.target
     try:
         await redis.ready()

@@ -146,14 +146,16 @@ class RedisStore(StateStore):
         return result
 
     # ------------------------------------------------------------------ start-up checks
-    async def verify(self, wait_sec: float = redis_checks.VERIFY_WAIT_SEC) -> None:
-        """Check once, at start, that the URL fits the server and that it takes writes
-        (serve_app/stores/redis_checks.py)."""
-        context = redis_checks.Redis(
+    def _checks(self) -> redis_checks.Redis:
+        return redis_checks.Redis(
             self._redis, self._sentinel, self.target, self.setting_name, self._k("probe"),
             self._ready,
         )  # fmt: skip
-        await redis_checks.verify(context, wait_sec)
+
+    async def verify(self, wait_sec: float = redis_checks.VERIFY_WAIT_SEC) -> None:
+        """Check once, at start, that the URL fits the server and that it takes writes,
+        waiting up to `wait_sec` for a Redis that is still starting (redis_checks.py)."""
+        await redis_checks.verify(self._checks(), wait_sec)
         self._verified = True
 
     # ------------------------------------------------------------------ sessions
@@ -194,7 +196,9 @@ class RedisStore(StateStore):
 
     async def signing_key(self) -> str:
         if not self._verified:
-            await self._verify_once()  # refuse a misfit URL even if the ingress did not ask
+            # Refuse a misfit URL even if the ingress did not ask (no waiting here).
+            await redis_checks.check_once(self._checks())
+            self._verified = True
         if self.settings.signing_key:
             return self.settings.signing_key
         if self._key is None:
