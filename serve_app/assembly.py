@@ -20,7 +20,7 @@ from serve_app.edge import Edge
 from serve_app.engines import make_prompt_formatter
 from serve_app.engines.base import PromptFormatter
 from serve_app.fair_queue import FairQueue
-from serve_app.liveness import LoadBoard, heartbeat
+from serve_app.liveness import LoadBoard, follow_model_slots, heartbeat
 from serve_app.openai_api.service import OpenAIService
 from serve_app.session_state import SessionLimits
 from serve_app.sessions import CookieSigner, Sessions
@@ -68,11 +68,12 @@ class Parts:
     app_name: str
     ingress_name: str
     heartbeat: asyncio.Task
+    capacity_follower: asyncio.Task
 
     async def drain(self) -> None:
         """On shutdown: pending bookkeeping and callbacks get `shutdown_drain_sec`."""
         await self.bookkeeping.background.drain(
-            self.config.shutdown_drain_sec, forever={self.heartbeat}
+            self.config.shutdown_drain_sec, forever={self.heartbeat, self.capacity_follower}
         )
 
 
@@ -128,5 +129,10 @@ async def build_parts(model: DeploymentHandle, config: ChatStreamConfig) -> Part
         ingress_name=context.deployment,
         heartbeat=background.spawn(
             heartbeat(board, store, bookkeeping.count_lost, access.release_lost)
+        ),
+        capacity_follower=background.spawn(
+            follow_model_slots(
+                admission.fair_queue.resize, context.app_name, config.max_ongoing_requests
+            )
         ),
     )

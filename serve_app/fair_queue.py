@@ -149,6 +149,11 @@ class FairQueue:
             del self._running[ticket.tenant]
         self._dispatch()
 
+    def resize(self, capacity: int) -> None:
+        """The model's slots changed (replicas scaled outside the app's args): follow them."""
+        self.capacity = max(1, capacity)
+        self._dispatch()
+
     def _dispatch(self) -> None:
         """Hand free places to the tenants in turn (weighted round robin)."""
         while self.in_flight < self.capacity and self._lines:

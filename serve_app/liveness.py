@@ -13,7 +13,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from ray import serve
+
 from serve_app.background import Background
+from serve_app.config import MODEL_DEPLOYMENT_NAME
 from serve_app.outcomes import LOST_OUTCOME, LOST_REASON
 from serve_app.stores import StateStore
 
@@ -57,6 +60,28 @@ class LoadBoard:
         except Exception:  # store down: the heartbeat sends it again
             return False
         return True
+
+
+# How often the fair queue's capacity is matched to the model replicas Serve runs.
+CAPACITY_POLL_SEC = 1.0
+
+
+async def follow_model_slots(
+    resize: Callable[[int], None], app_name: str, slots_per_replica: int
+) -> None:
+    """Keep the fair queue's capacity at the slots of the model replicas running now: the
+    operator, `kubectl scale` and autoscaling change replicas outside the app's args."""
+    while True:
+        try:
+            status = await asyncio.to_thread(serve.status)  # a blocking controller call
+            app = status.applications.get(app_name)
+            model = app.deployments.get(MODEL_DEPLOYMENT_NAME) if app else None
+            running = int(model.replica_states.get("RUNNING", 0)) if model else 0
+            if running:
+                resize(running * slots_per_replica)
+        except Exception as exc:  # the controller is busy or restarting: keep the last size
+            logger.debug("could not read the model's replicas: %r", exc)
+        await asyncio.sleep(CAPACITY_POLL_SEC)
 
 
 async def heartbeat(
