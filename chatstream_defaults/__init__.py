@@ -34,6 +34,14 @@ SESSION_TTL_SEC = 86400
 SESSION_MAX_TURNS = 50
 COOKIE_SECURE = False
 
+# --- engines ---------------------------------------------------------------------------------
+ENGINE = "transformers"
+# vLLM (engine=vllm): the share of each GPU it may take, the GPUs one replica spans, and the
+# KV cache on a CPU (VLLM_CPU_KVCACHE_SPACE; 2 GiB held 93,184 tokens of SmolLM2-135M here).
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+VLLM_TENSOR_PARALLEL_SIZE = 1
+VLLM_CPU_KV_CACHE_GIB = 2.0
+
 # --- mock engine -------------------------------------------------------------------------------
 MOCK_MODE = "echo"
 

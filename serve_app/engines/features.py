@@ -1,0 +1,53 @@
+"""What each engine honours beyond the basics (temperature, top-k, top-p, the token budget, stop
+strings, seed): the one table the ingress checks before a request takes a slot, so that a field
+an engine cannot honour gets a 400 naming the engine instead of being silently ignored.
+
+Pure: no engine is imported here (the ingress holds no weights).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from serve_app.model_contract import GenerationRequest
+
+Feature = Literal[
+    "ignore_eos",
+    "min_tokens",
+    "penalties",
+    "logit_bias",
+    "logprobs",
+    "json_object",
+    "json_schema",
+]
+
+# Filled in as each engine learns a feature; a feature missing here is refused for that engine.
+ENGINE_FEATURES: dict[str, frozenset[Feature]] = {
+    "transformers": frozenset(),
+    "mock": frozenset(),
+    "vllm": frozenset(),
+}
+
+
+def features_needed(request: GenerationRequest) -> list[Feature]:
+    """The features `request` uses (its non-default sampling controls), in a stable order."""
+    needed: list[Feature] = []
+    if request.ignore_eos:
+        needed.append("ignore_eos")
+    if request.min_tokens:
+        needed.append("min_tokens")
+    if request.presence_penalty or request.frequency_penalty:
+        needed.append("penalties")
+    if request.logit_bias:
+        needed.append("logit_bias")
+    if request.logprobs is not None:
+        needed.append("logprobs")
+    if request.constraint is not None:
+        needed.append(request.constraint.kind)
+    return needed
+
+
+def unsupported_features(engine: str, request: GenerationRequest) -> list[Feature]:
+    """The features `request` needs that `engine` does not honour (empty: it can be served)."""
+    supported = ENGINE_FEATURES.get(engine, frozenset())
+    return [feature for feature in features_needed(request) if feature not in supported]
