@@ -180,6 +180,12 @@ class ChatStreamConfig(BaseModel):
         "default 32 slots (a continuously batching replica is efficient when it is full)",
     )
     ingress_replicas: int = Field(shared.INGRESS_REPLICAS, ge=1)
+    session_affinity: bool = Field(
+        True,
+        description="Send a session's turns to the model replica that served its previous "
+        "turn, where its KV prefix is kept (serve_app/session_router.py); false: Serve's "
+        "default power-of-two-choices router",
+    )
     ingress_num_cpus: float = Field(
         shared.INGRESS_NUM_CPUS,
         ge=0.0,

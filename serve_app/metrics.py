@@ -4,6 +4,7 @@ use (`SPEC.get()`) in the process that reports it."""
 
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 
@@ -78,3 +79,27 @@ PREFIX_TOKENS = Metric(
     "turn) or prefilled (run through the model)",
     ("kind",),
 )
+ROUTING_DECISIONS = Metric(
+    "chatstream_routing_decisions_total",
+    "Model calls routed by session (session_router.py): decision=affine (the session's replica) "
+    "or fallback, with its reason: saturated (its queue was at the bound), full (Serve found it "
+    "at max_ongoing_requests), replica_gone (it left: scale-down, drain or crash)",
+    ("decision", "reason"),
+)
+
+# This process's routing decisions, (decision, reason) -> count: an ingress replica's `/load`
+# shows its own (the counter above sums every replica's).
+ROUTING_TALLY: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def count_routing(decision: str, reason: str) -> None:
+    ROUTING_TALLY[(decision, reason)] += 1
+    ROUTING_DECISIONS.get().inc(1, {"decision": decision, "reason": reason or "none"})
+
+
+def routing_snapshot() -> dict[str, dict[str, int]]:
+    """{"affine": {"none": n}, "fallback": {"saturated": n, ...}} of this process."""
+    out: dict[str, dict[str, int]] = {}
+    for (decision, reason), count in sorted(ROUTING_TALLY.items()):
+        out.setdefault(decision, {})[reason or "none"] = count
+    return out
