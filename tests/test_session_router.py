@@ -167,3 +167,18 @@ async def test_serve_keeps_sessions_on_their_replica_falls_back_and_survives_a_k
             await asyncio.sleep(0.5)
     after = {await ask(serve_handle, "chat:0") for _ in range(5)}
     assert first != victim and after == {first}
+
+
+def test_v1_keys_its_session_by_prompt_cache_key_then_user() -> None:
+    from serve_app.openai_api.protocol import parse_chat_completion
+    from serve_app.refusals import Refusal
+
+    def key(**fields) -> str | None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+        return parse_chat_completion(body, served_model="m").session_key
+
+    assert key() is None
+    assert key(user="alice") == "v1:alice"
+    assert key(user="alice", prompt_cache_key="chat-7") == "v1:chat-7"
+    with pytest.raises(Refusal, match="prompt_cache_key"):
+        key(prompt_cache_key=7)
