@@ -31,10 +31,11 @@ from ray.serve.request_router import (
 # with cloudpickle, by value, so a global of this module would be a copy per router.
 from serve_app import metrics
 
-# Ongoing requests of its replica above which a session's turn goes elsewhere. Measured on the
-# 2-core CPU with SmolLM2-135M (README, Performance): one replica's aggregate tok/s stops growing
-# at ~16 concurrent streams; beyond that a full prefill on an idle replica is cheaper than
-# waiting for a slot in a batch that no longer speeds up.
+# Ongoing requests of its replica from which a session's turn goes to the least loaded replica.
+# Half the default slots (max_ongoing_requests 32): below it a batch still has room, and a
+# turn that stays keeps its prefix. NOT yet measured (the benchmark's 8 sessions over 2
+# replicas never reach it): the crossover to measure is a full prefill of the history on an
+# idle replica against a reused prefix on a busy one. Routers take it as `saturation_queue_len`.
 SATURATION_QUEUE_LEN = 16
 # How long a replica that left still counts as the one a session had (to report its sessions'
 # moves as fallbacks of reason `replica_gone` rather than as affine choices).
