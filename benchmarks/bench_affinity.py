@@ -164,7 +164,13 @@ def main() -> None:
     parser.add_argument("--user-tokens", type=int, default=200)
     parser.add_argument("--answer-tokens", type=int, default=48)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--modes", default="on,off", help="session_affinity values to run")
+    parser.add_argument(
+        "--modes",
+        default="on,off",
+        help="on: session affinity; off: Serve's router (a turn reuses its prefix only when it "
+        "lands on the replica that keeps it); none: off and no prefix cache (every turn "
+        "prefills its whole history)",
+    )
     parser.add_argument("--engine", default="transformers")
     args = parser.parse_args()
 
@@ -175,6 +181,8 @@ def main() -> None:
             "num_replicas": args.replicas,
             "session_affinity": mode == "on",
         }
+        if mode == "none":
+            server_args["prefix_cache_mb"] = 0
         with LocalServe(server_args, startup_timeout_s=900) as server:
             rows[mode] = asyncio.run(run(server.url, args, tag=f"{mode}-{time.time_ns()}"))
         print(mode, json.dumps(rows[mode]), flush=True)
