@@ -26,6 +26,9 @@ TEMPERATURE = 0.7
 TOP_K = 50
 TOP_P = 0.9
 MAX_NEW_TOKENS = 256
+# MB per model replica of sessions' KV caches kept between turns (transformers engine): 8
+# conversations of ~2,800 tokens of SmolLM2-135M in bfloat16 (23,040 bytes a token).
+PREFIX_CACHE_MB = 512
 
 # --- sessions ----------------------------------------------------------------------------------
 SESSION_STORE = "ray"

@@ -5,11 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application, Deployment
+from ray.serve.config import RequestRouterConfig
 
 from chatstream_defaults import answer_seconds, wait_loop_seconds
 from serve_app.config import ChatStreamConfig, parse_args
+from serve_app.engines.threads import local_model_cpus, usable_cores
 from serve_app.ingress import ChatStreamIngress
 from serve_app.model_deployment import ChatModel
+
+# The model deployment's request router (session_router.py), by import path: Serve imports it
+# in every process that calls the model.
+SESSION_ROUTER_PATH = "serve_app.session_router:SessionAffinityRouter"
 
 
 def drain_options(config: ChatStreamConfig, factor: float = 1.0) -> dict[str, float]:
@@ -26,10 +32,15 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
         "max_queued_requests": config.max_queued_requests,
-        # num_cpus left empty (local `serve run`): reserve one CPU; the replica still computes
-        # on every core it may use (serve_app/engines/threads.py).
+        # num_cpus left empty (local `serve run`): reserve what lets every replica fit on this
+        # machine beside the ingress (at most one CPU); the replicas still compute on all of its
+        # cores between them (serve_app/engines/threads.py).
         "ray_actor_options": {
-            "num_cpus": 1.0 if config.num_cpus is None else config.num_cpus,
+            "num_cpus": (
+                local_model_cpus(config, usable_cores())
+                if config.num_cpus is None
+                else config.num_cpus
+            ),
             "num_gpus": config.num_gpus,
         },
         # Loading a model can take minutes on a cold node.
@@ -39,6 +50,10 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
         "health_check_period_s": 2,
         **drain_options(config),
     }
+    if config.session_affinity:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=SESSION_ROUTER_PATH
+        )
     if config.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": config.min_replicas,

@@ -91,7 +91,11 @@ class ChatStream:
                 max_turns=self._config.session_max_turns,
             )
             turn = dataclasses.replace(turn, kept_messages=len(plan.messages))
-            generation = GenerationRequest(plan.model_input, GenerationParams(**plan.params))
+            generation = GenerationRequest(
+                plan.model_input,
+                GenerationParams(**plan.params),
+                session=f"chat:{view.session_id}",  # its model replica keeps its KV prefix
+            )
             exchange, first = await parts.admission.admit(
                 request, caller, generation, callback, view, turn
             )

@@ -10,10 +10,11 @@ from pydantic import ValidationError
 from ray.exceptions import RayTaskError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.builder import model_deployment_options
+from serve_app.builder import SESSION_ROUTER_PATH, model_deployment_options
 from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines.mock import MockPromptFormatter
+from serve_app.engines.threads import local_model_cpus, torch_threads, usable_cores
 from serve_app.outcomes import Outcome, OutcomeLedger, classify_outcome
 from serve_app.refusals import Refusal
 from serve_app.session_state import trim_history
@@ -47,12 +48,34 @@ def test_command_line_strings_are_coerced_and_checked():
 
 
 def test_model_deployment_options_follow_the_config():
-    fixed = model_deployment_options(parse_args({"num_replicas": 3, "num_gpus": 1}))
+    fixed = model_deployment_options(parse_args({"num_replicas": 3, "num_gpus": 1, "num_cpus": 1}))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert fixed["request_router_config"].request_router_class == SESSION_ROUTER_PATH
+    local = parse_args({"num_replicas": 2})  # num_cpus empty: derived from this machine
+    assert model_deployment_options(local)["ray_actor_options"]["num_cpus"] == local_model_cpus(
+        local, usable_cores()
+    )
+    plain = model_deployment_options(parse_args({"session_affinity": False}))
+    assert "request_router_config" not in plain
     scaled = model_deployment_options(parse_args({"min_replicas": 1, "max_replicas": 4}))
     assert scaled["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in scaled
     assert scaled["max_ongoing_requests"] == 32 and scaled["max_queued_requests"] == 64
+
+
+def test_a_local_run_reserves_what_fits_the_machine_or_refuses_naming_the_knob():
+    """`serve run serve_app:app num_replicas=2` on 2 cores: 2 x 1 CPU + the ingress's 0.5 never
+    fit, and Serve waited forever; now each model replica reserves a share that fits."""
+    two = parse_args({"num_replicas": 2})
+    assert local_model_cpus(two, cores=2) == 0.75  # (2 - 0.5 ingress) / 2
+    assert 2 * local_model_cpus(two, cores=2) + two.ingress_num_cpus <= 2
+    assert local_model_cpus(two, cores=8) == 1.0  # at most one, as before
+    assert local_model_cpus(parse_args({"min_replicas": 1, "max_replicas": 3}), cores=2) == 0.5
+    with pytest.raises(ValueError, match="num_replicas.*num_cpus"):
+        local_model_cpus(parse_args({"num_replicas": 7}), cores=2)
+    # The replicas share the cores between their torch threads instead of each taking all.
+    assert torch_threads(two) == max(1, usable_cores() // 2)
+    assert torch_threads(parse_args({})) == usable_cores()
 
 
 # --------------------------------------------------------------------------- outcomes

@@ -426,6 +426,8 @@ def test_load_resource_usage_and_outcome_totals(service, client):
     wait_for(lambda: idle(service))
     load = client.get("/load").json()
     fair = load.pop("fair_queue")
+    routing = load.pop("routing")  # this ingress's model calls by routing decision
+    assert set(routing) <= {"affine"}  # one model replica: never a fallback
     assert load == {"ongoing": 0, "queued": 0, "capacity": 1, "max_queued": 1}
     assert fair == {"capacity": 1, "in_flight": 0, "waiting": 0, "max_waiting": 1, "tenants": {}}
     usage = client.get("/resource_usage").json()

@@ -39,8 +39,11 @@ class Request:
     seed: int | None = None
     consumer: Any = None  # where its events go; opaque here, read by the `deliver` callback
     cancelled: threading.Event = field(default_factory=threading.Event)
+    session: str | None = None  # the key of its kept KV prefix (engines/prefix_cache.py)
     # Filled in by the worker:
     prompt_len: int = 0
+    prompt_ids: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens whose KV came from the session's kept prefix
     max_new_tokens: int = 0
     generated: int = 0
     last_token: int = 0
@@ -64,6 +67,7 @@ class Request:
                 f"prompt of {len(ids)} tokens does not fit the context of {context_length}"
             )
         self.prompt_len = len(ids)
+        self.prompt_ids = ids
         self.max_new_tokens = self.params.max_new_tokens
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.generator = seeded_generator(self.seed, device)
@@ -92,14 +96,18 @@ PREFILL_CHUNK_TOKENS = 64
 @dataclass(eq=False)
 class PrefillGroup:
     """Requests admitted together, their prompts left-padded to one width and run through the
-    model a chunk of columns at a time (between decode steps) into their own KV cache."""
+    model a chunk of columns at a time (between decode steps) into their own KV cache.
+
+    The cache may start with `prefix` columns already filled (the rows' reused KV prefixes,
+    left-padded); `mask` covers those columns and then the prompts' columns."""
 
     requests: list[Request]
-    input_ids: torch.Tensor  # [rows, width]
-    mask: torch.Tensor  # [rows, width], 1 = real token
+    input_ids: torch.Tensor  # [rows, width]: the tokens still to run
+    mask: torch.Tensor  # [rows, prefix + width], 1 = real token
     padded: bool
     cache: Any
-    done: int = 0  # columns already run through the model
+    done: int = 0  # columns of `input_ids` already run through the model
+    prefix: int = 0  # columns of the cache filled before the first chunk
 
     @property
     def width(self) -> int:
@@ -107,18 +115,28 @@ class PrefillGroup:
 
     @classmethod
     def left_padded(
-        cls, ready: list[tuple[Request, list[int]]], pad_id: int, device: str, cache: Any
+        cls,
+        ready: list[tuple[Request, list[int]]],
+        pad_id: int,
+        device: str,
+        cache: Any,
+        prefix_mask: torch.Tensor | None = None,
     ) -> PrefillGroup:
-        """The group of `ready` (request, prompt ids) pairs, left-padded to the longest."""
+        """The group of `ready` (request, ids still to run) pairs, left-padded to the longest,
+        after the `prefix_mask` columns already in `cache` (if any)."""
         width = max(len(ids) for _, ids in ready)
+        mask = torch.tensor(
+            [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in ready], device=device
+        )
+        if prefix_mask is not None:
+            mask = torch.cat([prefix_mask, mask], dim=1)
         return cls(
             requests=[r for r, _ in ready],
             input_ids=torch.tensor(
                 [[pad_id] * (width - len(ids)) + ids for _, ids in ready], device=device
             ),
-            mask=torch.tensor(
-                [[0] * (width - len(ids)) + [1] * len(ids) for _, ids in ready], device=device
-            ),
-            padded=any(len(ids) < width for _, ids in ready),
+            mask=mask,
+            padded=not bool(mask.all()),
             cache=cache,
+            prefix=0 if prefix_mask is None else prefix_mask.shape[1],
         )

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from serve_app.engines.kv_cache import BatchCache, cache_supports_row_surgery, keep_rows, new_cache
+from serve_app.engines.prefix_cache import PrefixCache, group_cache, keep_prefixes, take_prefix
 from serve_app.engines.request_state import (
     FINISH_REASONS,
     PREFILL_CHUNK_TOKENS,
@@ -60,6 +61,7 @@ class BatchScheduler:
         num_threads: int | None = None,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
         on_pass: Callable[[str, int, int], None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         # Called after every forward pass with (kind "prefill" | "decode", prompt tokens per row
@@ -90,6 +92,8 @@ class BatchScheduler:
         self._batch = BatchCache()  # the decoding requests (`rows`), their KV cache and mask
         self._prefilling: PrefillGroup | None = None
         self._batchable = cache_supports_row_surgery(new_cache(model))
+        # Sessions' KV kept between turns (None: off; needs row surgery).
+        self.prefix_cache = prefix_cache if self._batchable else None
 
     # --- called from any thread ---
 
@@ -226,8 +230,11 @@ class BatchScheduler:
                 self._finish(request, StreamEnd("error", str(exc) or repr(exc)))
         if not ready:
             return None
+        prefixes = [take_prefix(self.prefix_cache, request, ids) for request, ids in ready]
+        ready = [(r, ids[r.reused :]) for r, ids in ready]
+        cache, prefix_mask = group_cache(new_cache(self.model), prefixes, self.device)
         pad_id = self.tokenizer.pad_token_id or 0
-        return PrefillGroup.left_padded(ready, pad_id, self.device, new_cache(self.model))
+        return PrefillGroup.left_padded(ready, pad_id, self.device, cache, prefix_mask)
 
     def _prefill_chunk(self) -> bool:
         """Run the next chunk of the group's prompts; after the last one, emit the first tokens
@@ -250,9 +257,11 @@ class BatchScheduler:
         try:
             out = self.model(
                 input_ids=group.input_ids[:, start:end],
-                attention_mask=group.mask[:, :end] if group.padded else None,
+                attention_mask=group.mask[:, : group.prefix + end] if group.padded else None,
                 position_ids=(
-                    (group.mask.cumsum(dim=1) - 1).clamp(min=0)[:, start:end]
+                    (group.mask.cumsum(dim=1) - 1).clamp(min=0)[
+                        :, group.prefix + start : group.prefix + end
+                    ]
                     if group.padded
                     else None
                 ),
@@ -317,6 +326,7 @@ class BatchScheduler:
         for row, (request, token) in enumerate(zip(active, tokens, strict=True)):
             if self._accept_token(request, token):
                 keep.append(row)
+        keep_prefixes(self.prefix_cache, self._batch, [r for r in range(batch) if r not in keep])
         self._batch.retain(keep)
 
     def _accept_token(self, request: Request, token: int | Exception) -> bool:
@@ -364,6 +374,10 @@ class BatchScheduler:
         for request in active:
             if request.cancelled.is_set():
                 self._finish(request, StreamEnd("cancelled"))
+        # A cut answer keeps what was fed; the next turn reuses only what its prompt repeats.
+        keep_prefixes(
+            self.prefix_cache, self._batch, [i for i in range(len(active)) if i not in keep]
+        )
         self._batch.retain(keep)
 
     def _fail_active(self, message: str) -> None:

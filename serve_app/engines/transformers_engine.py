@@ -27,9 +27,11 @@ from serve_app.engines.hf_loading import (
     load_tokenizer,
     resolve_model_source,
 )
+from serve_app.engines.prefix_cache import PrefixCache
 from serve_app.engines.request_state import Event, Request, StreamEnd
 from serve_app.engines.scheduler import BatchScheduler
 from serve_app.engines.threads import ray_cpu_allotment, torch_threads
+from serve_app.metrics import PREFIX_TOKENS
 from serve_app.model_contract import AnswerChunk, GenerationRequest, merge_chunks
 
 __all__ = ["TransformersEngine", "TransformersPromptFormatter", "resolve_model_source"]
@@ -102,7 +104,7 @@ class TransformersEngine(Engine):
                     max_batch_size=self.config.max_ongoing_requests,
                     deliver=deliver_to_event_loops,
                     num_threads=self.num_threads,
-                    **(options or {}),
+                    **({"prefix_cache": self._prefix_cache()} | (options or {})),
                 )
             except BaseException as exc:
                 started.set_exception(exc)
@@ -114,6 +116,10 @@ class TransformersEngine(Engine):
         self._thread = threading.Thread(target=work, name="transformers-engine", daemon=True)
         self._thread.start()
         return started
+
+    def _prefix_cache(self) -> PrefixCache | None:
+        budget = self.config.prefix_cache_mb * 2**20
+        return PrefixCache(budget) if budget else None
 
     def _load(self) -> tuple[Any, Any, str, int]:
         tokenizer = load_tokenizer(self.config)
@@ -142,7 +148,9 @@ class TransformersEngine(Engine):
         scheduler = self.scheduler
         events: asyncio.Queue[Event] = asyncio.Queue()
         consumer = (asyncio.get_running_loop(), events)
-        job = Request(request.prompt, request.params, request.seed, consumer)
+        job = Request(
+            request.prompt, request.params, request.seed, consumer, session=request.session
+        )
         try:
             scheduler.submit(job)
         except RuntimeError as exc:  # stopped, or its worker died
@@ -168,6 +176,7 @@ class TransformersEngine(Engine):
             # Cancelled task, closed generator or normal end: the worker drops the request
             # before its next decode step (a no-op when it already finished).
             scheduler.cancel(job)
+            count_prompt_tokens(job)
 
     async def run_on_model_thread(self, fn: Callable[[], Any]) -> Any:
         """`fn()` on the engine's worker thread between decode steps (`BatchScheduler.call`)."""
@@ -183,3 +192,12 @@ class TransformersEngine(Engine):
             self._scheduler.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def count_prompt_tokens(job: Request) -> None:
+    """Prompt tokens reused from a kept prefix vs run through the model (metrics)."""
+    if job.prompt_len:
+        counter = PREFIX_TOKENS.get()
+        if job.reused:
+            counter.inc(job.reused, {"kind": "reused"})
+        counter.inc(job.prompt_len - job.reused, {"kind": "prefilled"})

@@ -10,9 +10,10 @@ another model).
   with a 400 naming it (`error.param`), unless its value is the neutral one (`n: 1`,
   `logprobs: false`, `presence_penalty: 0`, `tools: []`, `null` for anything...): clients that
   send explicit defaults, or that echo a previous assistant message back with
-  `tool_calls: null`, keep working. Parameters that cannot change the text (`user`,
-  `metadata`, `store`, `service_tier`, `prompt_cache_key`, `stream_options.include_obfuscation`
-  ...) are accepted and ignored. vLLM's `stream_options.continuous_usage_stats` is honoured
+  `tool_calls: null`, keep working. Parameters that cannot change the text (`metadata`,
+  `store`, `service_tier`, `stream_options.include_obfuscation`...) are accepted and ignored;
+  `prompt_cache_key` (else `user`) keys session-affine routing and KV prefix reuse.
+  vLLM's `stream_options.continuous_usage_stats` is honoured
   (each chunk carries the usage so far); its `ignore_eos` passes only as `false`. Unknown
   parameters are refused (400, code `unknown_parameter`): we cannot know that they are
   harmless. `top_k` is accepted as an extension (as vLLM and TGI do; -1 means "off", like
@@ -112,6 +113,14 @@ class ChatCompletionRequest:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
     seed: int | None = None
     user: str | None = None
+    prompt_cache_key: str | None = None
+
+    @property
+    def session_key(self) -> str | None:
+        """The routing and KV-reuse key (`GenerationRequest.session`): `prompt_cache_key`,
+        else `user`; namespaced apart from chat sessions and Responses chains."""
+        key = self.prompt_cache_key or self.user
+        return f"v1:{key}" if key else None
 
     def generation_params(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
         """`defaults` (GenerationParams names) overridden by the client's parameters."""
@@ -341,6 +350,15 @@ def parse_chat_completion(
             f"'user' must be a string of at most {MAX_USER_CHARS} characters", "user"
         )
 
+    cache_key = data.get("prompt_cache_key")
+    if cache_key is not None and (
+        not isinstance(cache_key, str) or len(cache_key) > MAX_USER_CHARS
+    ):
+        raise invalid_request(
+            f"'prompt_cache_key' must be a string of at most {MAX_USER_CHARS} characters",
+            "prompt_cache_key",
+        )
+
     return ChatCompletionRequest(
         model=model,
         messages=messages,
@@ -351,4 +369,5 @@ def parse_chat_completion(
         continuous_usage=continuous_usage,
         seed=seed,
         user=user,
+        prompt_cache_key=cache_key,
     )

@@ -115,6 +115,7 @@ class OpenAIService:
                 GenerationParams(**plan.params),
                 stop=completion.stop,
                 seed=completion.seed,
+                session=completion.session_key,
             )
             exchange, first = await self._admission.admit(request, caller, generation, callback)
         except Refusal as refusal:

@@ -128,7 +128,10 @@ class ResponsesService:
                     answer_meta=facts.as_meta(),
                 )
             generation = GenerationRequest(
-                plan.model_input, GenerationParams(**plan.params), seed=ask.seed
+                plan.model_input,
+                GenerationParams(**plan.params),
+                seed=ask.seed,
+                session=f"responses:{chain}" if chain else None,  # the chain is the session
             )
             exchange, first = await parts.admission.admit(
                 request, caller, generation, callback, view, turn

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 
+from serve_app import metrics
 from serve_app.access import Guard
 from serve_app.config import MODEL_DEPLOYMENT_NAME
 from serve_app.routes import openapi
@@ -48,6 +49,8 @@ async def load(request: Request) -> dict:
         "max_queued": -1 if queue < 0 else queue * running(parts.ingress_name),
         # This ingress replica's fair queue: each tenant's places, waiting and share.
         "fair_queue": parts.admission.fair_queue.snapshot(),
+        # This ingress replica's model calls by routing decision (session_router.py).
+        "routing": metrics.routing_snapshot(),
     }
 
 
