@@ -24,6 +24,7 @@ from serve_app.conversation import plan_messages
 from serve_app.engines.base import PromptFormatter
 from serve_app.exchange import Callback, Exchange
 from serve_app.model_contract import AnswerChunk, GenerationRequest
+from serve_app.openai_api import ignored
 from serve_app.openai_api.encoding import (
     SSE_HEADERS,
     SSE_MEDIA_TYPE,
@@ -31,12 +32,14 @@ from serve_app.openai_api.encoding import (
     chat_completion,
 )
 from serve_app.openai_api.protocol import parse_chat_completion
+from serve_app.openai_api.sampling import check_engine
 from serve_app.outcomes import is_client_disconnect
-from serve_app.refusals import Refusal, server_error
+from serve_app.refusals import Refusal, server_error, unsupported_parameter
 from serve_app.validation import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MOCK_MODEL_NAME = "mock"
+ROUTE = "chat_completions"  # the ignored-fields metric's label
 
 
 def served_model_name(config: ChatStreamConfig) -> str:
@@ -59,12 +62,13 @@ class SSEAnswer:
         self._encoder = encoder
 
     def chunk(self, exchange: Exchange, chunk: AnswerChunk) -> str:
-        if not chunk.text:
+        if not chunk.text and not chunk.logprobs:
             return ""
         return self._encoder.feed(
             chunk.text,
             prompt_tokens=exchange.prompt_tokens,
             completion_tokens=exchange.completion_tokens,
+            logprobs=chunk.logprobs,
         )
 
     def end(self, exchange: Exchange) -> str:
@@ -115,28 +119,32 @@ class OpenAIService:
                 GenerationParams(**plan.params),
                 stop=completion.stop,
                 seed=completion.seed,
+                **completion.sampling.generation_fields(),
             )
+            check_choices(completion.sampling.n)
+            check_engine(self._config.engine, generation)
             exchange, first = await self._admission.admit(request, caller, generation, callback)
         except Refusal as refusal:
             return await self._edge.refuse(request, refusal, openai=True)
         except GenerationFailed as failed:  # the outcome (and the callback) are recorded
             return failure(failed.request_id)
         # A client disconnect propagates (recorded as client_disconnected_before_streaming).
-        headers = id_headers(exchange.request_id)
+        headers = {**id_headers(exchange.request_id), **ignored.report(completion.ignored, ROUTE)}
         if completion.stream:
             events = self._admission.relay(exchange, first, SSEAnswer(StreamEncoder(completion)))
             return self._admission.response(
                 exchange, events, media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **headers}
             )
         try:
-            content = await self._admission.collect(exchange, first)
+            answered = await self._admission.collect_chunks(exchange, first)
         except Exception as exc:  # the outcome is recorded
             if is_client_disconnect(exc):
                 raise
             return failure(exchange.request_id)
         answer = chat_completion(
             model=completion.model,
-            content=content,
+            content=answered.text,
+            logprobs=answered.logprobs if completion.sampling.logprobs is not None else None,
             finish_reason=exchange.finish_reason or "stop",
             prompt_tokens=exchange.prompt_tokens,
             completion_tokens=exchange.completion_tokens,
@@ -148,6 +156,13 @@ class OpenAIService:
             media_type="application/json",
             headers={**headers, "content-length": str(len(body))},
         )
+
+
+def check_choices(n: int) -> None:
+    """`n` > 1 needs one admitted request to run n model streams, which the admission does not
+    do yet: a 400 until it does, rather than one choice where n were asked for."""
+    if n > 1:
+        raise unsupported_parameter("n", f"is {n}; this server answers one choice per request")
 
 
 def failure(request_id: str) -> JSONResponse:
