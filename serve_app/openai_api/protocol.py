@@ -96,8 +96,11 @@ _MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tool_calls": ([],),
     "function_call": (),
     "audio": (),
+    "refusal": (),
+    "annotations": ([],),
+    "name": (),  # a participant's name would change the prompt; it is not rendered
+    "tool_call_id": (),
 }
-_MESSAGE_HARMLESS = {"name", "refusal", "annotations", "tool_call_id"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _STRICT = ConfigDict(strict=True)
 
@@ -263,9 +266,7 @@ def _parse_messages(raw: Any, ignored: list[str]) -> list[dict[str, str]]:
                     f"{where}.role", f"is {role!r}; tools are not supported"
                 )
             raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
-        ignored += _ignored_keys(
-            message, {"role", "content", *_MESSAGE_HARMLESS}, _MESSAGE_NEUTRAL, f"{where}."
-        )
+        ignored += _ignored_keys(message, {"role", "content"}, _MESSAGE_NEUTRAL, f"{where}.")
         content = message.get("content")
         if content is None and role != "assistant":
             raise invalid_request(
