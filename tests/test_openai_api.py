@@ -21,12 +21,14 @@ import pytest
 
 from serve_app.api_keys import API_KEYS_ENV
 from serve_app.config import ADMIN_TOKEN_ENV
+from serve_app.engines.features import ENGINE_FEATURES
 from serve_app.local_server import LocalServe
+from serve_app.openai_api.ignored import IGNORED_FIELDS_HEADER
 from tests.support import admin_headers, new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail"
-KEY_IDS += " solo solo2 seed"
+KEY_IDS += " solo solo2 seed fields"
 KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS.split()}
 TOKEN_BUDGET = 150  # tokens per minute per key
 MODEL = "mock"
@@ -226,9 +228,9 @@ def test_async_sdk_streaming_and_not(service):
 @pytest.mark.parametrize(
     ("extra", "param", "code"),
     [
-        ({"n": 2}, "n", "unsupported_parameter"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
-        ({"extra_body": {"mirostat": 1}}, "mirostat", "unknown_parameter"),
+        ({"extra_body": {"repetition_penalty": 1.3}}, "repetition_penalty", None),
+        ({"n": 2}, "n", "unsupported_parameter"),
         ({"temperature": 7}, "temperature", "invalid_value"),
         ({"messages": user("word " * 300)}, "messages", "context_length_exceeded"),
         ({"max_tokens": 190, "messages": user("x " * 20)}, "max_tokens", None),
@@ -244,6 +246,66 @@ def test_bad_requests_are_400_naming_the_field_and_take_no_slot(service, extra, 
     if code:
         assert error["code"] == code
     assert totals(service)["admitted"] == before
+
+
+def test_unknown_fields_are_ignored_listed_in_a_header_and_counted(service):
+    """Open WebUI's `cache_control` on a content part, and unknown top-level fields: answered,
+    and the response says what was ignored."""
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "tagged words", "cache_control": {"type": "ephemeral"}},
+    ]}]  # fmt: skip
+    raw = sdk(service, "fields").chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=2, extra_body={"mirostat": 2}
+    )
+    assert raw.headers[IGNORED_FIELDS_HEADER] == "mirostat,messages[0].content[0].cache_control"
+    assert raw.parse().choices[0].message.content == "tagged words"
+    plain = sdk(service, "fields").chat.completions.with_raw_response.create(
+        model=MODEL, messages=user("x"), max_tokens=1
+    )
+    assert IGNORED_FIELDS_HEADER not in plain.headers
+
+
+FEATURE_BODIES = {
+    "ignore_eos": ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
+    "min_tokens": ({"extra_body": {"min_tokens": 2}}, "min_tokens"),
+    "penalties": ({"presence_penalty": 0.5}, "presence_penalty"),
+    "logit_bias": ({"logit_bias": {"5": 1}}, "logit_bias"),
+    "logprobs": ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    "json_object": ({"response_format": {"type": "json_object"}}, "response_format"),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURE_BODIES))
+def test_a_feature_the_engine_lacks_is_a_400_naming_the_engine(service, feature):
+    if feature in ENGINE_FEATURES["mock"]:
+        pytest.skip(f"the mock engine honours {feature}")
+    extra, param = FEATURE_BODIES[feature]
+    before = totals(service)["admitted"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(service, "fields").chat.completions.create(
+            model=MODEL, messages=user("hi"), max_tokens=2, **extra
+        )
+    error = caught.value.body
+    assert (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert "mock engine" in error["message"]
+    assert totals(service)["admitted"] == before
+
+
+@pytest.mark.skipif("logprobs" not in ENGINE_FEATURES["mock"], reason="mock lacks logprobs")
+def test_logprobs_whole_and_streamed(service):
+    client = sdk(service, "fields")
+    whole = client.chat.completions.create(
+        model=MODEL, messages=user("a b"), max_tokens=2, logprobs=True, top_logprobs=2
+    )
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert "".join(c.token for c in content) == whole.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=MODEL, messages=user("a b"), max_tokens=2, logprobs=True, stream=True
+    )
+    tokens = [c.token for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+              for c in chunk.choices[0].logprobs.content]  # fmt: skip
+    assert len(tokens) == 2
 
 
 def test_a_missing_or_wrong_api_key_is_401_on_v1_and_chat_stream(service):

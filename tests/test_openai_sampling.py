@@ -261,3 +261,48 @@ def test_legacy_completion_logprobs():
         "tokens": ["Hé", "!"], "token_logprobs": [-0.25, FLOOR],
         "top_logprobs": [{"Hé": -0.25, "Ho": -1.5}, {"!": FLOOR}], "text_offset": [3, 5],
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------- what the SDK really sends
+def test_the_sdks_parse_with_a_pydantic_model_maps_to_a_json_schema_constraint():
+    """`client.chat.completions.parse(response_format=Model)` sends OpenAI's strict
+    `json_schema`: captured from the SDK itself, it parses into the constraint (and the mock
+    engine's 400 names it until the engine honours it)."""
+    import httpx2
+    import openai
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    bodies: list[bytes] = []
+
+    def server(request: httpx2.Request) -> httpx2.Response:
+        bodies.append(request.content)
+        chat = parse_chat_completion(request.content, served_model=MODEL)
+        try:
+            check_engine("mock", generation(chat.sampling))
+        except Refusal as error:
+            return httpx2.Response(400, json=error.openai_body())
+        content = json.dumps({"name": "Paris", "population": 2})
+        return httpx2.Response(200, json=chat_completion(
+            model=MODEL, content=content, finish_reason="stop", prompt_tokens=1,
+            completion_tokens=1))  # fmt: skip
+
+    client = openai.OpenAI(
+        base_url="http://chatstream.test/v1", api_key="unused", max_retries=0,
+        http_client=httpx2.Client(transport=httpx2.MockTransport(server)),
+    )  # fmt: skip
+    if "json_schema" in features.ENGINE_FEATURES["mock"]:
+        parsed = client.chat.completions.parse(model=MODEL, messages=USER, response_format=City)
+        assert parsed.choices[0].message.parsed == City(name="Paris", population=2)
+    else:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.parse(model=MODEL, messages=USER, response_format=City)
+        assert info.value.param == "response_format" and "mock engine" in info.value.message
+    constraint = parse_chat_completion(bodies[-1], served_model=MODEL).sampling.constraint
+    assert constraint.kind == "json_schema"
+    schema = json.loads(constraint.schema_json)
+    assert schema["properties"].keys() == {"name", "population"}
+    assert schema["additionalProperties"] is False  # the SDK's strict form

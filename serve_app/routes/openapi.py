@@ -13,8 +13,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from serve_app.config import MIN_TEMPERATURE, GenerationParams
-from serve_app.openai_api import protocol
+from serve_app.openai_api import protocol, sampling
 from serve_app.openai_api.encoding import SSE_MEDIA_TYPE
+from serve_app.openai_api.ignored import IGNORED_FIELDS_HEADER
 from serve_app.validation import MAX_USER_INPUT_CHARS
 
 
@@ -197,12 +198,59 @@ def chat_completion_schema() -> dict[str, Any]:
         },
         "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
         "user": {"type": "string", "maxLength": protocol.MAX_USER_CHARS},
+        **sampling_properties(),
     }
-    return closed_body(
+    body = closed_body(
         properties,
         ["model", "messages"],
-        "max_tokens and max_completion_tokens, when both are sent, must agree",
+        "max_tokens and max_completion_tokens, when both are sent, must agree. Unknown fields "
+        f"(also inside messages and content parts) are ignored and listed in the "
+        f"`{IGNORED_FIELDS_HEADER}` response header. A sampling field the engine does not "
+        "honour is a 400 naming the engine.",
     )
+    body["additionalProperties"] = True
+    return body
+
+
+def sampling_properties() -> dict[str, Any]:
+    """OpenAI's sampling fields, with the limits serve_app/openai_api/sampling.py checks."""
+    penalty = {"type": "number", "minimum": sampling.PENALTY_RANGE[0],
+               "maximum": sampling.PENALTY_RANGE[1]}  # fmt: skip
+    low, high = sampling.LOGIT_BIAS_RANGE
+    return {
+        "n": {"type": "integer", "minimum": 1, "maximum": sampling.MAX_CHOICES,
+              "description": "Choices; more than 1 is a 400 until the admission runs n streams"},
+        "ignore_eos": {"type": "boolean", "description": "vLLM's: generate past end-of-sequence"},
+        "min_tokens": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_MIN_TOKENS,
+                       "description": "vLLM's: no end-of-sequence before this many tokens"},
+        "presence_penalty": penalty,
+        "frequency_penalty": penalty,
+        "logit_bias": {
+            "type": "object", "maxProperties": sampling.MAX_LOGIT_BIAS_ENTRIES,
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": low, "maximum": high},
+        },
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_TOP_LOGPROBS,
+                         "description": "Needs logprobs: true"},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "schema": {"type": "object", "description": "A valid JSON schema"},
+                        "strict": {"type": "boolean"},
+                        "description": {"type": "string"},
+                    },
+                },
+            },
+        },
+    }  # fmt: skip
 
 
 def closed_body(
