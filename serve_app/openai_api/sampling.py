@@ -23,6 +23,7 @@ from serve_app.refusals import invalid_request, unsupported_parameter
 
 MAX_CHOICES = 8  # `n`: each choice is a model stream; one request must not take the whole pool
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_LEGACY_LOGPROBS = 5  # /v1/completions' `logprobs` (OpenAI's bound)
 PENALTY_RANGE = (-2.0, 2.0)  # presence_penalty / frequency_penalty (OpenAI)
 LOGIT_BIAS_RANGE = (-100.0, 100.0)
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -132,6 +133,13 @@ def parse_logprobs(data: Mapping[str, Any]) -> int | None:
     return top if wanted else None
 
 
+def parse_legacy_logprobs(data: Mapping[str, Any]) -> int | None:
+    """`/v1/completions`' `logprobs: k`: the chosen token's and the k most likely (None: none)."""
+    if data.get("logprobs") is None:
+        return None
+    return strict_int(data, "logprobs", 0, MAX_LEGACY_LOGPROBS, 0)
+
+
 def check_json_schema(schema: Any, param: str) -> str:
     """`schema` if it is a valid JSON schema (its own metaschema's rules), serialized."""
     if not isinstance(schema, dict):
@@ -176,6 +184,13 @@ def parse_response_format(raw: Any) -> OutputConstraint | None:
             f"'{where}.json_schema.name' must be 1-64 letters, digits, '_' or '-'",
             f"{where}.json_schema.name",
         )
+    description = spec.get("description")
+    if description is not None and not isinstance(description, str):
+        raise invalid_request(
+            f"'{where}.json_schema.description' must be a string",
+            f"{where}.json_schema.description",
+            "invalid_type",
+        )
     strict = spec.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise invalid_request(
@@ -189,9 +204,12 @@ def parse_response_format(raw: Any) -> OutputConstraint | None:
     return OutputConstraint("json_schema", check_json_schema(schema, f"{where}.json_schema.schema"))
 
 
-def parse_sampling(data: Mapping[str, Any], *, max_tokens: int | None = None) -> Sampling:
-    """The sampling fields of a body (chat or completions); `max_tokens`: the explicit budget,
-    which `min_tokens` may not exceed."""
+def parse_sampling(
+    data: Mapping[str, Any], *, max_tokens: int | None = None, legacy: bool = False
+) -> Sampling:
+    """The sampling fields of a body; `max_tokens`: the explicit budget, which `min_tokens` may
+    not exceed. `legacy`: `/v1/completions`, whose `logprobs` is a count (0-5) and which has no
+    `response_format`."""
     min_tokens = strict_int(data, "min_tokens", 0, MAX_MIN_TOKENS, 0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid_request(
@@ -207,8 +225,8 @@ def parse_sampling(data: Mapping[str, Any], *, max_tokens: int | None = None) ->
         ignore_eos=_flag(data, "ignore_eos"),
         min_tokens=min_tokens,
         logit_bias=parse_logit_bias(data.get("logit_bias")),
-        logprobs=parse_logprobs(data),
-        constraint=parse_response_format(data.get("response_format")),
+        logprobs=parse_legacy_logprobs(data) if legacy else parse_logprobs(data),
+        constraint=None if legacy else parse_response_format(data.get("response_format")),
         **penalties,
     )
 

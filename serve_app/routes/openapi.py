@@ -179,7 +179,7 @@ def chat_completion_schema() -> dict[str, Any]:
         "stream": {"type": "boolean"},
         "stream_options": {
             "type": "object",
-            "additionalProperties": False,
+            "additionalProperties": True,  # unknown ones are ignored, as at the top level
             "properties": {
                 "include_usage": {"type": ["boolean", "null"]},
                 "continuous_usage_stats": {"type": ["boolean", "null"]},
@@ -212,6 +212,46 @@ def chat_completion_schema() -> dict[str, Any]:
     return body
 
 
+def completion_schema() -> dict[str, Any]:
+    """The `/v1/completions` body this server accepts."""
+    chat = chat_completion_schema()["properties"]
+    shared = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
+              "stop", "seed", "user", "n", "ignore_eos", "min_tokens", "presence_penalty",
+              "frequency_penalty", "logit_bias"]  # fmt: skip
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    text = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_CONTENT_CHARS}
+    one = [text, ids]
+    properties: dict[str, Any] = {
+        **{name: chat[name] for name in shared},
+        "prompt": {
+            "anyOf": [
+                *one,
+                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": one}},
+            ],
+            "description": "Text or token ids (below the vocabulary size; engines with a "
+            "tokenizer only); with max_tokens, within the model's context",
+        },
+        "echo": {
+            "type": "boolean",
+            "description": "The prompt before the answer (not with logprobs)",
+        },  # fmt: skip
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_LEGACY_LOGPROBS},
+    }
+    properties["model"] = {"type": "string", "description": "The served model; 404 else"}
+    for name in properties.keys() - {"model", "prompt"}:
+        if "anyOf" not in properties[name] or {"type": "null"} not in properties[name]["anyOf"]:
+            properties[name] = {"anyOf": [properties[name], {"type": "null"}]}
+    return {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "additionalProperties": True,
+        "properties": properties,
+        "description": "Unknown fields are ignored and listed in the "
+        f"`{IGNORED_FIELDS_HEADER}` response header; a sampling field the engine does not "
+        "honour is a 400 naming the engine; echo with logprobs is a 400.",
+    }
+
+
 def sampling_properties() -> dict[str, Any]:
     """OpenAI's sampling fields, with the limits serve_app/openai_api/sampling.py checks."""
     penalty = {"type": "number", "minimum": sampling.PENALTY_RANGE[0],
@@ -233,23 +273,24 @@ def sampling_properties() -> dict[str, Any]:
         "logprobs": {"type": "boolean"},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_TOP_LOGPROBS,
                          "description": "Needs logprobs: true"},
-        "response_format": {
-            "type": "object",
-            "required": ["type"],
-            "properties": {
-                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+        "response_format": {"anyOf": [
+            {"type": "object", "required": ["type"],
+             "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "properties": {
+                "type": {"type": "string", "enum": ["json_schema"]},
                 "json_schema": {
                     "type": "object",
                     "required": ["name"],
                     "properties": {
                         "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-                        "schema": {"type": "object", "description": "A valid JSON schema"},
-                        "strict": {"type": "boolean"},
-                        "description": {"type": "string"},
+                        "schema": {"type": ["object", "null"],
+                                   "description": "A valid JSON schema (none: any object)"},
+                        "strict": {"type": ["boolean", "null"]},
+                        "description": {"type": ["string", "null"]},
                     },
                 },
-            },
-        },
+            }},
+        ]},
     }  # fmt: skip
 
 
@@ -291,6 +332,6 @@ def finish_document(api: Any, served_model: str) -> None:
     route = paths["/v1/responses/{response_id}"]  # likewise GET and DELETE
     route["get"]["operationId"] = "retrieve_response"
     route["delete"]["operationId"] = "delete_response"
-    for path in ("/v1/chat/completions", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"]["properties"]["model"]["enum"] = [served_model]
