@@ -24,11 +24,12 @@ from serve_app.config import ADMIN_TOKEN_ENV
 from serve_app.engines.features import ENGINE_FEATURES
 from serve_app.local_server import LocalServe
 from serve_app.openai_api.ignored import IGNORED_FIELDS_HEADER
+from serve_app.validation import REQUEST_ID_HEADER
 from tests.support import admin_headers, new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail"
-KEY_IDS += " solo solo2 seed fields"
+KEY_IDS += " solo solo2 seed fields completions"
 KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS.split()}
 TOKEN_BUDGET = 150  # tokens per minute per key
 MODEL = "mock"
@@ -306,6 +307,47 @@ def test_logprobs_whole_and_streamed(service):
     tokens = [c.token for chunk in stream if chunk.choices and chunk.choices[0].logprobs
               for c in chunk.choices[0].logprobs.content]  # fmt: skip
     assert len(tokens) == 2
+
+
+def test_completions_text_stream_echo_usage_and_the_same_accounting(service):
+    client = sdk(service, "completions")
+    before = totals(service)["admitted"]
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="tick tock", max_tokens=3, extra_body={"cache_control": {}}
+    )
+    assert raw.headers[IGNORED_FIELDS_HEADER] == "cache_control"
+    whole = raw.parse()
+    assert whole.object == "text_completion" and whole.choices[0].text == "tick tock tick"
+    assert whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (2, 3)
+    assert outcome(service, raw.headers[REQUEST_ID_HEADER]) == "success"
+    echoed = client.completions.create(model=MODEL, prompt="tick", max_tokens=1, echo=True)
+    assert echoed.choices[0].text == "ticktick"
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="tick tock", max_tokens=2, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "tick tock"
+    assert chunks[-1].usage.completion_tokens == 2
+    assert wait_for(lambda: totals(service)["admitted"] == before + 3 or None, timeout_s=30)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"prompt": [1, 2]}, "prompt"),  # the mock has no tokenizer
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "word " * 300}, "prompt"),
+    ],
+)
+def test_completions_refusals_name_the_field_and_take_no_slot(service, extra, param):
+    before = totals(service)["admitted"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(service, "completions").completions.create(model=MODEL, max_tokens=2, **extra)
+    assert caught.value.body["param"] == param
+    assert totals(service)["admitted"] == before
 
 
 def test_a_missing_or_wrong_api_key_is_401_on_v1_and_chat_stream(service):
