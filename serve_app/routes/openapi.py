@@ -142,18 +142,19 @@ FEEDBACK_SCHEMA = {
 }
 
 
-def text_message(part_types: list[str]) -> dict[str, Any]:
-    """A message whose content is a string or an array of text parts of `part_types`."""
+def text_message(part_types: list[str], open_: bool = False) -> dict[str, Any]:
+    """A message whose content is a string or an array of text parts of `part_types`; `open_`:
+    other keys (of the message and its parts) are accepted and ignored."""
     part = {
         "type": "object",
         "required": ["type", "text"],
-        "additionalProperties": False,
+        "additionalProperties": open_,
         "properties": {"type": {"type": "string", "enum": part_types}, "text": {"type": "string"}},
     }
     return {
         "type": "object",
         "required": ["role", "content"],
-        "additionalProperties": False,
+        "additionalProperties": open_,
         "properties": {
             "role": {"type": "string", "enum": sorted(protocol.ROLES)},
             "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]},
@@ -163,7 +164,7 @@ def text_message(part_types: list[str]) -> dict[str, Any]:
 
 def chat_completion_schema() -> dict[str, Any]:
     """The `/v1/chat/completions` body this server accepts."""
-    message = text_message(["text"])
+    message = text_message(["text"], open_=True)
     budget = {**_param("max_new_tokens"), "description": "With the prompt, at most the context"}
     stop = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
     properties: dict[str, Any] = {
