@@ -5,6 +5,7 @@ functions: a body -> `Sampling` -> `GenerationRequest` fields; the engine check'
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -12,6 +13,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from serve_app.config import GenerationParams
 from serve_app.engines import features
 from serve_app.model_contract import GenerationRequest, OutputConstraint, TokenLogprob, TopLogprob
+from serve_app.openai_api import ignored as ignored_module
 from serve_app.openai_api.encoding import ChunkBuilder, StreamEncoder, chat_completion
 from serve_app.openai_api.ignored import IGNORED_FIELDS_HEADER, header_value, where
 from serve_app.openai_api.logprobs import FLOOR, chat_logprobs, completion_logprobs
@@ -306,3 +308,23 @@ def test_the_sdks_parse_with_a_pydantic_model_maps_to_a_json_schema_constraint()
     schema = json.loads(constraint.schema_json)
     assert schema["properties"].keys() == {"name", "population"}
     assert schema["additionalProperties"] is False  # the SDK's strict form
+
+
+def test_report_counts_by_where_and_returns_the_header(monkeypatch):
+    counted: list[dict] = []
+
+    class Recorder:
+        def inc(self, value: float = 1.0, tags: dict | None = None) -> None:
+            counted.append(tags)
+
+    stand_in = SimpleNamespace(get=Recorder)  # the metric, without a Ray cluster
+    monkeypatch.setattr(ignored_module.metrics, "IGNORED_FIELDS", stand_in)
+    names = ["mirostat", "messages[0].content[0].cache_control"]
+    assert ignored_module.report(names, "completions") == {
+        IGNORED_FIELDS_HEADER: "mirostat,messages[0].content[0].cache_control"
+    }
+    assert counted == [
+        {"route": "completions", "where": "top_level"},
+        {"route": "completions", "where": "content_part"},
+    ]
+    assert ignored_module.report([], "completions") == {} and len(counted) == 2
