@@ -1,13 +1,15 @@
-"""`POST /v1/chat/completions` on ChatStream's request path, statelessly: the history is what
-the client sends; there is no session and no turn lock.
+"""`POST /v1/chat/completions` and `POST /v1/completions` on ChatStream's request path,
+statelessly: the history (or prompt) is what the client sends; no session, no turn lock.
 
 One request: the edge's checks (API key, its stream limit) -> parse (400/404) -> plan the
-prompt with the shared context fitting (400 context_length_exceeded) -> admission (429 when
+prompt with the shared context fitting (400 context_length_exceeded) -> the checks before a
+slot (`n`, the engine's features: 400 naming the engine) -> admission (429 when
 the queue is full) -> SSE events or one JSON body. From admission on, the outcome, ledger,
 metrics, usage and callback are the admission's, exactly as for `/chat_stream`. A streamed
 answer counts as sent once `[DONE]` went out; a non-streamed one when its body has gone out, so
 a client that leaves while it is generated is `client_disconnected_before_streaming`. Usage
-and `finish_reason` are the engine's.
+and `finish_reason` are the engine's. Unknown fields the parser ignored are listed in a
+response header and counted (ignored.py).
 """
 
 from __future__ import annotations
