@@ -1,5 +1,6 @@
 """The OpenAI-protocol user of the load test: `POST /v1/chat/completions`, streamed (SSE) and
-not, reading to the end, quitting mid-stream, or quitting before the first chunk. Each request
+not, reading to the end, quitting mid-stream, or quitting before the first chunk; and
+`POST /v1/completions` with an unknown field (answered, the field listed as ignored). Each request
 carries `X-ChatStream-Request-Id`, so it joins the exact accounting like the /chat_stream users.
 
 Outcome each task implies:
@@ -27,6 +28,7 @@ from loadtest.client import REQUEST_ID_HEADER, AccountedUser, prompt
 from loadtest.quits import quit_early, quitting, read_then_close
 from loadtest.run_state import RUN
 
+IGNORED_FIELDS_HEADER = "x-chatstream-ignored-fields"  # serve_app/openai_api/ignored.py
 API_KEY_ENV = "CHATSTREAM_LOADTEST_API_KEY"  # sent as the bearer key when the service has keys
 
 
@@ -109,14 +111,19 @@ class OpenAIUser(OpenAIClient):
     weight = 2  # set from --openai-weight at init
     wait_time = between(0.5, 1.5)
 
-    def ask(self, question: str, **fields: Any) -> Any:
-        """The sender of a request: `ask(...)(request_id, name)` posts it."""
+    def ask(self, question: str, path: str = "/v1/chat/completions", **fields: Any) -> Any:
+        """The sender of a request: `ask(...)(request_id, name)` posts it (a chat question, or
+        with `path="/v1/completions"` a text prompt)."""
+        if path == "/v1/completions":
+            body = {"model": self.model, "prompt": question, **fields}
+        else:
+            body = {"model": self.model, "messages": [{"role": "user", "content": question}],
+                    **fields}  # fmt: skip
 
         def send(request_id: str, name: str) -> Any:
             return self.client.post(
-                "/v1/chat/completions",
-                json={"model": self.model, "messages": [{"role": "user", "content": question}],
-                      **fields},
+                path,
+                json=body,
                 headers={REQUEST_ID_HEADER: request_id, **self.auth},
                 stream=True,
                 catch_response=True,
@@ -169,6 +176,30 @@ class OpenAIUser(OpenAIClient):
                 response.success()
             else:
                 response.failure("bad chat.completion")
+
+    @task(1)
+    def text_completion(self) -> None:
+        """`/v1/completions` with a field the server does not know: answered, and the
+        response lists the field as ignored."""
+        request_id = RUN.new_id("oai")
+        send = self.ask(prompt(4), path="/v1/completions", max_tokens=RUN.options.answer_tokens,
+                        cache_control={"type": "ephemeral"})  # fmt: skip
+        with send(request_id, "openai text completion") as response:
+            if response.status_code != 200:
+                return self.refused(response, request_id, "too_many_requests")
+            try:
+                answer = response.json()
+                ok = answer["choices"][0]["finish_reason"] in ("stop", "length") and (
+                    response.headers.get(IGNORED_FIELDS_HEADER) == "cache_control"
+                )
+            except (ValueError, KeyError, IndexError, requests.RequestException) as exc:
+                ok, answer = False, repr(exc)
+            violation = "" if ok else f"bad text_completion: {answer}"
+            RUN.record(request_id, self.behaviour, SUCCESS, violation=violation)
+            if ok:
+                response.success()
+            else:
+                response.failure("bad text_completion")
 
     @task(2)
     def quit_mid_stream(self) -> None:

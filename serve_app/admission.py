@@ -33,7 +33,7 @@ from serve_app.bookkeeping import Bookkeeping
 from serve_app.exchange import Callback, Exchange, Turn
 from serve_app.fair_queue import OVER_SHARE, FairQueue, QueueRefused
 from serve_app.liveness import LoadBoard
-from serve_app.model_contract import AnswerChunk, GenerationRequest, SlotAcquired
+from serve_app.model_contract import AnswerChunk, GenerationRequest, SlotAcquired, merge_chunks
 from serve_app.outcomes import Outcome, classify_outcome, is_client_disconnect
 from serve_app.refusals import Refusal, store_unavailable
 from serve_app.sessions import SessionView
@@ -191,7 +191,8 @@ class Admission:
             exchange.completion_tokens += chunk.num_tokens
             if chunk.finish_reason is not None:
                 exchange.finish_reason = chunk.finish_reason
-            if chunk.text or chunk.finish_reason is not None:
+            # A chunk with only log probabilities (text held back by a stop string) counts.
+            if chunk.text or chunk.finish_reason is not None or chunk.logprobs:
                 return chunk
         return None
 
@@ -237,15 +238,19 @@ class Admission:
     async def collect(self, exchange: Exchange, chunk: AnswerChunk | None) -> str:
         """The whole answer's text, for a response sent in one piece. On failure the outcome
         is recorded and the error re-raised."""
-        parts: list[str] = []
+        return (await self.collect_chunks(exchange, chunk)).text
+
+    async def collect_chunks(self, exchange: Exchange, chunk: AnswerChunk | None) -> AnswerChunk:
+        """The whole answer as one chunk (its text, token ids and log probabilities)."""
+        chunks: list[AnswerChunk] = []
         try:
             while chunk is not None:
-                parts.append(chunk.text)
+                chunks.append(chunk)
                 chunk = await self.next_chunk(exchange)
         except BaseException as exc:
             self.finish(exchange, exc)
             raise
-        return "".join(parts)
+        return merge_chunks(chunks) if chunks else AnswerChunk("", 0)
 
     async def send_once(
         self, exchange: Exchange, body: bytes, text: str | None = None

@@ -103,3 +103,12 @@ def routing_snapshot() -> dict[str, dict[str, int]]:
     for (decision, reason), count in sorted(ROUTING_TALLY.items()):
         out.setdefault(decision, {})[reason or "none"] = count
     return out
+
+
+IGNORED_FIELDS = Metric(
+    "chatstream_openai_ignored_fields_total",
+    "Unknown request fields accepted and ignored on /v1 routes (listed to the client in the "
+    "x-chatstream-ignored-fields header), by route and where in the body: top_level, message, "
+    "content_part, stream_options...",
+    ("route", "where"),
+)

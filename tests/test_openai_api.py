@@ -21,12 +21,15 @@ import pytest
 
 from serve_app.api_keys import API_KEYS_ENV
 from serve_app.config import ADMIN_TOKEN_ENV
+from serve_app.engines.features import ENGINE_FEATURES
 from serve_app.local_server import LocalServe
+from serve_app.openai_api.ignored import IGNORED_FIELDS_HEADER
+from serve_app.validation import REQUEST_ID_HEADER
 from tests.support import admin_headers, new_request_id, outcome_of, wait_for
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 KEY_IDS = "models sync stream async bad rate hold1 hold2 retry quit early budget other sum fail"
-KEY_IDS += " solo solo2 seed"
+KEY_IDS += " solo solo2 seed fields completions"
 KEYS = {key_id: f"sk-{key_id}-0123456789" for key_id in KEY_IDS.split()}
 TOKEN_BUDGET = 150  # tokens per minute per key
 MODEL = "mock"
@@ -226,9 +229,9 @@ def test_async_sdk_streaming_and_not(service):
 @pytest.mark.parametrize(
     ("extra", "param", "code"),
     [
-        ({"n": 2}, "n", "unsupported_parameter"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
-        ({"extra_body": {"mirostat": 1}}, "mirostat", "unknown_parameter"),
+        ({"extra_body": {"repetition_penalty": 1.3}}, "repetition_penalty", None),
+        ({"n": 2}, "n", "unsupported_parameter"),
         ({"temperature": 7}, "temperature", "invalid_value"),
         ({"messages": user("word " * 300)}, "messages", "context_length_exceeded"),
         ({"max_tokens": 190, "messages": user("x " * 20)}, "max_tokens", None),
@@ -243,6 +246,107 @@ def test_bad_requests_are_400_naming_the_field_and_take_no_slot(service, extra, 
     assert error["param"] == param
     if code:
         assert error["code"] == code
+    assert totals(service)["admitted"] == before
+
+
+def test_unknown_fields_are_ignored_listed_in_a_header_and_counted(service):
+    """Open WebUI's `cache_control` on a content part, and unknown top-level fields: answered,
+    and the response says what was ignored."""
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "tagged words", "cache_control": {"type": "ephemeral"}},
+    ]}]  # fmt: skip
+    raw = sdk(service, "fields").chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=2, extra_body={"mirostat": 2}
+    )
+    assert raw.headers[IGNORED_FIELDS_HEADER] == "mirostat,messages[0].content[0].cache_control"
+    assert raw.parse().choices[0].message.content == "tagged words"
+    plain = sdk(service, "fields").chat.completions.with_raw_response.create(
+        model=MODEL, messages=user("x"), max_tokens=1
+    )
+    assert IGNORED_FIELDS_HEADER not in plain.headers
+
+
+FEATURE_BODIES = {
+    "ignore_eos": ({"extra_body": {"ignore_eos": True}}, "ignore_eos"),
+    "min_tokens": ({"extra_body": {"min_tokens": 2}}, "min_tokens"),
+    "penalties": ({"presence_penalty": 0.5}, "presence_penalty"),
+    "logit_bias": ({"logit_bias": {"5": 1}}, "logit_bias"),
+    "logprobs": ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    "json_object": ({"response_format": {"type": "json_object"}}, "response_format"),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURE_BODIES))
+def test_a_feature_the_engine_lacks_is_a_400_naming_the_engine(service, feature):
+    if feature in ENGINE_FEATURES["mock"]:
+        pytest.skip(f"the mock engine honours {feature}")
+    extra, param = FEATURE_BODIES[feature]
+    before = totals(service)["admitted"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(service, "fields").chat.completions.create(
+            model=MODEL, messages=user("hi"), max_tokens=2, **extra
+        )
+    error = caught.value.body
+    assert (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert "mock engine" in error["message"]
+    assert totals(service)["admitted"] == before
+
+
+@pytest.mark.skipif("logprobs" not in ENGINE_FEATURES["mock"], reason="mock lacks logprobs")
+def test_logprobs_whole_and_streamed(service):
+    client = sdk(service, "fields")
+    whole = client.chat.completions.create(
+        model=MODEL, messages=user("a b"), max_tokens=2, logprobs=True, top_logprobs=2
+    )
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    assert "".join(c.token for c in content) == whole.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=MODEL, messages=user("a b"), max_tokens=2, logprobs=True, stream=True
+    )
+    tokens = [c.token for chunk in stream if chunk.choices and chunk.choices[0].logprobs
+              for c in chunk.choices[0].logprobs.content]  # fmt: skip
+    assert len(tokens) == 2
+
+
+def test_completions_text_stream_echo_usage_and_the_same_accounting(service):
+    client = sdk(service, "completions")
+    before = totals(service)["admitted"]
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt="tick tock", max_tokens=3, extra_body={"cache_control": {}}
+    )
+    assert raw.headers[IGNORED_FIELDS_HEADER] == "cache_control"
+    whole = raw.parse()
+    assert whole.object == "text_completion" and whole.choices[0].text == "tick tock tick"
+    assert whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (2, 3)
+    assert outcome(service, raw.headers[REQUEST_ID_HEADER]) == "success"
+    echoed = client.completions.create(model=MODEL, prompt="tick", max_tokens=1, echo=True)
+    assert echoed.choices[0].text == "ticktick"
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="tick tock", max_tokens=2, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "tick tock"
+    assert chunks[-1].usage.completion_tokens == 2
+    assert wait_for(lambda: totals(service)["admitted"] == before + 3 or None, timeout_s=30)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"prompt": [1, 2]}, "prompt"),  # the mock has no tokenizer
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "word " * 300}, "prompt"),
+    ],
+)
+def test_completions_refusals_name_the_field_and_take_no_slot(service, extra, param):
+    before = totals(service)["admitted"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(service, "completions").completions.create(model=MODEL, max_tokens=2, **extra)
+    assert caught.value.body["param"] == param
     assert totals(service)["admitted"] == before
 
 

@@ -40,3 +40,24 @@ def test_the_sdk_streams_a_smollm2_answer(service):
     assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 16
     totals = httpx.get(f"{service.url}/outcomes").json()  # loopback: no admin token needed
     assert totals["outcomes"]["success"] == 1
+
+
+def test_completions_text_and_token_ids_give_the_same_greedy_answer(service):
+    """`/v1/completions` on the real engine: a text prompt and its token ids (checked against
+    the vocabulary, `echo` decoding them) are the same prompt to the model."""
+    from serve_app.config import ChatStreamConfig
+    from serve_app.engines.chat_tokens import prompt_token_ids
+    from serve_app.engines.hf_loading import load_tokenizer
+
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    text = "The capital of France is"
+    ids = prompt_token_ids(load_tokenizer(ChatStreamConfig()), text)
+    options = {"model": EMBEDDED_MODEL_NAME, "max_tokens": 6, "temperature": 0}
+    by_text = client.completions.create(prompt=text, **options)
+    by_ids = client.completions.create(prompt=ids, echo=True, **options)
+    assert by_text.usage.prompt_tokens == by_ids.usage.prompt_tokens == len(ids)
+    assert by_text.choices[0].text and by_ids.choices[0].text.endswith(by_text.choices[0].text)
+    assert "France" in by_ids.choices[0].text  # the echoed prompt, decoded
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(prompt=[10**6], **options)
+    assert info.value.param == "prompt"

@@ -1,6 +1,9 @@
 """`/v1` responses as pure functions: the shapes of the `openai` SDK's `ChatCompletion`,
 `ChatCompletionChunk` and `Model`, and Server-Sent Events framing.
 
+With `logprobs` asked for, each text chunk carries its tokens' log probabilities
+(serve_app/openai_api/logprobs.py), and so does the whole answer's choice.
+
 A stream is: first chunk (role, and best also the first text), text chunks, a final chunk with
 an empty delta and `finish_reason`, the usage chunk if asked for, then `data: [DONE]`. Token
 counts and the finish reason are the engine's (serve_app/model_contract.py).
@@ -11,10 +14,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.model_contract import TokenLogprob
+from serve_app.openai_api.logprobs import chat_logprobs
 from serve_app.openai_api.protocol import ChatCompletionRequest
 
 OWNED_BY = "chatstream"
@@ -54,11 +59,21 @@ class ChunkBuilder:
         chunk.update(extra)
         return chunk
 
-    def delta(self, content: str | None = None, *, first: bool = False) -> dict[str, Any]:
-        """A text chunk; the `first` one also carries `role: assistant`."""
+    def delta(
+        self,
+        content: str | None = None,
+        *,
+        first: bool = False,
+        logprobs: Sequence[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        """A text chunk; the `first` one also carries `role: assistant`. `logprobs`: its
+        tokens' (None when the request asked for none)."""
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         delta["content"] = content if content is not None or not first else ""
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        encoded = None if logprobs is None else chat_logprobs(logprobs)
+        return self._chunk(
+            [{"index": 0, "delta": delta, "logprobs": encoded, "finish_reason": None}]
+        )
 
     def finish(self, reason: str) -> dict[str, Any]:
         """The last choice chunk: empty delta, `finish_reason` stop|length."""
@@ -78,8 +93,9 @@ def chat_completion(
     completion_tokens: int,
     id: str | None = None,
     created: int | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
-    """A non-streamed `chat.completion` with `usage`."""
+    """A non-streamed `chat.completion` with `usage` (and `logprobs`, if asked for)."""
     return {
         "id": id or new_completion_id(),
         "object": "chat.completion",
@@ -89,7 +105,7 @@ def chat_completion(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
+                "logprobs": None if logprobs is None else chat_logprobs(logprobs),
                 "finish_reason": finish_reason,
             }
         ],
@@ -136,12 +152,22 @@ class StreamEncoder:
         self.builder = builder or ChunkBuilder(request.model, include_usage=request.include_usage)
         self.include_usage = request.include_usage
         self.continuous_usage = request.continuous_usage
+        self.with_logprobs = request.sampling.logprobs is not None
         self._started = False
 
-    def feed(self, text: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> str:
-        if not text and self._started:
+    def feed(
+        self,
+        text: str,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        logprobs: Sequence[TokenLogprob] = (),
+    ) -> str:
+        if not text and not logprobs and self._started:
             return ""
-        chunk = self.builder.delta(text, first=not self._started)
+        chunk = self.builder.delta(
+            text, first=not self._started, logprobs=logprobs if self.with_logprobs else None
+        )
         if self.continuous_usage:
             chunk["usage"] = usage(prompt_tokens, completion_tokens)
         self._started = True

@@ -6,21 +6,24 @@ against that model's own ranges, so a limit has one definition), stop strings, `
 `stream` and `include_usage`. A refusal is a `Refusal` in OpenAI's terms (400, or 404 for
 another model).
 
-* Nothing that would change the answer is ignored. A parameter we cannot honour is refused
-  with a 400 naming it (`error.param`), unless its value is the neutral one (`n: 1`,
-  `logprobs: false`, `presence_penalty: 0`, `tools: []`, `null` for anything...): clients that
-  send explicit defaults, or that echo a previous assistant message back with
-  `tool_calls: null`, keep working. Parameters that cannot change the text (`metadata`,
-  `store`, `service_tier`, `stream_options.include_obfuscation`...) are accepted and ignored;
+* Unknown fields are accepted and ignored, as vLLM's server does: at the top level, inside
+  messages and inside content parts (Open WebUI's `cache_control`). Their names come back in
+  `ChatCompletionRequest.ignored` (the service lists them in a response header and counts them).
+* Known fields that would change the answer but are not built (`tools` (until the tools work
+  lands), `audio`, `modalities`, vLLM's `repetition_penalty`, `guided_json`...) are refused
+  with a 400 naming them (`error.param`), unless their value is the neutral one (`tools: []`,
+  `null` for anything...): clients that send explicit defaults, or that echo a previous
+  assistant message back with `tool_calls: null`, keep working. Fields that cannot change the
+  text (`user`, `metadata`, `store`, `service_tier`, `prompt_cache_key`...) are accepted;
   `prompt_cache_key` (else `user`) keys session-affine routing and KV prefix reuse.
-  vLLM's `stream_options.continuous_usage_stats` is honoured
-  (each chunk carries the usage so far); its `ignore_eos` passes only as `false`. Unknown
-  parameters are refused (400, code `unknown_parameter`): we cannot know that they are
-  harmless. `top_k` is accepted as an extension (as vLLM and TGI do; -1 means "off", like
-  our 0).
+* The sampling fields (`n`, `seed`, `ignore_eos`, `min_tokens`, penalties, `logit_bias`,
+  `logprobs`/`top_logprobs`, `response_format`) are parsed by `sampling.parse_sampling`; whether
+  the engine honours them is the service's check (engines/features.py).
+* `max_completion_tokens` is OpenAI's name for the budget (`max_tokens` is deprecated); when
+  both are sent they must agree. `top_k` is accepted as an extension (as vLLM and TGI do; -1
+  means "off", like our 0). vLLM's `stream_options.continuous_usage_stats` is honoured.
 * `stream_options` is accepted without `stream: true` and then ignored (OpenAI answers 400
   there; being lenient cannot change the answer and spares clients that always send it).
-* `seed` makes sampling reproducible per request (every engine honours it).
 * Text parts of an array `content` are joined with "\\n" (as vLLM does); other part types
   (images, audio, files) are refused naming `messages[i].content[j].type`. `developer`
   messages are system messages; `tool` and `function` messages are refused.
@@ -36,6 +39,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from serve_app.config import GenerationParams
+from serve_app.openai_api.sampling import Sampling, parse_sampling
 from serve_app.refusals import invalid_request, model_not_found, unsupported_parameter
 from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds, whole_number
 
@@ -45,28 +49,24 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512
 MAX_USER_CHARS = 512
 
-# Parameters we honour (mapped below), those that cannot change the answer, and those we cannot
-# honour unless they carry their neutral value (compared with ==, after None is accepted).
+# Fields we honour (parsed below or in sampling.py), those that cannot change the answer, and
+# known ones we cannot honour unless they carry their neutral value (compared with ==, after
+# None is accepted). Anything else is unknown: accepted, ignored and reported.
 _SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-    "temperature", "top_p", "top_k", "stop", "seed", "user",
+    "temperature", "top_p", "top_k", "stop", "seed", "user", "n", "ignore_eos", "min_tokens",
+    "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "response_format",
 }  # fmt: skip
 _HARMLESS = {
     "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
     "safety_identifier", "parallel_tool_calls", "prompt_cache_options",
 }  # fmt: skip
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -74,17 +74,32 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "verbosity": (),
     "web_search_options": (),
     "moderation": (),
-    "ignore_eos": (False,),  # vLLM's extension; true would generate past the end of the answer
+    # vLLM's chat-template fields (Open WebUI sends them): only their defaults are built.
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    # vLLM's sampling extensions: they would change the answer.
+    "repetition_penalty": (1,),
+    "min_p": (0,),
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "length_penalty": (1,),
+    "echo": (False,),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "bad_words": ([],),
+    "allowed_token_ids": (),
 }
-_STREAM_OPTIONS_HARMLESS = {"include_obfuscation"}
-_STREAM_OPTIONS_NEUTRAL: dict[str, tuple[Any, ...]] = {}
+_STREAM_OPTIONS = {"include_usage", "continuous_usage_stats", "include_obfuscation"}
 _MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "tool_calls": ([],),
     "function_call": (),
+    "audio": (),
     "refusal": (),
     "annotations": ([],),
-    "audio": (),
-    "name": (),
+    "name": (),  # a participant's name would change the prompt; it is not rendered
     "tool_call_id": (),
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -117,10 +132,10 @@ class ChatCompletionRequest:
 
     @property
     def session_key(self) -> str | None:
-        """The routing and KV-reuse key (`GenerationRequest.session`): `prompt_cache_key`,
-        else `user`; namespaced apart from chat sessions and Responses chains."""
-        key = self.prompt_cache_key or self.user
-        return f"v1:{key}" if key else None
+        return session_key(self.prompt_cache_key, self.user)
+
+    sampling: Sampling = field(default_factory=Sampling)
+    ignored: tuple[str, ...] = ()  # unknown fields, accepted and ignored (their paths)
 
     def generation_params(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
         """`defaults` (GenerationParams names) overridden by the client's parameters."""
@@ -165,17 +180,31 @@ def _check_keys(
     neutral: Mapping[str, tuple[Any, ...]],
     prefix: str = "",
 ) -> None:
+    """The strict check (the Responses API's): an unknown field is a 400 `unknown_parameter`."""
+    for key in _ignored_keys(data, supported | harmless, neutral, prefix):
+        raise invalid_request(
+            f"Unrecognized request argument supplied: {key}", key, "unknown_parameter"
+        )
+
+
+def _ignored_keys(
+    data: Mapping[str, Any],
+    known: set[str],
+    neutral: Mapping[str, tuple[Any, ...]] | None = None,
+    prefix: str = "",
+) -> list[str]:
+    """Refuse a `neutral`-only field with another value; return the unknown fields' names."""
+    ignored = []
     for key, value in data.items():
-        if key in supported or key in harmless:
+        if key in known:
             continue
         name = f"{prefix}{key}"
-        if key in neutral:
+        if neutral is not None and key in neutral:
             if not _is_neutral(value, neutral[key]):
                 raise unsupported_parameter(name)
             continue
-        raise invalid_request(
-            f"Unrecognized request argument supplied: {name}", name, "unknown_parameter"
-        )
+        ignored.append(name)
+    return ignored
 
 
 def _validate_param(name: str, param: str, value: Any) -> Any:
@@ -196,7 +225,7 @@ def _strict_bool(data: Mapping[str, Any], key: str, param: str) -> bool:
     return value
 
 
-def _parse_content(content: Any, where: str) -> str:
+def _parse_content(content: Any, where: str, ignored: list[str]) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -211,9 +240,7 @@ def _parse_content(content: Any, where: str) -> str:
                 raise unsupported_parameter(
                     f"{where}[{j}].type", f"is {kind!r}; only 'text' content parts are supported"
                 )
-            extra = set(part) - {"type", "text"}
-            if extra:
-                raise unsupported_parameter(f"{where}[{j}].{sorted(extra)[0]}")
+            ignored += _ignored_keys(part, {"type", "text"}, prefix=f"{where}[{j}].")
             text = part.get("text")
             if not isinstance(text, str):
                 raise invalid_request(
@@ -226,7 +253,8 @@ def _parse_content(content: Any, where: str) -> str:
     )
 
 
-def _parse_messages(raw: Any) -> list[dict[str, str]]:
+def _parse_messages(raw: Any, ignored: list[str]) -> list[dict[str, str]]:
+    """The conversation; unknown keys of messages and parts are added to `ignored`."""
     if raw is None:
         raise invalid_request("'messages' is required", "messages", "missing_required_parameter")
     if not isinstance(raw, list) or not raw:
@@ -245,13 +273,13 @@ def _parse_messages(raw: Any) -> list[dict[str, str]]:
                     f"{where}.role", f"is {role!r}; tools are not supported"
                 )
             raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
-        _check_keys(message, {"role", "content"}, set(), _MESSAGE_NEUTRAL, f"{where}.")
+        ignored += _ignored_keys(message, {"role", "content"}, _MESSAGE_NEUTRAL, f"{where}.")
         content = message.get("content")
         if content is None and role != "assistant":
             raise invalid_request(
                 f"'{where}.content' is required", f"{where}.content", "missing_required_parameter"
             )
-        text = "" if content is None else _parse_content(content, f"{where}.content")
+        text = "" if content is None else _parse_content(content, f"{where}.content", ignored)
         total += len(text)
         if total > MAX_CONTENT_CHARS:
             raise invalid_request(
@@ -261,7 +289,7 @@ def _parse_messages(raw: Any) -> list[dict[str, str]]:
     return messages
 
 
-def _parse_stop(raw: Any) -> tuple[str, ...]:
+def parse_stop(raw: Any) -> tuple[str, ...]:
     if raw is None:
         return ()
     stops = [raw] if isinstance(raw, str) else raw
@@ -288,38 +316,27 @@ def check_model(data: Mapping[str, Any], served_model: str) -> str:
     return model
 
 
-def parse_chat_completion(
-    body: bytes | str | Mapping[str, Any],
-    *,
-    served_model: str,
-) -> ChatCompletionRequest:
-    """Validate a `/v1/chat/completions` body. Raises `Refusal` (400, or 404 for a model other
-    than `served_model`)."""
-    data = _load_body(body)
-    _check_keys(data, _SUPPORTED, _HARMLESS, _NEUTRAL)
-    model = check_model(data, served_model)
-    messages = _parse_messages(data.get("messages"))
-
-    stream = _strict_bool(data, "stream", "stream")
+def _parse_stream_options(data: Mapping[str, Any], stream: bool, ignored: list[str]):
+    """`(include_usage, continuous_usage)`: both only when streaming; malformed values are
+    refused whatever their use."""
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid_request(
             "'stream_options' must be an object", "stream_options", "invalid_type"
         )
     options = options or {}
-    _check_keys(
-        options, {"include_usage", "continuous_usage_stats"}, _STREAM_OPTIONS_HARMLESS,
-        _STREAM_OPTIONS_NEUTRAL,
-        "stream_options.",
-    )  # fmt: skip
-    # Both are checked whatever their use: a malformed value is refused, not skipped.
+    ignored += _ignored_keys(options, _STREAM_OPTIONS, prefix="stream_options.")
     asked_usage = _strict_bool(options, "include_usage", "stream_options.include_usage")
     asked_continuous = _strict_bool(
         options, "continuous_usage_stats", "stream_options.continuous_usage_stats"
     )
     include_usage = stream and asked_usage
-    continuous_usage = include_usage and asked_continuous
+    return include_usage, include_usage and asked_continuous
 
+
+def parse_generation_params(data: Mapping[str, Any], budget: str = "max_tokens") -> dict[str, Any]:
+    """temperature, top_p, top_k and the token budget, in GenerationParams' names. `budget`:
+    the deprecated alias's name (`max_completion_tokens` is OpenAI's current one on chat)."""
     params: dict[str, Any] = {}
     for param, name in (("temperature", "temperature"), ("top_p", "top_p")):
         if data.get(param) is not None:
@@ -328,28 +345,44 @@ def parse_chat_completion(
         top_k = data["top_k"]
         params["top_k"] = 0 if top_k == -1 and type(top_k) is int else top_k
         params["top_k"] = _validate_param("top_k", "top_k", params["top_k"])
-    max_tokens, max_completion = data.get("max_tokens"), data.get("max_completion_tokens")
+    max_tokens, max_completion = data.get(budget), data.get("max_completion_tokens")
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise invalid_request(
-            "'max_tokens' and 'max_completion_tokens' disagree; send one of them", "max_tokens"
+            f"'{budget}' and 'max_completion_tokens' disagree; send one of them", budget
         )
     if max_completion is not None:
         params["max_new_tokens"] = _validate_param(
             "max_new_tokens", "max_completion_tokens", max_completion
         )
     elif max_tokens is not None:
-        params["max_new_tokens"] = _validate_param("max_new_tokens", "max_tokens", max_tokens)
+        params["max_new_tokens"] = _validate_param("max_new_tokens", budget, max_tokens)
+    return params
 
+
+def parse_seed(data: Mapping[str, Any]) -> int | None:
     seed = data.get("seed")
     if seed is not None and (type(seed) is not int or not -(2**63) <= seed < 2**63):
         raise invalid_request("'seed' must be a 64-bit integer", "seed", "invalid_type")
+    return seed
 
+
+def parse_user(data: Mapping[str, Any]) -> str | None:
     user = data.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
         raise invalid_request(
             f"'user' must be a string of at most {MAX_USER_CHARS} characters", "user"
         )
+    return user
 
+
+def session_key(prompt_cache_key: str | None, user: str | None) -> str | None:
+    """The routing and KV-reuse key (`GenerationRequest.session`) of a /v1 request:
+    `prompt_cache_key`, else `user`; namespaced apart from chat sessions and Responses chains."""
+    key = prompt_cache_key or user
+    return f"v1:{key}" if key else None
+
+
+def parse_prompt_cache_key(data: Mapping[str, Any]) -> str | None:
     cache_key = data.get("prompt_cache_key")
     if cache_key is not None and (
         not isinstance(cache_key, str) or len(cache_key) > MAX_USER_CHARS
@@ -358,16 +391,34 @@ def parse_chat_completion(
             f"'prompt_cache_key' must be a string of at most {MAX_USER_CHARS} characters",
             "prompt_cache_key",
         )
+    return cache_key
 
+
+def parse_chat_completion(
+    body: bytes | str | Mapping[str, Any],
+    *,
+    served_model: str,
+) -> ChatCompletionRequest:
+    """Validate a `/v1/chat/completions` body. Raises `Refusal` (400, or 404 for a model other
+    than `served_model`)."""
+    data = _load_body(body)
+    ignored = _ignored_keys(data, _SUPPORTED | _HARMLESS, _NEUTRAL)
+    model = check_model(data, served_model)
+    messages = _parse_messages(data.get("messages"), ignored)
+    stream = _strict_bool(data, "stream", "stream")
+    include_usage, continuous_usage = _parse_stream_options(data, stream, ignored)
+    params = parse_generation_params(data)
     return ChatCompletionRequest(
         model=model,
         messages=messages,
         params=params,
-        stop=_parse_stop(data.get("stop")),
+        stop=parse_stop(data.get("stop")),
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous_usage,
-        seed=seed,
-        user=user,
-        prompt_cache_key=cache_key,
+        seed=parse_seed(data),
+        user=parse_user(data),
+        sampling=parse_sampling(data, max_tokens=params.get("max_new_tokens")),
+        ignored=tuple(ignored),
+        prompt_cache_key=parse_prompt_cache_key(data),
     )

@@ -1,38 +1,50 @@
-"""`POST /v1/chat/completions` on ChatStream's request path, statelessly: the history is what
-the client sends; there is no session and no turn lock.
+"""`POST /v1/chat/completions` and `POST /v1/completions` on ChatStream's request path,
+statelessly: the history (or prompt) is what the client sends; no session, no turn lock.
 
 One request: the edge's checks (API key, its stream limit) -> parse (400/404) -> plan the
-prompt with the shared context fitting (400 context_length_exceeded) -> admission (429 when
+prompt with the shared context fitting (400 context_length_exceeded) -> the checks before a
+slot (`n`, the engine's features: 400 naming the engine) -> admission (429 when
 the queue is full) -> SSE events or one JSON body. From admission on, the outcome, ledger,
 metrics, usage and callback are the admission's, exactly as for `/chat_stream`. A streamed
 answer counts as sent once `[DONE]` went out; a non-streamed one when its body has gone out, so
 a client that leaves while it is generated is `client_disconnected_before_streaming`. Usage
-and `finish_reason` are the engine's.
+and `finish_reason` are the engine's. Unknown fields the parser ignored are listed in a
+response header and counted (ignored.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve_app.access import Gate, Guard, caller_of
+from serve_app.access import Caller, Gate, Guard, caller_of
 from serve_app.admission import Admission, GenerationFailed
 from serve_app.config import ChatStreamConfig, GenerationParams
-from serve_app.conversation import plan_messages
+from serve_app.conversation import capped_params, plan_messages
 from serve_app.engines.base import PromptFormatter
 from serve_app.exchange import Callback, Exchange
-from serve_app.model_contract import AnswerChunk, GenerationRequest
+from serve_app.model_contract import AnswerChunk, GenerationRequest, ModelInput
+from serve_app.openai_api import ignored
+from serve_app.openai_api.completions import (
+    CompletionRequest,
+    CompletionStreamEncoder,
+    parse_completion,
+    text_completion,
+)
 from serve_app.openai_api.encoding import (
     SSE_HEADERS,
     SSE_MEDIA_TYPE,
     StreamEncoder,
     chat_completion,
 )
-from serve_app.openai_api.protocol import parse_chat_completion
+from serve_app.openai_api.protocol import ChatCompletionRequest, parse_chat_completion
+from serve_app.openai_api.sampling import check_engine
 from serve_app.outcomes import is_client_disconnect
-from serve_app.refusals import Refusal, server_error
+from serve_app.refusals import Refusal, invalid_request, server_error, unsupported_parameter
 from serve_app.validation import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -59,12 +71,13 @@ class SSEAnswer:
         self._encoder = encoder
 
     def chunk(self, exchange: Exchange, chunk: AnswerChunk) -> str:
-        if not chunk.text:
+        if not chunk.text and not chunk.logprobs:
             return ""
         return self._encoder.feed(
             chunk.text,
             prompt_tokens=exchange.prompt_tokens,
             completion_tokens=exchange.completion_tokens,
+            logprobs=chunk.logprobs,
         )
 
     def end(self, exchange: Exchange) -> str:
@@ -98,57 +111,164 @@ class OpenAIService:
     async def chat_completions(
         self, request: Request, request_body: bytes | None, callback: Callback | None
     ) -> Response:
-        """Answer one request (the body, if a route already read it; the callback, if any)."""
+        """Answer one chat request (the body, if a route already read it; the callback)."""
         try:
             caller = caller_of(request) or await self._edge.enter(request, Guard.ADMITS)
             body = await self._edge.read_body(request, request_body)
-            completion = parse_chat_completion(body, served_model=self.model_name)
+            chat = parse_chat_completion(body, served_model=self.model_name)
             plan = plan_messages(
-                completion.messages,
+                chat.messages,
                 defaults=self._defaults,
-                overrides=completion.params,
+                overrides=chat.params,
                 formatter=self._formatter,
                 system_prompt=self._config.system_prompt,
             )
-            generation = GenerationRequest(
-                plan.model_input,
-                GenerationParams(**plan.params),
-                stop=completion.stop,
-                seed=completion.seed,
-                session=completion.session_key,
+            admitted = await self._admit(
+                request, caller, chat, plan.model_input, plan.params, callback
             )
-            exchange, first = await self._admission.admit(request, caller, generation, callback)
         except Refusal as refusal:
             return await self._edge.refuse(request, refusal, openai=True)
         except GenerationFailed as failed:  # the outcome (and the callback) are recorded
             return failure(failed.request_id)
-        # A client disconnect propagates (recorded as client_disconnected_before_streaming).
-        headers = id_headers(exchange.request_id)
-        if completion.stream:
-            events = self._admission.relay(exchange, first, SSEAnswer(StreamEncoder(completion)))
+
+        def whole(answered: AnswerChunk, exchange: Exchange) -> dict:
+            return chat_completion(
+                model=chat.model,
+                content=answered.text,
+                logprobs=answered.logprobs if chat.sampling.logprobs is not None else None,
+                finish_reason=exchange.finish_reason or "stop",
+                prompt_tokens=exchange.prompt_tokens,
+                completion_tokens=exchange.completion_tokens,
+            )
+
+        return await self._answer(chat, admitted, StreamEncoder(chat), whole, "chat_completions")
+
+    async def completions(self, request: Request) -> Response:
+        """Answer one `/v1/completions` request (text or token ids, `echo`, legacy logprobs)."""
+        try:
+            caller = caller_of(request) or await self._edge.enter(request, Guard.ADMITS)
+            body = await self._edge.read_body(request, None)
+            text = parse_completion(body, served_model=self.model_name)
+            model_input, echoed, params = plan_prompt(
+                text, self._formatter, self._defaults, token_ids=self._config.engine != "mock"
+            )
+            admitted = await self._admit(request, caller, text, model_input, params, None)
+        except Refusal as refusal:
+            return await self._edge.refuse(request, refusal, openai=True)
+        except GenerationFailed as failed:
+            return failure(failed.request_id)
+
+        def whole(answered: AnswerChunk, exchange: Exchange) -> dict:
+            return text_completion(
+                model=text.model,
+                text=answered.text,
+                echoed=echoed,
+                logprobs=answered.logprobs if text.sampling.logprobs is not None else None,
+                finish_reason=exchange.finish_reason or "stop",
+                prompt_tokens=exchange.prompt_tokens,
+                completion_tokens=exchange.completion_tokens,
+            )
+
+        encoder = CompletionStreamEncoder(text, echoed)
+        return await self._answer(text, admitted, encoder, whole, "completions")
+
+    async def _admit(
+        self,
+        request: Request,
+        caller: Caller,
+        parsed: ChatCompletionRequest | CompletionRequest,
+        model_input: ModelInput,
+        params: dict[str, Any],
+        callback: Callback | None,
+    ) -> tuple[Exchange, AnswerChunk | None]:
+        """The checks before a slot is taken (n, the engine's features), then the admission."""
+        generation = GenerationRequest(
+            model_input,
+            GenerationParams(**params),
+            stop=parsed.stop,
+            seed=parsed.seed,
+            session=parsed.session_key,
+            **parsed.sampling.generation_fields(),
+        )
+        check_choices(parsed.sampling.n)
+        check_engine(self._config.engine, generation)
+        return await self._admission.admit(request, caller, generation, callback)
+
+    async def _answer(
+        self,
+        parsed: ChatCompletionRequest | CompletionRequest,
+        admitted: tuple[Exchange, AnswerChunk | None],
+        encoder: StreamEncoder | CompletionStreamEncoder,
+        whole: Callable[[AnswerChunk, Exchange], dict],
+        route: str,
+    ) -> Response:
+        """The admitted request's answer: SSE events, or one JSON body once it is whole. A
+        client disconnect propagates (recorded as client_disconnected_before_streaming)."""
+        exchange, first = admitted
+        headers = {**id_headers(exchange.request_id), **ignored.report(parsed.ignored, route)}
+        if parsed.stream:
+            events = self._admission.relay(exchange, first, SSEAnswer(encoder))
             return self._admission.response(
                 exchange, events, media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **headers}
             )
         try:
-            content = await self._admission.collect(exchange, first)
+            answered = await self._admission.collect_chunks(exchange, first)
         except Exception as exc:  # the outcome is recorded
             if is_client_disconnect(exc):
                 raise
             return failure(exchange.request_id)
-        answer = chat_completion(
-            model=completion.model,
-            content=content,
-            finish_reason=exchange.finish_reason or "stop",
-            prompt_tokens=exchange.prompt_tokens,
-            completion_tokens=exchange.completion_tokens,
-        )
-        body = json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+        body = json.dumps(whole(answered, exchange), ensure_ascii=False, separators=(",", ":"))
+        data = body.encode()
         return self._admission.response(
             exchange,
-            self._admission.send_once(exchange, body),
+            self._admission.send_once(exchange, data),
             media_type="application/json",
-            headers={**headers, "content-length": str(len(body))},
+            headers={**headers, "content-length": str(len(data))},
         )
+
+
+def plan_prompt(
+    text: CompletionRequest,
+    formatter: PromptFormatter,
+    defaults: dict[str, Any],
+    *,
+    token_ids: bool,
+) -> tuple[ModelInput, str, dict[str, Any]]:
+    """A completion's model input, the echoed prompt (with `echo`) and its parameters; token ids
+    are checked against the vocabulary (400 where the engine has no tokenizer, `token_ids`
+    False), the prompt and budget against the context (400 context_length_exceeded)."""
+    tokenizer = getattr(formatter, "tokenizer", None)
+    prompt = text.prompt
+    if isinstance(prompt, list):
+        if not token_ids or tokenizer is None:
+            raise unsupported_parameter("prompt", "as token ids needs an engine with a tokenizer")
+        vocab = len(tokenizer)
+        if max(prompt) >= vocab:
+            raise invalid_request(
+                f"'prompt' holds a token id over the vocabulary ({vocab})", "prompt"
+            )
+    prompt_tokens = formatter.input_tokens(prompt)
+    room = formatter.context_length - prompt_tokens
+    asked = text.params.get("max_new_tokens")
+    if room < 1 or (asked is not None and asked > room):
+        raise invalid_request(
+            f"the prompt is {prompt_tokens} tokens and {asked or 1} more were asked for, but the "
+            f"model's context is {formatter.context_length}",
+            "prompt" if room < 1 else "max_tokens",
+            "context_length_exceeded",
+        )
+    params = capped_params({**defaults, **text.params}, prompt_tokens, formatter.context_length)
+    echoed = ""
+    if text.echo:
+        echoed = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    return prompt, echoed, params
+
+
+def check_choices(n: int) -> None:
+    """`n` > 1 needs one admitted request to run n model streams, which the admission does not
+    do yet: a 400 until it does, rather than one choice where n were asked for."""
+    if n > 1:
+        raise unsupported_parameter("n", f"is {n}; this server answers one choice per request")
 
 
 def failure(request_id: str) -> JSONResponse:

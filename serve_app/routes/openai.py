@@ -12,7 +12,11 @@ from serve_app.openai_api.encoding import model_list
 from serve_app.routes import openapi
 
 router = APIRouter()
-GUARDS = {"/v1/chat/completions": Guard.ADMITS, "/v1/models": Guard.KEY}
+GUARDS = {
+    "/v1/chat/completions": Guard.ADMITS,
+    "/v1/completions": Guard.ADMITS,
+    "/v1/models": Guard.KEY,
+}
 _STARTED = int(time.time())
 
 
@@ -29,6 +33,19 @@ _STARTED = int(time.time())
 )
 async def chat_completions(request: Request) -> Response:
     return await request.app.state.parts.openai.chat_completions(request, None, None)
+
+
+@router.post(
+    "/v1/completions",
+    response_class=Response,
+    responses={
+        **openapi.answer_or_events("A text_completion, or text_completion events when streaming"),
+        **openapi.errors(*openapi.OPENAI, openai=True),
+    },
+    openapi_extra=openapi.json_body(openapi.completion_schema(), "OpenAI's completions request"),
+)
+async def completions(request: Request) -> Response:
+    return await request.app.state.parts.openai.completions(request)
 
 
 @router.get("/v1/models", responses=openapi.errors(*openapi.EDGE, 401, openai=True))

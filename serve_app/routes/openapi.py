@@ -13,8 +13,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from serve_app.config import MIN_TEMPERATURE, GenerationParams
-from serve_app.openai_api import protocol
+from serve_app.openai_api import protocol, sampling
 from serve_app.openai_api.encoding import SSE_MEDIA_TYPE
+from serve_app.openai_api.ignored import IGNORED_FIELDS_HEADER
 from serve_app.validation import MAX_USER_INPUT_CHARS
 
 
@@ -141,18 +142,19 @@ FEEDBACK_SCHEMA = {
 }
 
 
-def text_message(part_types: list[str]) -> dict[str, Any]:
-    """A message whose content is a string or an array of text parts of `part_types`."""
+def text_message(part_types: list[str], open_: bool = False) -> dict[str, Any]:
+    """A message whose content is a string or an array of text parts of `part_types`; `open_`:
+    other keys (of the message and its parts) are accepted and ignored."""
     part = {
         "type": "object",
         "required": ["type", "text"],
-        "additionalProperties": False,
+        "additionalProperties": open_,
         "properties": {"type": {"type": "string", "enum": part_types}, "text": {"type": "string"}},
     }
     return {
         "type": "object",
         "required": ["role", "content"],
-        "additionalProperties": False,
+        "additionalProperties": open_,
         "properties": {
             "role": {"type": "string", "enum": sorted(protocol.ROLES)},
             "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]},
@@ -162,7 +164,7 @@ def text_message(part_types: list[str]) -> dict[str, Any]:
 
 def chat_completion_schema() -> dict[str, Any]:
     """The `/v1/chat/completions` body this server accepts."""
-    message = text_message(["text"])
+    message = text_message(["text"], open_=True)
     budget = {**_param("max_new_tokens"), "description": "With the prompt, at most the context"}
     stop = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
     properties: dict[str, Any] = {
@@ -178,7 +180,7 @@ def chat_completion_schema() -> dict[str, Any]:
         "stream": {"type": "boolean"},
         "stream_options": {
             "type": "object",
-            "additionalProperties": False,
+            "additionalProperties": True,  # unknown ones are ignored, as at the top level
             "properties": {
                 "include_usage": {"type": ["boolean", "null"]},
                 "continuous_usage_stats": {"type": ["boolean", "null"]},
@@ -197,12 +199,100 @@ def chat_completion_schema() -> dict[str, Any]:
         },
         "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
         "user": {"type": "string", "maxLength": protocol.MAX_USER_CHARS},
+        **sampling_properties(),
     }
-    return closed_body(
+    body = closed_body(
         properties,
         ["model", "messages"],
-        "max_tokens and max_completion_tokens, when both are sent, must agree",
+        "max_tokens and max_completion_tokens, when both are sent, must agree. Unknown fields "
+        f"(also inside messages and content parts) are ignored and listed in the "
+        f"`{IGNORED_FIELDS_HEADER}` response header. A sampling field the engine does not "
+        "honour is a 400 naming the engine.",
     )
+    body["additionalProperties"] = True
+    return body
+
+
+def completion_schema() -> dict[str, Any]:
+    """The `/v1/completions` body this server accepts."""
+    chat = chat_completion_schema()["properties"]
+    shared = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
+              "stop", "seed", "user", "n", "ignore_eos", "min_tokens", "presence_penalty",
+              "frequency_penalty", "logit_bias"]  # fmt: skip
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    text = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_CONTENT_CHARS}
+    one = [text, ids]
+    properties: dict[str, Any] = {
+        **{name: chat[name] for name in shared},
+        "prompt": {
+            "anyOf": [
+                *one,
+                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": one}},
+            ],
+            "description": "Text or token ids (below the vocabulary size; engines with a "
+            "tokenizer only); with max_tokens, within the model's context",
+        },
+        "echo": {
+            "type": "boolean",
+            "description": "The prompt before the answer (not with logprobs)",
+        },  # fmt: skip
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_LEGACY_LOGPROBS},
+    }
+    properties["model"] = {"type": "string", "description": "The served model; 404 else"}
+    for name in properties.keys() - {"model", "prompt"}:
+        if "anyOf" not in properties[name] or {"type": "null"} not in properties[name]["anyOf"]:
+            properties[name] = {"anyOf": [properties[name], {"type": "null"}]}
+    return {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "additionalProperties": True,
+        "properties": properties,
+        "description": "Unknown fields are ignored and listed in the "
+        f"`{IGNORED_FIELDS_HEADER}` response header; a sampling field the engine does not "
+        "honour is a 400 naming the engine; echo with logprobs is a 400.",
+    }
+
+
+def sampling_properties() -> dict[str, Any]:
+    """OpenAI's sampling fields, with the limits serve_app/openai_api/sampling.py checks."""
+    penalty = {"type": "number", "minimum": sampling.PENALTY_RANGE[0],
+               "maximum": sampling.PENALTY_RANGE[1]}  # fmt: skip
+    low, high = sampling.LOGIT_BIAS_RANGE
+    return {
+        "n": {"type": "integer", "minimum": 1, "maximum": sampling.MAX_CHOICES,
+              "description": "Choices; more than 1 is a 400 until the admission runs n streams"},
+        "ignore_eos": {"type": "boolean", "description": "vLLM's: generate past end-of-sequence"},
+        "min_tokens": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_MIN_TOKENS,
+                       "description": "vLLM's: no end-of-sequence before this many tokens"},
+        "presence_penalty": penalty,
+        "frequency_penalty": penalty,
+        "logit_bias": {
+            "type": "object", "maxProperties": sampling.MAX_LOGIT_BIAS_ENTRIES,
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "additionalProperties": {"type": "number", "minimum": low, "maximum": high},
+        },
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": sampling.MAX_TOP_LOGPROBS,
+                         "description": "Needs logprobs: true"},
+        "response_format": {"anyOf": [
+            {"type": "object", "required": ["type"],
+             "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+            {"type": "object", "required": ["type", "json_schema"], "properties": {
+                "type": {"type": "string", "enum": ["json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "schema": {"type": ["object", "null"],
+                                   "description": "A valid JSON schema (none: any object)"},
+                        "strict": {"type": ["boolean", "null"]},
+                        "description": {"type": ["string", "null"]},
+                    },
+                },
+            }},
+        ]},
+    }  # fmt: skip
 
 
 def closed_body(
@@ -243,6 +333,6 @@ def finish_document(api: Any, served_model: str) -> None:
     route = paths["/v1/responses/{response_id}"]  # likewise GET and DELETE
     route["get"]["operationId"] = "retrieve_response"
     route["delete"]["operationId"] = "delete_response"
-    for path in ("/v1/chat/completions", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         body = paths[path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"]["properties"]["model"]["enum"] = [served_model]
