@@ -20,7 +20,12 @@ from crd_schema import (
     version_of,
 )
 
-SAMPLES = ["chatstream-sample.yaml", "chatstream-mock.yaml", "chatstream-gpu.yaml"]
+SAMPLES = [
+    "chatstream-sample.yaml",
+    "chatstream-mock.yaml",
+    "chatstream-gpu.yaml",
+    "chatstream-vllm.yaml",
+]
 
 # Names of built-in resources (kubectl api-resources) that a short name must not shadow.
 BUILTIN_SHORT_NAMES = {

@@ -50,6 +50,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "fair-share": {"fairShareWeights": {"team-a": 3, "batch": 1}},
     "sample": load_sample("chatstream-sample.yaml")["spec"],
     "mock-sample": load_sample("chatstream-mock.yaml")["spec"],
+    "vllm-sample": load_sample("chatstream-vllm.yaml")["spec"],
 }
 
 
