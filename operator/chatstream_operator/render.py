@@ -41,7 +41,7 @@ from . import (
 )
 from .drain import drain_bounds
 from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate
-from .spec import desired_replicas, is_autoscaling, with_defaults
+from .spec import desired_replicas, is_autoscaling, tensor_parallel_size, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
 # unit test asserts these stay equal to the originals.
@@ -109,8 +109,9 @@ def labels(name: str) -> dict[str, str]:
 def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The Serve application's `args`: flat ChatStreamConfig keys, every one set explicitly."""
     s = with_defaults(spec)
-    model, mock, gen, res, sess = (
+    model, vllm, mock, gen, res, sess = (
         s["model"],
+        s["vllm"],
         s["mock"],
         s["generation"],
         s["resources"],
@@ -122,15 +123,22 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
         "gguf_file": model["ggufFile"],
         "tokenizer": model["tokenizer"],
         "dtype": model["dtype"],
+        "quantization": model["quantization"],
         "device": model["device"],
         "max_context_tokens": model["maxContextTokens"],
         "system_prompt": model["systemPrompt"],
+        "gpu_memory_utilization": vllm["gpuMemoryUtilization"],
+        "tensor_parallel_size": vllm["tensorParallelSize"],
+        # None (unset) lets the engine choose: eager on a CPU, CUDA graphs on a GPU.
+        "enforce_eager": vllm.get("enforceEager"),
+        "cpu_kv_cache_gib": vllm["cpuKvCacheGib"],
         "mock_mode": mock["mode"],
         "mock_initial_wait_sec": mock["initialWaitSec"],
         "mock_time_per_token_sec": mock["timePerTokenSec"],
         "mock_fail_marker": mock["failMarker"],
         "max_ongoing_requests": s["maxOngoingRequests"],
         "max_queued_requests": s["maxQueuedRequests"],
+        "fair_share_weights": dict(s.get("fairShareWeights") or {}),
         "ingress_replicas": s["ingress"]["replicas"],
         "num_gpus": res["gpus"],
         "num_cpus": res["cpus"],
@@ -180,6 +188,15 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
         "num_cpus": s["resources"]["cpus"],
         "resources": {MODEL_SLOT: 1},
     }
+    size = tensor_parallel_size(s)
+    if size > 1:
+        # vLLM starts one Ray worker per GPU inside the replica's placement group; Serve puts
+        # the replica itself in bundle 0, so it holds no GPU of its own. STRICT_PACK: all
+        # bundles on one node, the replica's model pod (its MODEL_SLOT is in bundle 0).
+        deployment["ray_actor_options"]["num_gpus"] = 0
+        first = {"CPU": s["resources"]["cpus"], "GPU": 1, MODEL_SLOT: 1}
+        deployment["placement_group_bundles"] = [first] + [{"GPU": 1}] * (size - 1)
+        deployment["placement_group_strategy"] = "STRICT_PACK"
     deployment["graceful_shutdown_timeout_s"] = drain.answer_s
     deployment["graceful_shutdown_wait_loop_s"] = drain.wait_loop_s
     return deployment

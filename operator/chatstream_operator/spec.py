@@ -24,9 +24,16 @@ DEFAULTS: dict[str, Any] = {
         "ggufFile": "",
         "tokenizer": "",
         "dtype": "auto",
+        "quantization": "none",
         "device": "auto",
         "maxContextTokens": 0,
         "systemPrompt": "",
+    },
+    # enforceEager has no default: unset lets the engine choose (on for a CPU, off on a GPU).
+    "vllm": {
+        "gpuMemoryUtilization": shared.VLLM_GPU_MEMORY_UTILIZATION,
+        "tensorParallelSize": shared.VLLM_TENSOR_PARALLEL_SIZE,
+        "cpuKvCacheGib": shared.VLLM_CPU_KV_CACHE_GIB,
     },
     "mock": {"mode": shared.MOCK_MODE, "initialWaitSec": 0, "timePerTokenSec": 0, "failMarker": ""},
     "maxOngoingRequests": shared.MAX_ONGOING_REQUESTS,
@@ -152,6 +159,7 @@ def validate(
             f"spec.resources.gpus ({full['resources']['gpus']}) must be 0 with the mock engine, "
             "which never uses a GPU"
         )
+    problems += _tensor_parallel_problems(full)
     if is_autoscaling(full):
         bounds = full["autoscaling"]
         low, high = bounds["minReplicas"], bounds["maxReplicas"]
@@ -197,3 +205,28 @@ def validate(
             "spec.model.device is cuda but spec.resources.gpus is 0: the model pods get no GPU"
         )
     return problems
+
+
+def tensor_parallel_size(spec: Mapping[str, Any]) -> int:
+    """GPUs one model replica spans: vLLM's tensor parallelism, 1 for every other engine."""
+    full = with_defaults(spec)
+    return int(full["vllm"]["tensorParallelSize"]) if full["engine"] == "vllm" else 1
+
+
+def _tensor_parallel_problems(full: Mapping[str, Any]) -> list[str]:
+    """A replica spanning several GPUs holds them all on its one model pod (one placement group,
+    STRICT_PACK), so the pod's GPUs are exactly the tensor-parallel size."""
+    size, gpus = full["vllm"]["tensorParallelSize"], full["resources"]["gpus"]
+    if size == 1:
+        return []
+    if full["engine"] != "vllm":
+        return [
+            f"spec.vllm.tensorParallelSize ({size}) needs spec.engine vllm "
+            f"(the {full['engine']} engine runs a replica on one device)"
+        ]
+    if gpus != size:
+        return [
+            f"spec.resources.gpus ({gpus}) must equal spec.vllm.tensorParallelSize ({size}): "
+            "a replica spans that many GPUs of its one model pod"
+        ]
+    return []

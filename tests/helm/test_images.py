@@ -85,9 +85,10 @@ def test_shared_defaults_are_stdlib_only_and_in_both_images():
     assert imported_modules(DEFAULTS_PACKAGE) <= set(sys.stdlib_module_names) | {"__future__"}
     include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     assert "chatstream_defaults*" in include
-    for name in ("Dockerfile.operator", "Dockerfile.serve"):
-        assert re.search(r"^COPY .*chatstream_defaults \./chatstream_defaults$",
-                         dockerfile(name), re.MULTILINE), name
+    for name in ("Dockerfile.operator", "Dockerfile.serve", "Dockerfile.vllm"):
+        assert re.search(
+            r"^COPY .*chatstream_defaults \./chatstream_defaults$", dockerfile(name), re.MULTILINE
+        ), name
 
 
 def test_serve_image_matches_the_ray_and_python_of_the_project(crd):
@@ -103,6 +104,19 @@ def test_serve_image_matches_the_ray_and_python_of_the_project(crd):
     assert f"{major}.{minor}" in PYPROJECT["project"]["requires-python"]
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["rayVersion"]["default"] == ray_version
+
+
+def test_vllm_image_is_rays_llm_image_of_the_projects_ray_and_python():
+    """Dockerfile.vllm builds on Ray's LLM image (Ray + a vLLM it was tested with) of the same
+    Ray and Python as Dockerfile.serve, and never lets pip replace its vLLM stack."""
+    serve = re.search(
+        r"^FROM rayproject/ray:(\S+)-(py\d+)-gpu$", dockerfile("Dockerfile.serve"), re.M
+    )
+    text = dockerfile("Dockerfile.vllm")
+    base = re.search(r"^FROM rayproject/ray-llm:(\S+)-(py\d+)-cu\d+$", text, re.MULTILINE)
+    assert serve and base and base.groups() == serve.groups()
+    assert "pip install -c /tmp/base-pins.txt ." in text
+    assert "vllm" in text.split("pip freeze", 1)[1].split("\n", 1)[0]
 
 
 def test_serve_image_installs_the_project_and_the_default_model():
@@ -128,7 +142,7 @@ def test_chart_defaults_name_the_images_the_crd_and_project_expect(render, crd):
 def test_docker_build_context_holds_what_the_dockerfiles_copy():
     ignore = (REPO / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    for name in ("Dockerfile.serve", "Dockerfile.operator"):
+    for name in ("Dockerfile.serve", "Dockerfile.operator", "Dockerfile.vllm"):
         for sources in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile(name), re.MULTILINE):
             assert set(sources.split()) <= allowed, name
 

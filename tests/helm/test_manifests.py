@@ -76,10 +76,10 @@ def test_sample_with_a_misspelt_field_is_refused(render, chatstream_validator):
 
 
 def test_sample_with_an_unknown_engine_is_refused(render, chatstream_validator):
-    values = {"sample": {"enabled": True, "spec": {"engine": "vllm"}}}
+    values = {"sample": {"enabled": True, "spec": {"engine": "llamacpp"}}}
     (sample,) = [m for m in render(values) if m["kind"] == "ChatStream"]
 
-    with pytest.raises(jsonschema.ValidationError, match="vllm"):
+    with pytest.raises(jsonschema.ValidationError, match="llamacpp"):
         chatstream_validator.validate(sample)
 
 

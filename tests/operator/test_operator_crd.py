@@ -20,7 +20,12 @@ from crd_schema import (
     version_of,
 )
 
-SAMPLES = ["chatstream-sample.yaml", "chatstream-mock.yaml", "chatstream-gpu.yaml"]
+SAMPLES = [
+    "chatstream-sample.yaml",
+    "chatstream-mock.yaml",
+    "chatstream-gpu.yaml",
+    "chatstream-vllm.yaml",
+]
 
 # Names of built-in resources (kubectl api-resources) that a short name must not shadow.
 BUILTIN_SHORT_NAMES = {
@@ -122,7 +127,7 @@ def _set(obj: dict, path: str, value: Any) -> dict:
 
 
 MALFORMED = [
-    ("spec.engine", "vllm"),
+    ("spec.engine", "llamacpp"),
     ("spec.replicas", -1),
     ("spec.replicas", "3"),
     ("spec.maxOngoingRequests", 0),
@@ -178,7 +183,8 @@ def test_the_crd_the_operator_and_serve_app_share_one_set_of_defaults():
         "mock_mode", "max_ongoing_requests", "max_queued_requests", "ingress_replicas",
         "retry_after_sec", "stream_interval_ms", "temperature", "top_k", "top_p",
         "max_new_tokens", "session_store", "session_cookie_name", "session_ttl_sec",
-        "session_max_turns", "cookie_secure",
+        "session_max_turns", "cookie_secure", "quantization", "gpu_memory_utilization",
+        "tensor_parallel_size", "enforce_eager", "cpu_kv_cache_gib", "fair_share_weights",
     }  # fmt: skip
     assert {k: rendered[k] for k in shared} == {k: app_defaults[k] for k in shared}
     assert AUTOSCALING_DEFAULTS["targetOngoingRequests"] == app_defaults["target_ongoing_requests"]

@@ -40,8 +40,17 @@ SPECS: dict[str, dict[str, Any]] = {
         "resources": {"gpus": 2},
         "autoscaling": {"minReplicas": 1, "maxReplicas": 8},
     },
+    "vllm-tensor-parallel": {
+        "engine": "vllm",
+        "model": {"source": "Qwen/Qwen2.5-14B-Instruct", "dtype": "bfloat16", "device": "cuda"},
+        "vllm": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "enforceEager": False},
+        "resources": {"gpus": 2, "cpus": 4, "memory": "48Gi"},
+    },
+    "vllm-cpu": {"engine": "vllm", "vllm": {"cpuKvCacheGib": 4}},
+    "fair-share": {"fairShareWeights": {"team-a": 3, "batch": 1}},
     "sample": load_sample("chatstream-sample.yaml")["spec"],
     "mock-sample": load_sample("chatstream-mock.yaml")["spec"],
+    "vllm-sample": load_sample("chatstream-vllm.yaml")["spec"],
 }
 
 
@@ -84,7 +93,10 @@ def test_rendered_args_are_valid_serve_app_config(case):
     model = _model(render_rayservice("chat", SPECS[case]))
     assert model["max_ongoing_requests"] == config.max_ongoing_requests
     assert model["max_queued_requests"] == config.max_queued_requests
-    assert model["ray_actor_options"]["num_gpus"] == config.num_gpus
+    # The replica's GPUs: its own, plus those of its placement group (tensor parallelism).
+    bundles = model.get("placement_group_bundles", [])
+    gpus = model["ray_actor_options"]["num_gpus"] + sum(b.get("GPU", 0) for b in bundles)
+    assert gpus == config.num_gpus
     assert model["ray_actor_options"]["num_cpus"] == config.num_cpus
     # Replica counts live in the deployment override only (a scale is not an args change).
     assert not config.autoscaling
@@ -223,6 +235,16 @@ INVALID = [
     ({"maxQueuedRequests": 0}, "spec.maxQueuedRequests"),
     ({"ingress": {"replicas": 3}, "head": {"cpus": 2}}, "spec.ingress.replicas"),
     ({"model": {"device": "cuda"}}, "spec.model.device"),
+    ({"vllm": {"tensorParallelSize": 2}, "resources": {"gpus": 2}}, "spec.vllm.tensorParallelSize"),
+    (
+        {"engine": "vllm", "vllm": {"tensorParallelSize": 2}, "resources": {"gpus": 1}},
+        "spec.resources.gpus",
+    ),
+    ({"engine": "vllm", "vllm": {"gpuMemoryUtilization": 1.5}}, "spec.vllm.gpuMemoryUtilization"),
+    ({"engine": "vllm", "vllm": {"gpuMemoryUtilization": 0}}, "spec.vllm.gpuMemoryUtilization"),
+    ({"vllm": {"cpuKvCacheGib": 0}}, "spec.vllm.cpuKvCacheGib"),
+    ({"fairShareWeights": {"team-a": 0}}, "spec.fairShareWeights"),
+    ({"fairShareWeights": {"team-a": "3"}}, "spec.fairShareWeights"),
 ]
 
 
@@ -272,3 +294,59 @@ def test_every_spec_the_operator_accepts_is_a_valid_serve_app_config():
     for spec in accepted:
         ChatStreamConfig.model_validate(serve_args(spec))
     assert 20 < len(accepted) < len(list(_grid()))
+
+
+def test_vllm_options_reach_the_serve_app_under_its_names():
+    args = serve_args(SPECS["vllm-tensor-parallel"])
+    assert args["engine"] == "vllm"
+    assert args["gpu_memory_utilization"] == 0.85
+    assert args["tensor_parallel_size"] == 2
+    assert args["enforce_eager"] is False
+    assert args["num_gpus"] == 2
+    cpu = serve_args(SPECS["vllm-cpu"])
+    # Unset enforceEager stays unset: the engine chooses (eager on a CPU).
+    assert cpu["cpu_kv_cache_gib"] == 4 and cpu["enforce_eager"] is None
+
+
+def test_tensor_parallel_replica_reserves_its_gpus_as_one_placement_group():
+    model = _model(render_rayservice("chat", SPECS["vllm-tensor-parallel"]))
+    assert model["placement_group_strategy"] == "STRICT_PACK"
+    bundles = model["placement_group_bundles"]
+    assert [b["GPU"] for b in bundles] == [1, 1]
+    # Serve places the replica in bundle 0: its options must fit there, its model slot too.
+    options = model["ray_actor_options"]
+    assert options["num_gpus"] == 0
+    assert bundles[0][render.MODEL_SLOT] == 1 and bundles[0]["CPU"] == options["num_cpus"]
+    # Its one model pod carries every GPU of the group.
+    limits = _workers(render_rayservice("chat", SPECS["vllm-tensor-parallel"]))["template"]
+    assert limits["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_the_placement_group_is_a_valid_serve_deployment():
+    """Ray Serve's own checks of the deployment options (bundle 0 must hold the replica)."""
+    from ray.serve._private.config import ReplicaConfig
+
+    model = _model(render_rayservice("chat", SPECS["vllm-tensor-parallel"]))
+    ReplicaConfig.create(
+        object,
+        ray_actor_options=model["ray_actor_options"],
+        placement_group_bundles=model["placement_group_bundles"],
+        placement_group_strategy=model["placement_group_strategy"],
+    )
+    too_big = dict(model["ray_actor_options"], num_cpus=model["ray_actor_options"]["num_cpus"] + 1)
+    with pytest.raises(ValueError):
+        ReplicaConfig.create(
+            object,
+            ray_actor_options=too_big,
+            placement_group_bundles=model["placement_group_bundles"],
+        )
+
+
+def test_single_gpu_replicas_have_no_placement_group():
+    for case in ("gpu", "vllm-cpu", "defaults"):
+        assert "placement_group_bundles" not in _model(render_rayservice("chat", SPECS[case]))
+
+
+def test_fair_share_weights_reach_the_serve_app():
+    assert serve_args(SPECS["fair-share"])["fair_share_weights"] == {"team-a": 3, "batch": 1}
+    assert serve_args({})["fair_share_weights"] == {}

@@ -20,7 +20,7 @@ def test_the_schema_is_the_crds_own():
     [
         ({"replicas": -5}, "spec.replicas"),
         ({"replicas": "3"}, "spec.replicas"),
-        ({"engine": "vllm"}, "spec.engine"),
+        ({"engine": "llamacpp"}, "spec.engine"),
         ({"resources": {"memory": "lots"}}, "spec.resources.memory"),
         ({"resources": {"gpus": 1.5}}, "spec.resources.gpus"),
         ({"generation": {"topP": 7}}, "spec.generation.topP"),
