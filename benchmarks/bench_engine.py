@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_engine.py            # the whole table (about 15 minutes)
     .venv/bin/python benchmarks/bench_engine.py --quick    # concurrency 1 and 8, 2 rounds
+    .venv/bin/python benchmarks/bench_engine.py --vllm     # vLLM's server vs engine=vllm vs the
+                                                           # default (benchmarks/bench_vllm.py)
 
 For each concurrency N the same prompts (the first N of a fixed list of long-answer questions,
 rendered with the model's chat template exactly as the ingress renders a first turn) run as:
@@ -447,6 +449,11 @@ def measure_stack(levels: list[int], rounds: int, max_new_tokens: int) -> list[R
 
 
 def main() -> int:
+    if "--vllm" in sys.argv[1:]:
+        # The engine comparison of issue 19 (vLLM's own server, engine=vllm, the default).
+        from bench_vllm import main as vllm_main
+
+        return vllm_main([a for a in sys.argv[1:] if a != "--vllm"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--max-new-tokens", type=int, default=64)

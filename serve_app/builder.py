@@ -54,6 +54,7 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=SESSION_ROUTER_PATH
         )
+    options.update(placement_options(config))
     if config.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": config.min_replicas,
@@ -63,6 +64,19 @@ def model_deployment_options(config: ChatStreamConfig) -> dict[str, Any]:
     else:
         options["num_replicas"] = config.num_replicas
     return options
+
+
+def placement_options(config: ChatStreamConfig) -> dict[str, Any]:
+    """vLLM with tensor parallelism: the replica's GPUs as a Ray placement group, one bundle per
+    GPU after the replica's own CPU bundle; vLLM's Ray workers take the GPU bundles."""
+    if config.engine != "vllm" or config.tensor_parallel_size == 1:
+        return {}
+    cpus = 1.0 if config.num_cpus is None else config.num_cpus
+    return {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+        "placement_group_bundles": [{"CPU": cpus}] + [{"GPU": 1.0}] * config.tensor_parallel_size,
+        "placement_group_strategy": "STRICT_PACK",
+    }
 
 
 def build_app(config: ChatStreamConfig, ingress: Deployment = ChatStreamIngress) -> Application:

@@ -20,6 +20,10 @@ def make_engine(config: ChatStreamConfig) -> Engine:
         from serve_app.engines.mock import MockEngine
 
         return MockEngine(config)
+    if config.engine == "vllm":
+        from serve_app.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(config)
     from serve_app.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(config)
@@ -30,6 +34,7 @@ def make_prompt_formatter(config: ChatStreamConfig) -> PromptFormatter:
         from serve_app.engines.mock import MockPromptFormatter
 
         return MockPromptFormatter(config)
+    # vLLM serves the same tokenizer (a converted GGUF keeps the GGUF's): one formatter for both.
     from serve_app.engines.hf_formatter import TransformersPromptFormatter
 
     return TransformersPromptFormatter(config)

@@ -25,7 +25,19 @@ Feature = Literal[
 ENGINE_FEATURES: dict[str, frozenset[Feature]] = {
     "transformers": frozenset(),
     "mock": frozenset(),
-    "vllm": frozenset(),
+    # Each honoured through vLLM's own SamplingParams / structured outputs
+    # (engines/vllm_options.py; tests/test_vllm_engine.py shows each taking effect).
+    "vllm": frozenset(
+        {
+            "ignore_eos",
+            "min_tokens",
+            "penalties",
+            "logit_bias",
+            "logprobs",
+            "json_object",
+            "json_schema",
+        }
+    ),
 }
 
 

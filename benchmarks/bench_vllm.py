@@ -1,0 +1,217 @@
+"""engine=vllm against vLLM's own OpenAI server on the same weights, and the default engine: one
+command, one table (the engine comparison of issue 19; `bench_engine.py --vllm` runs this).
+
+    .venv/bin/python benchmarks/bench_vllm.py                 # 1, 8, 16, 32 streams, 2 rounds
+    .venv/bin/python benchmarks/bench_vllm.py --quick         # 1 and 8, 1 round
+
+Rows, each server started alone (the machine has 2 cores; they never run side by side):
+
+  vllm server         `python -m vllm.entrypoints.openai.api_server --model DIR --enforce-eager`
+                      (DIR: the embedded SmolLM2 converted as engine=vllm converts it), streamed
+                      from /v1/chat/completions: the peer a user would deploy instead
+  vllm /chat_stream   `serve run serve_app:app engine=vllm`, POST /chat_stream
+  vllm /v1            the same service, streamed from /v1/chat/completions
+  transformers        `serve run serve_app:app` (the default engine), POST /chat_stream
+
+Greedy, the same fixed long-answer questions, `--max-new-tokens` each, all N clients at once.
+Aggregate tok/s (tokens of a round over its wall time, median of rounds), TTFT p50/p95, and for
+the services the stack's CPU ms per token (Serve proxy + ingress; bench_engine.StackCpu).
+Needs vLLM (`bash scripts/setup.sh --vllm`). Results: stdout and benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_engine as be  # noqa: E402
+
+from serve_app.config import ChatStreamConfig  # noqa: E402
+from serve_app.engines.vllm_weights import vllm_model_dir  # noqa: E402
+from serve_app.local_server import free_port  # noqa: E402
+
+SERVED_NAME = "SmolLM2-135M-Instruct"  # the service's /v1 model name for the embedded model
+
+
+async def run_v1(url: str, model: str, questions: list[str], max_tokens: int) -> tuple:
+    """N concurrent streamed /v1/chat/completions; tokens from the final usage chunk."""
+    import httpx
+
+    async def one(question: str) -> be.StreamTiming:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0.0,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with httpx.AsyncClient(timeout=600) as client:
+            timing = be.StreamTiming(time.perf_counter())
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    now = time.perf_counter()
+                    if event.get("usage"):
+                        timing.tokens = event["usage"]["completion_tokens"]
+                    choices = event.get("choices") or []
+                    if choices and choices[0].get("delta", {}).get("content"):
+                        timing.first = timing.first or now
+                        timing.last = now
+        return timing
+
+    return await be.staggered([0.0] * len(questions), one, questions)
+
+
+def v1_mode(url: str, model: str, max_tokens: int, server: Any = None) -> Any:
+    cpu = be.StackCpu(server._proc.pid) if server is not None else None
+
+    def fn(level: int, offsets: list[float]) -> tuple:
+        before, box, start = (cpu.read() if cpu else {}), be.busy_cpu_seconds(), time.perf_counter()
+        qs = [be.QUESTIONS[i % len(be.QUESTIONS)] for i in range(level)]
+        wall, streams = asyncio.run(run_v1(url, model, qs, max_tokens))
+        if cpu is None:
+            return wall, streams, None
+        after = cpu.read()
+        used = {k: after[k] - before[k] for k in after}
+        used["box"] = be.busy_cpu_seconds() - box
+        used["wall"] = time.perf_counter() - start
+        return wall, streams, used
+
+    return fn
+
+
+def start_vllm_server(model_dir: str, kv_gib: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(int(kv_gib))}
+    log = open(be.RESULTS_DIR / "vllm-server.log", "wb")  # noqa: SIM115 - lives with the server
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    command += ["--served-model-name", SERVED_NAME, "--port", str(port), "--enforce-eager"]
+    command += ["--max-model-len", "2048", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("vLLM's server exited; see benchmarks/results/vllm-server.log")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise TimeoutError("vLLM's server did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,8,16,32")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,8 and 1 round")
+    args = parser.parse_args(argv)
+    levels = [1, 8] if args.quick else [int(c) for c in args.concurrency.split(",")]
+    rounds = 1 if args.quick else args.rounds
+    be.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    config = ChatStreamConfig(engine="vllm")
+    model_dir = vllm_model_dir(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = args.max_new_tokens
+    rows: list[be.Row] = []
+
+    print(f"vLLM's own server ...  load: {be.uptime()}", flush=True)
+    proc, url = start_vllm_server(model_dir, config.cpu_kv_cache_gib)
+    try:
+        fn = v1_mode(url, SERVED_NAME, tokens)
+        fn(2, [0.0, 0.0])  # warm-up
+        rows += be.run_rounds(levels, rounds, {"vllm server": fn}, {})
+    finally:
+        stop(proc)
+
+    print(f"serve run engine=vllm ...  load: {be.uptime()}", flush=True)
+    server = be.start_service({"engine": "vllm"})
+    try:
+        modes = {
+            "vllm /chat_stream": be.http_mode(server, be.QUESTIONS, tokens, tokenizer),
+            "vllm /v1": v1_mode(server.url, SERVED_NAME, tokens, server),
+        }
+        modes["vllm /chat_stream"](2, [0.0, 0.0])  # warm-up
+        rows += be.run_rounds(levels, rounds, modes, {})
+    finally:
+        server.__exit__(None, None, None)
+
+    print(f"serve run (transformers) ...  load: {be.uptime()}", flush=True)
+    server = be.start_service({})
+    try:
+        fn = be.http_mode(server, be.QUESTIONS, tokens, tokenizer)
+        fn(2, [0.0, 0.0])
+        rows += be.run_rounds(levels, rounds, {"transformers /chat_stream": fn}, {})
+    finally:
+        server.__exit__(None, None, None)
+
+    print_table(rows)
+    report_targets(rows)
+    out = be.RESULTS_DIR / f"bench-vllm-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps([row.__dict__ for row in rows], indent=2))
+    print(f"\nwritten: {out}  (load at the end: {be.uptime()})")
+    return 0
+
+
+def print_table(rows: list[be.Row]) -> None:
+    print("\n| server | conc | agg tok/s | TTFT p50 | TTFT p95 | stack CPU ms/token |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        e = row.extra
+        stack = (
+            f"{e['cpu_ms_per_token_proxy'] + e['cpu_ms_per_token_ingress']:.2f}"
+            if "cpu_ms_per_token_proxy" in e
+            else "—"
+        )
+        print(
+            f"| {row.mode} | {row.concurrency} | {row.aggregate_tok_s:.1f} | "
+            f"{row.ttft_p50_ms:.0f} ms | {row.ttft_p95_ms:.0f} ms | {stack} |"
+        )
+
+
+def report_targets(rows: list[be.Row]) -> None:
+    """Issue 19's targets: >= 0.95x the peer's tok/s at 8 and 16; TTFT p50 at 1 within +10 ms."""
+    get = {(r.mode, r.concurrency): r for r in rows}
+    for mode in ("vllm /chat_stream", "vllm /v1"):
+        for level in (8, 16):
+            peer, ours = get.get(("vllm server", level)), get.get((mode, level))
+            if peer and ours:
+                ratio = ours.aggregate_tok_s / peer.aggregate_tok_s
+                print(f"{mode} at {level}: {ratio:.2f}x the peer's tok/s (target >= 0.95)")
+        peer, ours = get.get(("vllm server", 1)), get.get((mode, 1))
+        if peer and ours:
+            delta = ours.ttft_p50_ms - peer.ttft_p50_ms
+            print(f"{mode} TTFT p50 at 1: {delta:+.0f} ms vs the peer (target <= +10 ms)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
