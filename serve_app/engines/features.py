@@ -23,7 +23,18 @@ Feature = Literal[
 
 # Filled in as each engine learns a feature; a feature missing here is refused for that engine.
 ENGINE_FEATURES: dict[str, frozenset[Feature]] = {
-    "transformers": frozenset(),
+    # logits_processing.py, grammar.py; tests/test_engine_controls.py
+    "transformers": frozenset(
+        {
+            "ignore_eos",
+            "min_tokens",
+            "penalties",
+            "logit_bias",
+            "logprobs",
+            "json_object",
+            "json_schema",
+        }
+    ),
     "mock": frozenset(),
     "vllm": frozenset(),
 }

@@ -142,7 +142,7 @@ class TransformersEngine(Engine):
         scheduler = self.scheduler
         events: asyncio.Queue[Event] = asyncio.Queue()
         consumer = (asyncio.get_running_loop(), events)
-        job = Request(request.prompt, request.params, request.seed, consumer)
+        job = Request(request.prompt, request.params, request.seed, consumer, spec=request)
         try:
             scheduler.submit(job)
         except RuntimeError as exc:  # stopped, or its worker died
