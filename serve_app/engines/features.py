@@ -35,7 +35,8 @@ ENGINE_FEATURES: dict[str, frozenset[Feature]] = {
             "json_schema",
         }
     ),
-    "mock": frozenset(),
+    # mock_output.py; tests/test_mock_controls.py
+    "mock": frozenset({"ignore_eos", "min_tokens", "logprobs", "json_object", "json_schema"}),
     "vllm": frozenset(),
 }
 
