@@ -25,7 +25,7 @@ from serve_app.model_contract import AnswerChunk, GenerationRequest, OutputConst
 pytestmark = pytest.mark.slow
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=24)
-SAMPLED = GenerationParams(temperature=1.0, max_new_tokens=96)
+SAMPLED = GenerationParams(temperature=1.0, max_new_tokens=64)
 
 
 @pytest.fixture(scope="module")

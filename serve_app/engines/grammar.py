@@ -10,6 +10,14 @@ backend). No torch here: the ingress may use `constraint_error` to refuse a bad 
 
 The JSON is compact, with fixed separators (`", "`, `": "`) and no free whitespace: a small
 model left free to add whitespace can loop on newlines until its budget runs out.
+
+Ends: the answer ends (finish reason `stop`) as soon as the value is complete, or when the model
+picks end-of-sequence where the grammar allows it. The grammar bounds what is said, not how
+long: a string without `maxLength`, an array without `maxItems` (and any `json_object`) may go
+on until the token budget runs out; the answer then ends with finish reason `length` and its
+text is a prefix of a valid value, not parseable JSON (OpenAI and vLLM behave the same). A
+schema whose strings, arrays and numbers are all bounded always completes within a budget
+larger than its longest value.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ grammar mask, then temperature / top-k / top-p in `sample_tokens`. Log probabili
 of the raw model output (log softmax before any of the above), vLLM's default
 (`logprobs_mode="raw_logprobs"`): they say what the model thought, not what the controls let
 through.
+
+`ignore_eos` masks the end-of-sequence tokens for the whole answer, as `min_tokens` does until
+it is reached (vLLM's `ignore_eos` instead lets EOS be sampled and goes on after it; the
+length is the same, without EOS text in the answer). Under an output grammar neither applies:
+the grammar decides where the answer ends, and masking EOS there could leave no token at all.
 """
 
 from __future__ import annotations
