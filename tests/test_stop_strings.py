@@ -151,3 +151,18 @@ def test_stop_chunks_match_the_reference_however_the_text_is_chunked():
         assert ids == list(range(len(ids))) and len(ids) <= len(expected)
         if not stopped:
             assert len(ids) == len(text)
+
+
+def test_stop_chunks_keep_the_log_probabilities_of_the_tokens_they_send():
+    from serve_app.model_contract import TokenLogprob
+
+    def chunk(text: str, token: int) -> AnswerChunk:
+        return AnswerChunk(text, 1, (token,), logprobs=(TokenLogprob(token, text, -0.5),))
+
+    stops = StopChunks(["END"])
+    sent = [stops.feed(chunk("Hello", 1)), stops.feed(chunk(" wor", 2))]
+    sent.append(stops.feed(chunk("ld END more", 3)))
+    sent = [c for c in sent if c is not None]
+    assert [lp.token_id for c in sent for lp in c.logprobs] == [1, 2]
+    assert [t for c in sent for t in c.token_ids] == [1, 2]
+    assert sent[-1].finish_reason == "stop"

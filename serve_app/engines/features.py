@@ -7,7 +7,7 @@ Pure: no engine is imported here (the ingress holds no weights).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from serve_app.model_contract import GenerationRequest
 
@@ -21,23 +21,17 @@ Feature = Literal[
     "json_schema",
 ]
 
+ALL_FEATURES: frozenset[Feature] = frozenset(get_args(Feature))
+
 # Filled in as each engine learns a feature; a feature missing here is refused for that engine.
 ENGINE_FEATURES: dict[str, frozenset[Feature]] = {
-    "transformers": frozenset(),
-    "mock": frozenset(),
+    # logits_processing.py, grammar.py; tests/test_engine_controls.py
+    "transformers": ALL_FEATURES,
+    # mock_output.py; tests/test_mock_controls.py (it has no logits to penalise or bias)
+    "mock": frozenset({"ignore_eos", "min_tokens", "logprobs", "json_object", "json_schema"}),
     # Each honoured through vLLM's own SamplingParams / structured outputs
     # (engines/vllm_options.py; tests/test_vllm_engine.py shows each taking effect).
-    "vllm": frozenset(
-        {
-            "ignore_eos",
-            "min_tokens",
-            "penalties",
-            "logit_bias",
-            "logprobs",
-            "json_object",
-            "json_schema",
-        }
-    ),
+    "vllm": ALL_FEATURES,
 }
 
 

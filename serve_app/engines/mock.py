@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 
 from serve_app.config import ChatStreamConfig
 from serve_app.engines.base import ChatMessage, Engine, EngineError, PromptFormatter
+from serve_app.engines.mock_output import answer_words, constrained_text, mock_logprob, repeat_words
 from serve_app.model_contract import AnswerChunk, GenerationRequest
 
 _LONG_TEXT = (
@@ -35,22 +36,14 @@ def last_user_message(prompt: str) -> str:
     return body.split(_END_TAG, 1)[0]
 
 
-def _repeat_words(tokens: list[str]) -> Iterator[str]:
-    """Tokens over and over, with a space between the repetitions."""
-    yield from tokens
-    spaced = [tokens[0] if tokens[0][:1].isspace() else " " + tokens[0], *tokens[1:]]
-    while True:
-        yield from spaced
-
-
 def mock_answer_tokens(mode: str, user_text: str) -> Iterable[str]:
     """The (possibly endless) token sequence the mock answers with."""
     words = split_tokens(user_text.strip()) or ["(empty)"]
     if mode == "echo":
         return words
     if mode == "round":
-        return _repeat_words(words)
-    return _repeat_words(split_tokens(_LONG_TEXT.strip()))
+        return repeat_words(words)
+    return repeat_words(split_tokens(_LONG_TEXT.strip()))
 
 
 class MockPromptFormatter(PromptFormatter):
@@ -73,6 +66,9 @@ class MockEngine(Engine):
 
     One chunk per word (no token ids: the mock has none); the last one says `stop` when the
     echo ended, `length` when `max_new_tokens` did. Deterministic, so a `seed` changes nothing.
+    It honours `ignore_eos`, `min_tokens`, `logprobs` and output constraints as mock_output.py
+    describes (one chunk per character under a constraint); penalties and `logit_bias` would
+    be pretence without logits, so the features table refuses them for the mock.
     """
 
     def __init__(self, config: ChatStreamConfig) -> None:
@@ -98,11 +94,17 @@ class MockEngine(Engine):
             if self.initial_wait_sec:
                 await asyncio.sleep(self.initial_wait_sec)
             user_text = last_user_message(request.prompt)
+            answer = mock_answer_tokens(self.mode, user_text)
             limit = request.params.max_new_tokens
-            # One token of look-ahead tells whether the answer ended by itself (`stop`).
-            tokens = list(itertools.islice(mock_answer_tokens(self.mode, user_text), limit + 1))
-            finish = "length" if len(tokens) > limit else "stop"
-            del tokens[limit:]
+            if request.constraint is not None:
+                try:
+                    tokens, finish = constrained_text(
+                        request.constraint, "".join(itertools.islice(answer, 64)).strip(), limit
+                    )
+                except ValueError as exc:
+                    raise EngineError(str(exc)) from exc
+            else:
+                tokens, finish = answer_words(answer, limit, request.ignore_eos, request.min_tokens)
             for index, token in enumerate(tokens, start=1):
                 if index > 1 and self.fail_marker and self.fail_marker in user_text:
                     raise EngineError("mock engine failure requested by mock_fail_marker")
@@ -110,7 +112,13 @@ class MockEngine(Engine):
                     await asyncio.sleep(self.time_per_token_sec)
                 else:
                     await asyncio.sleep(0)  # stay cancellable and fair to other streams
-                yield AnswerChunk(token, 1, finish_reason=finish if index == len(tokens) else None)
+                logprobs = (
+                    (mock_logprob(token, request.logprobs),) if request.logprobs is not None else ()
+                )
+                last = index == len(tokens)
+                yield AnswerChunk(
+                    token, 1, finish_reason=finish if last else None, logprobs=logprobs
+                )
             if not tokens:  # nothing to say: the last chunk is empty
                 yield AnswerChunk("", 0, finish_reason=finish)
         finally:

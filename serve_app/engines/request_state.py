@@ -13,11 +13,24 @@ import torch
 from serve_app.config import GenerationParams
 from serve_app.engines.chat_tokens import prompt_token_ids
 from serve_app.engines.detokenizer import IncrementalDetokenizer
+from serve_app.engines.logits_processing import RowControls
 from serve_app.engines.sampling import seeded_generator
-from serve_app.model_contract import AnswerChunk, FinishReason, ModelInput
+from serve_app.model_contract import (
+    AnswerChunk,
+    FinishReason,
+    GenerationRequest,
+    ModelInput,
+    TokenLogprob,
+)
 
-# Why a generation ended (`sampling.stop_reason`) as the contract's finish reason.
-FINISH_REASONS: dict[str, FinishReason] = {"eos": "stop", "length": "length", "context": "length"}
+# Why a generation ended (`sampling.stop_reason`; "grammar": its output constraint's value is
+# complete) as the contract's finish reason.
+FINISH_REASONS: dict[str, FinishReason] = {
+    "eos": "stop",
+    "grammar": "stop",
+    "length": "length",
+    "context": "length",
+}
 
 
 @dataclass
@@ -40,6 +53,8 @@ class Request:
     consumer: Any = None  # where its events go; opaque here, read by the `deliver` callback
     cancelled: threading.Event = field(default_factory=threading.Event)
     session: str | None = None  # the key of its kept KV prefix (engines/prefix_cache.py)
+    # The contract's request, for its logits controls (None: plain sampling).
+    spec: GenerationRequest | None = None
     # Filled in by the worker:
     prompt_len: int = 0
     prompt_ids: list[int] = field(default_factory=list)
@@ -50,6 +65,8 @@ class Request:
     emitted: int = 0  # of the detokenizer's ids, those already sent in a chunk
     detokenizer: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None  # its own, when it has a seed
+    controls: RowControls | None = None  # logits controls, when `spec` asks for any
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per detokenizer id
 
     def start(self, tokenizer: Any, context_length: int, device: str) -> list[int]:
         """Ready the request for its prefill; returns its prompt's token ids. ValueError when
@@ -78,8 +95,9 @@ class Request:
         held back the text of some of them until now)."""
         ids = self.detokenizer.ids
         new_ids = tuple(ids[self.emitted :])
+        logprobs = tuple(self.token_logprobs[self.emitted :])
         self.emitted = len(ids)
-        return AnswerChunk(text, len(new_ids), new_ids, finish_reason)
+        return AnswerChunk(text, len(new_ids), new_ids, finish_reason, logprobs)
 
 
 Deliver = Callable[[list[tuple[Request, Event]]], None]

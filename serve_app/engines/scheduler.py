@@ -27,6 +27,12 @@ from typing import Any
 import torch
 
 from serve_app.engines.kv_cache import BatchCache, cache_supports_row_surgery, keep_rows, new_cache
+from serve_app.engines.logits_processing import (
+    ControlsFactory,
+    RowScores,
+    next_tokens,
+    token_text_cache,
+)
 from serve_app.engines.prefix_cache import PrefixCache, group_cache, keep_prefixes, take_prefix
 from serve_app.engines.request_state import (
     FINISH_REASONS,
@@ -37,7 +43,7 @@ from serve_app.engines.request_state import (
     Request,
     StreamEnd,
 )
-from serve_app.engines.sampling import eos_token_ids, sample_tokens, stop_reason
+from serve_app.engines.sampling import eos_token_ids, stop_reason
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,11 @@ class BatchScheduler:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self._eos_list = sorted(self.eos_ids)
+        # OpenAI's logits controls and structured outputs (logits_processing.py).
+        vocab_size = getattr(model.config, "vocab_size", None) or len(tokenizer)
+        self._controls = ControlsFactory(tokenizer, vocab_size, self._eos_list, device)
+        self._token_text = token_text_cache(tokenizer)
         self.steps = 0  # decode steps run so far
         self.prefill_passes = 0  # prefill forward passes (several prompts may share one)
         self.groups_joined = 0  # prefill groups that joined the batch
@@ -223,9 +234,10 @@ class BatchScheduler:
         ready: list[tuple[Request, list[int]]] = []
         for request in requests:
             try:
-                ready.append(
-                    (request, request.start(self.tokenizer, self.context_length, self.device))
-                )
+                ids = request.start(self.tokenizer, self.context_length, self.device)
+                if request.spec is not None:
+                    request.controls = self._controls(request.spec)
+                ready.append((request, ids))
             except Exception as exc:  # fails this request only
                 self._finish(request, StreamEnd("error", str(exc) or repr(exc)))
         if not ready:
@@ -275,7 +287,7 @@ class BatchScheduler:
             group.done = end
             if end < group.width:
                 return False
-            tokens = sample_tokens(out.logits[:, -1, :], group.requests)
+            tokens, scores = next_tokens(out.logits[:, -1, :], group.requests, self._eos_list)
         except Exception as exc:
             logger.exception("prefill failed")
             for request in group.requests:
@@ -287,7 +299,7 @@ class BatchScheduler:
         for row, (request, token) in enumerate(zip(group.requests, tokens, strict=True)):
             if request.cancelled.is_set():
                 self._finish(request, StreamEnd("cancelled"))
-            elif self._accept_token(request, token):
+            elif self._accept_token(request, token, scores[row] if scores else None):
                 keep.append(row)
         if not keep:
             return True
@@ -321,15 +333,17 @@ class BatchScheduler:
         if self.on_pass is not None:
             self.on_pass("decode", batch, batch)
         self._batch.mask = mask
-        tokens = sample_tokens(out.logits[:, -1, :], active)
+        tokens, scores = next_tokens(out.logits[:, -1, :], active, self._eos_list)
         keep: list[int] = []
         for row, (request, token) in enumerate(zip(active, tokens, strict=True)):
-            if self._accept_token(request, token):
+            if self._accept_token(request, token, scores[row] if scores else None):
                 keep.append(row)
         keep_prefixes(self.prefix_cache, self._batch, [r for r in range(batch) if r not in keep])
         self._batch.retain(keep)
 
-    def _accept_token(self, request: Request, token: int | Exception) -> bool:
+    def _accept_token(
+        self, request: Request, token: int | Exception, scores: RowScores | None = None
+    ) -> bool:
         """Stream `token` for `request`; False when the request is over (and finished).
 
         A failure here (sampling or detokenizing this row) ends this request with an error;
@@ -338,13 +352,15 @@ class BatchScheduler:
         try:
             if isinstance(token, Exception):
                 raise token
-            return self._accept_token_unguarded(request, token)
+            return self._accept_token_unguarded(request, token, scores)
         except Exception as exc:
             logger.exception("request failed while sampling or detokenizing")
             self._finish(request, StreamEnd("error", f"sampling failed: {exc!r}"))
             return False
 
-    def _accept_token_unguarded(self, request: Request, token: int) -> bool:
+    def _accept_token_unguarded(
+        self, request: Request, token: int, scores: RowScores | None
+    ) -> bool:
         request.generated += 1
         request.last_token = token
         reason = stop_reason(
@@ -355,7 +371,13 @@ class BatchScheduler:
             self.eos_ids,
             self.context_length,
         )
+        if request.controls is not None:
+            request.controls.observe(token, reason == "eos")
+            if request.controls.complete and reason != "eos":
+                reason = "grammar"  # the value is whole, even if the budget ends here too
         if reason != "eos":  # the end-of-sequence token is neither text nor counted
+            if scores is not None:
+                request.token_logprobs.append(scores.as_token_logprob(token, self._token_text))
             text = request.detokenizer.push(token)
             if text:
                 self._emit(request, request.chunk(text))

@@ -72,7 +72,8 @@ class StopChunks:
     """An engine's chunks, cut at the first stop string.
 
     `feed(chunk)` returns the chunk to send now, or None while all of its text is held back.
-    A chunk's tokens go out with the last of its text: tokens never run ahead of the text.
+    A chunk's tokens (and their log probabilities) go out with the last of its text: tokens
+    never run ahead of the text.
     On a stop string the returned chunk has `finish_reason` "stop" and the answer is over
     (the caller closes the engine's stream); the tokens of the chunk in which the stop string
     begins, and of any later one, are dropped with the text, so the count is the tokens of the
@@ -109,4 +110,5 @@ class StopChunks:
             num_tokens=sum(c.num_tokens for c in done),
             token_ids=tuple(t for c in done for t in c.token_ids),
             finish_reason=reason,
+            logprobs=tuple(lp for c in done for lp in c.logprobs),
         )

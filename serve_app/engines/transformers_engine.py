@@ -149,7 +149,12 @@ class TransformersEngine(Engine):
         events: asyncio.Queue[Event] = asyncio.Queue()
         consumer = (asyncio.get_running_loop(), events)
         job = Request(
-            request.prompt, request.params, request.seed, consumer, session=request.session
+            request.prompt,
+            request.params,
+            request.seed,
+            consumer,
+            session=request.session,
+            spec=request,
         )
         try:
             scheduler.submit(job)
