@@ -227,7 +227,7 @@ def test_async_sdk_streaming_and_not(service):
     ("extra", "param", "code"),
     [
         ({"n": 2}, "n", "unsupported_parameter"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
         ({"extra_body": {"mirostat": 1}}, "mirostat", "unknown_parameter"),
         ({"temperature": 7}, "temperature", "invalid_value"),
         ({"messages": user("word " * 300)}, "messages", "context_length_exceeded"),

@@ -215,3 +215,103 @@ def test_text_format():
         refused(parse_text_format, {"type": "json_schema", "name": "out"}).param
         == "text.format.schema"
     )
+
+
+# ------------------------------------------------------------ the /v1/chat/completions hooks
+def chat(**body):
+    from serve_app.openai_api.protocol import parse_chat_completion
+
+    return parse_chat_completion({"model": "m", **body}, served_model="m")
+
+
+def test_chat_request_with_tools_and_history():
+    request = chat(
+        messages=[
+            {"role": "user", "content": "Weather in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "12C"},
+        ],
+        tools=[WEATHER],
+    )
+    assert request.tool_choice.mode == "auto" and request.tools[0].name == "get_weather"
+    assert [m["role"] for m in request.messages] == ["user", "assistant", "user"]
+    assert request.messages[1]["content"].startswith("<tool_call>")
+    assert request.messages[2]["content"] == "<tool_response>\n12C\n</tool_response>"
+
+
+def test_whole_answers_with_tools():
+    from serve_app.openai_api.tool_answers import answer_with_calls, finish_reason
+
+    auto = chat(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+    assert answer_with_calls(auto, "Hello!") == ("Hello!", [])
+    content, calls = answer_with_calls(
+        auto, '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    )
+    assert content == "" and calls[0]["function"]["name"] == "get_weather"
+    assert (
+        finish_reason("stop", calls) == "tool_calls" and finish_reason("length", calls) == "length"
+    )
+    forced = chat(
+        messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="required"
+    )
+    _, calls = answer_with_calls(forced, '{"name": "get_weather", "arguments": {"city": "Oslo"}}')
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    none = chat(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="none")
+    text = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>'
+    assert answer_with_calls(none, text) == (text, [])
+
+
+def events(sse: str) -> list:
+    return [json.loads(e[6:]) for e in sse.split("\n\n") if e.startswith("data: {")]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_streamed_answers_with_tools(choice):
+    from serve_app.openai_api.encoding import StreamEncoder
+    from serve_app.openai_api.tool_answers import ToolStreamEncoder
+
+    request = chat(
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[WEATHER],
+        tool_choice=choice,
+        stream=True,
+    )
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    pieces = ["<tool", "_call>", call, "</tool_call>"] if choice == "auto" else [call[:9], call[9:]]
+    encoder = ToolStreamEncoder(request, StreamEncoder(request))
+    counts = {"prompt_tokens": 3, "completion_tokens": 4}
+    sse = "".join(encoder.feed(p, **counts) for p in pieces)
+    sse += encoder.end(finish_reason="stop", **counts)
+    chunks = events(sse)
+    calls = [c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert not any(ch["choices"][0]["delta"].get("content") for ch in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert sse.endswith("data: [DONE]\n\n")
+
+
+def test_forced_calls_are_refused_for_an_engine_without_json_schema(monkeypatch):
+    from serve_app.engines import features
+    from serve_app.openai_api.tool_answers import tool_constraint
+
+    monkeypatch.setitem(features.ENGINE_FEATURES, "mock", frozenset())
+    forced = chat(
+        messages=[{"role": "user", "content": "hi"}], tools=[WEATHER], tool_choice="required"
+    )
+    error = refused(tool_constraint, forced, "mock")
+    assert error.param == "tool_choice" and "mock" in error.message
+    monkeypatch.setitem(features.ENGINE_FEATURES, "mock", frozenset({"json_schema"}))
+    assert tool_constraint(forced, "mock").kind == "json_schema"
+    auto = chat(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
+    assert tool_constraint(auto, "mock") is None

@@ -22,7 +22,9 @@ another model).
 * `seed` makes sampling reproducible per request (every engine honours it).
 * Text parts of an array `content` are joined with "\\n" (as vLLM does); other part types
   (images, audio, files) are refused naming `messages[i].content[j].type`. `developer`
-  messages are system messages; `tool` and `function` messages are refused.
+  messages are system messages; `function` messages are refused. `tools`, `tool_choice`,
+  assistant `tool_calls` and `tool` messages are read by tools.py and rendered into the prompt
+  as text by tool_calls.py.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from serve_app.config import GenerationParams
+from serve_app.openai_api.tool_calls import render_assistant_calls, render_tool_result
+from serve_app.openai_api.tools import (
+    Tool,
+    ToolChoice,
+    parse_message_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 from serve_app.refusals import invalid_request, model_not_found, unsupported_parameter
 from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds, whole_number
 
@@ -48,7 +58,7 @@ MAX_USER_CHARS = 512
 # honour unless they carry their neutral value (compared with ==, after None is accepted).
 _SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-    "temperature", "top_p", "top_k", "stop", "seed", "user",
+    "temperature", "top_p", "top_k", "stop", "seed", "user", "tools", "tool_choice",
 }  # fmt: skip
 _HARMLESS = {
     "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
@@ -61,8 +71,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
     "logit_bias": ({},),
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "response_format": ({"type": "text"},),
@@ -112,6 +120,8 @@ class ChatCompletionRequest:
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
     seed: int | None = None
     user: str | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
 
     def generation_params(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
         """`defaults` (GenerationParams names) overridden by the client's parameters."""
@@ -230,19 +240,30 @@ def _parse_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
         role = message.get("role")
+        if role == "tool":  # a tool's result, rendered as text (tool_calls.py)
+            _check_keys(message, {"role", "content", "tool_call_id"}, set(), {}, f"{where}.")
+            content = message.get("content")
+            text = "" if content is None else _parse_content(content, f"{where}.content")
+            total += len(text)
+            messages.append(render_tool_result(text))
+            continue
         if not isinstance(role, str) or role not in ROLES:
-            if role in ("tool", "function"):
+            if role == "function":
                 raise unsupported_parameter(
-                    f"{where}.role", f"is {role!r}; tools are not supported"
+                    f"{where}.role", "is 'function' (deprecated); send 'tool' messages"
                 )
             raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
-        _check_keys(message, {"role", "content"}, set(), _MESSAGE_NEUTRAL, f"{where}.")
+        own = {"role", "content", "tool_calls"} if role == "assistant" else {"role", "content"}
+        _check_keys(message, own, set(), _MESSAGE_NEUTRAL, f"{where}.")
         content = message.get("content")
         if content is None and role != "assistant":
             raise invalid_request(
                 f"'{where}.content' is required", f"{where}.content", "missing_required_parameter"
             )
         text = "" if content is None else _parse_content(content, f"{where}.content")
+        if role == "assistant" and message.get("tool_calls"):
+            calls = parse_message_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            text = render_assistant_calls(text, calls)
         total += len(text)
         if total > MAX_CONTENT_CHARS:
             raise invalid_request(
@@ -341,7 +362,10 @@ def parse_chat_completion(
             f"'user' must be a string of at most {MAX_USER_CHARS} characters", "user"
         )
 
+    tools = parse_tools(data.get("tools"))
     return ChatCompletionRequest(
+        tools=tools,
+        tool_choice=parse_tool_choice(data.get("tool_choice"), tools),
         model=model,
         messages=messages,
         params=params,

@@ -31,6 +31,13 @@ from serve_app.openai_api.encoding import (
     chat_completion,
 )
 from serve_app.openai_api.protocol import parse_chat_completion
+from serve_app.openai_api.tool_answers import (
+    ToolStreamEncoder,
+    answer_with_calls,
+    finish_reason,
+    messages_with_tools,
+    tool_constraint,
+)
 from serve_app.outcomes import is_client_disconnect
 from serve_app.refusals import Refusal, server_error
 from serve_app.validation import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
@@ -55,7 +62,7 @@ def id_headers(request_id: str) -> dict[str, str]:
 class SSEAnswer:
     """The admission's encoder for a streamed answer: SSE chunks, then the ending."""
 
-    def __init__(self, encoder: StreamEncoder) -> None:
+    def __init__(self, encoder: StreamEncoder | ToolStreamEncoder) -> None:
         self._encoder = encoder
 
     def chunk(self, exchange: Exchange, chunk: AnswerChunk) -> str:
@@ -104,7 +111,7 @@ class OpenAIService:
             body = await self._edge.read_body(request, request_body)
             completion = parse_chat_completion(body, served_model=self.model_name)
             plan = plan_messages(
-                completion.messages,
+                messages_with_tools(completion),
                 defaults=self._defaults,
                 overrides=completion.params,
                 formatter=self._formatter,
@@ -115,6 +122,7 @@ class OpenAIService:
                 GenerationParams(**plan.params),
                 stop=completion.stop,
                 seed=completion.seed,
+                constraint=tool_constraint(completion, self._config.engine),
             )
             exchange, first = await self._admission.admit(request, caller, generation, callback)
         except Refusal as refusal:
@@ -124,7 +132,10 @@ class OpenAIService:
         # A client disconnect propagates (recorded as client_disconnected_before_streaming).
         headers = id_headers(exchange.request_id)
         if completion.stream:
-            events = self._admission.relay(exchange, first, SSEAnswer(StreamEncoder(completion)))
+            encoder = StreamEncoder(completion)
+            if completion.tool_choice.mode != "none":
+                encoder = ToolStreamEncoder(completion, encoder)
+            events = self._admission.relay(exchange, first, SSEAnswer(encoder))
             return self._admission.response(
                 exchange, events, media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **headers}
             )
@@ -134,10 +145,12 @@ class OpenAIService:
             if is_client_disconnect(exc):
                 raise
             return failure(exchange.request_id)
+        content, tool_calls = answer_with_calls(completion, content)
         answer = chat_completion(
             model=completion.model,
             content=content,
-            finish_reason=exchange.finish_reason or "stop",
+            tool_calls=tool_calls,
+            finish_reason=finish_reason(exchange.finish_reason or "stop", tool_calls),
             prompt_tokens=exchange.prompt_tokens,
             completion_tokens=exchange.completion_tokens,
         )
