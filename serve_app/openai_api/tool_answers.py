@@ -34,17 +34,20 @@ def messages_with_tools(request: ChatCompletionRequest) -> list[dict[str, str]]:
 def tool_constraint(request: ChatCompletionRequest, engine: str) -> OutputConstraint | None:
     """The constraint of a forced call; a 400 naming the engine if it cannot decode under it."""
     constraint = forced_call_constraint(request.tools, request.tool_choice)
-    if constraint is not None and unsupported_features(engine, _probe(constraint)):
+    return engine_constraint(constraint, engine, "tool_choice")
+
+
+def engine_constraint(
+    constraint: OutputConstraint | None, engine: str, param: str
+) -> OutputConstraint | None:
+    """`constraint` if `engine` honours it, else a 400 naming `param` and the engine."""
+    probe = GenerationRequest(prompt="", params=GenerationParams(), constraint=constraint)
+    if constraint is not None and unsupported_features(engine, probe):
         raise unsupported_parameter(
-            "tool_choice",
-            f"is {request.tool_choice.mode!r}: the {engine} engine cannot decode under a JSON "
-            "schema yet; use 'auto'",
+            param,
+            f"needs decoding under {constraint.kind}, which the {engine} engine cannot do yet",
         )
     return constraint
-
-
-def _probe(constraint: OutputConstraint) -> GenerationRequest:
-    return GenerationRequest(prompt="", params=GenerationParams(), constraint=constraint)
 
 
 def answer_with_calls(
