@@ -40,3 +40,28 @@ def test_the_sdk_streams_a_smollm2_answer(service):
     assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 16
     totals = httpx.get(f"{service.url}/outcomes").json()  # loopback: no admin token needed
     assert totals["outcomes"]["success"] == 1
+
+
+def test_a_chat_with_tools_answers_text_when_the_model_calls_none(service):
+    # Open WebUI sends tools with every chat (tool_choice absent = auto): the answer stays text.
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    answer = client.chat.completions.create(
+        model=EMBEDDED_MODEL_NAME,
+        messages=[{"role": "user", "content": "Say hello."}],
+        tools=tools,
+        max_tokens=16,
+        temperature=0,
+    )
+    message = answer.choices[0].message
+    assert message.tool_calls is None and message.content
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.prompt_tokens > 60  # the tools were offered in the system prompt
