@@ -229,9 +229,9 @@ def test_async_sdk_streaming_and_not(service):
 @pytest.mark.parametrize(
     ("extra", "param", "code"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
         ({"extra_body": {"repetition_penalty": 1.3}}, "repetition_penalty", None),
         ({"n": 2}, "n", "unsupported_parameter"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_parameter"),
         ({"temperature": 7}, "temperature", "invalid_value"),
         ({"messages": user("word " * 300)}, "messages", "context_length_exceeded"),
         ({"max_tokens": 190, "messages": user("x " * 20)}, "max_tokens", None),

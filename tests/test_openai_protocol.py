@@ -148,8 +148,7 @@ def test_invalid_values_name_the_parameter(body, param):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "alloy"}}, "audio"),
@@ -184,14 +183,15 @@ def test_seed_is_passed_on_and_checked():
         ([{"role": "wizard", "content": "x"}], "messages[0].role"),
         ([{"role": {}, "content": "x"}], "messages[0].role"),  # unhashable: was a 500
         ([{"role": ["user"], "content": "x"}], "messages[0].role"),
-        ([{"role": "tool", "content": "x", "tool_call_id": "1"}], "messages[0].role"),
+        ([{"role": "function", "content": "x", "name": "f"}], "messages[0].role"),
         ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name"),
         ([{"role": "user", "content": 5}], "messages[0].content"),
         ([{"role": "user", "content": [{"type": "text", "text": "a"},
                                         {"type": "image_url", "image_url": {"url": "x"}}]}],
          "messages[0].content[1].type"),
         ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}],
-         "messages[0].tool_calls"),
+         "messages[0].tool_calls[0].function"),
+        ([{"role": "tool", "content": "x", "name": "f"}], "messages[0].name"),
     ],
 )  # fmt: skip
 def test_bad_messages_name_the_place(messages, param):
@@ -535,9 +535,9 @@ def test_sdk_raises_the_right_errors(server):
     assert "mock engine" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(
-            model=MODEL, messages=SAY, tools=[{"type": "function", "function": {"name": "f"}}]
+            model=MODEL, messages=SAY, tools=[{"type": "function", "function": {"name": "a b"}}]
         )
-    assert info.value.param == "tools"
+    assert info.value.param == "tools[0].function.name"
     with pytest.raises(openai.NotFoundError) as info:
         sdk.chat.completions.create(model="gpt-4o", messages=SAY)
     assert info.value.code == "model_not_found"

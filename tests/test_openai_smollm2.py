@@ -4,10 +4,13 @@ streams an answer from it."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
 
+from serve_app.engines.features import ENGINE_FEATURES
 from serve_app.local_server import LocalServe
 from serve_app.openai_api.service import EMBEDDED_MODEL_NAME
 
@@ -61,3 +64,84 @@ def test_completions_text_and_token_ids_give_the_same_greedy_answer(service):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(prompt=[10**6], **options)
     assert info.value.param == "prompt"
+
+
+def test_a_chat_with_tools_answers_text_when_the_model_calls_none(service):
+    # Open WebUI sends tools with every chat (tool_choice absent = auto): the answer stays text.
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    answer = client.chat.completions.create(
+        model=EMBEDDED_MODEL_NAME,
+        messages=[{"role": "user", "content": "Say hello."}],
+        tools=tools,
+        max_tokens=16,
+        temperature=0,
+    )
+    message = answer.choices[0].message
+    assert message.tool_calls is None and message.content
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.prompt_tokens > 60  # the tools were offered in the system prompt
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+needs_schema = pytest.mark.skipif(
+    "json_schema" not in ENGINE_FEATURES["transformers"],
+    reason="the transformers engine does not decode under a JSON schema yet",
+)
+
+
+@needs_schema
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_tool_calls_match_their_schema(service, stream, choice):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    ask = dict(
+        model=EMBEDDED_MODEL_NAME,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice=choice,
+        max_tokens=64,
+        temperature=0,
+    )
+    if stream:
+        chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+        calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        answer = client.chat.completions.create(**ask)
+        calls, finish = answer.choices[0].message.tool_calls, answer.choices[0].finish_reason
+    (call,) = calls
+    assert call.function.name == "get_weather" and finish == "tool_calls"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+@needs_schema
+def test_langchain_bind_tools_with_a_forced_choice(service):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model=EMBEDDED_MODEL_NAME, base_url=f"{service.url}/v1", api_key="unused", max_tokens=64
+    )
+    message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Rome?")
+    assert [c["name"] for c in message.tool_calls] == ["get_weather"]
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)

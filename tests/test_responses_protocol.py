@@ -3,6 +3,8 @@ response object and the stored answer."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serve_app.refusals import Refusal
@@ -52,7 +54,11 @@ def test_input_as_text_or_messages_and_the_sampling_fields():
     ("body", "param"),
     [
         ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
-        ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+        (
+            {"input": "x", "text": {"format": {"type": "json_schema", "name": "s"}}},
+            "text.format.schema",
+        ),
         ({"input": [{"type": "function_call_output", "output": "1"}]}, "input[0].type"),
         ({"input": [{"role": "user", "content": [{"type": {}}]}]}, "input[0].content[0].type"),
         ({"input": []}, "input"),
@@ -123,3 +129,12 @@ def test_the_object_and_every_event_validate_as_the_sdk_types():
         adapter.validate_python(event)
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_text_format_becomes_the_constraint():
+    ask = parse(input="x", text={"format": {"type": "json_object"}})
+    assert ask.constraint.kind == "json_object"
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    ask = parse(input="x", text={"format": {"type": "json_schema", "name": "s", "schema": schema}})
+    assert (ask.constraint.kind, json.loads(ask.constraint.schema_json)) == ("json_schema", schema)
+    assert parse(input="x", text={"format": {"type": "text"}}).constraint is None

@@ -75,6 +75,12 @@ class ChunkBuilder:
             [{"index": 0, "delta": delta, "logprobs": encoded, "finish_reason": None}]
         )
 
+    def tool_calls(self, calls: list[dict[str, Any]], *, first: bool = False) -> dict[str, Any]:
+        """A chunk carrying whole tool calls (`delta.tool_calls`, each with its `index`)."""
+        delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+        delta["tool_calls"] = calls
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
     def finish(self, reason: str) -> dict[str, Any]:
         """The last choice chunk: empty delta, `finish_reason` stop|length."""
         return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
@@ -94,8 +100,13 @@ def chat_completion(
     id: str | None = None,
     created: int | None = None,
     logprobs: Sequence[TokenLogprob] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A non-streamed `chat.completion` with `usage` (and `logprobs`, if asked for)."""
+    """A non-streamed `chat.completion` with `usage` (and `logprobs`, if asked for, and the
+    `tool_calls` the model made)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message.update(content=content or None, tool_calls=tool_calls)
     return {
         "id": id or new_completion_id(),
         "object": "chat.completion",
@@ -104,7 +115,7 @@ def chat_completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
+                "message": message,
                 "logprobs": None if logprobs is None else chat_logprobs(logprobs),
                 "finish_reason": finish_reason,
             }
@@ -170,6 +181,12 @@ class StreamEncoder:
         )
         if self.continuous_usage:
             chunk["usage"] = usage(prompt_tokens, completion_tokens)
+        self._started = True
+        return sse_event(chunk)
+
+    def feed_tool_calls(self, calls: list[dict[str, Any]]) -> str:
+        """A chunk of whole `delta.tool_calls` (the first chunk also carries the role)."""
+        chunk = self.builder.tool_calls(calls, first=not self._started)
         self._started = True
         return sse_event(chunk)
 

@@ -26,7 +26,9 @@ another model).
   there; being lenient cannot change the answer and spares clients that always send it).
 * Text parts of an array `content` are joined with "\\n" (as vLLM does); other part types
   (images, audio, files) are refused naming `messages[i].content[j].type`. `developer`
-  messages are system messages; `tool` and `function` messages are refused.
+  messages are system messages; `function` messages are refused. `tools`, `tool_choice`,
+  assistant `tool_calls` and `tool` messages are read by tools.py and rendered into the prompt
+  as text by tool_calls.py.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from serve_app.config import GenerationParams
 from serve_app.openai_api.sampling import Sampling, parse_sampling
+from serve_app.openai_api.tool_calls import render_assistant_calls, render_tool_result
+from serve_app.openai_api.tools import (
+    Tool,
+    ToolChoice,
+    parse_message_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 from serve_app.refusals import invalid_request, model_not_found, unsupported_parameter
 from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds, whole_number
 
@@ -56,15 +66,13 @@ _SUPPORTED = {
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
     "temperature", "top_p", "top_k", "stop", "seed", "user", "n", "ignore_eos", "min_tokens",
     "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-    "response_format",
+    "response_format", "tools", "tool_choice",
 }  # fmt: skip
 _HARMLESS = {
     "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_retention",
     "safety_identifier", "parallel_tool_calls", "prompt_cache_options",
 }  # fmt: skip
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "modalities": (["text"],),
@@ -129,13 +137,14 @@ class ChatCompletionRequest:
     seed: int | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    ignored: tuple[str, ...] = ()  # unknown fields, accepted and ignored (their paths)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
 
     @property
     def session_key(self) -> str | None:
         return session_key(self.prompt_cache_key, self.user)
-
-    sampling: Sampling = field(default_factory=Sampling)
-    ignored: tuple[str, ...] = ()  # unknown fields, accepted and ignored (their paths)
 
     def generation_params(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
         """`defaults` (GenerationParams names) overridden by the client's parameters."""
@@ -267,19 +276,30 @@ def _parse_messages(raw: Any, ignored: list[str]) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
         role = message.get("role")
+        if role == "tool":  # a tool's result, rendered as text (tool_calls.py)
+            _check_keys(message, {"role", "content", "tool_call_id"}, set(), {}, f"{where}.")
+            content = message.get("content")
+            text = "" if content is None else _parse_content(content, f"{where}.content")
+            total += len(text)
+            messages.append(render_tool_result(text))
+            continue
         if not isinstance(role, str) or role not in ROLES:
-            if role in ("tool", "function"):
+            if role == "function":
                 raise unsupported_parameter(
-                    f"{where}.role", f"is {role!r}; tools are not supported"
+                    f"{where}.role", "is 'function' (deprecated); send 'tool' messages"
                 )
             raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
-        ignored += _ignored_keys(message, {"role", "content"}, _MESSAGE_NEUTRAL, f"{where}.")
+        own = {"role", "content", "tool_calls"} if role == "assistant" else {"role", "content"}
+        ignored += _ignored_keys(message, own, _MESSAGE_NEUTRAL, f"{where}.")
         content = message.get("content")
         if content is None and role != "assistant":
             raise invalid_request(
                 f"'{where}.content' is required", f"{where}.content", "missing_required_parameter"
             )
         text = "" if content is None else _parse_content(content, f"{where}.content", ignored)
+        if role == "assistant" and message.get("tool_calls"):
+            calls = parse_message_tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            text = render_assistant_calls(text, calls)
         total += len(text)
         if total > MAX_CONTENT_CHARS:
             raise invalid_request(
@@ -408,7 +428,10 @@ def parse_chat_completion(
     stream = _strict_bool(data, "stream", "stream")
     include_usage, continuous_usage = _parse_stream_options(data, stream, ignored)
     params = parse_generation_params(data)
+    tools = parse_tools(data.get("tools"))
     return ChatCompletionRequest(
+        tools=tools,
+        tool_choice=parse_tool_choice(data.get("tool_choice"), tools),
         model=model,
         messages=messages,
         params=params,

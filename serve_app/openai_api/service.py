@@ -27,7 +27,7 @@ from serve_app.config import ChatStreamConfig, GenerationParams
 from serve_app.conversation import capped_params, plan_messages
 from serve_app.engines.base import PromptFormatter
 from serve_app.exchange import Callback, Exchange
-from serve_app.model_contract import AnswerChunk, GenerationRequest, ModelInput
+from serve_app.model_contract import AnswerChunk, GenerationRequest, ModelInput, OutputConstraint
 from serve_app.openai_api import ignored
 from serve_app.openai_api.completions import (
     CompletionRequest,
@@ -43,6 +43,13 @@ from serve_app.openai_api.encoding import (
 )
 from serve_app.openai_api.protocol import ChatCompletionRequest, parse_chat_completion
 from serve_app.openai_api.sampling import check_engine
+from serve_app.openai_api.tool_answers import (
+    ToolStreamEncoder,
+    answer_with_calls,
+    finish_reason,
+    messages_with_tools,
+    tool_constraint,
+)
 from serve_app.outcomes import is_client_disconnect
 from serve_app.refusals import Refusal, invalid_request, server_error, unsupported_parameter
 from serve_app.validation import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
@@ -67,7 +74,7 @@ def id_headers(request_id: str) -> dict[str, str]:
 class SSEAnswer:
     """The admission's encoder for a streamed answer: SSE chunks, then the ending."""
 
-    def __init__(self, encoder: StreamEncoder) -> None:
+    def __init__(self, encoder: StreamEncoder | ToolStreamEncoder) -> None:
         self._encoder = encoder
 
     def chunk(self, exchange: Exchange, chunk: AnswerChunk) -> str:
@@ -117,14 +124,20 @@ class OpenAIService:
             body = await self._edge.read_body(request, request_body)
             chat = parse_chat_completion(body, served_model=self.model_name)
             plan = plan_messages(
-                chat.messages,
+                messages_with_tools(chat),
                 defaults=self._defaults,
                 overrides=chat.params,
                 formatter=self._formatter,
                 system_prompt=self._config.system_prompt,
             )
             admitted = await self._admit(
-                request, caller, chat, plan.model_input, plan.params, callback
+                request,
+                caller,
+                chat,
+                plan.model_input,
+                plan.params,
+                callback,
+                constraint=tool_constraint(chat, self._config.engine),
             )
         except Refusal as refusal:
             return await self._edge.refuse(request, refusal, openai=True)
@@ -132,16 +145,21 @@ class OpenAIService:
             return failure(failed.request_id)
 
         def whole(answered: AnswerChunk, exchange: Exchange) -> dict:
+            content, tool_calls = answer_with_calls(chat, answered.text)
             return chat_completion(
                 model=chat.model,
-                content=answered.text,
+                content=content,
+                tool_calls=tool_calls,
                 logprobs=answered.logprobs if chat.sampling.logprobs is not None else None,
-                finish_reason=exchange.finish_reason or "stop",
+                finish_reason=finish_reason(exchange.finish_reason or "stop", tool_calls),
                 prompt_tokens=exchange.prompt_tokens,
                 completion_tokens=exchange.completion_tokens,
             )
 
-        return await self._answer(chat, admitted, StreamEncoder(chat), whole, "chat_completions")
+        encoder = StreamEncoder(chat)
+        if chat.tool_choice.mode != "none":
+            encoder = ToolStreamEncoder(chat, encoder)
+        return await self._answer(chat, admitted, encoder, whole, "chat_completions")
 
     async def completions(self, request: Request) -> Response:
         """Answer one `/v1/completions` request (text or token ids, `echo`, legacy logprobs)."""
@@ -180,15 +198,27 @@ class OpenAIService:
         model_input: ModelInput,
         params: dict[str, Any],
         callback: Callback | None,
+        *,
+        constraint: OutputConstraint | None = None,
     ) -> tuple[Exchange, AnswerChunk | None]:
-        """The checks before a slot is taken (n, the engine's features), then the admission."""
+        """The checks before a slot is taken (n, the engine's features), then the admission.
+        `constraint`: a forced tool call's, which leaves no room for a `response_format`."""
+        fields = parsed.sampling.generation_fields()
+        if constraint is not None:
+            if fields["constraint"] is not None:
+                raise invalid_request(
+                    "'response_format' cannot constrain an answer that 'tool_choice' forces "
+                    "to be a tool call; send one of them",
+                    "response_format",
+                )
+            fields["constraint"] = constraint
         generation = GenerationRequest(
             model_input,
             GenerationParams(**params),
             stop=parsed.stop,
             seed=parsed.seed,
             session=parsed.session_key,
-            **parsed.sampling.generation_fields(),
+            **fields,
         )
         check_choices(parsed.sampling.n)
         check_engine(self._config.engine, generation)

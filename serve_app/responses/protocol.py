@@ -4,8 +4,9 @@
 `/v1/chat/completions` (serve_app/openai_api/protocol.py, whose checks it reuses): what would
 change the answer and cannot be honoured is refused with a 400 naming it, unless its value is
 the neutral one; what cannot change the text is accepted and ignored; unknown fields are
-refused. Tools and `text.format` structured outputs are not built yet: a non-empty `tools`, or
-a `text.format` other than `{"type": "text"}`, is a 400 naming the field.
+refused. `text.format` (`json_object`, `json_schema`) becomes the request's OutputConstraint
+(openai_api/tools.py). Tools are not built for this endpoint yet: a non-empty `tools` is a 400
+naming the field.
 
 `input` is a string (one user message) or a list of messages (`type: "message"` or no type;
 roles user, system, developer, assistant; content a string or `input_text` / `output_text`
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.model_contract import OutputConstraint
 from serve_app.openai_api.protocol import (
     MAX_CONTENT_CHARS,
     MAX_MESSAGES,
@@ -31,6 +33,7 @@ from serve_app.openai_api.protocol import (
     _validate_param,
     check_model,
 )
+from serve_app.openai_api.tools import parse_text_format
 from serve_app.refusals import Refusal, invalid_request, unsupported_parameter
 
 MAX_INSTRUCTIONS_CHARS = 100_000
@@ -57,7 +60,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "truncation": ("auto",),  # the oldest turns of a chain give way to the context
     "top_logprobs": (0,),
 }
-_TEXT_NEUTRAL: dict[str, tuple[Any, ...]] = {"format": ({"type": "text"},), "verbosity": ()}
+_TEXT_NEUTRAL: dict[str, tuple[Any, ...]] = {"verbosity": ()}
 _ITEM_HARMLESS = {"type", "id", "status", "phase"}
 _PART_TYPES = {"input_text", "output_text", "text"}
 
@@ -75,6 +78,7 @@ class ResponseRequest:
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
+    constraint: OutputConstraint | None = None  # from text.format
 
 
 def response_id(chain: str, message_id: str) -> str:
@@ -185,10 +189,12 @@ def parse_response_request(
     messages = parse_input(data.get("input"))
 
     text = data.get("text")
+    constraint = None
     if text is not None:
         if not isinstance(text, dict):
             raise invalid_request("'text' must be an object", "text", "invalid_type")
-        _check_keys(text, set(), set(), _TEXT_NEUTRAL, "text.")
+        _check_keys(text, {"format"}, set(), _TEXT_NEUTRAL, "text.")
+        constraint = parse_text_format(text.get("format"))
     options = data.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
@@ -225,4 +231,5 @@ def parse_response_request(
         store=True if store is None else _strict_bool(data, "store", "store"),
         previous_response_id=previous,
         metadata=_parse_metadata(data.get("metadata")),
+        constraint=constraint,
     )

@@ -35,6 +35,7 @@ from serve_app.exchange import Callback, Turn
 from serve_app.model_contract import GenerationRequest
 from serve_app.openai_api.encoding import SSE_HEADERS, SSE_MEDIA_TYPE
 from serve_app.openai_api.service import failure, id_headers, served_model_name
+from serve_app.openai_api.tool_answers import engine_constraint
 from serve_app.outcomes import is_client_disconnect
 from serve_app.refusals import Refusal, store_unavailable
 from serve_app.responses.encoding import (
@@ -132,6 +133,7 @@ class ResponsesService:
                 GenerationParams(**plan.params),
                 seed=ask.seed,
                 session=f"responses:{chain}" if chain else None,  # the chain is the session
+                constraint=engine_constraint(ask.constraint, self._config.engine, "text.format"),
             )
             exchange, first = await parts.admission.admit(
                 request, caller, generation, callback, view, turn
