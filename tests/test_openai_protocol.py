@@ -530,8 +530,8 @@ def test_sdk_raises_the_right_errors(server):
         sdk.chat.completions.create(model=MODEL, messages=SAY, n=2)
     assert (info.value.param, info.value.code) == ("n", "unsupported_parameter")
     with pytest.raises(openai.BadRequestError) as info:
-        sdk.chat.completions.create(model=MODEL, messages=SAY, logprobs=True)
-    assert (info.value.param, info.value.code) == ("logprobs", "unsupported_parameter")
+        sdk.chat.completions.create(model=MODEL, messages=SAY, presence_penalty=0.5)
+    assert (info.value.param, info.value.code) == ("presence_penalty", "unsupported_parameter")
     assert "mock engine" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(

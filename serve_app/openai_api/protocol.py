@@ -277,9 +277,10 @@ def _parse_messages(raw: Any, ignored: list[str]) -> list[dict[str, str]]:
             raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
         role = message.get("role")
         if role == "tool":  # a tool's result, rendered as text (tool_calls.py)
-            _check_keys(message, {"role", "content", "tool_call_id"}, set(), {}, f"{where}.")
+            own = {"role", "content", "tool_call_id"}
+            ignored += _ignored_keys(message, own, _MESSAGE_NEUTRAL, f"{where}.")
             content = message.get("content")
-            text = "" if content is None else _parse_content(content, f"{where}.content")
+            text = "" if content is None else _parse_content(content, f"{where}.content", ignored)
             total += len(text)
             messages.append(render_tool_result(text))
             continue
