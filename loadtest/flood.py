@@ -103,12 +103,16 @@ async def run_flood(
     *,
     flood_loops: int = 40,
     polite_requests: int = 6,
-    warmup_s: float = 5.0,
+    ramp_s: float = 5.0,
+    warmup_s: float = 8.0,
     min_window_s: float = 0.0,
     answer_timeout_s: float = 120.0,
 ) -> FloodResult:
     """The flood for `warmup_s`, then the polite key's requests one after another; the run ends
-    when they are done and at least `min_window_s` has passed since the first of them."""
+    when they are done and at least `min_window_s` has passed since the first of them. The
+    flood's loops start spread over `ramp_s` (as Locust's spawn rate spreads users): started
+    all at once, every answer would end in the same instant and slots would free in bursts of
+    8 every answer's time, not one every ~0.6 s."""
     flood, polite = TenantTally(), TenantTally()
     ends: list[tuple[float, int]] = []
     stop = asyncio.Event()
@@ -116,7 +120,8 @@ async def run_flood(
     timeout = httpx.Timeout(answer_timeout_s, connect=10.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
 
-        async def flood_loop() -> None:
+        async def flood_loop(delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
             while not stop.is_set():
                 try:
                     if not await _one_request(client, flood_key, flood, ends):
@@ -125,7 +130,9 @@ async def run_flood(
                     flood.refused[type(exc).__name__] += 1
                     await asyncio.sleep(REFUSAL_PAUSE_S)
 
-        loops = [asyncio.create_task(flood_loop()) for _ in range(flood_loops)]
+        loops = [
+            asyncio.create_task(flood_loop(i * ramp_s / flood_loops)) for i in range(flood_loops)
+        ]
         try:
             await asyncio.sleep(warmup_s)
             window_start = time.monotonic()
