@@ -23,10 +23,10 @@ from typing import Any
 import requests
 from locust import between, task
 
-from loadtest.accounting import SUCCESS, UNKNOWN_ERROR
-from loadtest.client import REQUEST_ID_HEADER, AccountedUser, prompt
-from loadtest.quits import quit_early, quitting, read_then_close
+from loadtest.accounting import SUCCESS
+from loadtest.client import REQUEST_ID_HEADER, prompt
 from loadtest.run_state import RUN
+from loadtest.stream_user import Quitter, Sender
 
 IGNORED_FIELDS_HEADER = "x-chatstream-ignored-fields"  # serve_app/openai_api/ignored.py
 API_KEY_ENV = "CHATSTREAM_LOADTEST_API_KEY"  # sent as the bearer key when the service has keys
@@ -83,11 +83,12 @@ class CompletionChunks:
 STREAM_CUT = (StreamCut, requests.RequestException, ValueError)
 
 
-class OpenAIClient(AccountedUser):
-    """What the users of the `/v1` API share (no tasks): the served model, the bearer key,
-    OpenAI's error object."""
+class OpenAIClient(Quitter):
+    """What the users of the `/v1` API share: the served model, the bearer key, OpenAI's error
+    object, and the quitting tasks (loadtest/stream_user.py)."""
 
     abstract = True
+    stream_cut = STREAM_CUT
 
     def on_start(self) -> None:
         key = os.environ.get(API_KEY_ENV, "")
@@ -110,6 +111,7 @@ class OpenAIUser(OpenAIClient):
     behaviour = "openai"
     weight = 2  # set from --openai-weight at init
     wait_time = between(0.5, 1.5)
+    id_prefix, label = "oai", "openai"
 
     def ask(self, question: str, path: str = "/v1/chat/completions", **fields: Any) -> Any:
         """The sender of a request: `ask(...)(request_id, name)` posts it (a chat question, or
@@ -145,18 +147,7 @@ class OpenAIUser(OpenAIClient):
         with send(request_id, "openai stream") as response:
             if response.status_code != 200:
                 return self.refused(response, request_id, "too_many_requests")
-            try:
-                for _ in CompletionChunks(response):
-                    pass
-            except STREAM_CUT as exc:
-                ok = RUN.errors_expected
-                RUN.record(
-                    request_id, self.behaviour, UNKNOWN_ERROR, violation="" if ok else f"cut: {exc}"
-                )
-                response.failure(f"stream cut: {exc}")
-                return
-            RUN.record(request_id, self.behaviour, SUCCESS)
-            response.success()
+            self.read_to_end(response, request_id, CompletionChunks(response))
 
     @task(1)
     def whole_answer(self) -> None:
@@ -201,25 +192,8 @@ class OpenAIUser(OpenAIClient):
             else:
                 response.failure("bad text_completion")
 
-    @task(2)
-    def quit_mid_stream(self) -> None:
-        if RUN.quiet:
-            return
-        request_id = RUN.new_id("oai")
-        # Long enough that the service cannot finish before the close reaches it (unless the
-        # model stops sooner: then the close may race the end, see loadtest/quits.py).
-        tokens = min(RUN.options.long_answer_tokens, 1024)
-        send = self.ask(prompt(5), max_tokens=tokens, stream=True)
-        with quitting(), send(request_id, "openai quit mid-stream") as response:
-            if response.status_code != 200:
-                return self.refused(response, request_id, "too_many_requests")
-            chunks = CompletionChunks(response)
-            read_then_close(self, response, request_id, chunks, STREAM_CUT, lambda: chunks.finished)
+    def streamed(self, words: int, tokens: int) -> Sender:
+        return self.ask(prompt(words), max_tokens=tokens, stream=True)
 
-    @task(1)
-    def quit_before_first_chunk(self) -> None:
-        if RUN.quiet:
-            return
-        request_id = RUN.new_id("oai")
-        send = self.ask(prompt(5), max_tokens=RUN.options.answer_tokens, stream=True)
-        quit_early(self, request_id, "openai early quit", send)
+    def stream_events(self, response: Any) -> CompletionChunks:
+        return CompletionChunks(response)

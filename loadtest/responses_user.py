@@ -25,11 +25,11 @@ from typing import Any
 
 from locust import between, task
 
-from loadtest.accounting import SUCCESS, UNKNOWN_ERROR
+from loadtest.accounting import SUCCESS
 from loadtest.client import REQUEST_ID_HEADER, prompt
-from loadtest.openai_user import STREAM_CUT, OpenAIClient, StreamCut, sse_data
-from loadtest.quits import quit_early, quitting, read_then_close
+from loadtest.openai_user import OpenAIClient, StreamCut, sse_data
 from loadtest.run_state import RUN
+from loadtest.stream_user import Sender
 
 ENDS = ("response.completed", "response.incomplete")
 
@@ -67,6 +67,7 @@ class ResponsesUser(OpenAIClient):
     behaviour = "responses"
     weight = 2  # set from --responses-weight at init
     wait_time = between(0.5, 1.5)
+    id_prefix, label = "resp", "responses"
     latest: str | None = None  # the chain's latest response
     turns = 0
 
@@ -118,19 +119,9 @@ class ResponsesUser(OpenAIClient):
             if response.status_code != 200:
                 return self.refused_turn(response, request_id)
             deltas = ResponseDeltas(response)
-            try:
-                for _ in deltas:
-                    pass
-            except STREAM_CUT as exc:
-                ok = RUN.errors_expected
-                RUN.record(
-                    request_id, self.behaviour, UNKNOWN_ERROR, violation="" if ok else f"cut: {exc}"
-                )
-                response.failure(f"stream cut: {exc}")
+            if not self.read_to_end(response, request_id, deltas):
                 self.latest, self.turns = None, 0  # a cut answer may be the chain's latest now
                 return
-            RUN.record(request_id, self.behaviour, SUCCESS)
-            response.success()
         self.continued(deltas.response_id)
 
     @task(1)
@@ -153,25 +144,8 @@ class ResponsesUser(OpenAIClient):
             response.success()
         self.continued(answer["id"])
 
-    @task(2)
-    def quit_mid_stream(self) -> None:
-        if RUN.quiet:
-            return
-        request_id = RUN.new_id("resp")
-        tokens = min(RUN.options.long_answer_tokens, 1024)
-        send = self.create(input=prompt(5), max_output_tokens=tokens, stream=True, store=False)
-        with quitting(), send(request_id, "responses quit mid-stream") as response:
-            if response.status_code != 200:
-                return self.refused(response, request_id, "too_many_requests")
-            deltas = ResponseDeltas(response)
-            read_then_close(self, response, request_id, deltas, STREAM_CUT, lambda: deltas.finished)
+    def streamed(self, words: int, tokens: int) -> Sender:
+        return self.create(input=prompt(words), max_output_tokens=tokens, stream=True, store=False)
 
-    @task(1)
-    def quit_before_first_chunk(self) -> None:
-        if RUN.quiet:
-            return
-        request_id = RUN.new_id("resp")
-        send = self.create(
-            input=prompt(5), max_output_tokens=RUN.options.answer_tokens, stream=True, store=False
-        )
-        quit_early(self, request_id, "responses early quit", send)
+    def stream_events(self, response: Any) -> ResponseDeltas:
+        return ResponseDeltas(response)

@@ -12,23 +12,33 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable, Iterator
 
 from locust import between, constant, task
 
-from loadtest.accounting import SUCCESS, UNKNOWN_ERROR
-from loadtest.client import REQUEST_ID_HEADER, AccountedUser, prompt
+from loadtest.client import REQUEST_ID_HEADER, prompt
 from loadtest.openai_user import STREAM_CUT, CompletionChunks, OpenAIUser
 from loadtest.run_state import RUN
+from loadtest.stream_user import StreamReader
 from loadtest.tenant_tally import TALLIES, Tally, keys_from_environment
 
 _next_polite = itertools.count()
 
 
-class TenantUser(AccountedUser):
+def timing_first(chunks: Iterable[str], started: float, tally: Tally) -> Iterator[str]:
+    """The chunks, noting the time to the first one in `tally`."""
+    for index, chunk in enumerate(chunks):
+        if index == 0:
+            tally.first_chunk_s.append(time.monotonic() - started)
+        yield chunk
+
+
+class TenantUser(StreamReader):
     abstract = True
     behaviour = "tenant"
     key_id = ""
     error_code = OpenAIUser.error_code  # OpenAI's error object
+    stream_cut = STREAM_CUT
 
     def pick_key(self) -> tuple[str, str] | None:
         raise NotImplementedError
@@ -62,19 +72,8 @@ class TenantUser(AccountedUser):
                 time.sleep(0.05)  # a flooder's pause: keeps the load generator's CPU sane
                 return
             tally.admitted += 1
-            try:
-                for index, _ in enumerate(CompletionChunks(response)):
-                    if index == 0:
-                        tally.first_chunk_s.append(time.monotonic() - started)
-            except STREAM_CUT as exc:
-                ok = RUN.errors_expected
-                RUN.record(
-                    request_id, self.behaviour, UNKNOWN_ERROR, violation="" if ok else f"cut: {exc}"
-                )
-                response.failure(f"stream cut: {exc}")
-                return
-            RUN.record(request_id, self.behaviour, SUCCESS)
-            response.success()
+            chunks = timing_first(CompletionChunks(response), started, tally)
+            self.read_to_end(response, request_id, chunks)
 
 
 class FloodUser(TenantUser):
