@@ -60,7 +60,9 @@ def test_openai_sdk_completions(sdk):
 
 def test_openai_sdk_parse_with_a_pydantic_model(sdk):
     if STRUCTURED:
-        parsed = sdk.chat.completions.parse(model=MODEL, messages=USER, response_format=Pet)
+        parsed = sdk.chat.completions.parse(
+            model=MODEL, messages=USER, response_format=Pet, max_tokens=96
+        )
         assert isinstance(parsed.choices[0].message.parsed, Pet)
         return
     with pytest.raises(openai.BadRequestError) as info:
