@@ -1,6 +1,7 @@
 """The OpenAI-protocol user of the load test: `POST /v1/chat/completions`, streamed (SSE) and
 not, reading to the end, quitting mid-stream, or quitting before the first chunk; and
-`POST /v1/completions` with an unknown field (answered, the field listed as ignored). Each request
+`POST /v1/completions` with an unknown field (answered, the field listed as ignored), and a
+structured output (`response_format` json_schema: the answer must match the schema). Each request
 carries `X-ChatStream-Request-Id`, so it joins the exact accounting like the /chat_stream users.
 
 Outcome each task implies:
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import requests
@@ -81,6 +82,43 @@ class CompletionChunks:
 
 
 STREAM_CUT = (StreamCut, requests.RequestException, ValueError)
+
+
+# A JSON schema whose every value is bounded, so that any engine completes it within 64 tokens.
+CITY_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "city",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "rank": {"type": "integer", "minimum": 0, "maximum": 99},
+            },
+            "required": ["city", "rank"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def finished(answer: dict) -> bool:
+    return answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def matches_city(answer: dict) -> bool:
+    """The answer is whole and is JSON of CITY_FORMAT's shape."""
+    choice = answer["choices"][0]
+    value = json.loads(choice["message"]["content"])
+    return (
+        choice["finish_reason"] == "stop"
+        and set(value) == {"city", "rank"}
+        and isinstance(value["city"], str)
+        and len(value["city"]) <= 12
+        and type(value["rank"]) is int
+        and 0 <= value["rank"] <= 99
+    )
 
 
 class OpenAIClient(Quitter):
@@ -151,46 +189,51 @@ class OpenAIUser(OpenAIClient):
 
     @task(1)
     def whole_answer(self) -> None:
-        request_id = RUN.new_id("oai")
         send = self.ask(prompt(4), max_tokens=RUN.options.answer_tokens)
-        with send(request_id, "openai whole") as response:
-            if response.status_code != 200:
-                return self.refused(response, request_id, "too_many_requests")
-            try:
-                answer = response.json()
-                ok = answer["choices"][0]["finish_reason"] in ("stop", "length")
-            except (ValueError, KeyError, IndexError, requests.RequestException) as exc:
-                ok, answer = False, repr(exc)
-            violation = "" if ok else f"bad answer: {answer}"
-            RUN.record(request_id, self.behaviour, SUCCESS, violation=violation)
-            if ok:
-                response.success()
-            else:
-                response.failure("bad chat.completion")
+        self.check_whole(send, "openai whole", lambda answer, _: finished(answer))
+
+    @task(1)
+    def structured_answer(self) -> None:
+        """`response_format` json_schema, as `client.chat.completions.parse` sends it: the
+        answer must parse and match the schema (decoded under it, whatever the model)."""
+        send = self.ask(prompt(4), max_tokens=max(64, RUN.options.answer_tokens),
+                        response_format=CITY_FORMAT)  # fmt: skip
+        self.check_whole(send, "openai structured", lambda answer, _: matches_city(answer))
 
     @task(1)
     def text_completion(self) -> None:
         """`/v1/completions` with a field the server does not know: answered, and the
         response lists the field as ignored."""
-        request_id = RUN.new_id("oai")
         send = self.ask(prompt(4), path="/v1/completions", max_tokens=RUN.options.answer_tokens,
                         cache_control={"type": "ephemeral"})  # fmt: skip
-        with send(request_id, "openai text completion") as response:
+        self.check_whole(
+            send,
+            "openai text completion",
+            lambda answer, headers: (
+                finished(answer) and headers.get(IGNORED_FIELDS_HEADER) == "cache_control"
+            ),
+        )
+
+    def check_whole(
+        self, send: Sender, name: str, check: Callable[[dict, Mapping[str, str]], bool]
+    ) -> None:
+        """Post a non-streamed request and record it: success, with a violation unless `check`
+        accepts the answer (and its headers)."""
+        request_id = RUN.new_id("oai")
+        with send(request_id, name) as response:
             if response.status_code != 200:
                 return self.refused(response, request_id, "too_many_requests")
             try:
                 answer = response.json()
-                ok = answer["choices"][0]["finish_reason"] in ("stop", "length") and (
-                    response.headers.get(IGNORED_FIELDS_HEADER) == "cache_control"
-                )
-            except (ValueError, KeyError, IndexError, requests.RequestException) as exc:
+                ok = check(answer, response.headers)
+            except (ValueError, KeyError, IndexError, TypeError, requests.RequestException) as exc:
                 ok, answer = False, repr(exc)
-            violation = "" if ok else f"bad text_completion: {answer}"
+            violation = "" if ok else f"bad answer to {name}: {answer}"
             RUN.record(request_id, self.behaviour, SUCCESS, violation=violation)
             if ok:
                 response.success()
             else:
-                response.failure("bad text_completion")
+                response.failure(f"bad answer to {name}")
 
     def streamed(self, words: int, tokens: int) -> Sender:
         return self.ask(prompt(words), max_tokens=tokens, stream=True)

@@ -40,3 +40,5 @@ def test_openai_users_accounting_is_exact(tmp_path: Path) -> None:
     assert seen.get("success", 0) > 0, output
     assert seen.get("client_disconnected_while_streaming", 0) > 0, output  # the quitters ran
     assert "openai quit mid-stream" in done.stdout + done.stderr, output
+    # The structured-output task ran; a wrong answer would be a violation in the report.
+    assert "openai structured" in done.stdout + done.stderr, output
