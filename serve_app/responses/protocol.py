@@ -5,13 +5,15 @@
 change the answer and cannot be honoured is refused with a 400 naming it, unless its value is
 the neutral one; what cannot change the text is accepted and ignored; unknown fields are
 refused. `text.format` (`json_object`, `json_schema`) becomes the request's OutputConstraint
-(openai_api/tools.py). Tools are not built for this endpoint yet: a non-empty `tools` is a 400
-naming the field.
+(openai_api/tools.py); function `tools` and `tool_choice` are read in the flat Responses shape,
+and a forced call's constraint replaces it (both at once: a 400 naming `tool_choice`).
 
-`input` is a string (one user message) or a list of messages (`type: "message"` or no type;
-roles user, system, developer, assistant; content a string or `input_text` / `output_text`
-parts). Other item types (function calls, images, files, item references) are refused naming
-`input[i].type` or `input[i].content[j].type`.
+`input` is a string (one user message) or a list of items: messages (`type: "message"` or no
+type; roles user, system, developer, assistant; content a string or `input_text` /
+`output_text` parts), `function_call` (a call the model made, echoed back) and
+`function_call_output` (its result), rendered as chat renders assistant `tool_calls` and
+`role: tool` messages (responses/tool_items.py). Other item types (images, files, item
+references) are refused naming `input[i].type` or `input[i].content[j].type`.
 """
 
 from __future__ import annotations
@@ -33,8 +35,20 @@ from serve_app.openai_api.protocol import (
     _validate_param,
     check_model,
 )
-from serve_app.openai_api.tools import parse_text_format
+from serve_app.openai_api.tools import (
+    MAX_ARGUMENT_CHARS,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    _name,
+    _string,
+    forced_call_constraint,
+    parse_text_format,
+    parse_tool_choice,
+    parse_tools,
+)
 from serve_app.refusals import Refusal, invalid_request, unsupported_parameter
+from serve_app.responses.tool_items import render_calls, render_output
 
 MAX_INSTRUCTIONS_CHARS = 100_000
 MAX_METADATA_KEYS = 16
@@ -43,15 +57,13 @@ RESPONSE_ID = re.compile(r"resp_([0-9a-f]{32})([0-9a-f]{32})")
 _SUPPORTED = {
     "model", "input", "instructions", "stream", "stream_options", "store",
     "previous_response_id", "temperature", "top_p", "top_k", "max_output_tokens", "seed",
-    "metadata", "user", "text",
+    "metadata", "user", "text", "tools", "tool_choice",
 }  # fmt: skip
 _HARMLESS = {
     "service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
     "parallel_tool_calls", "max_tool_calls",
 }  # fmt: skip
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),
     "include": ([],),
     "reasoning": (),
     "background": (False,),
@@ -78,7 +90,9 @@ class ResponseRequest:
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
-    constraint: OutputConstraint | None = None  # from text.format
+    constraint: OutputConstraint | None = None  # from text.format or a forced call
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
 
 
 def response_id(chain: str, message_id: str) -> str:
@@ -115,12 +129,50 @@ def _parse_part(part: Any, where: str) -> str:
     return text
 
 
-def _parse_item(item: Any, where: str) -> dict[str, str]:
+def _parse_call(item: dict[str, Any], where: str) -> ToolCall:
+    _check_keys(item, {"call_id", "name", "arguments"}, _ITEM_HARMLESS, {}, f"{where}.")
+    return ToolCall(
+        id=_string(item.get("call_id"), f"{where}.call_id", max_chars=256),
+        name=_name(item.get("name"), f"{where}.name"),
+        arguments=_string(item.get("arguments"), f"{where}.arguments",
+                          max_chars=MAX_ARGUMENT_CHARS),
+    )  # fmt: skip
+
+
+def _parse_output(item: dict[str, Any], where: str) -> str:
+    _check_keys(item, {"call_id", "output"}, _ITEM_HARMLESS, {}, f"{where}.")
+    _string(item.get("call_id"), f"{where}.call_id", max_chars=256)
+    output = item.get("output")
+    if isinstance(output, list):
+        output = "\n".join(_parse_part(p, f"{where}.output[{j}]") for j, p in enumerate(output))
+    if not isinstance(output, str):
+        raise invalid_request(
+            f"'{where}.output' must be a string or an array of text parts",
+            f"{where}.output",
+            "invalid_type",
+        )
+    return render_output(output)
+
+
+def _parse_item(item: Any, where: str, messages: list[dict[str, str]]) -> dict[str, str]:
+    """The message `item` adds to `messages` (a call or a result may join the last one)."""
     if not isinstance(item, dict):
         raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
     kind = item.get("type", "message")
+    last = messages[-1] if messages else None
+    if kind == "function_call":
+        previous = messages.pop() if last and last["role"] == "assistant" else None
+        return render_calls(previous, [_parse_call(item, where)])
+    if kind == "function_call_output":
+        result = _parse_output(item, where)
+        if last and last["role"] == "user" and last["content"].endswith("</tool_response>"):
+            result = f"{messages.pop()['content']}\n{result}"
+        return {"role": "user", "content": result}
     if kind != "message":
-        raise unsupported_parameter(f"{where}.type", f"is {kind!r}; only messages are supported")
+        raise unsupported_parameter(
+            f"{where}.type",
+            f"is {kind!r}; only messages, function_call and function_call_output are supported",
+        )
     role = item.get("role")
     if not isinstance(role, str) or role not in ROLES:
         raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
@@ -145,7 +197,9 @@ def parse_input(raw: Any) -> list[dict[str, str]]:
     elif isinstance(raw, list) and raw:
         if len(raw) > MAX_MESSAGES:
             raise invalid_request(f"'input' has more than {MAX_MESSAGES} items", "input")
-        messages = [_parse_item(item, f"input[{i}]") for i, item in enumerate(raw)]
+        messages = []
+        for i, item in enumerate(raw):
+            messages.append(_parse_item(item, f"input[{i}]", messages))
     else:
         raise invalid_request(
             "'input' must be a string or a non-empty array of messages", "input", "invalid_type"
@@ -195,6 +249,14 @@ def parse_response_request(
             raise invalid_request("'text' must be an object", "text", "invalid_type")
         _check_keys(text, {"format"}, set(), _TEXT_NEUTRAL, "text.")
         constraint = parse_text_format(text.get("format"))
+    tools = parse_tools(data.get("tools"), flat=True)
+    choice = parse_tool_choice(data.get("tool_choice"), tools, flat=True)
+    if choice.forced:
+        if constraint is not None:
+            raise unsupported_parameter(
+                "tool_choice", "cannot force a call and a 'text.format' at once"
+            )
+        constraint = forced_call_constraint(tools, choice)
     options = data.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
@@ -232,4 +294,6 @@ def parse_response_request(
         previous_response_id=previous,
         metadata=_parse_metadata(data.get("metadata")),
         constraint=constraint,
+        tools=tools,
+        tool_choice=choice,
     )

@@ -36,6 +36,7 @@ from serve_app.model_contract import GenerationRequest
 from serve_app.openai_api.encoding import SSE_HEADERS, SSE_MEDIA_TYPE
 from serve_app.openai_api.service import failure, id_headers, served_model_name
 from serve_app.openai_api.tool_answers import engine_constraint
+from serve_app.openai_api.tool_calls import tools_system_prompt
 from serve_app.outcomes import is_client_disconnect
 from serve_app.refusals import Refusal, store_unavailable
 from serve_app.responses.encoding import (
@@ -117,6 +118,8 @@ class ResponsesService:
                 previous_response_id=ask.previous_response_id,
                 store=ask.store,
                 metadata=ask.metadata,
+                tools=ask.tools,
+                tool_choice=ask.tool_choice,
             )
             plan = self._plan(history, ask)
             turn = None
@@ -133,7 +136,11 @@ class ResponsesService:
                 GenerationParams(**plan.params),
                 seed=ask.seed,
                 session=f"responses:{chain}" if chain else None,  # the chain is the session
-                constraint=engine_constraint(ask.constraint, self._config.engine, "text.format"),
+                constraint=engine_constraint(
+                    ask.constraint,
+                    self._config.engine,
+                    "tool_choice" if ask.tool_choice.forced else "text.format",
+                ),
             )
             exchange, first = await parts.admission.admit(
                 request, caller, generation, callback, view, turn
@@ -239,6 +246,9 @@ class ResponsesService:
         prompt."""
         formatter = self._parts.formatter
         system = ask.instructions if ask.instructions is not None else self._config.system_prompt
+        if ask.tools and ask.tool_choice.mode != "none":
+            offer = tools_system_prompt(ask.tools)
+            system = f"{system}\n\n{offer}" if system else offer
         messages = trim_history([*history, *ask.messages], self._config.session_max_turns)
         messages, prompt, model_input, tokens = fit_to_context(messages, formatter, system)
         params = capped_params({**self._defaults, **ask.params}, tokens, formatter.context_length)
