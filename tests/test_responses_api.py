@@ -351,3 +351,9 @@ def test_a_forced_call_is_decoded_under_its_schema(service):
     assert [item.type for item in answer.output] == ["function_call"]
     call = answer.output[0]
     assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    follow = client.responses.create(
+        model=MODEL,
+        previous_response_id=answer.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "7C"}],
+    )
+    assert follow.output_text == "<tool_response>\n7C\n</tool_response>"

@@ -304,3 +304,18 @@ def test_a_streamed_forced_call_is_one_function_call_item():
     events = _stream(facts, ['{"name": "get_'], finish_reason="length")
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == '{"name": "get_'
+
+
+def test_a_stored_forced_call_reads_as_a_tool_call_block_in_the_next_prompt():
+    from serve_app.responses.tool_items import as_the_model_reads
+
+    meta = _tool_facts(tool_choice="required").as_meta()
+    raw = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    shown = as_the_model_reads({"role": "assistant", "content": raw, "meta": meta})
+    assert shown["content"] == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    )
+    cut = {"role": "assistant", "content": '{"name": "get_', "meta": meta}
+    assert as_the_model_reads(cut) == cut
+    plain = {"role": "assistant", "content": raw, "meta": _tool_facts().as_meta()}
+    assert as_the_model_reads(plain) == plain

@@ -53,6 +53,7 @@ from serve_app.responses.protocol import (
     response_not_found,
     split_response_id,
 )
+from serve_app.responses.tool_items import as_the_model_reads
 from serve_app.session_state import (
     NotOwner,
     Record,
@@ -249,6 +250,7 @@ class ResponsesService:
         if ask.tools and ask.tool_choice.mode != "none":
             offer = tools_system_prompt(ask.tools)
             system = f"{system}\n\n{offer}" if system else offer
+        history = [as_the_model_reads(m) for m in history]
         messages = trim_history([*history, *ask.messages], self._config.session_max_turns)
         messages, prompt, model_input, tokens = fit_to_context(messages, formatter, system)
         params = capped_params({**self._defaults, **ask.params}, tokens, formatter.context_length)

@@ -103,3 +103,16 @@ def render_calls(previous: dict[str, str] | None, calls: list[ToolCall]) -> dict
 def render_output(output: str) -> str:
     """An input `function_call_output` as the model reads it (Hermes' tool response)."""
     return f"<tool_response>\n{output}\n</tool_response>"
+
+
+def as_the_model_reads(message: dict[str, Any]) -> dict[str, Any]:
+    """A stored answer as the next turn's prompt shows it: a forced call (decoded as bare
+    JSON) becomes the `<tool_call>` block the offered tools ask for; anything else as is."""
+    meta = message.get("meta") or {}
+    tools, choice = tools_from_meta(meta)
+    if message.get("role") != "assistant" or not choice.forced:
+        return message
+    _, calls = split_answer(message["content"], tools, choice, "")
+    if not calls:
+        return message
+    return {**message, "content": render_assistant_calls("", tuple(calls))}
