@@ -154,7 +154,6 @@ def response_object(
         "max_output_tokens": params.get("max_new_tokens"),
         "model": facts.model,
         "output": output,
-        "parallel_tool_calls": False,
         "previous_response_id": facts.previous_response_id,
         "store": facts.store,
         "temperature": params.get("temperature"),

@@ -60,6 +60,8 @@ def tool_fields(tools: tuple[Tool, ...], choice: ToolChoice) -> dict[str, Any]:
             for t in tools
         ],  # fmt: skip
         "tool_choice": wire_choice,
+        # an `auto` answer may hold several `<tool_call>` blocks; a forced one is one call
+        "parallel_tool_calls": choice.mode == "auto" and bool(tools),
     }
 
 
