@@ -145,3 +145,29 @@ def test_langchain_bind_tools_with_a_forced_choice(service):
     message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Rome?")
     assert [c["name"] for c in message.tool_calls] == ["get_weather"]
     assert isinstance(message.tool_calls[0]["args"]["city"], str)
+
+
+@needs_schema
+def test_a_responses_forced_call_and_its_output_continue_the_chain(service):
+    """/v1/responses with tools on the real model: a forced call is one `function_call` item
+    (streamed as its events), and its output continues the stored chain."""
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    flat = {"type": "function", **WEATHER["function"]}
+    ask = dict(model=EMBEDDED_MODEL_NAME, tools=[flat], max_output_tokens=64, temperature=0)
+    with client.responses.stream(
+        input="What is the weather in Paris?", tool_choice="required", **ask
+    ) as stream:
+        kinds = [event.type for event in stream]
+        first = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    (call,) = first.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)
+    follow = client.responses.create(
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "21C, sunny"}],
+        **ask,
+    )  # tool_choice auto: the model may answer text or call again
+    assert follow.status in ("completed", "incomplete") and follow.output
+    # the same tools offered, with the chain's call and its output after the question
+    assert follow.usage.input_tokens > first.usage.input_tokens
