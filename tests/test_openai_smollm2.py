@@ -97,7 +97,9 @@ WEATHER = {
         "name": "get_weather",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}},
+            # Bounded, so that the constrained answer completes within the budget: an unbounded
+            # string may run until max_tokens, and a cut call is no call (engines/grammar.py).
+            "properties": {"city": {"type": "string", "maxLength": 24}},
             "required": ["city"],
         },
     },
@@ -140,7 +142,7 @@ def test_langchain_bind_tools_with_a_forced_choice(service):
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(
-        model=EMBEDDED_MODEL_NAME, base_url=f"{service.url}/v1", api_key="unused", max_tokens=64
+        model=EMBEDDED_MODEL_NAME, base_url=f"{service.url}/v1", api_key="unused", max_tokens=96
     )
     message = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Rome?")
     assert [c["name"] for c in message.tool_calls] == ["get_weather"]

@@ -109,7 +109,7 @@ def test_vllm_honours_every_feature() -> None:
         constraint=OutputConstraint("json_object"),
     )
     assert unsupported_features("vllm", request) == []
-    assert unsupported_features("transformers", request)  # the table still refuses elsewhere
+    assert unsupported_features("mock", request) == ["penalties", "logit_bias"]  # no logits
 
 
 @dataclass
