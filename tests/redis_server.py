@@ -450,12 +450,24 @@ class SentinelSet(_Group):
         self.server_on(port).stop(hard=True)
         return port
 
+    def failover_done(self, index: int) -> int | None:
+        """The primary's port once sentinel `index` has finished a failover, else None.
+
+        `get-master-addr-by-name` already names the promoted replica while the failover is
+        still under way; `SENTINEL MASTER` flags it s_down/failover_in_progress until the
+        switch, and redis-py's Sentinel client finds no primary in that window."""
+        with self._sentinel(index) as sentinel:
+            state = sentinel.sentinel_master(self.service)
+        ready = state["is_master"] and not (state["is_sdown"] or state["is_odown"])
+        return int(state["port"]) if ready else None
+
     def wait_for_failover(self, old_port: int, timeout_s: float = 30.0) -> int:
-        """Wait until every sentinel names a new primary that answers as one; its port."""
+        """Wait until every sentinel has finished failing over to a primary that answers as
+        one; its port."""
 
         def promoted() -> bool:
-            ports = {self.primary_port(i) for i in range(len(self.sentinels))}
-            if len(ports) != 1 or old_port in ports:
+            ports = {self.failover_done(i) for i in range(len(self.sentinels))}
+            if len(ports) != 1 or old_port in ports or None in ports:
                 return False
             role = _redis_cli("-p", str(next(iter(ports))), "role")
             return role.startswith("master")
