@@ -8,6 +8,7 @@ and its private Ray cluster down cleanly).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,10 +29,40 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# A port picked here is bound later by another process (Serve's proxy, a Redis, a Ray
+# daemon). Picked from the kernel's ephemeral range, it can be taken in between by any
+# outgoing connection or by one of Ray's own daemons, which bind random ephemeral ports while
+# `serve run` starts (seen in CI: a gRPC answer on the HTTP port). So pick below that range
+# and above Ray's worker ports (`ray start --min/max-worker-port`: 10002-19999).
+_PICK_FROM = 20000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def port_pick_range() -> range:
+    """The ports `free_port` picks from: above Ray's workers, below the ephemeral range."""
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    return range(_PICK_FROM, max(ephemeral_low, _PICK_FROM + 1000))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now, outside the ports the kernel and Ray hand out."""
+    candidates = port_pick_range()
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {candidates}: free some, or widen the range")
 
 
 def serve_config(

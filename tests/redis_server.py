@@ -42,13 +42,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from serve_app.local_server import free_port
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ping(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:

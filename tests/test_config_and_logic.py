@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +16,7 @@ from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.conversation import ChatPrompt, plan_turn
 from serve_app.engines.mock import MockPromptFormatter
 from serve_app.engines.threads import local_model_cpus, torch_threads, usable_cores
+from serve_app.local_server import free_port, port_pick_range
 from serve_app.outcomes import Outcome, OutcomeLedger, classify_outcome
 from serve_app.refusals import Refusal
 from serve_app.session_state import trim_history
@@ -23,6 +25,19 @@ from serve_app.validation import ChatTurnRequest
 
 
 # --------------------------------------------------------------------------- configuration
+def test_picked_ports_avoid_the_ranges_ray_and_the_kernel_hand_out():
+    """A Serve port picked from the ephemeral range was once taken by a Ray daemon before
+    `serve run` bound it (a gRPC answer on the HTTP port)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    low, high = (int(p) for p in ephemeral)
+    picks = [free_port() for _ in range(50)]
+    assert len(set(picks)) == 50  # never the same port twice in one process
+    for port in picks:
+        assert port in port_pick_range()
+        assert not low <= port <= high, "in the kernel's ephemeral range"
+        assert not 10002 <= port <= 19999, "in Ray's worker port range"
+
+
 def test_serve_config_file_validates_with_serves_schema():
     with open("serve_config.yaml") as f:
         document = yaml.safe_load(f)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import pytest
 from chatstream_operator.__main__ import operator_kwargs, parse_args
 from chatstream_operator.render import render_rayservice
 from conftest import NAMESPACE, VALUE_SETS
+
+from serve_app.local_server import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, validator_for  # noqa: E402
@@ -120,19 +121,13 @@ def test_the_sample_uses_the_chart_redis_and_renders_for_kuberay(render):
     assert "gcsFaultTolerance" not in without_ft and without_ft["session"]["store"] == "redis"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 def test_the_redis_command_runs_and_requires_the_password(render, tmp_path):
     """The container's own command (paths and port moved into a temporary directory)."""
     (container,) = only(render(VALUE_SETS["redis"]), "StatefulSet")["spec"]["template"]["spec"][
         "containers"
     ]
-    port = _free_port()
+    port = free_port()
     (tmp_path / "data").mkdir()
     script = (
         container["command"][2]

@@ -8,7 +8,6 @@ import asyncio
 import os
 import pathlib
 import signal
-import socket
 import sys
 import time
 
@@ -18,15 +17,11 @@ import pytest
 import yaml
 from harness import HARNESS_HEADER, NAMESPACE, RESOURCES, SPEC, VERBS
 
+from serve_app.local_server import free_port
+
 pytestmark = pytest.mark.timeout(90)
 
 COMMAND = pathlib.Path(sys.executable).with_name("chatstream-operator")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _until(check, timeout: float, what: str):
@@ -62,7 +57,7 @@ async def test_the_command_runs_the_operator(tmp_path):
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env["KUBECONFIG"] = str(kubeconfig)
-        liveness = f"http://127.0.0.1:{_free_port()}/healthz"
+        liveness = f"http://127.0.0.1:{free_port()}/healthz"
         process = await asyncio.create_subprocess_exec(
             str(COMMAND),
             f"--namespace={NAMESPACE}",
