@@ -86,6 +86,11 @@ def test_input_as_text_or_messages_and_the_sampling_fields():
             "text.format.schema",
         ),
         ({"input": [{"role": "user", "content": [{"type": {}}]}]}, "input[0].content[0].type"),
+        ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": [7]}]},
+            "input[0].output[0]",
+        ),  # fmt: skip
         ({"input": []}, "input"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "x", "store": "yes"}, "store"),

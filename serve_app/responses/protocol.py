@@ -129,6 +129,17 @@ def _parse_part(part: Any, where: str) -> str:
     return text
 
 
+def _text_or_parts(value: Any, where: str) -> str:
+    """A string, or an array of text parts joined by newlines; else a 400 naming `where`."""
+    if isinstance(value, list):
+        value = "\n".join(_parse_part(p, f"{where}[{j}]") for j, p in enumerate(value))
+    if not isinstance(value, str):
+        raise invalid_request(
+            f"'{where}' must be a string or an array of text parts", where, "invalid_type"
+        )
+    return value
+
+
 def _parse_call(item: dict[str, Any], where: str) -> ToolCall:
     _check_keys(item, {"call_id", "name", "arguments"}, _ITEM_HARMLESS, {}, f"{where}.")
     return ToolCall(
@@ -142,16 +153,7 @@ def _parse_call(item: dict[str, Any], where: str) -> ToolCall:
 def _parse_output(item: dict[str, Any], where: str) -> str:
     _check_keys(item, {"call_id", "output"}, _ITEM_HARMLESS, {}, f"{where}.")
     _string(item.get("call_id"), f"{where}.call_id", max_chars=256)
-    output = item.get("output")
-    if isinstance(output, list):
-        output = "\n".join(_parse_part(p, f"{where}.output[{j}]") for j, p in enumerate(output))
-    if not isinstance(output, str):
-        raise invalid_request(
-            f"'{where}.output' must be a string or an array of text parts",
-            f"{where}.output",
-            "invalid_type",
-        )
-    return render_output(output)
+    return render_output(_text_or_parts(item.get("output"), f"{where}.output"))
 
 
 def _parse_item(item: Any, where: str, messages: list[dict[str, str]]) -> dict[str, str]:
@@ -177,16 +179,7 @@ def _parse_item(item: Any, where: str, messages: list[dict[str, str]]) -> dict[s
     if not isinstance(role, str) or role not in ROLES:
         raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
     _check_keys(item, {"role", "content"}, _ITEM_HARMLESS, {}, f"{where}.")
-    content = item.get("content")
-    if isinstance(content, list):
-        content = "\n".join(_parse_part(p, f"{where}.content[{j}]") for j, p in enumerate(content))
-    if not isinstance(content, str):
-        raise invalid_request(
-            f"'{where}.content' must be a string or an array of text parts",
-            f"{where}.content",
-            "invalid_type",
-        )
-    return {"role": ROLES[role], "content": content}
+    return {"role": ROLES[role], "content": _text_or_parts(item.get("content"), f"{where}.content")}
 
 
 def parse_input(raw: Any) -> list[dict[str, str]]:
