@@ -119,7 +119,7 @@ class Profile:
 
 
 # The fault profiles: ten users, a fault six seconds in; each profile names its fault.
-FAULT_RUN: dict[str, Any] = {"users": 10, "spawn_rate": 10, "run_time": "30s"}
+FAULT_RUN: dict[str, Any] = {"users": 10, "spawn_rate": 10, "run_time": "22s"}
 FAULT_MIX: dict[str, Any] = {
     "chatter_weight": 6,
     "early_quitter_weight": 2,
@@ -134,7 +134,7 @@ PROFILES: dict[str, Profile] = {
         SMALL_MOCK_SERVICE,
         users=15,
         spawn_rate=15,
-        run_time="35s",
+        run_time="25s",
         options={
             "chatter_weight": 6,
             "early_quitter_weight": 3,
@@ -154,14 +154,14 @@ PROFILES: dict[str, Profile] = {
         "restarts Redis (session_store=redis; SIGTERM, 3 s down) once mid-run: 503 "
         "store_unavailable meanwhile, every admitted request accounted exactly",
         REDIS_MOCK_SERVICE,
-        **{**FAULT_RUN, "run_time": "25s"},
+        **{**FAULT_RUN, "run_time": "20s"},
         options={**FAULT_MIX, "fault_kind": "redis-restart", "fault_down_sec": STORE_DOWN_SEC},
     ),
     "state-kill": Profile(
         "kills the state holder mid-run: Redis gets SIGKILL (session_store=redis, append-only "
         "file, fsync always), 3 s down; accounting exact as for redis-restart",
         REDIS_MOCK_SERVICE,
-        **{**FAULT_RUN, "run_time": "25s"},
+        **{**FAULT_RUN, "run_time": "20s"},
         options={**FAULT_MIX, "fault_kind": "redis-kill", "fault_down_sec": STORE_DOWN_SEC},
     ),
     "state-kill-ray": Profile(
@@ -176,7 +176,7 @@ PROFILES: dict[str, Profile] = {
         "does): the removed replicas drain, nothing is cut, the ingress is not restarted, "
         "the accounting stays exact",
         SCALED_MOCK_SERVICE,
-        **{**FAULT_RUN, "run_time": "35s"},
+        **{**FAULT_RUN, "run_time": "28s"},
         options={
             **FAULT_MIX,
             # Answers of about 4 s: the replicas that go hold streams when the scale comes.
@@ -231,7 +231,7 @@ PROFILES["sentinel-failover"] = Profile(
     "replica, three sentinels) mid-run with SIGKILL: the sentinels fail over, 503 "
     "store_unavailable meanwhile, running streams finish, outcomes written on the new primary",
     REDIS_MOCK_SERVICE,
-    **{**FAULT_RUN, "run_time": "30s"},
+    **FAULT_RUN,
     options={**FAULT_MIX, "fault_kind": "redis-kill", "fault_down_sec": STORE_DOWN_SEC},
     redis_shape="sentinel",
 )

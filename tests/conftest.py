@@ -1,7 +1,10 @@
-"""Fixtures shared by the test suite: a real Redis (Debian's redis-server) on loopback."""
+"""Fixtures shared by the test suite: a real Redis (Debian's redis-server) on loopback, and the
+embedded SmolLM2 model on the transformers engine."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -29,3 +32,18 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine():
+    """The embedded SmolLM2 on the transformers engine (default dtype, 8 rows), started once for
+    the session: each module that only asks it questions used to load it again (~25 s on 2
+    cores). A test must leave it idle; one that needs other settings makes its own engine."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from serve_app.config import ChatStreamConfig
+    from serve_app.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(ChatStreamConfig(max_ongoing_requests=8))
+    asyncio.run(engine.start())  # the worker thread outlives this loop; streams use their own
+    yield engine
+    engine.shutdown()

@@ -29,11 +29,8 @@ SAMPLED = GenerationParams(temperature=1.0, max_new_tokens=64)
 
 
 @pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    engine = TransformersEngine(ChatStreamConfig(max_ongoing_requests=8))
-    asyncio.run(engine.start())
-    yield engine
-    engine.shutdown()
+def engine(smollm2_engine: TransformersEngine) -> TransformersEngine:
+    return smollm2_engine
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def service():
 def test_every_operation_conforms_to_the_document(service):
     run = subprocess.run(
         [str(SCHEMATHESIS), "--config-file", str(ROOT / "schemathesis.toml"), "run",
-         f"{service.url}/openapi.json", "--max-examples", "50", "--seed", "20261204",
+         f"{service.url}/openapi.json", "--max-examples", "30", "--seed", "20261204",
          "--workers", "1", "--request-timeout", "20"],
         capture_output=True, text=True, timeout=400, cwd=ROOT,
     )  # fmt: skip

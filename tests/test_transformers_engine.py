@@ -50,11 +50,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def engine() -> TransformersEngine:
-    engine = TransformersEngine(ChatStreamConfig(max_ongoing_requests=8))
-    asyncio.run(engine.start())  # the worker thread outlives this loop; streams use their own
-    yield engine
-    engine.shutdown()
+def engine(smollm2_engine: TransformersEngine) -> TransformersEngine:
+    return smollm2_engine
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def test_closes_that_race_the_answer_are_no_mismatch(tmp_path: Path) -> None:
     with LocalServe(ECHO_SERVICE, log_path=log) as server:
         done = run_locust(
             server.url,
-            ["-u", "12", "-r", "12", "-t", "25s", "--only-summary", *QUITTERS]
+            ["-u", "12", "-r", "12", "-t", "18s", "--only-summary", *QUITTERS]
             + ["--accounting-report", str(report_path)],
             timeout_s=240,
         )

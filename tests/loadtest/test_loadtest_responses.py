@@ -35,7 +35,7 @@ def test_responses_users_accounting_is_exact(tmp_path: Path) -> None:
     with LocalServe(SERVICE, log_path=tmp_path / "serve.log") as server:
         done = run_locust(
             server.url,
-            ["-u", "8", "-r", "8", "-t", "25s", "--only-summary", *ONLY_RESPONSES]
+            ["-u", "8", "-r", "8", "-t", "18s", "--only-summary", *ONLY_RESPONSES]
             + ["--accounting-report", str(report_path)],
             timeout_s=200,
         )
