@@ -46,6 +46,9 @@ from .render import render_rayservice
 from .spec import validate
 from .status import INVALID_SPEC, derive_status, now_iso, set_condition, status_changes
 
+# The label every RayService the operator renders carries (render.labels).
+OWN_RAYSERVICES = f"{MANAGED_BY_LABEL}={OPERATOR_NAME}"
+
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -59,6 +62,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our events carry reasons (Created, Updated, InvalidSpec, ...); kopf's per-log-line events
     # would drown them, so only its warnings and errors become events.
     settings.posting.level = logging.WARNING
+    # The API server sends only our RayServices (labelSelector on the list and the watch), not
+    # every RayService in scope for kopf to drop; the handler's `labels=` filter stays as well.
+    settings.watching.label_selectors[RAY_GROUP, RAY_VERSION, RAY_PLURAL] = OWN_RAYSERVICES
 
 
 @kopf.on.login()

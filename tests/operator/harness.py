@@ -123,6 +123,8 @@ class LifecycleResult:
     events: list[dict[str, Any]]  # Kubernetes events the operator posted
     error_logs: list[str]  # operator log records at ERROR level or above
     stopped_cleanly: bool
+    # The labelSelector of each list or watch of RayServices the operator made ("" for none).
+    rayservice_selectors: list[str] = dataclasses.field(default_factory=list)
 
 
 def _verb(request: kmock.Request) -> str:
@@ -487,7 +489,14 @@ async def _scenario(
     events = [
         _plain(r.data) for r in emulator if r.resource == "v1/events" and _verb(r) == "create"
     ]
-    return LifecycleResult(calls, snapshots, rs_patches, events, errors.messages, stopped)
+    selectors = [
+        str(r.params.get("labelSelector") or "")
+        for r in emulator
+        if not _is_harness(r) and r.resource == RAYSERVICES and _verb(r) in ("list", "watch")
+    ]
+    return LifecycleResult(
+        calls, snapshots, rs_patches, events, errors.messages, stopped, selectors
+    )
 
 
 async def run_operator_lifecycle(*, namespaces: Sequence[str] | None = None) -> list[ApiCall]:
