@@ -122,6 +122,7 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
         "model": model["source"],
         "gguf_file": model["ggufFile"],
         "tokenizer": model["tokenizer"],
+        "revision": model["revision"],
         "dtype": model["dtype"],
         "quantization": model["quantization"],
         "device": model["device"],

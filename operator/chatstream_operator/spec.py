@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "source": "",
         "ggufFile": "",
         "tokenizer": "",
+        "revision": "",
         "dtype": "auto",
         "quantization": "none",
         "device": "auto",

@@ -188,3 +188,21 @@ def test_the_crd_the_operator_and_serve_app_share_one_set_of_defaults():
     }  # fmt: skip
     assert {k: rendered[k] for k in shared} == {k: app_defaults[k] for k in shared}
     assert AUTOSCALING_DEFAULTS["targetOngoingRequests"] == app_defaults["target_ongoing_requests"]
+
+
+def test_the_model_revision_is_checked_as_serve_app_checks_it():
+    """spec.model.revision becomes the Serve argument `revision`; the CRD refuses what
+    serve_app's config refuses (its field is the one definition of the rule)."""
+    from chatstream_operator.render import serve_args
+
+    from serve_app.config import ChatStreamConfig
+
+    field = ChatStreamConfig.model_json_schema()["properties"]["revision"]
+    crd = chatstream_schema()["properties"]["spec"]["properties"]["model"]["properties"]["revision"]
+    assert (crd["pattern"], crd["maxLength"], crd["default"]) == (
+        field["pattern"],
+        field["maxLength"],
+        field["default"],
+    )
+    assert serve_args({"model": {"revision": "abc123"}})["revision"] == "abc123"
+    assert serve_args({})["revision"] == ""
