@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "maxTurns": shared.SESSION_MAX_TURNS,
         "cookieSecure": shared.COOKIE_SECURE,
     },
-    "image": "chatstream-serve:0.1.0",
+    "image": shared.SERVE_IMAGE,
     "imagePullPolicy": "IfNotPresent",
     "rayVersion": "2.60.0",
     "head": {"cpus": 2, "memory": "4Gi"},

@@ -151,6 +151,10 @@ MALFORMED = [
     ("spec.session.ttlSec", 10),
     ("spec.session.cookieName", "a cookie"),
     ("spec.image", ""),
+    ("spec.image", "registry.example.com/ml/serve@sha256:abc"),  # a digest is 64 hex digits
+    ("spec.image", "registry.example.com/ml/serve@md5:" + "a" * 32),
+    ("spec.image", "serve:1.0 --privileged"),
+    ("spec.model.revision", "main; rm -rf /"),
     ("spec.imagePullPolicy", "Sometimes"),
     ("spec.replica", 3),  # a typo: unknown fields are refused (strict field validation)
     ("spec", "chat"),
@@ -206,3 +210,22 @@ def test_the_model_revision_is_checked_as_serve_app_checks_it():
     )
     assert serve_args({"model": {"revision": "abc123"}})["revision"] == "abc123"
     assert serve_args({})["revision"] == ""
+
+
+PINNED = [
+    "docker.io/chatstream/chatstream-serve:0.1.0",
+    "registry.example.com:5000/ml/chatstream-serve@sha256:" + "0a" * 32,
+    "registry.example.com/ml/chatstream-serve:0.1.0@sha256:" + "f" * 64,
+    "chatstream-serve:0.1.0",
+]
+
+
+@pytest.mark.parametrize("image", PINNED)
+def test_images_pinned_by_digest_are_accepted(validator, image):
+    """The API server (the CRD's pattern) and the operator (the same schema) both accept a tag,
+    a digest, or both."""
+    from chatstream_operator.schema import spec_problems
+
+    obj = _set(load_sample("chatstream-sample.yaml"), "spec.image", image)
+    assert errors(validator, obj) == []
+    assert spec_problems(obj["spec"]) == []
