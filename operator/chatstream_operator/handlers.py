@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -289,29 +289,42 @@ async def reconcile(
     **_: Any,
 ) -> dict[str, str]:
     options = options_of(memo)
-    now, generation = now_iso(), meta.get("generation")
-    conditions = status.get("conditions") or []
+    generation = meta.get("generation")
     problems = validate(spec, options.allowed_image_repositories, name)
     if problems:
         message = "; ".join(problems)
-        patch.status["conditions"] = set_condition(
-            conditions, INVALID_SPEC, True, "InvalidSpec", message, now, generation
-        )
-        patch.status["observedGeneration"] = generation
+
+        def invalid(current: Mapping[str, Any], _rayservice: Any) -> dict[str, Any]:
+            conditions = current.get("conditions") or []
+            return {
+                "conditions": set_condition(
+                    conditions, INVALID_SPEC, True, "InvalidSpec", message, now_iso(), generation
+                ),
+                "observedGeneration": generation,
+            }
+
+        await write_status(namespace, name, invalid)
         kopf.warn(body, reason="InvalidSpec", message=f"{message} (RayService left unchanged)")
         # Permanent: retrying cannot help; the next edit of the spec runs this handler again.
         raise kopf.PermanentError(message)
 
-    action, rayservice = await apply_rayservice(
-        body, spec, name, namespace, children=True, options=options
-    )
+    action, _ = await apply_rayservice(body, spec, name, namespace, children=True, options=options)
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
         )
-    conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
-    patch.status.update(derive_status(name, namespace, rayservice, conditions, now, generation))
-    patch.status["observedGeneration"] = generation
+
+    def applied(current: Mapping[str, Any], rayservice: Any) -> dict[str, Any]:
+        now = now_iso()
+        conditions = current.get("conditions") or []
+        conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
+        derived = derive_status(name, namespace, rayservice, conditions, now, generation)
+        return {**derived, "observedGeneration": generation}
+
+    if not await write_status(namespace, name, applied):
+        raise kopf.TemporaryError(
+            "the ChatStream's status kept changing; writing it again", delay=1
+        )
     return {"rayService": name, "action": action}
 
 
@@ -328,11 +341,12 @@ async def repair_drift(
     options = options_of(memo)
     if not _repairable(body, options):
         return
-    action, rayservice = await apply_rayservice(body, spec, name, namespace, options=options)
+    action, _ = await apply_rayservice(body, spec, name, namespace, options=options)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
-    derived = status_from(name, namespace, rayservice, status)
-    patch.status.update(status_changes(status, derived))
+    await write_status(
+        namespace, name, lambda current, rs: status_from(name, namespace, rs, current)
+    )
 
 
 def status_from(
@@ -373,56 +387,60 @@ async def follow_rayservice(
     owner = body.get("metadata", {}).get("labels", {}).get(NAME_LABEL)
     if not owner:
         return
-    rayservice = None if event["type"] == "DELETED" else dict(body)
+    with _api_errors():
+        chatstream = await kube.get_chatstream(namespace, owner)
+    if chatstream is None or _deleting(chatstream):
+        return  # the ChatStream is going; garbage collection removes the RayService
+    if not _controlled_by(body, chatstream):
+        return  # a deleted predecessor's RayService awaiting collection, or a stranger's
+    if event["type"] != "DELETED" and _repairable(chatstream, options):
+        spec = chatstream.get("spec") or {}
+        action, _ = await apply_rayservice(chatstream, spec, owner, namespace, options=options)
+        if action != "unchanged":
+            kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
+
+    def mirrored(current: Mapping[str, Any], rayservice: Any) -> dict[str, Any]:
+        return status_from(owner, namespace, rayservice, current)
+
+    if not await write_status(namespace, owner, mirrored):
+        logger.info(f"ChatStream {owner} kept changing; its status follows at the next event")
+
+
+# How often a status write is computed again when the ChatStream changed under it.
+STATUS_WRITE_ATTEMPTS = 5
+
+
+async def write_status(
+    namespace: str,
+    name: str,
+    compute: Callable[[Mapping[str, Any], dict[str, Any] | None], dict[str, Any]],
+) -> bool:
+    """Write the ChatStream's status: the one way the operator writes conditions (reconcile,
+    the RayService follower, the drift timer). `compute(current_status, rayservice)` gives the
+    status fields from fresh reads: the ChatStream first, then its RayService (None when absent
+    or not its own). The write applies only onto the ChatStream version read (resourceVersion
+    precondition); on a conflict, everything is read and computed again. So a status computed
+    from an older RayService never lands after one computed from a newer: a RayService change
+    after the RayService read also comes after the ChatStream read, and its follower's write
+    either lands first (this one then conflicts) or reads it. False if every attempt conflicted.
+    """
     for _attempt in range(STATUS_WRITE_ATTEMPTS):
         with _api_errors():
-            chatstream = await kube.get_chatstream(namespace, owner)
-        if chatstream is None or _deleting(chatstream):
-            return  # the ChatStream is going; garbage collection removes the RayService
-        if not _controlled_by(body, chatstream):
-            return  # a deleted predecessor's RayService awaiting collection, or a stranger's
-        if _repairable(chatstream, options):
-            spec = chatstream.get("spec") or {}
-            action, rayservice = await apply_rayservice(
-                chatstream, spec, owner, namespace, options=options
-            )
-            if action != "unchanged":
-                kopf.warn(
-                    chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}"
-                )
+            chatstream = await kube.get_chatstream(namespace, name)
+            if chatstream is None or _deleting(chatstream):
+                return True  # nothing to report on
+            rayservice = await kube.get_rayservice(namespace, name)
+        if rayservice is not None and not _controlled_by(rayservice, chatstream):
+            rayservice = None  # a predecessor's or a stranger's: not this ChatStream's state
+        current = chatstream.get("status") or {}
+        changes = status_changes(current, compute(current, rayservice))
+        if not changes:
+            return True
+        version = chatstream.get("metadata", {}).get("resourceVersion")
         try:
-            await _mirror_status(chatstream, rayservice, owner, namespace, logger)
-            return
+            with _api_errors():
+                await kube.patch_chatstream_status(namespace, name, changes, version)
+            return True
         except kube.Conflict:
-            continue  # reconcile wrote the status meanwhile: read it again
-    logger.info(f"ChatStream {owner} kept changing; its status follows at the next event")
-
-
-# How often the follower re-reads a ChatStream whose status changed under its write.
-STATUS_WRITE_ATTEMPTS = 3
-
-
-async def _mirror_status(
-    chatstream: Mapping[str, Any],
-    rayservice: Mapping[str, Any] | None,
-    owner: str,
-    namespace: str,
-    logger: kopf.Logger,
-) -> None:
-    """Copy the RayService's state into the ChatStream's status: one writer at a time. Only for
-    a reconciled spec, and only onto the status it was computed from (resourceVersion)."""
-    current = chatstream.get("status") or {}
-    meta = chatstream.get("metadata", {})
-    if current.get("observedGeneration") != meta.get("generation"):
-        # A spec change that reconcile has not written yet: its status write comes, computed
-        # from a fresh RayService. Writing the conditions now, from the older status, would
-        # race it (a merge patch replaces the whole list: the last writer wins).
-        return
-    derived = status_from(owner, namespace, rayservice, current)
-    changes = status_changes(current, derived)
-    if changes:
-        logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")
-        with _api_errors():
-            await kube.patch_chatstream_status(
-                namespace, owner, changes, meta.get("resourceVersion")
-            )
+            continue  # changed since read: read again
+    return False

@@ -133,19 +133,30 @@ def posted(monkeypatch):
     return events
 
 
-async def test_the_timer_repairs_drift_and_refreshes_the_status(api, posted):
+async def test_the_timer_repairs_drift_and_refreshes_the_status(api, posted, monkeypatch):
     drifted = _owned({"replicas": 2})
     drifted["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = 9
     fake = api(current=drifted)
+    written = []
+
+    async def get_chatstream(namespace, name):
+        return {**copy.deepcopy(OWNER), "spec": {"replicas": 2}}
+
+    async def patch_chatstream_status(namespace, name, status, resource_version=None):
+        written.append(status)
+
+    monkeypatch.setattr(kube, "get_chatstream", get_chatstream)
+    monkeypatch.setattr(kube, "patch_chatstream_status", patch_chatstream_status)
     patch = kopf.Patch()
     await handlers.repair_drift(
         body=OWNER, spec={"replicas": 2}, status={}, name="chat", namespace="ns", patch=patch
     )
-    (_, (verb, _, sent)) = fake.calls
+    (_, (verb, _, sent), *_reads) = fake.calls
     assert verb == "patch"
     assert sent["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
     assert [(t, e["reason"]) for t, e in posted] == [("Warning", "DriftRepaired")]
-    assert patch["status"]["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
+    (status,) = written  # through write_status, the one writer of conditions
+    assert status["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
 
 
 async def test_the_timer_leaves_invalid_unreconciled_or_deleting_chatstreams_alone(api, posted):
@@ -197,7 +208,8 @@ async def test_a_toleration_change_says_that_running_pods_keep_the_old_ones(api,
 
 async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
     """The RayService follower writes the status only onto the version it read (resourceVersion
-    precondition); on a conflict (reconcile wrote meanwhile) it reads again and recomputes."""
+    precondition); on a conflict (reconcile wrote meanwhile) it reads again and recomputes.
+    (It reads the ChatStream once to find it, then again in write_status.)"""
     chatstream = {
         **copy.deepcopy(OWNER),
         "spec": {"replicas": 2},
@@ -206,7 +218,7 @@ async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
     chatstream["metadata"].update(generation=1, resourceVersion="10")
     newer = copy.deepcopy(chatstream)
     newer["metadata"]["resourceVersion"] = "11"
-    reads, writes = [chatstream, newer], []
+    reads, writes = [chatstream, chatstream, newer], []
 
     async def get_chatstream(namespace, name):
         return copy.deepcopy(reads.pop(0))
