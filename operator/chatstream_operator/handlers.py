@@ -43,7 +43,13 @@ from .network import network_policy_name, render_network_policy
 from .options import OperatorOptions, options_of
 from .patching import merge_patch
 from .render import render_rayservice
-from .spec import validate
+from .spec import (
+    GATEWAY_API_GROUP,
+    GATEWAY_API_VERSION,
+    gateway_api_problem,
+    needs_gateway_api,
+    validate,
+)
 from .status import INVALID_SPEC, derive_status, now_iso, set_condition, status_changes
 
 # The label every RayService the operator renders carries (render.labels).
@@ -265,8 +271,13 @@ def _repairable(body: Mapping[str, Any], options: OperatorOptions) -> bool:
     (its generation observed), is valid, and the ChatStream is not being deleted. A spec change
     that reconcile has not handled yet is reconcile's job, not a repair."""
     meta, status = body.get("metadata", {}), body.get("status") or {}
+    refused = any(
+        c.get("type") == INVALID_SPEC and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
     return (
         status.get("observedGeneration") == meta.get("generation")
+        and not refused  # also what validate cannot see (a missing Gateway API)
         and not validate(
             body.get("spec") or {}, options.allowed_image_repositories, meta.get("name")
         )
@@ -293,20 +304,20 @@ async def reconcile(
     problems = validate(spec, options.allowed_image_repositories, name)
     if problems:
         message = "; ".join(problems)
-
-        def invalid(current: Mapping[str, Any], _rayservice: Any) -> dict[str, Any]:
-            conditions = current.get("conditions") or []
-            return {
-                "conditions": set_condition(
-                    conditions, INVALID_SPEC, True, "InvalidSpec", message, now_iso(), generation
-                ),
-                "observedGeneration": generation,
-            }
-
-        await write_status(namespace, name, invalid)
+        await write_status(namespace, name, _invalid_status(message, generation, "InvalidSpec"))
         kopf.warn(body, reason="InvalidSpec", message=f"{message} (RayService left unchanged)")
         # Permanent: retrying cannot help; the next edit of the spec runs this handler again.
         raise kopf.PermanentError(message)
+    missing = await _missing_dependency(spec)
+    if missing:
+        await write_status(
+            namespace, name, _invalid_status(missing, generation, "GatewayAPIMissing")
+        )
+        kopf.warn(
+            body, reason="GatewayAPIMissing", message=f"{missing} (RayService left unchanged)"
+        )
+        # Installing the Gateway API fixes it without an edit of the spec: check again later.
+        raise kopf.TemporaryError(missing, delay=options.dependency_retry_sec)
 
     action, _ = await apply_rayservice(body, spec, name, namespace, children=True, options=options)
     if action != "unchanged":
@@ -326,6 +337,32 @@ async def reconcile(
             "the ChatStream's status kept changing; writing it again", delay=1
         )
     return {"rayService": name, "action": action}
+
+
+def _invalid_status(
+    message: str, generation: int | None, reason: str
+) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
+    """write_status's computation for a spec the operator refuses: InvalidSpec True."""
+
+    def compute(current: Mapping[str, Any], _rayservice: Any) -> dict[str, Any]:
+        conditions = current.get("conditions") or []
+        return {
+            "conditions": set_condition(
+                conditions, INVALID_SPEC, True, reason, message, now_iso(), generation
+            ),
+            "observedGeneration": generation,
+        }
+
+    return compute
+
+
+async def _missing_dependency(spec: Mapping[str, Any]) -> str | None:
+    """What the cluster lacks for the spec (the Gateway API for incremental upgrades)."""
+    if not needs_gateway_api(spec):
+        return None
+    with _api_errors():
+        served = await kube.served_resources(GATEWAY_API_GROUP, GATEWAY_API_VERSION)
+    return gateway_api_problem(spec, served)
 
 
 async def repair_drift(

@@ -208,6 +208,36 @@ def validate(
     return problems
 
 
+# KubeRay's NewClusterWithIncrementalUpgrade shifts traffic through a Gateway and an HTTPRoute
+# of the Kubernetes Gateway API, which it creates itself.
+INCREMENTAL_UPGRADE = "NewClusterWithIncrementalUpgrade"
+GATEWAY_API_GROUP, GATEWAY_API_VERSION = "gateway.networking.k8s.io", "v1"
+GATEWAY_API_RESOURCES = ("gateways", "httproutes")
+
+
+def needs_gateway_api(spec: Mapping[str, Any]) -> bool:
+    return with_defaults(spec)["upgradeStrategy"]["type"] == INCREMENTAL_UPGRADE
+
+
+def gateway_api_problem(spec: Mapping[str, Any], served: set[str]) -> str | None:
+    """Why the spec cannot run where the Gateway API serves `served`, naming what to install;
+    None when it can."""
+    if not needs_gateway_api(spec):
+        return None
+    missing = [r for r in GATEWAY_API_RESOURCES if r not in served]
+    if not missing:
+        return None
+    return (
+        f"spec.upgradeStrategy.type {INCREMENTAL_UPGRADE} needs the Kubernetes Gateway API, "
+        f"but the cluster serves no {GATEWAY_API_GROUP}/{GATEWAY_API_VERSION} "
+        f"{', '.join(missing)}: install the Gateway API CRDs (standard channel, "
+        "https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api) and a Gateway "
+        "controller for spec.upgradeStrategy.clusterUpgradeOptions.gatewayClassName, and run "
+        "KubeRay 1.5+ with its feature gate RayServiceIncrementalUpgrade=true; or use "
+        "upgradeStrategy NewCluster. The operator checks again every minute"
+    )
+
+
 def tensor_parallel_size(spec: Mapping[str, Any]) -> int:
     """GPUs one model replica spans: vLLM's tensor parallelism, 1 for every other engine."""
     full = with_defaults(spec)

@@ -303,7 +303,10 @@ class _ErrorLogs(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def _running_operator(
-    namespaces: Sequence[str] | None, *flags: str, recreate_retry_sec: float | None = None
+    namespaces: Sequence[str] | None,
+    *flags: str,
+    recreate_retry_sec: float | None = None,
+    dependency_retry_sec: float | None = None,
 ) -> AsyncIterator[asyncio.Task]:
     """The operator as `chatstream-operator --standalone [-A | -n NS ...] [flags]` runs it."""
     import kopf
@@ -315,6 +318,11 @@ async def _running_operator(
     if recreate_retry_sec is not None:
         options = kwargs["memo"].options
         kwargs["memo"].options = dataclasses.replace(options, recreate_retry_sec=recreate_retry_sec)
+    if dependency_retry_sec is not None:
+        options = kwargs["memo"].options
+        kwargs["memo"].options = dataclasses.replace(
+            options, dependency_retry_sec=dependency_retry_sec
+        )
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(stop_flag=stop, ready_flag=ready, **kwargs))
     try:
@@ -795,3 +803,73 @@ async def _status_race(emulator: _ApiServer, settle_sec: float) -> StatusRaceRes
         delayed_write=staged["done"],
         condition_writes=condition_writes,
     )
+
+
+GATEWAY_RESOURCES = {
+    "gateway.networking.k8s.io/v1/gateways": {"kind": "Gateway", "singular": "gateway"},
+    "gateway.networking.k8s.io/v1/httproutes": {"kind": "HTTPRoute", "singular": "httproute"},
+}
+INCREMENTAL = {
+    "type": "NewClusterWithIncrementalUpgrade",
+    "clusterUpgradeOptions": {
+        "gatewayClassName": "istio",
+        "stepSizePercent": 25,
+        "intervalSeconds": 60,
+    },
+}
+
+
+@dataclasses.dataclass
+class GatewayResult:
+    """What run_gateway_scenario saw."""
+
+    refused: dict[str, Any]  # the ChatStream while the cluster lacks the Gateway API
+    refused_rayservice: dict[str, Any] | None  # its RayService meanwhile (none)
+    events: list[dict[str, Any]]  # the events posted meanwhile
+    accepted: dict[str, Any]  # the ChatStream once the Gateway API is installed
+    rayservice: dict[str, Any]  # its RayService then
+
+
+async def run_gateway_scenario(*, step_timeout: float = 20.0) -> GatewayResult:
+    """A ChatStream asks for NewClusterWithIncrementalUpgrade in a cluster without the Gateway
+    API: refused (InvalidSpec, an event naming what to install), no RayService. The Gateway API
+    CRDs are then installed (kmock starts serving gateways and httproutes): the operator, which
+    checks again, renders the RayService without any edit of the spec."""
+    async with _emulated_api() as emulator:
+        cs_path = f"/apis/chatstream.dev/v1alpha1/namespaces/{NAMESPACE}/chatstreams"
+        headers = {HARNESS_HEADER: "1"}
+
+        def get(resource: str) -> dict[str, Any] | None:
+            try:
+                obj = emulator.objects[resource, NAMESPACE, NAME]
+            except KeyError:
+                return None
+            return None if obj.deleted else _plain(obj)
+
+        def invalid_spec() -> dict[str, Any]:
+            conds = ((get(CHATSTREAMS) or {}).get("status") or {}).get("conditions") or []
+            return next((c for c in conds if c["type"] == "InvalidSpec"), {})
+
+        async with _running_operator(None, dependency_retry_sec=0.5):
+            spec = {**copy.deepcopy(SPEC), "upgradeStrategy": INCREMENTAL}
+            body = {"apiVersion": "chatstream.dev/v1alpha1", "kind": "ChatStream",
+                    "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": UID},
+                    "spec": spec}  # fmt: skip
+            async with emulator.request("POST", cs_path, json=body, headers=headers) as resp:
+                assert resp.status < 400
+            await _wait("refused", lambda: invalid_spec().get("status") == "True", step_timeout)
+            await asyncio.sleep(1.0)  # a few checks again: still refused, nothing rendered
+            refused, refused_rs = get(CHATSTREAMS), get(RAYSERVICES)
+            events = [
+                _plain(r.data)
+                for r in emulator
+                if r.resource == "v1/events" and _verb(r) == "create"
+            ]
+            for resource, info in GATEWAY_RESOURCES.items():
+                emulator.resources[resource] = kmock.ResourceInfo(
+                    verbs=VERBS, namespaced=True, **info
+                )
+            rayservice = await _wait("accepted", lambda: get(RAYSERVICES), step_timeout)
+            await _wait("valid", lambda: invalid_spec().get("status") == "False", step_timeout)
+            accepted = get(CHATSTREAMS)
+    return GatewayResult(refused, refused_rs, events, accepted, rayservice)
