@@ -16,6 +16,7 @@ Garbage collection removes the RayService, the NetworkPolicy and the generated S
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from . import (
     RAY_VERSION,
     VERSION,
     kube,
+    replicas,
 )
 from .credentials import generated_secret_name, render_generated_secret
 from .disruption import disruption_budget_name, render_disruption_budget
@@ -203,13 +205,12 @@ async def apply_rayservice(
     """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
     With `children`, first the generated Secret and the NetworkPolicy (once the RayService is
     known to be this ChatStream's or absent), so that the pods find their Secret at once."""
-    desired = render_rayservice(name, spec)
-    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
     with _api_errors():
         # Always the fresh object: a patch computed from a stale event would undo newer changes.
         current = await kube.get_rayservice(namespace, name)
     if current is not None:
         _check_controller(current, body, "RayService", options.recreate_retry_sec)
+    desired = _desired_rayservice(body, name, spec, current)
     if children:
         # The NetworkPolicy first: one left by a deleted predecessor is waited for like its
         # RayService, which also gives garbage collection time for its Secret (unreadable here).
@@ -236,6 +237,21 @@ async def apply_rayservice(
             ),
         )
     return "updated", updated
+
+
+def _desired_rayservice(
+    body: Mapping[str, Any], name: str, spec: Mapping[str, Any], current: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The rendering to apply. With autoscaling, a RayService that needs no other change keeps
+    the starting count it has (no write at every autoscaling step); one that changes (a new
+    Ray cluster, a reconfigured deployment) starts at the count that serves now (replicas.py)."""
+    kept = render_rayservice(name, spec, replicas.rendered_start(current))
+    kopf.adopt(kept, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
+    if current is None or not merge_patch(current, _with_removals(current, copy.deepcopy(kept))):
+        return kept
+    desired = render_rayservice(name, spec, replicas.current_count(current))
+    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
+    return desired
 
 
 # Fields the renderer sets only when the spec asks for them: absent in the rendering means

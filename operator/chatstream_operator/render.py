@@ -41,7 +41,7 @@ from . import (
 )
 from .drain import drain_bounds
 from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate
-from .spec import desired_replicas, is_autoscaling, tensor_parallel_size, with_defaults
+from .spec import clamped, desired_replicas, is_autoscaling, tensor_parallel_size, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
 # unit test asserts these stay equal to the originals.
@@ -158,11 +158,12 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
-def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
+def model_deployment(spec: Mapping[str, Any], start: int | None = None) -> dict[str, Any]:
     """Serve deployment options of the model deployment (they override the builder's).
 
     Every option here is one Serve applies to running replicas, except `ray_actor_options`,
     whose change restarts (drains) the model replicas; none rebuilds the application.
+    `start`: the count an autoscaling deployment starts with (replicas.py); else the spec's.
     """
     s = with_defaults(spec)
     drain = drain_bounds(s)
@@ -173,7 +174,7 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
         deployment["num_replicas"] = None
         deployment["autoscaling_config"] = {
             "min_replicas": bounds["minReplicas"],
-            "initial_replicas": desired_replicas(s),
+            "initial_replicas": start if start is not None else desired_replicas(s),
             "max_replicas": bounds["maxReplicas"],
             "target_ongoing_requests": bounds["targetOngoingRequests"],
         }
@@ -218,7 +219,7 @@ def ingress_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
+def serve_config(spec: Mapping[str, Any], start: int | None = None) -> dict[str, Any]:
     """The Serve config (ServeDeploySchema) that goes, as YAML, into spec.serveConfigV2."""
     return {
         "applications": [
@@ -227,7 +228,7 @@ def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
                 "import_path": APP_IMPORT_PATH,
                 "route_prefix": "/",
                 "args": serve_args(spec),
-                "deployments": [model_deployment(spec), ingress_deployment(spec)],
+                "deployments": [model_deployment(spec, start), ingress_deployment(spec)],
             }
         ]
     }
@@ -280,7 +281,7 @@ def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
+def _worker_group(name: str, s: Mapping[str, Any], start: int | None) -> dict[str, Any]:
     res = s["resources"]
     size: dict[str, str] = {"cpu": _cpu_quantity(res["cpus"]), "memory": res["memory"]}
     gpu_resource = res["gpuResourceName"]
@@ -306,7 +307,7 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
         "groupName": WORKER_GROUP,
         # The pods a new Ray cluster starts with (creation, upgrade). KubeRay leaves a running
         # cluster's replica counts to Ray's autoscaler, which follows Serve's replicas.
-        "replicas": desired_replicas(s),
+        "replicas": start if start is not None else desired_replicas(s),
         "minReplicas": 0,
         "maxReplicas": WORKER_POD_CEILING,
         "rayStartParams": start_params,
@@ -335,9 +336,14 @@ def gcs_fault_tolerance(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return options
 
 
-def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The desired RayService for ChatStream `name`, without namespace and owner (see adopt)."""
+def render_rayservice(
+    name: str, spec: Mapping[str, Any], start: int | None = None
+) -> dict[str, Any]:
+    """The desired RayService for ChatStream `name`, without namespace and owner (see adopt).
+    `start`: with autoscaling, the model replica count a new Ray cluster and a reconfigured
+    deployment start with (replicas.py: the current count); None: the spec's."""
     s = with_defaults(spec)
+    start = clamped(s, start)
     drain = drain_bounds(s)
     rayservice: dict[str, Any] = {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
@@ -347,7 +353,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
             "upgradeStrategy": upgrade_strategy(s),
             # The old cluster after an upgrade finishes the streams it holds.
             "rayClusterDeletionDelaySeconds": drain.cluster_deletion_delay_s,
-            "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(serve_config(s, start), sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": s["rayVersion"],
                 # Always: Ray's autoscaler removes a worker pod only once Serve is done with it.
@@ -358,7 +364,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
                     "securityContext": container_security_context(s),
                 },
                 "headGroupSpec": _head_group(name, s),
-                "workerGroupSpecs": [_worker_group(name, s)],
+                "workerGroupSpecs": [_worker_group(name, s, start)],
             },
         },
     }

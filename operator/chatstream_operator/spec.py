@@ -109,6 +109,15 @@ def desired_replicas(spec: Mapping[str, Any]) -> int:
     return 1
 
 
+def clamped(spec: Mapping[str, Any], count: int | None) -> int | None:
+    """`count` within the spec's autoscaling bounds; None without autoscaling or a count."""
+    s = with_defaults(spec)
+    if count is None or not is_autoscaling(s):
+        return None
+    bounds = s["autoscaling"]
+    return max(bounds["minReplicas"], min(bounds["maxReplicas"], count))
+
+
 def image_repository(image: str) -> str:
     """The repository of an image reference: without its tag and digest, as written (a registry
     port stays: `host:5000/team/app:1.0` -> `host:5000/team/app`)."""
