@@ -40,7 +40,7 @@ from . import (
     RAY_VERSION,
 )
 from .drain import drain_bounds
-from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate
+from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate, drain_hook
 from .spec import clamped, desired_replicas, is_autoscaling, tensor_parallel_size, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
@@ -297,8 +297,10 @@ def _worker_group(name: str, s: Mapping[str, Any], start: int | None) -> dict[st
             }
         ]
     }
-    grace = drain_bounds(s).worker_grace_s
-    decorate(pod_spec, name, s, scheduling=res, grace_s=grace, model=True)
+    bounds = drain_bounds(s)
+    decorate(pod_spec, name, s, scheduling=res, grace_s=bounds.worker_grace_s, model=True)
+    # A stopped model pod first has Ray move its replica, which finishes its streams.
+    pod_spec["containers"][0]["lifecycle"] = drain_hook(bounds.worker_drain_deadline_s)
     start_params = {"resources": _ray_resources({MODEL_SLOT: 1})}
     if res["gpus"] and gpu_resource != DEFAULT_GPU_RESOURCE:
         # KubeRay counts GPUs from resource names it knows; a MIG slice it does not.
