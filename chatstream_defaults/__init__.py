@@ -81,5 +81,6 @@ IMAGE_TAG = "0.1.0"
 OPERATOR_IMAGE_REPOSITORY = f"{IMAGE_REGISTRY}/chatstream-operator"  # Dockerfile.operator
 SERVE_IMAGE_REPOSITORY = f"{IMAGE_REGISTRY}/chatstream-serve"  # Dockerfile.serve
 VLLM_IMAGE_REPOSITORY = f"{IMAGE_REGISTRY}/chatstream-serve-vllm"  # Dockerfile.vllm (engine vllm)
-# A ChatStream's spec.image by default.
+# A ChatStream's spec.image by default, and the image `engine: vllm` needs instead.
 SERVE_IMAGE = f"{SERVE_IMAGE_REPOSITORY}:{IMAGE_TAG}"
+VLLM_IMAGE = f"{VLLM_IMAGE_REPOSITORY}:{IMAGE_TAG}"

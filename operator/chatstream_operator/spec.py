@@ -170,6 +170,12 @@ def validate(
             "which never uses a GPU"
         )
     problems += _tensor_parallel_problems(full)
+    if full["engine"] == "vllm" and full["image"] == shared.SERVE_IMAGE:
+        problems.append(
+            "spec.engine is vllm but spec.image is the default serve image "
+            f"({shared.SERVE_IMAGE}), which has no vLLM: set spec.image to the vLLM image "
+            f"({shared.VLLM_IMAGE}, built from Dockerfile.vllm) or your own build of it"
+        )
     if is_autoscaling(full):
         bounds = full["autoscaling"]
         low, high = bounds["minReplicas"], bounds["maxReplicas"]
