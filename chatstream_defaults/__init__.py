@@ -69,3 +69,18 @@ def answer_seconds(
 def wait_loop_seconds(bound_s: float) -> float:
     """graceful_shutdown_wait_loop_s for a drain bound: a twentieth of it, 0.1 s to 2 s."""
     return round(min(MAX_WAIT_LOOP_S, max(MIN_WAIT_LOOP_S, bound_s / 20)), 2)
+
+
+# --- images ------------------------------------------------------------------------------------
+# Registry-qualified: a bare name (`chatstream-serve:0.1.0`) resolves through each container
+# runtime's own search list (CRI-O and Podman may ask another registry first, or refuse it).
+# The chart's values and the CRD's default equal these (tests/helm/test_images.py checks).
+IMAGE_REGISTRY = "docker.io/chatstream"
+# The images' tag: the project's version (pyproject.toml) and the chart's appVersion.
+IMAGE_TAG = "0.1.0"
+OPERATOR_IMAGE_REPOSITORY = f"{IMAGE_REGISTRY}/chatstream-operator"  # Dockerfile.operator
+SERVE_IMAGE_REPOSITORY = f"{IMAGE_REGISTRY}/chatstream-serve"  # Dockerfile.serve
+VLLM_IMAGE_REPOSITORY = f"{IMAGE_REGISTRY}/chatstream-serve-vllm"  # Dockerfile.vllm (engine vllm)
+# A ChatStream's spec.image by default, and the image `engine: vllm` needs instead.
+SERVE_IMAGE = f"{SERVE_IMAGE_REPOSITORY}:{IMAGE_TAG}"
+VLLM_IMAGE = f"{VLLM_IMAGE_REPOSITORY}:{IMAGE_TAG}"

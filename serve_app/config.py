@@ -87,6 +87,14 @@ class ChatStreamConfig(BaseModel):
     )
     gguf_file: str = Field("", description="GGUF file name inside `model` (a repo or directory)")
     tokenizer: str = Field("", description="Tokenizer id/path if it differs from `model`")
+    revision: str = Field(
+        "",
+        max_length=255,
+        pattern=r"^[A-Za-z0-9._/-]*$",
+        description="Hugging Face Hub revision of `model` (a commit hash, branch or tag), also "
+        "of its tokenizer unless `tokenizer` names another; empty means the default branch. "
+        "Pin a commit so that every replica and upgrade loads the same weights",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="Weights and activations: 'auto' is bfloat16 on a CPU with AVX-512 BF16 or "

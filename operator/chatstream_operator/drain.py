@@ -17,6 +17,10 @@ One number drives them all, the longest answer the service allows:
 - A pod that Kubernetes stops (a node drain, an eviction) gets its replicas' bound plus
   POD_STOP_SLACK_SEC, rounded up to a minute, as terminationGracePeriodSeconds: the model pods
   `answer_s`, the head (which holds the ingress replicas) `2 * answer_s`.
+- A model pod being stopped first drains its Ray node (pods.drain_hook, a preStop hook): Serve
+  moves the replica, which finishes its streams, by `worker_drain_deadline_s` (the grace period
+  less POD_STOP_SLACK_SEC); since `_grace` adds the slack to the answer bound, a replica that
+  Serve stops only at the deadline's last moment still has its whole bound.
 - A worker pod whose model replica is gone is removed by Ray's autoscaler once it has been
   idle for `drain.podIdleTimeoutSec`; a pod still holding a draining replica is never idle.
 """
@@ -45,6 +49,9 @@ class DrainBounds(NamedTuple):
     pod_idle_timeout_s: int  # Ray autoscaler's idleTimeoutSeconds for worker pods
     worker_grace_s: int  # model pods' terminationGracePeriodSeconds
     head_grace_s: int  # the head pod's (it holds the ingress replicas)
+    # By when a model pod being stopped must have no replica left (its preStop drain's deadline):
+    # its grace period less POD_STOP_SLACK_SEC for Ray's own shutdown after the hook.
+    worker_drain_deadline_s: int
 
 
 def _grace(bound_s: float) -> int:
@@ -71,4 +78,5 @@ def drain_bounds(spec: Mapping[str, Any]) -> DrainBounds:
         pod_idle_timeout_s=int(drain["podIdleTimeoutSec"]),
         worker_grace_s=_grace(answer),
         head_grace_s=_grace(ingress),
+        worker_drain_deadline_s=_grace(answer) - POD_STOP_SLACK_SEC,
     )

@@ -16,8 +16,9 @@ Garbage collection removes the RayService, the NetworkPolicy and the generated S
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -36,6 +37,7 @@ from . import (
     RAY_VERSION,
     VERSION,
     kube,
+    replicas,
 )
 from .credentials import generated_secret_name, render_generated_secret
 from .disruption import disruption_budget_name, render_disruption_budget
@@ -43,8 +45,17 @@ from .network import network_policy_name, render_network_policy
 from .options import OperatorOptions, options_of
 from .patching import merge_patch
 from .render import render_rayservice
-from .spec import validate
+from .spec import (
+    GATEWAY_API_GROUP,
+    GATEWAY_API_VERSION,
+    gateway_api_problem,
+    needs_gateway_api,
+    validate,
+)
 from .status import INVALID_SPEC, derive_status, now_iso, set_condition, status_changes
+
+# The label every RayService the operator renders carries (render.labels).
+OWN_RAYSERVICES = f"{MANAGED_BY_LABEL}={OPERATOR_NAME}"
 
 
 @kopf.on.startup()
@@ -59,6 +70,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Our events carry reasons (Created, Updated, InvalidSpec, ...); kopf's per-log-line events
     # would drown them, so only its warnings and errors become events.
     settings.posting.level = logging.WARNING
+    # The API server sends only our RayServices (labelSelector on the list and the watch), not
+    # every RayService in scope for kopf to drop; the handler's `labels=` filter stays as well.
+    settings.watching.label_selectors[RAY_GROUP, RAY_VERSION, RAY_PLURAL] = OWN_RAYSERVICES
 
 
 @kopf.on.login()
@@ -191,13 +205,12 @@ async def apply_rayservice(
     """Create or minimally patch the RayService. Returns (created|updated|unchanged, object).
     With `children`, first the generated Secret and the NetworkPolicy (once the RayService is
     known to be this ChatStream's or absent), so that the pods find their Secret at once."""
-    desired = render_rayservice(name, spec)
-    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
     with _api_errors():
         # Always the fresh object: a patch computed from a stale event would undo newer changes.
         current = await kube.get_rayservice(namespace, name)
     if current is not None:
         _check_controller(current, body, "RayService", options.recreate_retry_sec)
+    desired = _desired_rayservice(body, name, spec, current)
     if children:
         # The NetworkPolicy first: one left by a deleted predecessor is waited for like its
         # RayService, which also gives garbage collection time for its Secret (unreadable here).
@@ -224,6 +237,21 @@ async def apply_rayservice(
             ),
         )
     return "updated", updated
+
+
+def _desired_rayservice(
+    body: Mapping[str, Any], name: str, spec: Mapping[str, Any], current: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The rendering to apply. With autoscaling, a RayService that needs no other change keeps
+    the starting count it has (no write at every autoscaling step); one that changes (a new
+    Ray cluster, a reconfigured deployment) starts at the count that serves now (replicas.py)."""
+    kept = render_rayservice(name, spec, replicas.rendered_start(current))
+    kopf.adopt(kept, owner=body)  # type: ignore[arg-type]  # a plain dict owner works too
+    if current is None or not merge_patch(current, _with_removals(current, copy.deepcopy(kept))):
+        return kept
+    desired = render_rayservice(name, spec, replicas.current_count(current))
+    kopf.adopt(desired, owner=body)  # type: ignore[arg-type]
+    return desired
 
 
 # Fields the renderer sets only when the spec asks for them: absent in the rendering means
@@ -259,8 +287,13 @@ def _repairable(body: Mapping[str, Any], options: OperatorOptions) -> bool:
     (its generation observed), is valid, and the ChatStream is not being deleted. A spec change
     that reconcile has not handled yet is reconcile's job, not a repair."""
     meta, status = body.get("metadata", {}), body.get("status") or {}
+    refused = any(
+        c.get("type") == INVALID_SPEC and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
     return (
         status.get("observedGeneration") == meta.get("generation")
+        and not refused  # also what validate cannot see (a missing Gateway API)
         and not validate(
             body.get("spec") or {}, options.allowed_image_repositories, meta.get("name")
         )
@@ -283,30 +316,69 @@ async def reconcile(
     **_: Any,
 ) -> dict[str, str]:
     options = options_of(memo)
-    now, generation = now_iso(), meta.get("generation")
-    conditions = status.get("conditions") or []
+    generation = meta.get("generation")
     problems = validate(spec, options.allowed_image_repositories, name)
     if problems:
         message = "; ".join(problems)
-        patch.status["conditions"] = set_condition(
-            conditions, INVALID_SPEC, True, "InvalidSpec", message, now, generation
-        )
-        patch.status["observedGeneration"] = generation
+        await write_status(namespace, name, _invalid_status(message, generation, "InvalidSpec"))
         kopf.warn(body, reason="InvalidSpec", message=f"{message} (RayService left unchanged)")
         # Permanent: retrying cannot help; the next edit of the spec runs this handler again.
         raise kopf.PermanentError(message)
+    missing = await _missing_dependency(spec)
+    if missing:
+        await write_status(
+            namespace, name, _invalid_status(missing, generation, "GatewayAPIMissing")
+        )
+        kopf.warn(
+            body, reason="GatewayAPIMissing", message=f"{missing} (RayService left unchanged)"
+        )
+        # Installing the Gateway API fixes it without an edit of the spec: check again later.
+        raise kopf.TemporaryError(missing, delay=options.dependency_retry_sec)
 
-    action, rayservice = await apply_rayservice(
-        body, spec, name, namespace, children=True, options=options
-    )
+    action, _ = await apply_rayservice(body, spec, name, namespace, children=True, options=options)
     if action != "unchanged":
         kopf.event(
             body, type="Normal", reason=action.capitalize(), message=f"RayService {name} {action}"
         )
-    conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
-    patch.status.update(derive_status(name, namespace, rayservice, conditions, now, generation))
-    patch.status["observedGeneration"] = generation
+
+    def applied(current: Mapping[str, Any], rayservice: Any) -> dict[str, Any]:
+        now = now_iso()
+        conditions = current.get("conditions") or []
+        conditions = set_condition(conditions, INVALID_SPEC, False, "Valid", "", now, generation)
+        derived = derive_status(name, namespace, rayservice, conditions, now, generation)
+        return {**derived, "observedGeneration": generation}
+
+    if not await write_status(namespace, name, applied):
+        raise kopf.TemporaryError(
+            "the ChatStream's status kept changing; writing it again", delay=1
+        )
     return {"rayService": name, "action": action}
+
+
+def _invalid_status(
+    message: str, generation: int | None, reason: str
+) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
+    """write_status's computation for a spec the operator refuses: InvalidSpec True."""
+
+    def compute(current: Mapping[str, Any], _rayservice: Any) -> dict[str, Any]:
+        conditions = current.get("conditions") or []
+        return {
+            "conditions": set_condition(
+                conditions, INVALID_SPEC, True, reason, message, now_iso(), generation
+            ),
+            "observedGeneration": generation,
+        }
+
+    return compute
+
+
+async def _missing_dependency(spec: Mapping[str, Any]) -> str | None:
+    """What the cluster lacks for the spec (the Gateway API for incremental upgrades)."""
+    if not needs_gateway_api(spec):
+        return None
+    with _api_errors():
+        served = await kube.served_resources(GATEWAY_API_GROUP, GATEWAY_API_VERSION)
+    return gateway_api_problem(spec, served)
 
 
 async def repair_drift(
@@ -322,11 +394,12 @@ async def repair_drift(
     options = options_of(memo)
     if not _repairable(body, options):
         return
-    action, rayservice = await apply_rayservice(body, spec, name, namespace, options=options)
+    action, _ = await apply_rayservice(body, spec, name, namespace, options=options)
     if action != "unchanged":
         kopf.warn(body, reason="DriftRepaired", message=f"RayService {name} {action}")
-    derived = status_from(name, namespace, rayservice, status)
-    patch.status.update(status_changes(status, derived))
+    await write_status(
+        namespace, name, lambda current, rs: status_from(name, namespace, rs, current)
+    )
 
 
 def status_from(
@@ -367,56 +440,60 @@ async def follow_rayservice(
     owner = body.get("metadata", {}).get("labels", {}).get(NAME_LABEL)
     if not owner:
         return
-    rayservice = None if event["type"] == "DELETED" else dict(body)
+    with _api_errors():
+        chatstream = await kube.get_chatstream(namespace, owner)
+    if chatstream is None or _deleting(chatstream):
+        return  # the ChatStream is going; garbage collection removes the RayService
+    if not _controlled_by(body, chatstream):
+        return  # a deleted predecessor's RayService awaiting collection, or a stranger's
+    if event["type"] != "DELETED" and _repairable(chatstream, options):
+        spec = chatstream.get("spec") or {}
+        action, _ = await apply_rayservice(chatstream, spec, owner, namespace, options=options)
+        if action != "unchanged":
+            kopf.warn(chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}")
+
+    def mirrored(current: Mapping[str, Any], rayservice: Any) -> dict[str, Any]:
+        return status_from(owner, namespace, rayservice, current)
+
+    if not await write_status(namespace, owner, mirrored):
+        logger.info(f"ChatStream {owner} kept changing; its status follows at the next event")
+
+
+# How often a status write is computed again when the ChatStream changed under it.
+STATUS_WRITE_ATTEMPTS = 5
+
+
+async def write_status(
+    namespace: str,
+    name: str,
+    compute: Callable[[Mapping[str, Any], dict[str, Any] | None], dict[str, Any]],
+) -> bool:
+    """Write the ChatStream's status: the one way the operator writes conditions (reconcile,
+    the RayService follower, the drift timer). `compute(current_status, rayservice)` gives the
+    status fields from fresh reads: the ChatStream first, then its RayService (None when absent
+    or not its own). The write applies only onto the ChatStream version read (resourceVersion
+    precondition); on a conflict, everything is read and computed again. So a status computed
+    from an older RayService never lands after one computed from a newer: a RayService change
+    after the RayService read also comes after the ChatStream read, and its follower's write
+    either lands first (this one then conflicts) or reads it. False if every attempt conflicted.
+    """
     for _attempt in range(STATUS_WRITE_ATTEMPTS):
         with _api_errors():
-            chatstream = await kube.get_chatstream(namespace, owner)
-        if chatstream is None or _deleting(chatstream):
-            return  # the ChatStream is going; garbage collection removes the RayService
-        if not _controlled_by(body, chatstream):
-            return  # a deleted predecessor's RayService awaiting collection, or a stranger's
-        if _repairable(chatstream, options):
-            spec = chatstream.get("spec") or {}
-            action, rayservice = await apply_rayservice(
-                chatstream, spec, owner, namespace, options=options
-            )
-            if action != "unchanged":
-                kopf.warn(
-                    chatstream, reason="DriftRepaired", message=f"RayService {owner} {action}"
-                )
+            chatstream = await kube.get_chatstream(namespace, name)
+            if chatstream is None or _deleting(chatstream):
+                return True  # nothing to report on
+            rayservice = await kube.get_rayservice(namespace, name)
+        if rayservice is not None and not _controlled_by(rayservice, chatstream):
+            rayservice = None  # a predecessor's or a stranger's: not this ChatStream's state
+        current = chatstream.get("status") or {}
+        changes = status_changes(current, compute(current, rayservice))
+        if not changes:
+            return True
+        version = chatstream.get("metadata", {}).get("resourceVersion")
         try:
-            await _mirror_status(chatstream, rayservice, owner, namespace, logger)
-            return
+            with _api_errors():
+                await kube.patch_chatstream_status(namespace, name, changes, version)
+            return True
         except kube.Conflict:
-            continue  # reconcile wrote the status meanwhile: read it again
-    logger.info(f"ChatStream {owner} kept changing; its status follows at the next event")
-
-
-# How often the follower re-reads a ChatStream whose status changed under its write.
-STATUS_WRITE_ATTEMPTS = 3
-
-
-async def _mirror_status(
-    chatstream: Mapping[str, Any],
-    rayservice: Mapping[str, Any] | None,
-    owner: str,
-    namespace: str,
-    logger: kopf.Logger,
-) -> None:
-    """Copy the RayService's state into the ChatStream's status: one writer at a time. Only for
-    a reconciled spec, and only onto the status it was computed from (resourceVersion)."""
-    current = chatstream.get("status") or {}
-    meta = chatstream.get("metadata", {})
-    if current.get("observedGeneration") != meta.get("generation"):
-        # A spec change that reconcile has not written yet: its status write comes, computed
-        # from a fresh RayService. Writing the conditions now, from the older status, would
-        # race it (a merge patch replaces the whole list: the last writer wins).
-        return
-    derived = status_from(owner, namespace, rayservice, current)
-    changes = status_changes(current, derived)
-    if changes:
-        logger.debug(f"Mirroring RayService status into ChatStream {owner}: {changes}")
-        with _api_errors():
-            await kube.patch_chatstream_status(
-                namespace, owner, changes, meta.get("resourceVersion")
-            )
+            continue  # changed since read: read again
+    return False

@@ -154,6 +154,17 @@ async def patch_disruption_budget(
     )
 
 
+async def served_resources(group: str, version: str) -> set[str]:
+    """The resources (plurals) the API server serves in `group/version`; empty when it serves
+    none. A discovery read: every authenticated client may make it (system:discovery), so it
+    needs no RBAC rule."""
+    try:
+        found = await _call_typed("CustomObjectsApi", "get_api_resources", group, version)
+    except NotFound:
+        return set()
+    return {r["name"] for r in (found or {}).get("resources") or []}
+
+
 async def _in_thread(method: str, run: Any, conflict: type[Exception]) -> Any:
     """`run()` on a worker thread (the kubernetes client blocks), its API errors as ours: 404
     NotFound, 409 `conflict`."""

@@ -28,6 +28,8 @@ class OperatorOptions:
     drift_interval_sec: float = 0.0
     # Seconds between attempts while a deleted predecessor's child awaits garbage collection.
     recreate_retry_sec: float = 5.0
+    # Seconds between checks while a cluster dependency of the spec (the Gateway API) is missing.
+    dependency_retry_sec: float = 60.0
 
     @classmethod
     def from_args(cls, args: Any) -> OperatorOptions:

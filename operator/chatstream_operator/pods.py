@@ -14,7 +14,8 @@ real GPU cluster needs beyond the containers' size.
 - volumes: a model cache at HF_HOME on the model pods, and the spec's own volumes;
 - scheduling: runtimeClassName and the GPU resource name (model pods), priorityClassName,
   nodeSelector / tolerations / affinity per pod kind;
-- terminationGracePeriodSeconds from the drain bound (drain.py).
+- terminationGracePeriodSeconds from the drain bound (drain.py), and on the model pods a preStop
+  hook that drains the Ray node first (drain_hook).
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ MODEL_CACHE_PATH = "/models"
 MODEL_CACHE_VOLUME = "model-cache"
 HF_TOKEN_ENV = "HF_TOKEN"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+# Ray's drain reason for a node that will go away whatever happens (Ray 2.60: `ray drain-node`,
+# the call autoscaler v2 makes; the node id defaults to the local node).
+DRAIN_REASON = "DRAIN_NODE_REASON_PREEMPTION"
+# Serve replicas' process titles (ray::ServeReplica:<app>:<deployment>); the brackets keep the
+# pattern from matching the hook's own command line.
+SERVE_REPLICA_PATTERN = "ray::Serve[R]eplica"
+
+
+def drain_hook(deadline_s: int) -> dict[str, Any]:
+    """The model container's preStop hook. Kubernetes runs it before it sends SIGTERM (a node
+    drain, an eviction, a pod deletion), within the pod's grace period. It tells Ray that this
+    node goes within `deadline_s`; Serve then migrates the node's model replica (it starts a
+    replacement elsewhere and stops this one gracefully, finishing its streams within its
+    graceful_shutdown_timeout_s, by the deadline). The hook waits until no Serve replica runs
+    on the pod any more, at most until the deadline; only then does Ray get SIGTERM. Without
+    the hook, SIGTERM would kill the replica and cut its streams."""
+    script = (
+        f"ray drain-node --reason={DRAIN_REASON} "
+        '--reason-message="Kubernetes stops pod $HOSTNAME" '
+        f"--deadline-remaining-seconds={deadline_s} || true; "
+        f"end=$(($(date +%s) + {deadline_s})); "
+        f"while grep -qs '{SERVE_REPLICA_PATTERN}' /proc/[0-9]*/cmdline "
+        '&& [ "$(date +%s)" -lt "$end" ]; do sleep 1; done'
+    )
+    return {"preStop": {"exec": {"command": ["/bin/sh", "-c", script]}}}
 
 
 def pod_security_context(s: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,8 +40,8 @@ from . import (
     RAY_VERSION,
 )
 from .drain import drain_bounds
-from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate
-from .spec import desired_replicas, is_autoscaling, tensor_parallel_size, with_defaults
+from .pods import DEFAULT_GPU_RESOURCE, container_security_context, decorate, drain_hook
+from .spec import clamped, desired_replicas, is_autoscaling, tensor_parallel_size, with_defaults
 
 # Copies of serve_app/config.py's constants: the operator image does not ship serve_app, and a
 # unit test asserts these stay equal to the originals.
@@ -122,6 +122,7 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
         "model": model["source"],
         "gguf_file": model["ggufFile"],
         "tokenizer": model["tokenizer"],
+        "revision": model["revision"],
         "dtype": model["dtype"],
         "quantization": model["quantization"],
         "device": model["device"],
@@ -157,11 +158,12 @@ def serve_args(spec: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
-def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
+def model_deployment(spec: Mapping[str, Any], start: int | None = None) -> dict[str, Any]:
     """Serve deployment options of the model deployment (they override the builder's).
 
     Every option here is one Serve applies to running replicas, except `ray_actor_options`,
     whose change restarts (drains) the model replicas; none rebuilds the application.
+    `start`: the count an autoscaling deployment starts with (replicas.py); else the spec's.
     """
     s = with_defaults(spec)
     drain = drain_bounds(s)
@@ -172,7 +174,7 @@ def model_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
         deployment["num_replicas"] = None
         deployment["autoscaling_config"] = {
             "min_replicas": bounds["minReplicas"],
-            "initial_replicas": desired_replicas(s),
+            "initial_replicas": start if start is not None else desired_replicas(s),
             "max_replicas": bounds["maxReplicas"],
             "target_ongoing_requests": bounds["targetOngoingRequests"],
         }
@@ -217,7 +219,7 @@ def ingress_deployment(spec: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
+def serve_config(spec: Mapping[str, Any], start: int | None = None) -> dict[str, Any]:
     """The Serve config (ServeDeploySchema) that goes, as YAML, into spec.serveConfigV2."""
     return {
         "applications": [
@@ -226,7 +228,7 @@ def serve_config(spec: Mapping[str, Any]) -> dict[str, Any]:
                 "import_path": APP_IMPORT_PATH,
                 "route_prefix": "/",
                 "args": serve_args(spec),
-                "deployments": [model_deployment(spec), ingress_deployment(spec)],
+                "deployments": [model_deployment(spec, start), ingress_deployment(spec)],
             }
         ]
     }
@@ -279,7 +281,7 @@ def _head_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
+def _worker_group(name: str, s: Mapping[str, Any], start: int | None) -> dict[str, Any]:
     res = s["resources"]
     size: dict[str, str] = {"cpu": _cpu_quantity(res["cpus"]), "memory": res["memory"]}
     gpu_resource = res["gpuResourceName"]
@@ -295,8 +297,10 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
             }
         ]
     }
-    grace = drain_bounds(s).worker_grace_s
-    decorate(pod_spec, name, s, scheduling=res, grace_s=grace, model=True)
+    bounds = drain_bounds(s)
+    decorate(pod_spec, name, s, scheduling=res, grace_s=bounds.worker_grace_s, model=True)
+    # A stopped model pod first has Ray move its replica, which finishes its streams.
+    pod_spec["containers"][0]["lifecycle"] = drain_hook(bounds.worker_drain_deadline_s)
     start_params = {"resources": _ray_resources({MODEL_SLOT: 1})}
     if res["gpus"] and gpu_resource != DEFAULT_GPU_RESOURCE:
         # KubeRay counts GPUs from resource names it knows; a MIG slice it does not.
@@ -305,7 +309,7 @@ def _worker_group(name: str, s: Mapping[str, Any]) -> dict[str, Any]:
         "groupName": WORKER_GROUP,
         # The pods a new Ray cluster starts with (creation, upgrade). KubeRay leaves a running
         # cluster's replica counts to Ray's autoscaler, which follows Serve's replicas.
-        "replicas": desired_replicas(s),
+        "replicas": start if start is not None else desired_replicas(s),
         "minReplicas": 0,
         "maxReplicas": WORKER_POD_CEILING,
         "rayStartParams": start_params,
@@ -334,9 +338,14 @@ def gcs_fault_tolerance(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return options
 
 
-def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The desired RayService for ChatStream `name`, without namespace and owner (see adopt)."""
+def render_rayservice(
+    name: str, spec: Mapping[str, Any], start: int | None = None
+) -> dict[str, Any]:
+    """The desired RayService for ChatStream `name`, without namespace and owner (see adopt).
+    `start`: with autoscaling, the model replica count a new Ray cluster and a reconfigured
+    deployment start with (replicas.py: the current count); None: the spec's."""
     s = with_defaults(spec)
+    start = clamped(s, start)
     drain = drain_bounds(s)
     rayservice: dict[str, Any] = {
         "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}",
@@ -346,7 +355,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
             "upgradeStrategy": upgrade_strategy(s),
             # The old cluster after an upgrade finishes the streams it holds.
             "rayClusterDeletionDelaySeconds": drain.cluster_deletion_delay_s,
-            "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(serve_config(s, start), sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": s["rayVersion"],
                 # Always: Ray's autoscaler removes a worker pod only once Serve is done with it.
@@ -357,7 +366,7 @@ def render_rayservice(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
                     "securityContext": container_security_context(s),
                 },
                 "headGroupSpec": _head_group(name, s),
-                "workerGroupSpecs": [_worker_group(name, s)],
+                "workerGroupSpecs": [_worker_group(name, s, start)],
             },
         },
     }

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "source": "",
         "ggufFile": "",
         "tokenizer": "",
+        "revision": "",
         "dtype": "auto",
         "quantization": "none",
         "device": "auto",
@@ -55,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "maxTurns": shared.SESSION_MAX_TURNS,
         "cookieSecure": shared.COOKIE_SECURE,
     },
-    "image": "chatstream-serve:0.1.0",
+    "image": shared.SERVE_IMAGE,
     "imagePullPolicy": "IfNotPresent",
     "rayVersion": "2.60.0",
     "head": {"cpus": 2, "memory": "4Gi"},
@@ -106,6 +107,15 @@ def desired_replicas(spec: Mapping[str, Any]) -> int:
     if is_autoscaling(full):
         return int(full["autoscaling"]["minReplicas"])
     return 1
+
+
+def clamped(spec: Mapping[str, Any], count: int | None) -> int | None:
+    """`count` within the spec's autoscaling bounds; None without autoscaling or a count."""
+    s = with_defaults(spec)
+    if count is None or not is_autoscaling(s):
+        return None
+    bounds = s["autoscaling"]
+    return max(bounds["minReplicas"], min(bounds["maxReplicas"], count))
 
 
 def image_repository(image: str) -> str:
@@ -160,6 +170,12 @@ def validate(
             "which never uses a GPU"
         )
     problems += _tensor_parallel_problems(full)
+    if full["engine"] == "vllm" and full["image"] == shared.SERVE_IMAGE:
+        problems.append(
+            "spec.engine is vllm but spec.image is the default serve image "
+            f"({shared.SERVE_IMAGE}), which has no vLLM: set spec.image to the vLLM image "
+            f"({shared.VLLM_IMAGE}, built from Dockerfile.vllm) or your own build of it"
+        )
     if is_autoscaling(full):
         bounds = full["autoscaling"]
         low, high = bounds["minReplicas"], bounds["maxReplicas"]
@@ -205,6 +221,36 @@ def validate(
             "spec.model.device is cuda but spec.resources.gpus is 0: the model pods get no GPU"
         )
     return problems
+
+
+# KubeRay's NewClusterWithIncrementalUpgrade shifts traffic through a Gateway and an HTTPRoute
+# of the Kubernetes Gateway API, which it creates itself.
+INCREMENTAL_UPGRADE = "NewClusterWithIncrementalUpgrade"
+GATEWAY_API_GROUP, GATEWAY_API_VERSION = "gateway.networking.k8s.io", "v1"
+GATEWAY_API_RESOURCES = ("gateways", "httproutes")
+
+
+def needs_gateway_api(spec: Mapping[str, Any]) -> bool:
+    return with_defaults(spec)["upgradeStrategy"]["type"] == INCREMENTAL_UPGRADE
+
+
+def gateway_api_problem(spec: Mapping[str, Any], served: set[str]) -> str | None:
+    """Why the spec cannot run where the Gateway API serves `served`, naming what to install;
+    None when it can."""
+    if not needs_gateway_api(spec):
+        return None
+    missing = [r for r in GATEWAY_API_RESOURCES if r not in served]
+    if not missing:
+        return None
+    return (
+        f"spec.upgradeStrategy.type {INCREMENTAL_UPGRADE} needs the Kubernetes Gateway API, "
+        f"but the cluster serves no {GATEWAY_API_GROUP}/{GATEWAY_API_VERSION} "
+        f"{', '.join(missing)}: install the Gateway API CRDs (standard channel, "
+        "https://gateway-api.sigs.k8s.io/guides/#installing-gateway-api) and a Gateway "
+        "controller for spec.upgradeStrategy.clusterUpgradeOptions.gatewayClassName, and run "
+        "KubeRay 1.5+ with its feature gate RayServiceIncrementalUpgrade=true; or use "
+        "upgradeStrategy NewCluster. The operator checks again every minute"
+    )
 
 
 def tensor_parallel_size(spec: Mapping[str, Any]) -> int:

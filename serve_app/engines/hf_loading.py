@@ -66,11 +66,21 @@ def _gguf_kwargs(gguf_file: str | None) -> dict[str, Any]:
     return {"gguf_file": gguf_file} if gguf_file else {}
 
 
+def _source_kwargs(config: ChatStreamConfig, gguf_file: str | None) -> dict[str, Any]:
+    """`from_pretrained` keywords of the model's files: its GGUF file and its pinned revision."""
+    kwargs = _gguf_kwargs(gguf_file)
+    if config.revision:
+        kwargs["revision"] = config.revision
+    return kwargs
+
+
 def load_tokenizer(config: ChatStreamConfig) -> Any:
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_tokenizer_source(config)
-    return AutoTokenizer.from_pretrained(source, **_gguf_kwargs(gguf_file))
+    # A separate tokenizer is its own repository: the model's revision does not apply to it.
+    kwargs = _gguf_kwargs(gguf_file) if config.tokenizer else _source_kwargs(config, gguf_file)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def context_length(config: ChatStreamConfig, model_config: Any | None = None) -> int:
@@ -81,7 +91,7 @@ def context_length(config: ChatStreamConfig, model_config: Any | None = None) ->
         from transformers import AutoConfig
 
         source, gguf_file = resolve_model_source(config)
-        model_config = AutoConfig.from_pretrained(source, **_gguf_kwargs(gguf_file))
+        model_config = AutoConfig.from_pretrained(source, **_source_kwargs(config, gguf_file))
     limit = getattr(model_config, "max_position_embeddings", None)
     if not limit:
         raise ValueError("the model declares no max_position_embeddings: set max_context_tokens")
@@ -167,7 +177,9 @@ def load_model(config: ChatStreamConfig) -> tuple[Any, str]:
         "loading %s%s on %s as %s", source, f" ({gguf_file})" if gguf_file else "", device, dtype
     )
     started = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_gguf_kwargs(gguf_file))
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, **_source_kwargs(config, gguf_file)
+    )
     model.to(device)
     model.eval()
     if device == "cpu":

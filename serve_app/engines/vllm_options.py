@@ -41,6 +41,10 @@ def engine_kwargs(config: ChatStreamConfig, model_dir: str, *, on_cpu: bool) -> 
     }
     if config.max_context_tokens:
         kwargs["max_model_len"] = config.max_context_tokens
+    if config.revision:
+        kwargs["revision"] = config.revision
+        if not config.tokenizer:  # a separate tokenizer is another repository
+            kwargs["tokenizer_revision"] = config.revision
     if config.tensor_parallel_size > 1:
         # Workers go into the replica's placement group (builder.model_deployment_options).
         kwargs["distributed_executor_backend"] = "ray"

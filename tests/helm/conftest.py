@@ -44,7 +44,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "redis": {
         "redis": {"enabled": True},
         "sample": {"enabled": True},
-        "allowedImageRepositories": ["registry.example.com/ml", "chatstream-serve"],
+        "allowedImageRepositories": ["registry.example.com/ml", "docker.io/chatstream"],
         "networkPolicy": {
             "metricsPeers": [
                 {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}

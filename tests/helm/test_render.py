@@ -116,7 +116,7 @@ def test_sample_is_off_by_default_and_uses_the_serve_image_when_on(render):
         "namespace": "chatstream-system",
     }
     assert sample["spec"]["engine"] == "mock"
-    assert sample["spec"]["image"] == "chatstream-serve:0.1.0"
+    assert sample["spec"]["image"] == "docker.io/chatstream/chatstream-serve:0.1.0"
 
 
 def test_custom_images_reach_the_operator_and_the_sample(render):

@@ -35,6 +35,8 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import functools
+import itertools
 import logging
 import os
 import pathlib
@@ -44,8 +46,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import attrs
 import kmock
 import yaml
+from kmock._internal import k8s
 from kubernetes.config import kube_config
 
 NAMESPACE = "chat-harness"
@@ -123,6 +127,8 @@ class LifecycleResult:
     events: list[dict[str, Any]]  # Kubernetes events the operator posted
     error_logs: list[str]  # operator log records at ERROR level or above
     stopped_cleanly: bool
+    # The labelSelector of each list or watch of RayServices the operator made ("" for none).
+    rayservice_selectors: list[str] = dataclasses.field(default_factory=list)
 
 
 def _verb(request: kmock.Request) -> str:
@@ -178,30 +184,67 @@ class _ApiServer(kmock.KubernetesEmulator):
     """kmock plus the API server's bookkeeping that the operator relies on.
 
     kmock stores objects as sent. A real API server also sets uid, generation and
-    resourceVersion, names objects from generateName (kopf's events), and bumps generation
-    when the spec changes; the operator reads all of these.
+    resourceVersion, names objects from generateName (kopf's events), bumps generation when the
+    spec changes, gives every write a new resourceVersion, and refuses (409 Conflict) a write
+    whose `metadata.resourceVersion` is not the object's current one (optimistic concurrency);
+    the operator relies on all of these.
+
+    `before_write(request)`, if set, is awaited before each write the operator makes (not the
+    harness's own): a test uses it to slow a write down, or to change the world just before it.
     """
 
+    before_write: Callable[[kmock.Request], Awaitable[None]] | None = None
+
     async def _handle(self, request: kmock.Request) -> Any:
-        data = request.data
-        if request.resource is not None and isinstance(data, dict):
-            meta = data.setdefault("metadata", {})
-            if request.action == kmock.action.CREATE:
-                if not meta.get("name") and meta.get("generateName"):
-                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-                meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault("generation", 1)
-                # Constant: kopf's patches test it, and kmock applies changes one at a time.
-                meta.setdefault("resourceVersion", "1")
-            elif request.action == kmock.action.UPDATE and not request.subresource:
-                key = (request.resource, request.namespace, request.name)
-                if "spec" in data and key in self.objects and not self.objects[key].deleted:
-                    meta["generation"] = (
-                        _plain(self.objects[key])["metadata"].get("generation") or 0
-                    ) + 1
-            if not meta:
-                del data["metadata"]
-        return await super()._handle(request)
+        writes = (kmock.action.CREATE, kmock.action.UPDATE)
+        if request.resource is None or request.action not in writes:
+            return await super()._handle(request)
+        if self.before_write is not None and not _is_harness(request):
+            await self.before_write(request)
+        # One write at a time, from the precondition check to the stored change.
+        async with self._writes:
+            data = request.data
+            if isinstance(data, dict):
+                self._bookkeeping(request, data)
+            return await super()._handle(request)
+
+    @functools.cached_property
+    def _writes(self) -> asyncio.Lock:
+        return asyncio.Lock()
+
+    @functools.cached_property
+    def _versions(self) -> Iterator[int]:
+        return itertools.count(1)
+
+    def _bookkeeping(self, request: kmock.Request, data: dict[str, Any]) -> None:
+        meta = data.setdefault("metadata", {})
+        if request.action == kmock.action.CREATE:
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("generation", 1)
+        else:
+            key = (request.resource, request.namespace, request.name)
+            stored = self.objects[key] if key in self.objects else None  # noqa: SIM401
+            if stored is not None and not stored.deleted:
+                current = _plain(stored)["metadata"]
+                expected = meta.get("resourceVersion")
+                if expected is not None and expected != current.get("resourceVersion"):
+                    raise _StaleResourceVersion(
+                        message=f"the object has been modified (resourceVersion {expected} "
+                        f"is not {current.get('resourceVersion')})"
+                    )
+                if "spec" in data and not request.subresource:
+                    meta["generation"] = (current.get("generation") or 0) + 1
+        meta["resourceVersion"] = str(next(self._versions))
+
+
+@attrs.frozen
+class _StaleResourceVersion(k8s.KubernetesError):
+    """What the API server answers to a write whose resourceVersion precondition failed."""
+
+    status: int = 409
+    reason: str = "Conflict"
 
 
 def _plain(value: Any) -> Any:
@@ -260,7 +303,10 @@ class _ErrorLogs(logging.Handler):
 
 @contextlib.asynccontextmanager
 async def _running_operator(
-    namespaces: Sequence[str] | None, *flags: str, recreate_retry_sec: float | None = None
+    namespaces: Sequence[str] | None,
+    *flags: str,
+    recreate_retry_sec: float | None = None,
+    dependency_retry_sec: float | None = None,
 ) -> AsyncIterator[asyncio.Task]:
     """The operator as `chatstream-operator --standalone [-A | -n NS ...] [flags]` runs it."""
     import kopf
@@ -272,6 +318,11 @@ async def _running_operator(
     if recreate_retry_sec is not None:
         options = kwargs["memo"].options
         kwargs["memo"].options = dataclasses.replace(options, recreate_retry_sec=recreate_retry_sec)
+    if dependency_retry_sec is not None:
+        options = kwargs["memo"].options
+        kwargs["memo"].options = dataclasses.replace(
+            options, dependency_retry_sec=dependency_retry_sec
+        )
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(stop_flag=stop, ready_flag=ready, **kwargs))
     try:
@@ -487,7 +538,14 @@ async def _scenario(
     events = [
         _plain(r.data) for r in emulator if r.resource == "v1/events" and _verb(r) == "create"
     ]
-    return LifecycleResult(calls, snapshots, rs_patches, events, errors.messages, stopped)
+    selectors = [
+        str(r.params.get("labelSelector") or "")
+        for r in emulator
+        if not _is_harness(r) and r.resource == RAYSERVICES and _verb(r) in ("list", "watch")
+    ]
+    return LifecycleResult(
+        calls, snapshots, rs_patches, events, errors.messages, stopped, selectors
+    )
 
 
 async def run_operator_lifecycle(*, namespaces: Sequence[str] | None = None) -> list[ApiCall]:
@@ -658,3 +716,160 @@ async def _recreate(emulator: _ApiServer, allowed_images: str, timeout: float) -
         gone_after_uninstall=gone,
         operator_survived=survived,
     )
+
+
+@dataclasses.dataclass
+class StatusRaceResult:
+    """What run_status_race_scenario saw."""
+
+    status: dict[str, Any]  # the ChatStream's status once things settled
+    rayservice_status: dict[str, Any]  # what KubeRay last reported on the RayService
+    delayed_write: bool  # whether the race was staged (a status write was held back)
+    # Per status write of the operator that set conditions: whether it named a resourceVersion.
+    condition_writes: list[bool]
+
+
+async def run_status_race_scenario(*, settle_sec: float = 8.0) -> StatusRaceResult:
+    """Two writers of one status: the reconcile handler (after a spec change) and the RayService
+    follower (after KubeRay's report). The harness stages the race that loses an update without
+    a precondition: just as the operator's first status write after the spec change reaches the
+    API server, KubeRay reports the Serve application RUNNING on the RayService, and that write
+    is held back for a second, so the follower handles KubeRay's report first. Then the harness
+    waits (at most `settle_sec`) for the ChatStream to say Ready, as the RayService does."""
+    async with _emulated_api() as emulator:
+        return await _status_race(emulator, settle_sec)
+
+
+async def _status_race(emulator: _ApiServer, settle_sec: float) -> StatusRaceResult:
+    headers = {HARNESS_HEADER: "1"}
+    cs_path = f"/apis/chatstream.dev/v1alpha1/namespaces/{NAMESPACE}/chatstreams"
+    rs_path = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices/{NAME}"
+    staged = {"armed": False, "done": False}
+
+    async def send(method: str, path: str, body: Any) -> None:
+        async with emulator.request(method, path, json=body, headers=headers) as response:
+            assert response.status < 400, f"{method} {path}: {response.status}"
+
+    def get(resource: str) -> dict[str, Any]:
+        obj = emulator.objects[resource, NAMESPACE, NAME]
+        return {} if obj.deleted else _plain(obj)
+
+    def status() -> dict[str, Any]:
+        return get(CHATSTREAMS).get("status") or {}
+
+    def ready() -> bool:
+        conds = status().get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    async def before_write(request: kmock.Request) -> None:
+        if not staged["armed"] or staged["done"]:
+            return
+        if request.resource == CHATSTREAMS and request.subresource == "status":
+            staged["done"] = True
+            generation = get(RAYSERVICES)["metadata"].get("generation")
+            report = {**RAY_READY_STATUS, "observedGeneration": generation}
+            await send("PATCH", f"{rs_path}/status", {"status": report})
+            await asyncio.sleep(1.0)  # the follower handles KubeRay's report meanwhile
+
+    emulator.before_write = before_write
+    async with _running_operator(None):
+        created = {
+            "apiVersion": "chatstream.dev/v1alpha1",
+            "kind": "ChatStream",
+            "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": UID},
+            "spec": copy.deepcopy(SPEC),
+        }
+        await send("POST", cs_path, created)
+        await _wait("create", lambda: status().get("observedGeneration") == 1, 20)
+        await asyncio.sleep(0.5)  # the follower's writes after the creation are done
+        staged["armed"] = True
+        await send("PATCH", f"{cs_path}/{NAME}", {"spec": {"replicas": 3}})
+        await _wait("spec change handled", lambda: status().get("observedGeneration") == 2, 20)
+        deadline = time.monotonic() + settle_sec
+        while not ready() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+    # The operator's status writes that set conditions, and whether each carried a precondition.
+    condition_writes = [
+        (r.data.get("metadata") or {}).get("resourceVersion") is not None
+        for r in emulator
+        if r.resource == CHATSTREAMS and r.subresource == "status" and _verb(r) == "patch"
+        and not _is_harness(r) and isinstance(r.data, dict)
+        and "conditions" in (r.data.get("status") or {})
+    ]  # fmt: skip
+    return StatusRaceResult(
+        status=status(),
+        rayservice_status=get(RAYSERVICES).get("status") or {},
+        delayed_write=staged["done"],
+        condition_writes=condition_writes,
+    )
+
+
+GATEWAY_RESOURCES = {
+    "gateway.networking.k8s.io/v1/gateways": {"kind": "Gateway", "singular": "gateway"},
+    "gateway.networking.k8s.io/v1/httproutes": {"kind": "HTTPRoute", "singular": "httproute"},
+}
+INCREMENTAL = {
+    "type": "NewClusterWithIncrementalUpgrade",
+    "clusterUpgradeOptions": {
+        "gatewayClassName": "istio",
+        "stepSizePercent": 25,
+        "intervalSeconds": 60,
+    },
+}
+
+
+@dataclasses.dataclass
+class GatewayResult:
+    """What run_gateway_scenario saw."""
+
+    refused: dict[str, Any]  # the ChatStream while the cluster lacks the Gateway API
+    refused_rayservice: dict[str, Any] | None  # its RayService meanwhile (none)
+    events: list[dict[str, Any]]  # the events posted meanwhile
+    accepted: dict[str, Any]  # the ChatStream once the Gateway API is installed
+    rayservice: dict[str, Any]  # its RayService then
+
+
+async def run_gateway_scenario(*, step_timeout: float = 20.0) -> GatewayResult:
+    """A ChatStream asks for NewClusterWithIncrementalUpgrade in a cluster without the Gateway
+    API: refused (InvalidSpec, an event naming what to install), no RayService. The Gateway API
+    CRDs are then installed (kmock starts serving gateways and httproutes): the operator, which
+    checks again, renders the RayService without any edit of the spec."""
+    async with _emulated_api() as emulator:
+        cs_path = f"/apis/chatstream.dev/v1alpha1/namespaces/{NAMESPACE}/chatstreams"
+        headers = {HARNESS_HEADER: "1"}
+
+        def get(resource: str) -> dict[str, Any] | None:
+            try:
+                obj = emulator.objects[resource, NAMESPACE, NAME]
+            except KeyError:
+                return None
+            return None if obj.deleted else _plain(obj)
+
+        def invalid_spec() -> dict[str, Any]:
+            conds = ((get(CHATSTREAMS) or {}).get("status") or {}).get("conditions") or []
+            return next((c for c in conds if c["type"] == "InvalidSpec"), {})
+
+        async with _running_operator(None, dependency_retry_sec=0.5):
+            spec = {**copy.deepcopy(SPEC), "upgradeStrategy": INCREMENTAL}
+            body = {"apiVersion": "chatstream.dev/v1alpha1", "kind": "ChatStream",
+                    "metadata": {"name": NAME, "namespace": NAMESPACE, "uid": UID},
+                    "spec": spec}  # fmt: skip
+            async with emulator.request("POST", cs_path, json=body, headers=headers) as resp:
+                assert resp.status < 400
+            await _wait("refused", lambda: invalid_spec().get("status") == "True", step_timeout)
+            await asyncio.sleep(1.0)  # a few checks again: still refused, nothing rendered
+            refused, refused_rs = get(CHATSTREAMS), get(RAYSERVICES)
+            events = [
+                _plain(r.data)
+                for r in emulator
+                if r.resource == "v1/events" and _verb(r) == "create"
+            ]
+            for resource, info in GATEWAY_RESOURCES.items():
+                emulator.resources[resource] = kmock.ResourceInfo(
+                    verbs=VERBS, namespaced=True, **info
+                )
+            rayservice = await _wait("accepted", lambda: get(RAYSERVICES), step_timeout)
+            await _wait("valid", lambda: invalid_spec().get("status") == "False", step_timeout)
+            accepted = get(CHATSTREAMS)
+    return GatewayResult(refused, refused_rs, events, accepted, rayservice)

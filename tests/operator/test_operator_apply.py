@@ -8,6 +8,7 @@ import logging
 import kopf
 import kubernetes
 import pytest
+import yaml
 from chatstream_operator import handlers, kube
 from chatstream_operator.options import OperatorOptions
 from chatstream_operator.render import render_rayservice
@@ -133,19 +134,30 @@ def posted(monkeypatch):
     return events
 
 
-async def test_the_timer_repairs_drift_and_refreshes_the_status(api, posted):
+async def test_the_timer_repairs_drift_and_refreshes_the_status(api, posted, monkeypatch):
     drifted = _owned({"replicas": 2})
     drifted["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = 9
     fake = api(current=drifted)
+    written = []
+
+    async def get_chatstream(namespace, name):
+        return {**copy.deepcopy(OWNER), "spec": {"replicas": 2}}
+
+    async def patch_chatstream_status(namespace, name, status, resource_version=None):
+        written.append(status)
+
+    monkeypatch.setattr(kube, "get_chatstream", get_chatstream)
+    monkeypatch.setattr(kube, "patch_chatstream_status", patch_chatstream_status)
     patch = kopf.Patch()
     await handlers.repair_drift(
         body=OWNER, spec={"replicas": 2}, status={}, name="chat", namespace="ns", patch=patch
     )
-    (_, (verb, _, sent)) = fake.calls
+    (_, (verb, _, sent), *_reads) = fake.calls
     assert verb == "patch"
     assert sent["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] == 2
     assert [(t, e["reason"]) for t, e in posted] == [("Warning", "DriftRepaired")]
-    assert patch["status"]["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
+    (status,) = written  # through write_status, the one writer of conditions
+    assert status["endpoint"] == "http://chat-serve-svc.ns.svc:8000"
 
 
 async def test_the_timer_leaves_invalid_unreconciled_or_deleting_chatstreams_alone(api, posted):
@@ -197,7 +209,8 @@ async def test_a_toleration_change_says_that_running_pods_keep_the_old_ones(api,
 
 async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
     """The RayService follower writes the status only onto the version it read (resourceVersion
-    precondition); on a conflict (reconcile wrote meanwhile) it reads again and recomputes."""
+    precondition); on a conflict (reconcile wrote meanwhile) it reads again and recomputes.
+    (It reads the ChatStream once to find it, then again in write_status.)"""
     chatstream = {
         **copy.deepcopy(OWNER),
         "spec": {"replicas": 2},
@@ -206,7 +219,7 @@ async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
     chatstream["metadata"].update(generation=1, resourceVersion="10")
     newer = copy.deepcopy(chatstream)
     newer["metadata"]["resourceVersion"] = "11"
-    reads, writes = [chatstream, newer], []
+    reads, writes = [chatstream, chatstream, newer], []
 
     async def get_chatstream(namespace, name):
         return copy.deepcopy(reads.pop(0))
@@ -229,3 +242,49 @@ async def test_the_follower_never_overwrites_a_newer_status(monkeypatch):
         event={"type": "MODIFIED"}, body=rayservice, namespace="ns", logger=logger, memo=kopf.Memo()
     )
     assert writes == ["10", "11"]
+
+
+AUTOSCALING = {"autoscaling": {"minReplicas": 1, "maxReplicas": 8}}
+
+
+def _serving(spec, count):
+    """The RayService as KubeRay reports it while Serve autoscaled to `count` replicas."""
+    current = _owned(spec)
+    cluster = {"desiredWorkerReplicas": count, "readyWorkerReplicas": count}
+    current["status"] = {"activeServiceStatus": {"rayClusterStatus": cluster}}
+    return current
+
+
+def _starts(patch):
+    """(worker pods, Serve's initial_replicas) a patch sets."""
+    config = yaml.safe_load(patch["spec"]["serveConfigV2"])
+    model = config["applications"][0]["deployments"][0]
+    pods = patch["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"]
+    return pods, model["autoscaling_config"]["initial_replicas"]
+
+
+async def test_an_upgrade_starts_the_new_cluster_at_the_current_count(api):
+    """Serve autoscaled to 5; an image change starts a new Ray cluster (KubeRay moves all
+    traffic to it once it serves): it starts with 5 pods and 5 replicas, not minReplicas."""
+    fake = api(current=_serving(AUTOSCALING, 5))
+    spec = {**AUTOSCALING, "image": "registry.example.com/ml/chatstream-serve:0.2.0"}
+    action, _ = await handlers.apply_rayservice(OWNER, spec, "chat", "ns")
+    assert action == "updated"
+    (_, (_, _, patch)) = fake.calls
+    assert _starts(patch) == (5, 5)
+
+
+async def test_the_current_count_is_kept_within_new_bounds(api):
+    fake = api(current=_serving(AUTOSCALING, 7))
+    spec = {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}}
+    await handlers.apply_rayservice(OWNER, spec, "chat", "ns")
+    (_, (_, _, patch)) = fake.calls
+    assert _starts(patch) == (4, 4)
+
+
+async def test_autoscaling_steps_alone_write_nothing(api):
+    """Serve's own scaling changes only the reported count: the RayService is not rewritten
+    at every step (each write would reset Serve's autoscaling state)."""
+    fake = api(current=_serving(AUTOSCALING, 5))
+    action, _ = await handlers.apply_rayservice(OWNER, AUTOSCALING, "chat", "ns")
+    assert action == "unchanged" and [c[0] for c in fake.calls] == ["get"]

@@ -151,6 +151,10 @@ MALFORMED = [
     ("spec.session.ttlSec", 10),
     ("spec.session.cookieName", "a cookie"),
     ("spec.image", ""),
+    ("spec.image", "registry.example.com/ml/serve@sha256:abc"),  # a digest is 64 hex digits
+    ("spec.image", "registry.example.com/ml/serve@md5:" + "a" * 32),
+    ("spec.image", "serve:1.0 --privileged"),
+    ("spec.model.revision", "main; rm -rf /"),
     ("spec.imagePullPolicy", "Sometimes"),
     ("spec.replica", 3),  # a typo: unknown fields are refused (strict field validation)
     ("spec", "chat"),
@@ -188,3 +192,40 @@ def test_the_crd_the_operator_and_serve_app_share_one_set_of_defaults():
     }  # fmt: skip
     assert {k: rendered[k] for k in shared} == {k: app_defaults[k] for k in shared}
     assert AUTOSCALING_DEFAULTS["targetOngoingRequests"] == app_defaults["target_ongoing_requests"]
+
+
+def test_the_model_revision_is_checked_as_serve_app_checks_it():
+    """spec.model.revision becomes the Serve argument `revision`; the CRD refuses what
+    serve_app's config refuses (its field is the one definition of the rule)."""
+    from chatstream_operator.render import serve_args
+
+    from serve_app.config import ChatStreamConfig
+
+    field = ChatStreamConfig.model_json_schema()["properties"]["revision"]
+    crd = chatstream_schema()["properties"]["spec"]["properties"]["model"]["properties"]["revision"]
+    assert (crd["pattern"], crd["maxLength"], crd["default"]) == (
+        field["pattern"],
+        field["maxLength"],
+        field["default"],
+    )
+    assert serve_args({"model": {"revision": "abc123"}})["revision"] == "abc123"
+    assert serve_args({})["revision"] == ""
+
+
+PINNED = [
+    "docker.io/chatstream/chatstream-serve:0.1.0",
+    "registry.example.com:5000/ml/chatstream-serve@sha256:" + "0a" * 32,
+    "registry.example.com/ml/chatstream-serve:0.1.0@sha256:" + "f" * 64,
+    "chatstream-serve:0.1.0",
+]
+
+
+@pytest.mark.parametrize("image", PINNED)
+def test_images_pinned_by_digest_are_accepted(validator, image):
+    """The API server (the CRD's pattern) and the operator (the same schema) both accept a tag,
+    a digest, or both."""
+    from chatstream_operator.schema import spec_problems
+
+    obj = _set(load_sample("chatstream-sample.yaml"), "spec.image", image)
+    assert errors(validator, obj) == []
+    assert spec_problems(obj["spec"]) == []

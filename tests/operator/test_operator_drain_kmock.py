@@ -162,6 +162,23 @@ async def _steps(emulator: Any) -> dict[str, Any]:
             await send("PATCH", f"{rs_path}/status", body)
 
         await step("upgrading", upgrading(), lambda: progressing() == ("True", "Upgrading"))
+        # Serve autoscales; it runs 4 replicas when the next upgrade comes.
+        autoscaling = {"replicas": None, "autoscaling": {"minReplicas": 1, "maxReplicas": 6}}
+        await step(
+            "autoscaling",
+            send("PATCH", f"{cs_path}/{name}", {"spec": autoscaling}),
+            lambda: status().get("observedGeneration") == 4,
+        )
+        await step(
+            "autoscaled",
+            kuberay_reports("RUNNING", "HEALTHY", 4, 4),
+            lambda: status().get("replicas") == 4,
+        )
+        await step(
+            "autoscaled-upgrade",
+            send("PATCH", f"{cs_path}/{name}", {"spec": {"image": "chatstream-serve:0.3.0"}}),
+            lambda: status().get("observedGeneration") == 5,
+        )
     seen["calls"] = [
         c for r in emulator if not harness._is_harness(r) for c in [harness.api_call(r)] if c
     ]
@@ -258,3 +275,17 @@ def test_an_image_change_is_an_upgrade(run):
     upgrading = _progressing(run["snapshots"]["upgrading"])
     assert (upgrading["status"], upgrading["reason"]) == ("True", "Upgrading")
     assert _ready(run["snapshots"]["upgrading"])["status"] == "True"
+
+
+def test_an_autoscaled_upgrade_starts_the_new_cluster_at_the_current_count(run):
+    """Serve autoscaled to 4 replicas (KubeRay reports 4 worker pods): the new image's new Ray
+    cluster starts with 4 pods and Serve with 4 replicas, not autoscaling.minReplicas (1)."""
+    assert run["patches"]["autoscaled"] == []  # Serve's own scaling writes nothing
+    (patch,) = run["patches"]["autoscaled-upgrade"]
+    spec = run["snapshots"]["autoscaled-upgrade"]["rayservice"]["spec"]
+    assert "image" in str(patch)
+    workers = spec["rayClusterConfig"]["workerGroupSpecs"][0]
+    model = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["deployments"][0]
+    assert workers["replicas"] == 4
+    assert model["autoscaling_config"]["initial_replicas"] == 4
+    assert model["autoscaling_config"]["min_replicas"] == 1

@@ -107,8 +107,9 @@ def test_the_network_policy_is_created_owned_and_valid(run):
 
 
 def test_an_opened_network_policy_is_closed_again(run):
-    assert run.snapshots["policy-drift"]["networkpolicy"]["spec"] == (
-        render_network_policy(NAME)["spec"]
+    assert (
+        run.snapshots["policy-drift"]["networkpolicy"]["spec"]
+        == (render_network_policy(NAME)["spec"])
     )
 
 
@@ -311,3 +312,11 @@ def test_the_pods_of_the_created_rayservice_pass_pod_security_restricted(run):
     for pod in (head, worker):
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert [v["name"] for v in worker["volumes"]] == ["model-cache"]
+
+
+def test_the_rayservice_watch_is_filtered_on_the_server(run):
+    """kopf asks the API server for the operator's RayServices only (a label selector on the
+    list and the watch), rather than receiving every RayService in scope and dropping the
+    others itself."""
+    assert run.rayservice_selectors, "the operator never listed or watched RayServices"
+    assert set(run.rayservice_selectors) == {"app.kubernetes.io/managed-by=chatstream-operator"}

@@ -12,6 +12,7 @@ from chatstream_operator.render import render_rayservice, serve_args
 from chatstream_operator.spec import validate
 from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, load_sample, validator_for
 
+from chatstream_defaults import VLLM_IMAGE
 from serve_app import config as serve_config_module
 from serve_app.config import ChatStreamConfig
 
@@ -42,11 +43,12 @@ SPECS: dict[str, dict[str, Any]] = {
     },
     "vllm-tensor-parallel": {
         "engine": "vllm",
+        "image": VLLM_IMAGE,
         "model": {"source": "Qwen/Qwen2.5-14B-Instruct", "dtype": "bfloat16", "device": "cuda"},
         "vllm": {"tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "enforceEager": False},
         "resources": {"gpus": 2, "cpus": 4, "memory": "48Gi"},
     },
-    "vllm-cpu": {"engine": "vllm", "vllm": {"cpuKvCacheGib": 4}},
+    "vllm-cpu": {"engine": "vllm", "image": VLLM_IMAGE, "vllm": {"cpuKvCacheGib": 4}},
     "fair-share": {"fairShareWeights": {"team-a": 3, "batch": 1}},
     "sample": load_sample("chatstream-sample.yaml")["spec"],
     "mock-sample": load_sample("chatstream-mock.yaml")["spec"],
@@ -237,9 +239,15 @@ INVALID = [
     ({"model": {"device": "cuda"}}, "spec.model.device"),
     ({"vllm": {"tensorParallelSize": 2}, "resources": {"gpus": 2}}, "spec.vllm.tensorParallelSize"),
     (
-        {"engine": "vllm", "vllm": {"tensorParallelSize": 2}, "resources": {"gpus": 1}},
+        {
+            "engine": "vllm",
+            "image": VLLM_IMAGE,
+            "vllm": {"tensorParallelSize": 2},
+            "resources": {"gpus": 1},
+        },
         "spec.resources.gpus",
     ),
+    ({"engine": "vllm"}, "spec.engine is vllm but spec.image is the default serve image"),
     ({"engine": "vllm", "vllm": {"gpuMemoryUtilization": 1.5}}, "spec.vllm.gpuMemoryUtilization"),
     ({"engine": "vllm", "vllm": {"gpuMemoryUtilization": 0}}, "spec.vllm.gpuMemoryUtilization"),
     ({"vllm": {"cpuKvCacheGib": 0}}, "spec.vllm.cpuKvCacheGib"),

@@ -64,14 +64,26 @@ of it, so that the same release name can be installed in several namespaces.
 {{- end -}}
 {{- end -}}
 
-{{/* The operator image reference; the tag defaults to the chart's appVersion. */}}
-{{- define "chatstream.operatorImage" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{/*
+An image reference from (dict "image" {repository, tag, digest} "appVersion" ...):
+repository:tag, the tag defaulting to the chart's appVersion, and @digest when one is pinned.
+*/}}
+{{- define "chatstream.imageRef" -}}
+{{- $ref := printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
+{{- if .image.digest }}{{ $ref = printf "%s@%s" $ref .image.digest }}{{ end -}}
+{{- $ref -}}
 {{- end -}}
 
-{{/* The serve image reference; the tag defaults to the chart's appVersion. */}}
+{{/* The operator image reference. */}}
+{{- define "chatstream.operatorImage" -}}
+{{- include "chatstream.imageRef" (dict "image" .Values.image "appVersion" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The serve image reference of the sample ChatStream: the vLLM image for engine vllm. */}}
 {{- define "chatstream.serveImage" -}}
-{{- printf "%s:%s" .Values.serveImage.repository (default .Chart.AppVersion .Values.serveImage.tag) -}}
+{{- $engine := get (.Values.sample.spec | default dict) "engine" -}}
+{{- $image := eq (toString $engine) "vllm" | ternary .Values.vllmImage .Values.serveImage -}}
+{{- include "chatstream.imageRef" (dict "image" $image "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{/*
