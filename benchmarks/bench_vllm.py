@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -35,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_engine as be  # noqa: E402
-from cpu_share import FRONT_END, ProcessTree, format_split  # noqa: E402
+from cpu_share import FRONT_END, ProcessTree, format_split, role_of  # noqa: E402
 
 from serve_app.config import ChatStreamConfig  # noqa: E402
 from serve_app.engines.vllm_weights import vllm_model_dir  # noqa: E402
@@ -134,13 +135,41 @@ def parse_tuned(specs: str) -> list[be.Service]:
     return services
 
 
+def pin_off_compute(root_pid: int) -> list[int]:
+    """An experiment: move every thread of the server's process tree, except vLLM's worker, off
+    the cores vLLM's worker is bound to. Returns the cores they now run on."""
+    import psutil
+
+    procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    workers = [p for p in procs if role_of(" ".join(p.cmdline())) == "engine_worker"]
+    compute = set().union(*(p.cpu_affinity() for p in workers)) if workers else set()
+    rest = sorted(set(range(psutil.cpu_count())) - compute)
+    if not rest:
+        return []
+    for proc in procs:
+        if proc in workers:
+            continue
+        for thread in proc.threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(thread.id, rest)
+    return rest
+
+
 def run_service(
-    service: be.Service, levels: list[int], rounds: int, tokens: int, tokenizer: Any, v1: bool
+    service: be.Service,
+    levels: list[int],
+    rounds: int,
+    tokens: int,
+    tokenizer: Any,
+    v1: bool,
+    pin: bool = False,
 ) -> list[be.Row]:
     """`serve run` with the service's settings, on /chat_stream (and /v1 with `v1`)."""
     print(f"serve run {service.args} {service.env} ...  load: {be.uptime()}", flush=True)
     server = be.start_service(service.args, service.env)
     try:
+        if pin:
+            print(f"  pinned off vLLM's compute cores to {pin_off_compute(server._proc.pid)}")
         label = service.label
         modes = {f"{label} /chat_stream": be.http_mode(server, be.QUESTIONS, tokens, tokenizer)}
         if v1:
@@ -169,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         help="';'-separated engine=vllm services, each 'key=value,...' of serve args and "
         "ENV=value (capitals) for environment variables; run after the default rows",
     )
+    parser.add_argument(
+        "--pin-experiment",
+        action="store_true",
+        help="also engine=vllm with every process but vLLM's worker moved off its cores",
+    )
     args = parser.parse_args(argv)
     levels = [1, 8] if args.quick else [int(c) for c in args.concurrency.split(",")]
     rounds = 1 if args.quick else args.rounds
@@ -194,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     services = [be.Service("vllm", {"engine": "vllm"})] if "vllm" in which else []
     for service in services + parse_tuned(args.tuned):
         rows += run_service(service, levels, rounds, tokens, tokenizer, v1=True)
+    if args.pin_experiment:
+        pinned = be.Service("vllm tuned: stack pinned off the compute core", {"engine": "vllm"})
+        rows += run_service(pinned, levels, rounds, tokens, tokenizer, v1=True, pin=True)
     if "transformers" in which:
         rows += run_service(
             be.Service("transformers", {}), levels, rounds, tokens, tokenizer, v1=False

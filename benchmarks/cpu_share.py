@@ -14,6 +14,7 @@ Roles (the first pattern a process's command line matches; everything else in th
 `ray`: idle Ray workers, `serve run` itself, helpers):
 
   proxy          Ray Serve's HTTP proxy actor
+  haproxy        Ray Serve's HAProxy ingress (in high-throughput mode)
   ingress        ChatStream's ingress replica (FastAPI)
   replica        the model replica (with engine=vllm: vLLM's AsyncLLM front, detokenizing)
   engine_core    vLLM's EngineCore process (scheduler, busy loop)
@@ -40,6 +41,7 @@ ROLE_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engine_core", ("VLLM::EngineCore",)),
     ("api_server", ("VLLM::APIServer", "vllm.entrypoints.openai.api_server")),
     ("proxy", ("ray::ProxyActor",)),
+    ("haproxy", ("haproxy",)),  # Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY)
     ("ingress", ("ChatStreamIngress",)),
     ("replica", ("ChatModel",)),
     ("ray_controller", ("ray::ServeController",)),
@@ -53,7 +55,7 @@ ROLES = tuple(role for role, _ in ROLE_PATTERNS) + ("ray", "client", "outside")
 RAY_ROLES = tuple(role for role in ROLES if role.startswith("ray"))
 # The processes that carry a request between the client and the engine: ChatStream's front end
 # (proxy + ingress + model replica) and, for vLLM's own server, its API server process.
-FRONT_END = ("proxy", "ingress", "replica", "api_server")
+FRONT_END = ("proxy", "haproxy", "ingress", "replica", "api_server")
 
 
 def role_of(cmdline: str) -> str:
