@@ -14,8 +14,12 @@ Rows, each server started alone (the machine has 2 cores; they never run side by
   transformers        `serve run serve_app:app` (the default engine), POST /chat_stream
 
 Greedy, the same fixed long-answer questions, `--max-new-tokens` each, all N clients at once.
-Aggregate tok/s (tokens of a round over its wall time, median of rounds), TTFT p50/p95, and for
-every process's CPU ms per token by role and each core's load (cpu_share.py).
+Aggregate tok/s (tokens of a round over its wall time, median of rounds), TTFT p50/p95, and
+each process's CPU ms per streamed token by role, each core's load and the cores the rest of
+the machine took (cpu_share.py). `--rows` picks servers; `--tuned` adds labelled engine=vllm
+rows with other settings (`RAY_SERVE_THROUGHPUT_OPTIMIZED=0` is the default before
+chatstream_defaults.RAY_SERVE_ENV); `--pin-experiment` a row with the stack moved off vLLM's
+compute core.
 Needs vLLM (`bash scripts/setup.sh --vllm`). Results: stdout and benchmarks/results/.
 """
 
