@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -46,8 +45,11 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the embedded model is a local file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from cpu_share import CpuUse, ProcessTree  # noqa: E402
+from cpu_share import summary as cpu_summary  # noqa: E402
 
 from serve_app.config import ChatStreamConfig, GenerationParams  # noqa: E402
 from serve_app.engines.base import ChatMessage  # noqa: E402
@@ -309,44 +311,6 @@ async def run_http(
     return await staggered(offsets or [0.0] * len(questions), one, questions)
 
 
-class StackCpu:
-    """CPU seconds used by the Serve processes of one `serve run` (its process tree), by role."""
-
-    ROLES = {"proxy": "ProxyActor", "ingress": "ChatStreamIngress", "replica": "ChatModel"}
-
-    def __init__(self, root_pid: int) -> None:
-        import psutil
-
-        self.processes: dict[str, list] = {role: [] for role in self.ROLES}
-        for proc in psutil.Process(root_pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                title = " ".join(proc.cmdline())
-                for role, needle in self.ROLES.items():
-                    if title.startswith("ray::") and needle in title:
-                        self.processes[role].append(proc)
-
-    def read(self) -> dict[str, float]:
-        import psutil
-
-        totals = {}
-        for role, procs in self.processes.items():
-            total = 0.0
-            for proc in procs:
-                with contextlib.suppress(psutil.Error):
-                    t = proc.cpu_times()
-                    total += t.user + t.system
-            totals[role] = total
-        return totals
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (all processes, all cores) since boot."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
-
-
 def start_service(args: dict[str, Any], env: dict[str, str] | None = None) -> Any:
     """`serve run` with exactly `args` (and the port); `env` adds variables for tuned rows."""
     from serve_app.local_server import LocalServe
@@ -404,33 +368,26 @@ def run_rounds(
         for name in modes:
             row = summarize(name, level, results[name])
             if cpus[name]:
-                tokens = row.tokens
-                for role in ("proxy", "ingress", "replica"):
-                    used = sum(c[role] for c in cpus[name])
-                    row.extra[f"cpu_ms_per_token_{role}"] = 1000 * used / max(1, tokens)
-                # Cores in use while the rounds ran: the model replica's, and the rest of the
-                # machine's (proxy, ingress, this client, Ray's own processes, anything else).
-                wall = sum(c["wall"] for c in cpus[name])
-                replica = sum(c["replica"] for c in cpus[name])
-                row.extra["cores_replica"] = replica / wall
-                row.extra["cores_rest"] = (sum(c["box"] for c in cpus[name]) - replica) / wall
+                used = sum(cpus[name], CpuUse(0.0))
+                row.extra.update(cpu_summary(used, row.tokens))
+                # Cores in use while the rounds ran: the model replica's (with engine=vllm,
+                # vLLM's processes), and the rest of the machine's.
+                model = sum(used.roles[r] for r in ("replica", "engine_core", "engine_worker"))
+                row.extra["cores_replica"] = model / used.wall
+                row.extra["cores_rest"] = (sum(used.cores) - model) / used.wall
             rows.append(row)
             print_progress(row)
     return rows
 
 
 def http_mode(server: Any, questions: list[str], max_new_tokens: int, tokenizer: Any) -> Any:
-    cpu = StackCpu(server._proc.pid)
+    tree = ProcessTree(server._proc.pid)
 
     def fn(level: int, offsets: list[float]) -> tuple:
-        before, box_before, start = cpu.read(), busy_cpu_seconds(), time.perf_counter()
+        before = tree.snapshot()
         qs = [questions[i % len(questions)] for i in range(level)]
         wall, streams = asyncio.run(run_http(server.url, qs, max_new_tokens, tokenizer, offsets))
-        after = cpu.read()
-        used = {k: after[k] - before[k] for k in after}
-        used["box"] = busy_cpu_seconds() - box_before
-        used["wall"] = time.perf_counter() - start
-        return wall, streams, used
+        return wall, streams, tree.snapshot() - before
 
     return fn
 
@@ -619,10 +576,10 @@ def print_table(rows: list[Row]) -> None:
         ratio = f"{row.aggregate_tok_s / ref.aggregate_tok_s:.2f}" if ref and not mock else "—"
         ttft = f"{row.ttft_p50_ms / ref.ttft_p50_ms:.2f}" if ref and not mock else "—"
         stack = replica = cores = "—"
-        if "cpu_ms_per_token_proxy" in row.extra:
+        if "cpu_ms_proxy" in row.extra:
             e = row.extra
-            stack = f"{e['cpu_ms_per_token_proxy'] + e['cpu_ms_per_token_ingress']:.2f}"
-            replica = f"{e['cpu_ms_per_token_replica']:.2f}"
+            stack = f"{e['cpu_ms_proxy'] + e['cpu_ms_ingress']:.2f}"
+            replica = f"{e['cpu_ms_replica']:.2f}"
             cores = f"{e['cores_replica']:.2f} + {e['cores_rest']:.2f}"
         print(
             f"| {row.mode} | {row.concurrency} | {row.ttft_p50_ms:.1f} ms | "

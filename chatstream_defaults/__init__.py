@@ -8,6 +8,8 @@ operator's `spec.DEFAULTS`, which the CRD's `default:` values must equal; a test
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # --- concurrency -------------------------------------------------------------------------------
 # Generations at once per model replica (ChatStream's num_of_concurrent_executions).
 MAX_ONGOING_REQUESTS = 32
@@ -20,6 +22,21 @@ INGRESS_REPLICAS = 1
 INGRESS_NUM_CPUS = 0.5
 RETRY_AFTER_SEC = 1
 STREAM_INTERVAL_MS = 0
+
+# --- Ray Serve's throughput-optimized mode (Ray 2.56+) ----------------------------------------
+# User code runs on each replica's own event loop (no thread hop per streamed item), replicas
+# stream to each other over gRPC, request logs are buffered and the garbage collector frozen
+# after start. Here it cut the stack's CPU per streamed token by a third at 8 and 16 streams
+# and by 40 % at one (README, Performance). Every Ray process must see these, so they are
+# environment variables, set where Ray starts unless already set (a variable set to 0 turns its
+# part off). Direct ingress stays off: without Serve's proxy a client that leaves while its
+# request waits for a slot is not noticed until the first chunk (outcome accounting needs it);
+# replica logs stay on stderr (the mode would send them to files only).
+RAY_SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+}
 
 # --- generation defaults -----------------------------------------------------------------------
 TEMPERATURE = 0.7
@@ -69,6 +86,11 @@ def answer_seconds(
 def wait_loop_seconds(bound_s: float) -> float:
     """graceful_shutdown_wait_loop_s for a drain bound: a twentieth of it, 0.1 s to 2 s."""
     return round(min(MAX_WAIT_LOOP_S, max(MIN_WAIT_LOOP_S, bound_s / 20)), 2)
+
+
+def ray_serve_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of RAY_SERVE_ENV that `environ` does not set already."""
+    return {key: value for key, value in RAY_SERVE_ENV.items() if key not in environ}
 
 
 # --- images ------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import ray
 from ray.serve import Application, Deployment
 from ray.serve.config import RequestRouterConfig
 
-from chatstream_defaults import answer_seconds, wait_loop_seconds
+from chatstream_defaults import answer_seconds, ray_serve_env, wait_loop_seconds
 from serve_app.config import ChatStreamConfig, parse_args
 from serve_app.engines.threads import local_model_cpus, usable_cores
 from serve_app.ingress import ChatStreamIngress
@@ -89,7 +91,18 @@ def build_app(config: ChatStreamConfig, ingress: Deployment = ChatStreamIngress)
     ).bind(model, config)
 
 
+def use_ray_serve_env() -> None:
+    """Ray Serve's throughput-optimized mode (chatstream_defaults.RAY_SERVE_ENV) for the Ray cluster
+    that `serve run serve_app:app` starts: it builds the application before it starts Ray, and
+    Ray's processes inherit its environment. A no-op once Ray runs (a cluster's processes get
+    the variables from their own environment)."""
+    if not ray.is_initialized():
+        os.environ.update(ray_serve_env(os.environ))
+
+
 def app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for `serve run serve_app:app [key=value ...]` and Serve config files
     (`import_path: serve_app:app`, `args: {...}`); keys are ChatStreamConfig's fields."""
-    return build_app(parse_args(args))
+    config = parse_args(args)  # a bad argument fails before anything is changed
+    use_ray_serve_env()
+    return build_app(config)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from chatstream_defaults import ray_serve_env
 from serve_app.config import APP_IMPORT_PATH, DEFAULT_APP_NAME, parse_args
 
 
@@ -118,6 +119,7 @@ class LocalServe:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env.update(self.extra_env)
+        env.update(ray_serve_env(env))  # what `serve run serve_app:app` gets (builder.app)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
         self._proc = subprocess.Popen(
             [str(serve_bin), "run", str(config_path)],

@@ -10,7 +10,13 @@ from collections.abc import AsyncIterator
 from serve_app.config import ChatStreamConfig, GenerationParams
 from serve_app.engines.base import ChatMessage, Engine
 from serve_app.engines.mock import MockPromptFormatter
-from serve_app.model_contract import AnswerChunk, GenerationRequest, SlotAcquired
+from serve_app.model_contract import (
+    AnswerChunk,
+    GenerationRequest,
+    SlotAcquired,
+    TokenLogprob,
+    merge_chunks,
+)
 from serve_app.model_deployment import ChatModel, answer_stream
 
 PROMPT = MockPromptFormatter(ChatStreamConfig(engine="mock")).render(
@@ -170,3 +176,39 @@ async def test_concurrent_streams_keep_their_own_stops():
         "alpha beta gamma",
     ]
     assert [r[-1].finish_reason for r in results] == ["stop", "length", "stop"]
+
+
+class Gated(Engine):
+    """An engine whose first token is ready at once and whose next two wait for `go`."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+
+    async def start(self) -> None:
+        return None
+
+    def count_text_tokens(self, text: str) -> int:
+        return 1
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[AnswerChunk]:
+        yield AnswerChunk("a", 1, (1,), logprobs=(TokenLogprob(1, "a", -0.1),))
+        await self.go.wait()
+        yield AnswerChunk("b", 1, (2,), logprobs=(TokenLogprob(2, "b", -0.2),))
+        yield AnswerChunk("c", 1, (3,), "length", logprobs=(TokenLogprob(3, "c", -0.3),))
+
+
+async def test_the_first_chunk_goes_out_while_the_engine_works_on_the_next():
+    """No coalescing holds the first chunk back (time to first token), with or without
+    stream_interval_ms; chunks merged later keep their text, token ids and log probabilities."""
+    request = GenerationRequest("prompt", GenerationParams(), logprobs=0)
+    for interval_s in (0.0, 10.0):
+        engine = Gated()
+        items = answer_stream(engine, request, interval_s=interval_s)
+        assert isinstance(await items.__anext__(), SlotAcquired)
+        first = await asyncio.wait_for(items.__anext__(), timeout=30)  # the engine is gated
+        assert (first.text, first.token_ids) == ("a", (1,))
+        engine.go.set()
+        rest = merge_chunks([chunk async for chunk in items])
+        assert (rest.text, rest.num_tokens, rest.token_ids) == ("bc", 2, (2, 3))
+        assert [lp.token_id for lp in rest.logprobs] == [2, 3]
+        assert rest.finish_reason == "length"

@@ -169,6 +169,32 @@ def test_logprobs_are_the_chosen_tokens_with_their_top_k(served, formatter) -> N
     assert all(lp.top == () for c in chosen_only for lp in c.logprobs)
 
 
+def test_a_busy_consumer_gets_the_tokens_it_missed_as_one_chunk(served, formatter) -> None:
+    """While the model deployment's previous chunk is still going out (Ray reports one item at
+    a time), vLLM merges the tokens generated meanwhile into one DELTA output: fewer items,
+    with the text, token ids and log probabilities of every token."""
+    engine, loop = served
+    ids = prompt(formatter, "Name a colour.")
+    params = GenerationParams(temperature=0.0, max_new_tokens=12)
+    request = GenerationRequest(ids, params, ignore_eos=True, logprobs=0)
+    text, prompt_chunks = answer(served, request)
+
+    async def busy_consumer() -> list[AnswerChunk]:
+        chunks = []
+        async for chunk in engine.stream(request):
+            chunks.append(chunk)
+            await asyncio.sleep(0.25)  # several engine steps
+        return chunks
+
+    chunks = loop.run(busy_consumer())
+    assert max(c.num_tokens for c in chunks) > 1 and len(chunks) < len(prompt_chunks)
+    assert "".join(c.text for c in chunks) == text  # greedy: the same answer
+    token_ids = [t for c in chunks for t in c.token_ids]
+    assert token_ids == [t for c in prompt_chunks for t in c.token_ids] and len(token_ids) == 12
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == token_ids
+    assert all(c.num_tokens == len(c.token_ids) == len(c.logprobs) for c in chunks)
+
+
 def test_ignore_eos_min_tokens_and_logit_bias_take_effect(served, formatter) -> None:
     ids = prompt(formatter, "What is the capital of France?")
     _, free = answer(
