@@ -78,6 +78,10 @@ class ToolStreamEncoder:
         self._held = ""  # a forced call's text, parsed at the end
         self._sent_calls = 0
 
+    def for_choice(self, index: int) -> ToolStreamEncoder:
+        """A fresh encoder of choice `index` in the same stream."""
+        return ToolStreamEncoder(self._request, self._encoder.for_choice(index))
+
     def feed(self, text: str, **counts: int) -> str:
         if self._forced:
             self._held += text
@@ -93,6 +97,13 @@ class ToolStreamEncoder:
         return events
 
     def end(self, *, finish_reason: str, **counts: int) -> str:
+        return self.finish(finish_reason=finish_reason, **counts) + self.close(**counts)
+
+    def close(self, **counts: int) -> str:
+        return self._encoder.close(**counts)
+
+    def finish(self, *, finish_reason: str, **counts: int) -> str:
+        """The held text or call, then this choice's `finish_reason` chunk."""
         events = []
         if self._forced:
             call = parse_forced_call(self._held, self._request.tools)
@@ -105,5 +116,5 @@ class ToolStreamEncoder:
             if rest:
                 events.append(self._encoder.feed(rest, **counts))
         reason = "tool_calls" if self._sent_calls and finish_reason == "stop" else finish_reason
-        events.append(self._encoder.end(finish_reason=reason, **counts))
+        events.append(self._encoder.finish(finish_reason=reason, **counts))
         return "".join(events)
