@@ -237,3 +237,30 @@ def test_a_streamed_completion_of_two_choices_echoes_each():
             got[choice["index"]] = got.get(choice["index"], "") + choice["text"]
             reasons[choice["index"]] = choice["finish_reason"] or reasons.get(choice["index"])
     assert got == {0: "p", 1: "px"} and reasons == {0: "stop", 1: "stop"}
+
+
+def test_a_streamed_forced_tool_call_per_choice_each_with_its_own_call():
+    from serve_app.openai_api.tool_answers import ToolStreamEncoder
+    from tests.test_tools import WEATHER
+
+    chat = parse_chat_completion(
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True,
+         "tools": [WEATHER], "tool_choice": "required"},
+        served_model=MODEL,
+    )  # fmt: skip
+    answer_ = SSEAnswer(ToolStreamEncoder(chat, StreamEncoder(chat)), n=2)
+    exchange = exchange_with(3, 4)
+    wire = ""
+    for index, city in [(1, "Rome"), (0, "Oslo")]:
+        call = json.dumps({"name": "get_weather", "arguments": {"city": city}})
+        wire += answer_.chunk(exchange, AnswerChunk(call[:9], 1, index=index))
+        wire += answer_.chunk(exchange, AnswerChunk(call[9:], 1, index=index, finish_reason="stop"))
+    wire += answer_.end(exchange)
+    calls, reasons = {}, {}
+    for obj in sse_objects(wire):
+        for choice in obj["choices"]:
+            for call in choice["delta"].get("tool_calls", []):
+                calls[choice["index"]] = json.loads(call["function"]["arguments"])["city"]
+            if choice["finish_reason"]:
+                reasons[choice["index"]] = choice["finish_reason"]
+    assert calls == {0: "Oslo", 1: "Rome"} and reasons == {0: "tool_calls", 1: "tool_calls"}
