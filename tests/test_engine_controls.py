@@ -274,13 +274,15 @@ async def test_n_choices_are_reproducible_per_request_and_greedy_ones_equal(
 ) -> None:
     question = "Tell me a fun fact about the sea."
     sampled = GenerationParams(temperature=1.0, max_new_tokens=8)  # few steps: a cheap test
-    first = await answer_choices(engine, formatter, question, 3, sampled, seed=11, logprobs=1)
+    greedy_params = GenerationParams(temperature=0.0, max_new_tokens=8)
+    first, greedy = await asyncio.gather(  # one batch of 6 rows
+        answer_choices(engine, formatter, question, 3, sampled, seed=11, logprobs=1),
+        answer_choices(engine, formatter, question, 3, greedy_params),
+    )
     again = await answer_choices(engine, formatter, question, 3, sampled, seed=11, logprobs=1)
     assert [a.text for a in again] == [a.text for a in first]  # seed, seed+1, seed+2
     assert len({a.text for a in first}) > 1  # each choice samples with its own seed
     for answer in first:
         assert len(answer.logprobs) == answer.num_tokens > 0
         assert "".join(lp.token for lp in answer.logprobs) == answer.text
-    greedy_params = GenerationParams(temperature=0.0, max_new_tokens=8)
-    greedy = await answer_choices(engine, formatter, question, 3, greedy_params)
     assert len({a.text for a in greedy}) == 1  # as vLLM: greedy choices are equal
