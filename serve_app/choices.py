@@ -4,9 +4,9 @@ OpenAI's `n` asks for n answers to one prompt. Each choice is its own model call
 one of the model's generation slots, exactly as n requests would: the fair queue gives the
 request n places at once (fair_queue.py) and the engines see n ordinary generations (vLLM's
 prefix cache shares the prompt's prefill; the transformers engine prefills the n rows in one
-batched pass). That keeps "N generations at once" true for every engine without an `n` in the model contract, and
-keeps the engines unchanged. The alternative, the contract carrying `n` to the engine, would
-let one slot run n generations, hidden from the admission's count.
+batched pass). That keeps "N generations at once" true for every engine without an `n` in the
+model contract, and keeps the engines unchanged. The alternative, the contract carrying `n`
+to the engine, would let one slot run n generations, hidden from the admission's count.
 
 For the admission, the merged stream is one model stream: its first item is one
 `SlotAcquired` (once every choice holds its slot), then each choice's chunks, tagged with the
