@@ -253,16 +253,18 @@ _FEATURE_FIELDS = {
 }
 
 
-def check_engine(engine: str, request: GenerationRequest) -> None:
+def check_engine(engine: str, request: GenerationRequest, param: str | None = None) -> None:
     """A 400 naming the engine and the field when `engine` cannot honour what `request` asks
-    (before it takes a slot: no field is silently ignored)."""
+    (before it takes a slot: no field is silently ignored). `param`: the field that asked, where
+    it is not the feature's own (a forced tool call's constraint is `tool_choice`'s)."""
     missing = unsupported_features(engine, request)
     if not missing:
         return
     feature = missing[0]
-    param = _FEATURE_FIELDS[feature]
-    if feature == "penalties" and not request.presence_penalty:
-        param = "frequency_penalty"
+    if param is None:
+        param = _FEATURE_FIELDS[feature]
+        if feature == "penalties" and not request.presence_penalty:
+            param = "frequency_penalty"
     raise unsupported_parameter(
         param, f"({feature}) is not supported by the {engine} engine this server runs"
     )

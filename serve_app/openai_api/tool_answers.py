@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.config import GenerationParams
-from serve_app.engines.features import unsupported_features
 from serve_app.model_contract import GenerationRequest, OutputConstraint
 from serve_app.openai_api.encoding import StreamEncoder
 from serve_app.openai_api.protocol import ChatCompletionRequest
+from serve_app.openai_api.sampling import check_engine
 from serve_app.openai_api.tool_calls import (
     ToolCallStream,
     delta_tool_calls,
@@ -21,7 +21,6 @@ from serve_app.openai_api.tool_calls import (
     with_tools_system,
 )
 from serve_app.openai_api.tools import forced_call_constraint
-from serve_app.refusals import unsupported_parameter
 
 
 def messages_with_tools(request: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -40,13 +39,11 @@ def tool_constraint(request: ChatCompletionRequest, engine: str) -> OutputConstr
 def engine_constraint(
     constraint: OutputConstraint | None, engine: str, param: str
 ) -> OutputConstraint | None:
-    """`constraint` if `engine` honours it, else a 400 naming `param` and the engine."""
-    probe = GenerationRequest(prompt="", params=GenerationParams(), constraint=constraint)
-    if constraint is not None and unsupported_features(engine, probe):
-        raise unsupported_parameter(
-            param,
-            f"needs decoding under {constraint.kind}, which the {engine} engine cannot do yet",
-        )
+    """`constraint` if `engine` honours it, else a 400 naming `param` and the engine (the
+    feature check of every sampling field, `sampling.check_engine`)."""
+    if constraint is not None:
+        alone = GenerationRequest(prompt="", params=GenerationParams(), constraint=constraint)
+        check_engine(engine, alone, param)
     return constraint
 
 
