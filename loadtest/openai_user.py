@@ -1,8 +1,10 @@
 """The OpenAI-protocol user of the load test: `POST /v1/chat/completions`, streamed (SSE) and
 not, reading to the end, quitting mid-stream, or quitting before the first chunk; and
-`POST /v1/completions` with an unknown field (answered, the field listed as ignored), and a
-structured output (`response_format` json_schema: the answer must match the schema). Each request
-carries `X-ChatStream-Request-Id`, so it joins the exact accounting like the /chat_stream users.
+`POST /v1/completions` with an unknown field (answered, the field listed as ignored), a
+structured output (`response_format` json_schema: the answer must match the schema), and `n`
+choices (`--openai-choices`, streamed or not: one request, one outcome, every choice whole).
+Each request carries `X-ChatStream-Request-Id`, so it joins the exact accounting like the
+/chat_stream users.
 
 Outcome each task implies:
 - read the SSE stream to `data: [DONE]`, or a non-streamed answer -> success
@@ -54,9 +56,14 @@ class CompletionChunks:
     stream's shape, and ends normally only at `data: [DONE]`; `finished` says whether a chunk
     with a finish_reason (the end of the answer) came."""
 
-    def __init__(self, response: Any) -> None:
+    def __init__(self, response: Any, n: int = 1) -> None:
         self.response = response
-        self.finished = False
+        self.n = n  # choices: the answer is whole once each of them has its finish_reason
+        self.ended: set[int] = set()
+
+    @property
+    def finished(self) -> bool:
+        return len(self.ended) >= self.n
 
     def __iter__(self) -> Iterator[str]:
         first = True
@@ -75,7 +82,8 @@ class CompletionChunks:
                 if first and delta.get("role") != "assistant":
                     raise StreamCut("the first chunk carries no role")
                 first = False
-                self.finished = self.finished or choice.get("finish_reason") in ("stop", "length")
+                if choice.get("finish_reason") in ("stop", "length"):
+                    self.ended.add(choice["index"])
                 if delta.get("content"):
                     yield delta["content"]
         raise StreamCut("the stream ended without data: [DONE]")
@@ -105,6 +113,14 @@ CITY_FORMAT = {
 
 def finished(answer: dict) -> bool:
     return answer["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def all_finished(answer: dict, n: int) -> bool:
+    """`n` choices, indexed 0 to n-1, each whole."""
+    choices = answer["choices"]
+    return [c["index"] for c in choices] == list(range(n)) and all(
+        c["finish_reason"] in ("stop", "length") for c in choices
+    )
 
 
 def matches_city(answer: dict) -> bool:
@@ -199,6 +215,23 @@ class OpenAIUser(OpenAIClient):
         send = self.ask(prompt(4), max_tokens=max(64, RUN.options.answer_tokens),
                         response_format=CITY_FORMAT)  # fmt: skip
         self.check_whole(send, "openai structured", lambda answer, _: matches_city(answer))
+
+    @task(1)
+    def choices(self) -> None:
+        """`n` choices in one request (one admission, one outcome), streamed or whole: every
+        choice must come, by index, and end."""
+        n = RUN.options.openai_choices
+        tokens = RUN.options.answer_tokens
+        if random.random() < 0.5:
+            send = self.ask(prompt(4), max_tokens=tokens, n=n)
+            self.check_whole(send, "openai n choices", lambda answer, _: all_finished(answer, n))
+            return
+        request_id = RUN.new_id("oai")
+        send = self.ask(prompt(4), max_tokens=tokens, n=n, stream=True)
+        with send(request_id, "openai n choices stream") as response:
+            if response.status_code != 200:
+                return self.refused(response, request_id, "too_many_requests")
+            self.read_to_end(response, request_id, CompletionChunks(response, n))
 
     @task(1)
     def text_completion(self) -> None:

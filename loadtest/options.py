@@ -50,6 +50,9 @@ class Options:
         0.25, "early quitters close this long after sending (meant to be before the first chunk)"
     )
     answer_tokens: int = option(16, "chatters' max_new_tokens")
+    openai_choices: int = option(
+        2, "OpenAIUser's `n` in its choices task (at most the service's max_ongoing_requests)"
+    )
     long_answer_tokens: int = option(
         2000, "mid-stream quitters' max_new_tokens (a long answer: they read 1-3 chunks of it)"
     )

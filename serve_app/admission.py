@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from ray.serve.exceptions import BackPressureError
@@ -30,6 +30,7 @@ from serve_app import metrics
 from serve_app.access import Caller
 from serve_app.api_keys import ANONYMOUS_KEY_ID
 from serve_app.bookkeeping import Bookkeeping
+from serve_app.choices import ChoiceStreams, call_apart, split_choices
 from serve_app.exchange import Callback, Exchange, Turn
 from serve_app.fair_queue import OVER_SHARE, FairQueue, QueueRefused
 from serve_app.liveness import LoadBoard
@@ -125,12 +126,14 @@ class Admission:
         self,
         request: Request,
         caller: Caller,
-        generation: GenerationRequest,
+        generation: GenerationRequest | Sequence[GenerationRequest],
         callback: Callback | None,
         session: SessionView | None = None,
         turn: Turn | None = None,
     ) -> tuple[Exchange, AnswerChunk | None]:
         """Wait for a generation slot and the answer's first chunk (None: the stream ended).
+        Several generations (OpenAI's `n` choices) are one request that waits for a slot for
+        each; its chunks carry their choice's `index` (choices.py).
 
         Raises Refusal (429 when the queue is full, 503 when the store is down: not admitted),
         GenerationFailed when the engine failed before the first chunk (outcome recorded), and
@@ -156,11 +159,17 @@ class Admission:
         self._load_board.change(queued=1)
         try:
             tenant = tenant_of(caller, session, request)
-            exchange.ticket = await self.fair_queue.enter(tenant)
+            choices = [generation] if isinstance(generation, GenerationRequest) else generation
+            exchange.ticket = await self.fair_queue.enter(tenant, places=len(choices))
             metrics.TENANT_QUEUE_WAIT.get().observe(
                 exchange.ticket.waited_s, tags={"tenant": metric_tenant(tenant)}
             )
-            exchange.model_stream = self._model.generate.remote(generation)
+            if len(choices) == 1:
+                exchange.model_stream = self._model.generate.remote(choices[0])
+            else:
+                exchange.model_stream = ChoiceStreams(
+                    [call_apart(lambda c=c: self._model.generate.remote(c)) for c in choices]
+                )
             slot = await exchange.model_stream.__anext__()
             assert isinstance(slot, SlotAcquired), f"the model's first item was {slot!r}"
             exchange.holds_slot = True
@@ -242,6 +251,16 @@ class Admission:
 
     async def collect_chunks(self, exchange: Exchange, chunk: AnswerChunk | None) -> AnswerChunk:
         """The whole answer as one chunk (its text, token ids and log probabilities)."""
+        chunks = await self._collect(exchange, chunk)
+        return merge_chunks(chunks) if chunks else AnswerChunk("", 0)
+
+    async def collect_choices(
+        self, exchange: Exchange, chunk: AnswerChunk | None, n: int
+    ) -> list[AnswerChunk]:
+        """The whole answer of each of the request's `n` choices, by index."""
+        return split_choices(await self._collect(exchange, chunk), n)
+
+    async def _collect(self, exchange: Exchange, chunk: AnswerChunk | None) -> list[AnswerChunk]:
         chunks: list[AnswerChunk] = []
         try:
             while chunk is not None:
@@ -250,7 +269,7 @@ class Admission:
         except BaseException as exc:
             self.finish(exchange, exc)
             raise
-        return merge_chunks(chunks) if chunks else AnswerChunk("", 0)
+        return chunks
 
     async def send_once(
         self, exchange: Exchange, body: bytes, text: str | None = None

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.serve.handle import DeploymentResponseGenerator
 from starlette.requests import Request
@@ -19,6 +19,9 @@ from starlette.requests import Request
 from serve_app.access import Caller
 from serve_app.model_contract import FinishReason
 from serve_app.sessions import SessionView
+
+if TYPE_CHECKING:
+    from serve_app.choices import ChoiceStreams
 
 Callback = Callable[[Request, str], Any]
 
@@ -45,7 +48,8 @@ class Exchange:
     request_id: str  # the request's key in the ledger (unique)
     record_id: str  # the server's own id: counts the outcome once, even if the write is retried
     message_id: str
-    model_stream: DeploymentResponseGenerator | None  # None while it waits in the fair queue
+    # None while it waits in the fair queue; n streams as one for OpenAI's `n` choices.
+    model_stream: DeploymentResponseGenerator | ChoiceStreams | None
     callback: Callback | None
     session: SessionView | None = None  # None on stateless routes (/v1)
     turn: Turn | None = None

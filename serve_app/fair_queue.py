@@ -1,12 +1,15 @@
 """A weighted round-robin queue between tenants, in front of the model handle. Pure asyncio, on
 one event loop (an ingress replica's).
 
-* At most `capacity` requests hold a place at the model at once (the model's slots). While a
-  place is free and nobody waits, a request goes straight through.
+* At most `capacity` places at the model are held at once (the model's slots). A request
+  holds `places` of them: 1, or `n` for an OpenAI request with `n` choices (n generations at
+  once). While its places are free and nobody waits, a request goes straight through.
 * Otherwise it waits in its tenant's line. When a place frees, the next tenant in turn takes it:
   each tenant with someone waiting gets `weight` places per round (1 unless configured), so a
   request at the head of its tenant's line waits for at most one round of freed places: the
-  sum of the other waiting tenants' weights (plus its own), whatever the others send.
+  sum of the other waiting tenants' weights (plus its own), whatever the others send. A
+  request of several places spends that many of its tenant's round, and waits at the head until
+  they are all free (later requests do not overtake it, so it cannot starve).
 * The lines hold at most `max_waiting` requests in all (`max_queued_requests`; -1: no bound).
   A tenant's share of them is `max_waiting * weight / total weight` of the tenants waiting
   (itself included; at least 1). When the lines are full, a newcomer whose tenant is within
@@ -39,12 +42,14 @@ class QueueRefused(Exception):
 
 @dataclass(eq=False)
 class Ticket:
-    """One request's place: waiting, then holding one of the model's places until released."""
+    """One request's places: waiting, then holding `places` of the model's places until
+    released."""
 
     queue: FairQueue
     tenant: str
     enqueued_at: float
     future: asyncio.Future | None = None
+    places: int = 1
     admitted_at: float | None = None
     released: bool = False
 
@@ -91,10 +96,16 @@ class FairQueue:
         total = sum(self.weight(t) for t in tenants)
         return max(1, self.max_waiting * self.weight(tenant) // total)
 
-    async def enter(self, tenant: str) -> Ticket:
-        """Wait for a place at the model. Raises QueueRefused; a cancelled wait leaves the line."""
-        ticket = Ticket(self, tenant, self.clock())
-        if self.in_flight < self.capacity and not self._lines:
+    def _fits(self, ticket: Ticket) -> bool:
+        # Never more than the whole capacity: a model scaled below a request's places must not
+        # hold it (and everyone behind it) forever.
+        return self.in_flight + min(ticket.places, self.capacity) <= self.capacity
+
+    async def enter(self, tenant: str, places: int = 1) -> Ticket:
+        """Wait for `places` places at the model. Raises QueueRefused; a cancelled wait leaves
+        the line."""
+        ticket = Ticket(self, tenant, self.clock(), places=places)
+        if self._fits(ticket) and not self._lines:
             self._admit(ticket)
             return ticket
         self._make_room(tenant)
@@ -125,8 +136,8 @@ class FairQueue:
 
     def _admit(self, ticket: Ticket) -> None:
         ticket.admitted_at = self.clock()
-        self.in_flight += 1
-        self._running[ticket.tenant] = self._running.get(ticket.tenant, 0) + 1
+        self.in_flight += ticket.places
+        self._running[ticket.tenant] = self._running.get(ticket.tenant, 0) + ticket.places
 
     def _leave(self, ticket: Ticket) -> None:
         line = self._lines.get(ticket.tenant)
@@ -143,8 +154,8 @@ class FairQueue:
         if ticket.admitted_at is None:
             self._leave(ticket)
             return
-        self.in_flight -= 1
-        self._running[ticket.tenant] -= 1
+        self.in_flight -= ticket.places
+        self._running[ticket.tenant] -= ticket.places
         if not self._running[ticket.tenant]:
             del self._running[ticket.tenant]
         self._dispatch()
@@ -159,8 +170,10 @@ class FairQueue:
         while self.in_flight < self.capacity and self._lines:
             tenant = next(iter(self._lines))
             line = self._lines[tenant]
+            if line[0].future is not None and not line[0].future.done() and not self._fits(line[0]):
+                return  # its places are not all free yet: it waits at the head
             ticket = line.popleft()
-            credit = self._credit.get(tenant, self.weight(tenant)) - 1
+            credit = self._credit.get(tenant, self.weight(tenant)) - ticket.places
             if not line:
                 del self._lines[tenant]
                 self._credit.pop(tenant, None)

@@ -11,6 +11,10 @@ The stream yields, in order:
 
 With `GenerationRequest.logprobs` set, every chunk also carries one `TokenLogprob` per token.
 
+One model call generates one answer (`AnswerChunk.index` 0). An OpenAI request with `n` choices
+is n model calls, each holding a slot, that the ingress merges into one stream whose chunks
+carry their choice's `index` (serve_app/choices.py).
+
 Usage and `finish_reason` come from here, never from re-tokenizing text in the ingress. Stop
 strings are matched on the model side, so the text never runs past them. This module imports
 only pydantic-level code: the ingress and the engines both use it.
@@ -96,13 +100,15 @@ class TokenLogprob:
 class AnswerChunk:
     """A piece of the answer. `token_ids` is empty for engines without real token ids (the
     mock); `num_tokens` always counts the tokens this chunk covers; `logprobs` has one entry per
-    token when the request asked for them, else none."""
+    token when the request asked for them, else none. `index`: the choice it belongs to (set
+    by the ingress when one request has several; the model always sends 0)."""
 
     text: str
     num_tokens: int
     token_ids: tuple[int, ...] = ()
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    index: int = 0
 
 
 ModelItem = SlotAcquired | AnswerChunk
@@ -118,4 +124,5 @@ def merge_chunks(chunks: Sequence[AnswerChunk]) -> AnswerChunk:
         token_ids=tuple(t for c in chunks for t in c.token_ids),
         finish_reason=chunks[-1].finish_reason,
         logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        index=chunks[-1].index,
     )

@@ -241,3 +241,45 @@ async def test_a_schema_the_grammar_cannot_compile_fails_only_that_request(ask) 
     )
     assert isinstance(failed, EngineError) and "nonsense" in str(failed)
     assert good.num_tokens > 0 and good.finish_reason is not None
+
+
+# ------------------------------------------------- `n` choices (serve_app/choices.py), as run
+async def answer_choices(
+    engine: TransformersEngine,
+    formatter: TransformersPromptFormatter,
+    question: str,
+    n: int,
+    params: GenerationParams,
+    **fields,
+) -> list[AnswerChunk]:
+    """A request's `n` choices as the ingress runs them: n generations at once (one batch),
+    each with the seed derived for its index."""
+    from serve_app.model_contract import merge_chunks
+    from serve_app.openai_api.sampling import choice_requests
+
+    prompt = formatter.model_input([ChatMessage("user", question)])
+
+    async def whole(request: GenerationRequest) -> AnswerChunk:
+        return merge_chunks([chunk async for chunk in engine.stream(request)])
+
+    requests = choice_requests(GenerationRequest(prompt, params, **fields), n)
+    return list(await asyncio.gather(*(whole(r) for r in requests)))
+
+
+async def test_n_choices_are_reproducible_per_request_and_greedy_ones_equal(
+    engine: TransformersEngine, formatter: TransformersPromptFormatter
+) -> None:
+    question = "Tell me a fun fact about the sea."
+    sampled = GenerationParams(temperature=1.0, max_new_tokens=8)  # few steps: a cheap test
+    greedy_params = GenerationParams(temperature=0.0, max_new_tokens=8)
+    first, greedy = await asyncio.gather(  # one batch of 6 rows
+        answer_choices(engine, formatter, question, 3, sampled, seed=11, logprobs=1),
+        answer_choices(engine, formatter, question, 3, greedy_params),
+    )
+    again = await answer_choices(engine, formatter, question, 3, sampled, seed=11, logprobs=1)
+    assert [a.text for a in again] == [a.text for a in first]  # seed, seed+1, seed+2
+    assert len({a.text for a in first}) > 1  # each choice samples with its own seed
+    for answer in first:
+        assert len(answer.logprobs) == answer.num_tokens > 0
+        assert "".join(lp.token for lp in answer.logprobs) == answer.text
+    assert len({a.text for a in greedy}) == 1  # as vLLM: greedy choices are equal

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from serve_app.engines.features import ENGINE_FEATURES
 from serve_app.local_server import LocalServe
+from tests.support import wait_for
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
 
@@ -101,3 +102,56 @@ def test_litellm_completion_and_stream(service):
     assert answer.usage.completion_tokens == 3
     chunks = litellm.completion(**options, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "red green blue"
+
+
+def test_openai_sdk_n_choices_chat_and_completions_one_request_each(sdk, service):
+    """`n=3` (serve_app/choices.py): three choices by index, whole and streamed, chat and
+    completions; `usage` counts the prompt once and all three answers; each call is one
+    admitted request (one outcome), and every slot is free afterwards."""
+    import httpx
+
+    def totals() -> dict:
+        return httpx.get(f"{service.url}/outcomes").json()
+
+    single = sdk.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+    before = wait_for(lambda: (t := totals())["open"] == 0 and t)
+    whole = sdk.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, n=3, seed=1)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert {(c.message.content, c.finish_reason) for c in whole.choices} == {
+        ("red green blue", "length")
+    }
+    assert whole.usage.prompt_tokens == single.usage.prompt_tokens
+    assert whole.usage.completion_tokens == 9
+
+    options = {"stream": True, "stream_options": {"include_usage": True}}
+    stream = sdk.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, n=3, **options)
+    texts, reasons, usage = {}, {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert texts == dict.fromkeys(range(3), "red green")
+    assert reasons == dict.fromkeys(range(3), "length") and usage.completion_tokens == 6
+
+    text = sdk.completions.create(model=MODEL, prompt="red green", max_tokens=2, n=2, echo=True)
+    assert [(c.index, c.text) for c in text.choices] == [(0, "red greenred green"),
+                                                         (1, "red greenred green")]  # fmt: skip
+    assert text.usage.completion_tokens == 4
+    streamed: dict[int, str] = {}
+    for chunk in sdk.completions.create(model=MODEL, prompt="red", max_tokens=2, n=2, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {0: "red red", 1: "red red"}
+
+    after = wait_for(lambda: (t := totals())["open"] == 0 and t)
+    assert after["admitted"] == before["admitted"] + 4
+    assert after["outcomes"]["success"] == before["outcomes"]["success"] + 4
+    load = httpx.get(f"{service.url}/load").json()
+    assert load["fair_queue"]["in_flight"] == 0
+
+
+def test_n_above_max_choices_is_a_400_naming_n(sdk):
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.chat.completions.create(model=MODEL, messages=USER, n=9)  # over MAX_CHOICES (8)
+    assert info.value.param == "n"

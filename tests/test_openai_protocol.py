@@ -372,7 +372,7 @@ class FakeServer:
                 raise self.pending_errors.pop(0)
             chat = parse_chat_completion(request.content, served_model=MODEL)
             # The service's checks before admission, as it makes them (the mock's features).
-            check_choices(chat.sampling.n)
+            check_choices(chat.sampling.n, slots=1)  # a one-slot server
             check_engine(
                 "mock",
                 GenerationRequest("", GenerationParams(), **chat.sampling.generation_fields()),
@@ -527,8 +527,8 @@ def test_sdk_sends_what_we_parse(server):
 def test_sdk_raises_the_right_errors(server):
     sdk = client(server, max_retries=0)
     with pytest.raises(openai.BadRequestError) as info:
-        sdk.chat.completions.create(model=MODEL, messages=SAY, n=2)
-    assert (info.value.param, info.value.code) == ("n", "unsupported_parameter")
+        sdk.chat.completions.create(model=MODEL, messages=SAY, n=2)  # more than its slots
+    assert (info.value.param, info.value.code) == ("n", "invalid_value")
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(model=MODEL, messages=SAY, presence_penalty=0.5)
     assert (info.value.param, info.value.code) == ("presence_penalty", "unsupported_parameter")

@@ -315,3 +315,17 @@ def test_forced_calls_are_refused_for_an_engine_without_json_schema(monkeypatch)
     assert tool_constraint(forced, "mock").kind == "json_schema"
     auto = chat(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER])
     assert tool_constraint(auto, "mock") is None
+
+
+def test_a_forced_call_on_an_engine_without_json_schema_is_a_400_naming_tool_choice():
+    """One feature check for every field (sampling.check_engine), with `tool_choice` named."""
+    from serve_app.openai_api.tool_answers import tool_constraint
+    from serve_app.refusals import Refusal
+
+    forced = chat(messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
+                  tool_choice="required")  # fmt: skip
+    assert tool_constraint(forced, "mock").kind == "json_schema"
+    with pytest.raises(Refusal) as refused:
+        tool_constraint(forced, "bare")  # an engine that honours no feature
+    assert (refused.value.param, refused.value.code) == ("tool_choice", "unsupported_parameter")
+    assert "bare engine" in refused.value.message

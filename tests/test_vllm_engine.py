@@ -365,3 +365,26 @@ def test_a_dead_engine_fails_its_health_check(served) -> None:
     while (failure := loop.run(health())) is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert isinstance(failure, EngineError)
+
+
+def test_n_choices_are_reproducible_per_request_and_greedy_ones_equal(served, formatter) -> None:
+    """A request's `n` choices as the ingress runs them (serve_app/choices.py): n requests at
+    once, each with the seed derived for its index."""
+    from serve_app.model_contract import merge_chunks
+    from serve_app.openai_api.sampling import choice_requests
+
+    engine, loop = served
+    ids = prompt(formatter, "Tell me a fun fact about the sea.")
+
+    async def choices(request: GenerationRequest) -> list[AnswerChunk]:
+        runs = [collect(engine, r) for r in choice_requests(request, 3)]
+        return [merge_chunks(chunks) for chunks in await asyncio.gather(*runs)]
+
+    sampled = GenerationParams(temperature=1.0, max_new_tokens=12)
+    first = loop.run(choices(GenerationRequest(ids, sampled, seed=11, logprobs=1)))
+    again = loop.run(choices(GenerationRequest(ids, sampled, seed=11, logprobs=1)))
+    assert [a.text for a in again] == [a.text for a in first]
+    assert len({a.text for a in first}) > 1  # each choice samples with its own seed
+    assert all(len(a.logprobs) == a.num_tokens > 0 for a in first)
+    greedy = loop.run(choices(GenerationRequest(ids, GREEDY)))
+    assert len({a.text for a in greedy}) == 1

@@ -169,9 +169,37 @@ def new_id() -> str:
 
 
 def _choice(
-    text: str, logprobs: dict[str, Any] | None, finish_reason: str | None
+    text: str, logprobs: dict[str, Any] | None, finish_reason: str | None, index: int = 0
 ) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_choice(
+    *,
+    text: str,
+    finish_reason: str,
+    index: int = 0,
+    logprobs: Sequence[TokenLogprob] | None = None,
+    echoed: str = "",
+) -> dict[str, Any]:
+    """One choice of a whole `text_completion`: `echoed` (the prompt, with `echo`), then the
+    answer."""
+    encoded = None if logprobs is None else completion_logprobs(logprobs, len(echoed))
+    return _choice(echoed + text, encoded, finish_reason, index)
+
+
+def text_completion_of(
+    *, model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """A whole `text_completion` of `choices`; `usage` counts them all."""
+    return {
+        "id": new_id(),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def text_completion(
@@ -184,31 +212,39 @@ def text_completion(
     logprobs: Sequence[TokenLogprob] | None = None,
     echoed: str = "",
 ) -> dict[str, Any]:
-    """A whole `text_completion`: `echoed` (the prompt, with `echo`) then the answer."""
-    encoded = None if logprobs is None else completion_logprobs(logprobs, len(echoed))
-    return {
-        "id": new_id(),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [_choice(echoed + text, encoded, finish_reason)],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    """A whole `text_completion` of one choice."""
+    choice = completion_choice(
+        text=text, finish_reason=finish_reason, logprobs=logprobs, echoed=echoed
+    )
+    return text_completion_of(
+        model=model,
+        choices=[choice],
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
 
 
 class CompletionStreamEncoder:
     """The SSE text of one streamed `/v1/completions` answer (the interface of the chat
     `StreamEncoder`, so that the same admission encoder drives both): text chunks (the echoed
     prompt first, with `echo`), a final chunk with `finish_reason`, the usage chunk if asked
-    for, `data: [DONE]`."""
+    for, `data: [DONE]`. With `n` > 1, one encoder per choice (`for_choice`): the same id."""
 
-    def __init__(self, request: CompletionRequest, echoed: str = "") -> None:
+    def __init__(self, request: CompletionRequest, echoed: str = "", index: int = 0) -> None:
         self._request = request
         self._id = new_id()
         self._created = int(time.time())
+        self._index = index
+        self._echoed = echoed
         self._pending = echoed
         self._offset = 0
         self._with_logprobs = request.sampling.logprobs is not None
+
+    def for_choice(self, index: int) -> CompletionStreamEncoder:
+        """A fresh encoder of choice `index` in the same stream."""
+        other = CompletionStreamEncoder(self._request, self._echoed, index)
+        other._id, other._created = self._id, self._created
+        return other
 
     def _event(self, choices: list[dict[str, Any]], counts: dict[str, int], last: bool = False):
         chunk: dict[str, Any] = {
@@ -235,11 +271,22 @@ class CompletionStreamEncoder:
         text = prefix + text
         self._offset += len(text)
         counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        return self._event([_choice(text, encoded, None)], counts)
+        return self._event([_choice(text, encoded, None, self._index)], counts)
 
     def end(self, *, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> str:
         counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        events = [self.feed("", **counts), self._event([_choice("", None, finish_reason)], counts)]
+        return self.finish(finish_reason=finish_reason, **counts) + self.close(**counts)
+
+    def finish(self, *, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> str:
+        """What is left of this choice's text (the echo), then its `finish_reason` chunk."""
+        counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        last = self._event([_choice("", None, finish_reason, self._index)], counts)
+        return self.feed("", **counts) + last
+
+    def close(self, *, prompt_tokens: int, completion_tokens: int) -> str:
+        """The stream's end: the usage chunk if asked for, then `data: [DONE]`."""
+        counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        events = []
         if self._request.include_usage:
             events.append(self._event([], counts, last=True))
         events.append("data: [DONE]\n\n")

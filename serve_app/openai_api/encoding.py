@@ -6,11 +6,14 @@ With `logprobs` asked for, each text chunk carries its tokens' log probabilities
 
 A stream is: first chunk (role, and best also the first text), text chunks, a final chunk with
 an empty delta and `finish_reason`, the usage chunk if asked for, then `data: [DONE]`. Token
-counts and the finish reason are the engine's (serve_app/model_contract.py).
+counts and the finish reason are the engine's (serve_app/model_contract.py). With `n` choices,
+each choice has its own chunks (its `index`), interleaved as they are generated, and its own
+final chunk; the usage chunk (all choices' tokens) and `[DONE]` come once, after all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -43,6 +46,7 @@ class ChunkBuilder:
 
     model: str
     include_usage: bool = False
+    index: int = 0  # the choice (`n` > 1: one builder per choice, sharing id and created)
     id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -72,22 +76,65 @@ class ChunkBuilder:
         delta["content"] = content if content is not None or not first else ""
         encoded = None if logprobs is None else chat_logprobs(logprobs)
         return self._chunk(
-            [{"index": 0, "delta": delta, "logprobs": encoded, "finish_reason": None}]
+            [{"index": self.index, "delta": delta, "logprobs": encoded, "finish_reason": None}]
         )
 
     def tool_calls(self, calls: list[dict[str, Any]], *, first: bool = False) -> dict[str, Any]:
         """A chunk carrying whole tool calls (`delta.tool_calls`, each with its `index`)."""
         delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
         delta["tool_calls"] = calls
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+        choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._chunk([choice])
 
     def finish(self, reason: str) -> dict[str, Any]:
         """The last choice chunk: empty delta, `finish_reason` stop|length."""
-        return self._chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        choice = {"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason}
+        return self._chunk([choice])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The usage chunk (no choices), sent after `finish` when `include_usage`."""
         return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+
+
+def chat_choice(
+    *,
+    content: str,
+    finish_reason: str,
+    index: int = 0,
+    logprobs: Sequence[TokenLogprob] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One choice of a non-streamed `chat.completion` (with `logprobs`, if asked for, and the
+    `tool_calls` the model made)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message.update(content=content or None, tool_calls=tool_calls)
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": None if logprobs is None else chat_logprobs(logprobs),
+        "finish_reason": finish_reason,
+    }
+
+
+def chat_completion_of(
+    *,
+    model: str,
+    choices: list[dict[str, Any]],
+    prompt_tokens: int,
+    completion_tokens: int,
+    id: str | None = None,
+    created: int | None = None,
+) -> dict[str, Any]:
+    """A non-streamed `chat.completion` of `choices` (`chat_choice`s); `usage` counts them all."""
+    return {
+        "id": id or new_completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def chat_completion(
@@ -102,26 +149,18 @@ def chat_completion(
     logprobs: Sequence[TokenLogprob] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A non-streamed `chat.completion` with `usage` (and `logprobs`, if asked for, and the
-    `tool_calls` the model made)."""
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-    if tool_calls:
-        message.update(content=content or None, tool_calls=tool_calls)
-    return {
-        "id": id or new_completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()) if created is None else created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None if logprobs is None else chat_logprobs(logprobs),
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    """A non-streamed `chat.completion` of one choice, with `usage`."""
+    choice = chat_choice(
+        content=content, finish_reason=finish_reason, logprobs=logprobs, tool_calls=tool_calls
+    )
+    return chat_completion_of(
+        model=model,
+        choices=[choice],
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        id=id,
+        created=created,
+    )
 
 
 def model_list(served_model: str, created: int | None = None) -> dict[str, Any]:
@@ -155,16 +194,22 @@ class StreamEncoder:
 
     `feed(text, completion_tokens)` returns what to send now ("" when nothing: send nothing,
     it is no chunk); the first text goes out with `role: assistant`. `end(...)` returns the
-    rest: the `finish_reason` chunk, the usage chunk if asked for, `data: [DONE]`. With vLLM's
+    rest: `finish(...)`, the `finish_reason` chunk of this choice, then `close(...)`, the usage
+    chunk if asked for and `data: [DONE]` (once per stream, whatever `n`). With vLLM's
     continuous usage, each text chunk carries the usage so far.
     """
 
     def __init__(self, request: ChatCompletionRequest, builder: ChunkBuilder | None = None):
+        self._request = request
         self.builder = builder or ChunkBuilder(request.model, include_usage=request.include_usage)
         self.include_usage = request.include_usage
         self.continuous_usage = request.continuous_usage
         self.with_logprobs = request.sampling.logprobs is not None
         self._started = False
+
+    def for_choice(self, index: int) -> StreamEncoder:
+        """A fresh encoder of choice `index` in the same stream (same id and timestamp)."""
+        return StreamEncoder(self._request, dataclasses.replace(self.builder, index=index))
 
     def feed(
         self,
@@ -191,11 +236,20 @@ class StreamEncoder:
         return sse_event(chunk)
 
     def end(self, *, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> str:
+        counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        return self.finish(finish_reason=finish_reason, **counts) + self.close(**counts)
+
+    def finish(self, *, prompt_tokens: int, completion_tokens: int, finish_reason: str) -> str:
+        """This choice's last chunk (after the role chunk, if nothing went out before)."""
         finish = self.builder.finish(finish_reason)
         if self.continuous_usage:
             finish["usage"] = usage(prompt_tokens, completion_tokens)
         counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-        events = [self.feed("", **counts) if not self._started else "", sse_event(finish)]
+        return (self.feed("", **counts) if not self._started else "") + sse_event(finish)
+
+    def close(self, *, prompt_tokens: int, completion_tokens: int) -> str:
+        """The stream's end: the usage chunk if asked for, then `data: [DONE]`."""
+        events = []
         if self.include_usage:
             events.append(sse_event(self.builder.usage(prompt_tokens, completion_tokens)))
         events.append(SSE_DONE)

@@ -24,16 +24,12 @@ another model).
   means "off", like our 0). vLLM's `stream_options.continuous_usage_stats` is honoured.
 * `stream_options` is accepted without `stream: true` and then ignored (OpenAI answers 400
   there; being lenient cannot change the answer and spares clients that always send it).
-* Text parts of an array `content` are joined with "\\n" (as vLLM does); other part types
-  (images, audio, files) are refused naming `messages[i].content[j].type`. `developer`
-  messages are system messages; `function` messages are refused. `tools`, `tool_choice`,
-  assistant `tool_calls` and `tool` messages are read by tools.py and rendered into the prompt
-  as text by tool_calls.py.
+* `messages` are parsed by messages.py; `tools` and `tool_choice` by tools.py. The body's key
+  helpers (unknown and neutral-only fields) are body.py's.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -41,20 +37,26 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from serve_app.config import GenerationParams
-from serve_app.openai_api.sampling import Sampling, parse_sampling
-from serve_app.openai_api.tool_calls import render_assistant_calls, render_tool_result
-from serve_app.openai_api.tools import (
-    Tool,
-    ToolChoice,
-    parse_message_tool_calls,
-    parse_tool_choice,
-    parse_tools,
-)
-from serve_app.refusals import invalid_request, model_not_found, unsupported_parameter
-from serve_app.validation import MAX_JSON_DEPTH, json_depth_exceeds, whole_number
 
-MAX_MESSAGES = 2048
-MAX_CONTENT_CHARS = 1_000_000  # all messages together; the context check comes later
+# The body's key helpers and the message limits are also the Responses parser's (and the
+# completions parser's): they are imported from here.
+from serve_app.openai_api.body import (  # noqa: F401 - re-exported
+    _check_keys,
+    _ignored_keys,
+    _load_body,
+    _strict_bool,
+)
+from serve_app.openai_api.messages import (  # noqa: F401 - re-exported
+    MAX_CONTENT_CHARS,
+    MAX_MESSAGES,
+    ROLES,
+    _parse_messages,
+)
+from serve_app.openai_api.sampling import Sampling, parse_sampling
+from serve_app.openai_api.tools import Tool, ToolChoice, parse_tool_choice, parse_tools
+from serve_app.refusals import invalid_request, model_not_found
+from serve_app.validation import whole_number
+
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 512
 MAX_USER_CHARS = 512
@@ -101,16 +103,6 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "allowed_token_ids": (),
 }
 _STREAM_OPTIONS = {"include_usage", "continuous_usage_stats", "include_obfuscation"}
-_MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tool_calls": ([],),
-    "function_call": (),
-    "audio": (),
-    "refusal": (),
-    "annotations": ([],),
-    "name": (),  # a participant's name would change the prompt; it is not rendered
-    "tool_call_id": (),
-}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _STRICT = ConfigDict(strict=True)
 
 
@@ -151,71 +143,6 @@ class ChatCompletionRequest:
         return {**defaults, **self.params}
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _load_body(body: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(body, Mapping):
-        return dict(body)
-    try:
-        data = json.loads(body or b"", parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise invalid_request(f"the body is not valid JSON ({exc})", code="invalid_json") from None
-    except RecursionError:
-        data = None  # deeper than Python's parser goes: refused just below
-    if data is None or json_depth_exceeds(data, MAX_JSON_DEPTH):
-        raise invalid_request(
-            f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
-        )
-    if not isinstance(data, dict):
-        raise invalid_request("the body must be a JSON object", code="invalid_json")
-    return data
-
-
-def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
-    if value is None:
-        return True
-    # bool is an int: `n: true` must not pass as `n: 1`, nor `logprobs: 0` as `false`.
-    return any(type(value) is type(n) and value == n for n in neutral) or (
-        isinstance(value, float) and any(type(n) is int and value == n for n in neutral)
-    )
-
-
-def _check_keys(
-    data: Mapping[str, Any],
-    supported: set[str],
-    harmless: set[str],
-    neutral: Mapping[str, tuple[Any, ...]],
-    prefix: str = "",
-) -> None:
-    """The strict check (the Responses API's): an unknown field is a 400 `unknown_parameter`."""
-    for key in _ignored_keys(data, supported | harmless, neutral, prefix):
-        raise invalid_request(
-            f"Unrecognized request argument supplied: {key}", key, "unknown_parameter"
-        )
-
-
-def _ignored_keys(
-    data: Mapping[str, Any],
-    known: set[str],
-    neutral: Mapping[str, tuple[Any, ...]] | None = None,
-    prefix: str = "",
-) -> list[str]:
-    """Refuse a `neutral`-only field with another value; return the unknown fields' names."""
-    ignored = []
-    for key, value in data.items():
-        if key in known:
-            continue
-        name = f"{prefix}{key}"
-        if neutral is not None and key in neutral:
-            if not _is_neutral(value, neutral[key]):
-                raise unsupported_parameter(name)
-            continue
-        ignored.append(name)
-    return ignored
-
-
 def _validate_param(name: str, param: str, value: Any) -> Any:
     try:
         return _PARAM_ADAPTERS[name].validate_python(whole_number(value))
@@ -223,91 +150,6 @@ def _validate_param(name: str, param: str, value: Any) -> Any:
         raise invalid_request(
             f"'{param}': {exc.errors()[0]['msg']} (got {value!r})", param
         ) from None
-
-
-def _strict_bool(data: Mapping[str, Any], key: str, param: str) -> bool:
-    value = data.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid_request(f"'{param}' must be a boolean", param, "invalid_type")
-    return value
-
-
-def _parse_content(content: Any, where: str, ignored: list[str]) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not isinstance(part, dict):
-                raise invalid_request(
-                    f"'{where}[{j}]' must be an object", f"{where}[{j}]", "invalid_type"
-                )
-            kind = part.get("type")
-            if kind != "text":
-                raise unsupported_parameter(
-                    f"{where}[{j}].type", f"is {kind!r}; only 'text' content parts are supported"
-                )
-            ignored += _ignored_keys(part, {"type", "text"}, prefix=f"{where}[{j}].")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise invalid_request(
-                    f"'{where}[{j}].text' must be a string", f"{where}[{j}].text", "invalid_type"
-                )
-            texts.append(text)
-        return "\n".join(texts)
-    raise invalid_request(
-        f"'{where}' must be a string or an array of text parts", where, "invalid_type"
-    )
-
-
-def _parse_messages(raw: Any, ignored: list[str]) -> list[dict[str, str]]:
-    """The conversation; unknown keys of messages and parts are added to `ignored`."""
-    if raw is None:
-        raise invalid_request("'messages' is required", "messages", "missing_required_parameter")
-    if not isinstance(raw, list) or not raw:
-        raise invalid_request("'messages' must be a non-empty array", "messages", "invalid_type")
-    if len(raw) > MAX_MESSAGES:
-        raise invalid_request(f"'messages' has more than {MAX_MESSAGES} entries", "messages")
-    messages, total = [], 0
-    for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise invalid_request(f"'{where}' must be an object", where, "invalid_type")
-        role = message.get("role")
-        if role == "tool":  # a tool's result, rendered as text (tool_calls.py)
-            own = {"role", "content", "tool_call_id"}
-            ignored += _ignored_keys(message, own, _MESSAGE_NEUTRAL, f"{where}.")
-            content = message.get("content")
-            text = "" if content is None else _parse_content(content, f"{where}.content", ignored)
-            total += len(text)
-            messages.append(render_tool_result(text))
-            continue
-        if not isinstance(role, str) or role not in ROLES:
-            if role == "function":
-                raise unsupported_parameter(
-                    f"{where}.role", "is 'function' (deprecated); send 'tool' messages"
-                )
-            raise invalid_request(f"'{where}.role' must be one of {sorted(ROLES)}", f"{where}.role")
-        own = {"role", "content", "tool_calls"} if role == "assistant" else {"role", "content"}
-        ignored += _ignored_keys(message, own, _MESSAGE_NEUTRAL, f"{where}.")
-        content = message.get("content")
-        if content is None and role != "assistant":
-            raise invalid_request(
-                f"'{where}.content' is required", f"{where}.content", "missing_required_parameter"
-            )
-        text = "" if content is None else _parse_content(content, f"{where}.content", ignored)
-        if role == "assistant" and message.get("tool_calls"):
-            calls = parse_message_tool_calls(message["tool_calls"], f"{where}.tool_calls")
-            text = render_assistant_calls(text, calls)
-        total += len(text)
-        if total > MAX_CONTENT_CHARS:
-            raise invalid_request(
-                f"the messages are longer than {MAX_CONTENT_CHARS} characters", "messages"
-            )
-        messages.append({"role": ROLES[role], "content": text})
-    return messages
 
 
 def parse_stop(raw: Any) -> tuple[str, ...]:

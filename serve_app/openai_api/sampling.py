@@ -9,6 +9,7 @@ Whether the engine honours a field is not decided here: the service asks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -65,6 +66,15 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     if seed is None:
         return None
     return (seed + index + 2**63) % 2**64 - 2**63
+
+
+def choice_requests(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The generations of a request's `n` choices: the same but for the seed (`choice_seed`),
+    so that a seeded request is reproducible choice by choice. Greedy decoding gives n equal
+    answers, as vLLM's server does."""
+    if n == 1:
+        return [request]
+    return [dataclasses.replace(request, seed=choice_seed(request.seed, i)) for i in range(n)]
 
 
 def strict_int(data: Mapping[str, Any], key: str, low: int, high: int, default: int) -> int:
@@ -243,16 +253,18 @@ _FEATURE_FIELDS = {
 }
 
 
-def check_engine(engine: str, request: GenerationRequest) -> None:
+def check_engine(engine: str, request: GenerationRequest, param: str | None = None) -> None:
     """A 400 naming the engine and the field when `engine` cannot honour what `request` asks
-    (before it takes a slot: no field is silently ignored)."""
+    (before it takes a slot: no field is silently ignored). `param`: the field that asked, where
+    it is not the feature's own (a forced tool call's constraint is `tool_choice`'s)."""
     missing = unsupported_features(engine, request)
     if not missing:
         return
     feature = missing[0]
-    param = _FEATURE_FIELDS[feature]
-    if feature == "penalties" and not request.presence_penalty:
-        param = "frequency_penalty"
+    if param is None:
+        param = _FEATURE_FIELDS[feature]
+        if feature == "penalties" and not request.presence_penalty:
+            param = "frequency_penalty"
     raise unsupported_parameter(
         param, f"({feature}) is not supported by the {engine} engine this server runs"
     )

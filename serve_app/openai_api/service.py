@@ -32,17 +32,19 @@ from serve_app.openai_api import ignored
 from serve_app.openai_api.completions import (
     CompletionRequest,
     CompletionStreamEncoder,
+    completion_choice,
     parse_completion,
-    text_completion,
+    text_completion_of,
 )
 from serve_app.openai_api.encoding import (
     SSE_HEADERS,
     SSE_MEDIA_TYPE,
     StreamEncoder,
-    chat_completion,
+    chat_choice,
+    chat_completion_of,
 )
 from serve_app.openai_api.protocol import ChatCompletionRequest, parse_chat_completion
-from serve_app.openai_api.sampling import check_engine
+from serve_app.openai_api.sampling import check_engine, choice_requests
 from serve_app.openai_api.tool_answers import (
     ToolStreamEncoder,
     answer_with_calls,
@@ -53,6 +55,10 @@ from serve_app.openai_api.tool_answers import (
 from serve_app.outcomes import is_client_disconnect
 from serve_app.refusals import Refusal, invalid_request, server_error, unsupported_parameter
 from serve_app.validation import OPENAI_REQUEST_ID_HEADER, REQUEST_ID_HEADER
+
+ChoiceEncoder = StreamEncoder | ToolStreamEncoder | CompletionStreamEncoder
+# A whole answer's body from its choices' answers (by index) and the exchange's usage.
+WholeAnswer = Callable[[list[AnswerChunk], Exchange], dict]
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MOCK_MODEL_NAME = "mock"
@@ -72,30 +78,46 @@ def id_headers(request_id: str) -> dict[str, str]:
 
 
 class SSEAnswer:
-    """The admission's encoder for a streamed answer: SSE chunks, then the ending."""
+    """The admission's encoder for a streamed answer: SSE chunks, then the ending. With `n`
+    choices, one choice encoder each (`for_choice`): a choice's finish chunk goes out with its
+    last chunk, the usage chunk and `[DONE]` once all are over."""
 
-    def __init__(self, encoder: StreamEncoder | ToolStreamEncoder) -> None:
-        self._encoder = encoder
+    def __init__(self, encoder: ChoiceEncoder, n: int = 1) -> None:
+        self._encoders = [encoder] if n == 1 else [encoder.for_choice(i) for i in range(n)]
+        self._finished: set[int] = set()
 
     def chunk(self, exchange: Exchange, chunk: AnswerChunk) -> str:
-        if not chunk.text and not chunk.logprobs:
-            return ""
-        return self._encoder.feed(
-            chunk.text,
-            prompt_tokens=exchange.prompt_tokens,
-            completion_tokens=exchange.completion_tokens,
-            logprobs=chunk.logprobs,
-        )
+        encoder = self._encoders[chunk.index]
+        counts = _counts(exchange)
+        piece = ""
+        if chunk.text or chunk.logprobs:
+            piece = encoder.feed(chunk.text, logprobs=chunk.logprobs, **counts)
+        if len(self._encoders) > 1 and chunk.finish_reason is not None:
+            self._finished.add(chunk.index)
+            piece += encoder.finish(finish_reason=chunk.finish_reason, **counts)
+        return piece
 
     def end(self, exchange: Exchange) -> str:
-        return self._encoder.end(
-            prompt_tokens=exchange.prompt_tokens,
-            completion_tokens=exchange.completion_tokens,
-            finish_reason=exchange.finish_reason or "stop",
-        )
+        counts = _counts(exchange)
+        if len(self._encoders) == 1:
+            reason = exchange.finish_reason or "stop"
+            return self._encoders[0].end(finish_reason=reason, **counts)
+        unfinished = [
+            encoder.finish(finish_reason="stop", **counts)
+            for index, encoder in enumerate(self._encoders)
+            if index not in self._finished
+        ]
+        return "".join(unfinished) + self._encoders[0].close(**counts)
 
     def error(self) -> str:
         return server_error().sse()  # an error event: the SDKs raise APIError on it
+
+
+def _counts(exchange: Exchange) -> dict[str, int]:
+    return {
+        "prompt_tokens": exchange.prompt_tokens,
+        "completion_tokens": exchange.completion_tokens,
+    }
 
 
 class OpenAIService:
@@ -144,16 +166,21 @@ class OpenAIService:
         except GenerationFailed as failed:  # the outcome (and the callback) are recorded
             return failure(failed.request_id)
 
-        def whole(answered: AnswerChunk, exchange: Exchange) -> dict:
+        def choice(answered: AnswerChunk) -> dict:
             content, tool_calls = answer_with_calls(chat, answered.text)
-            return chat_completion(
-                model=chat.model,
+            return chat_choice(
+                index=answered.index,
                 content=content,
                 tool_calls=tool_calls,
                 logprobs=answered.logprobs if chat.sampling.logprobs is not None else None,
-                finish_reason=finish_reason(exchange.finish_reason or "stop", tool_calls),
-                prompt_tokens=exchange.prompt_tokens,
-                completion_tokens=exchange.completion_tokens,
+                finish_reason=finish_reason(answered.finish_reason or "stop", tool_calls),
+            )
+
+        def whole(answers: list[AnswerChunk], exchange: Exchange) -> dict:
+            return chat_completion_of(
+                model=chat.model,
+                choices=[choice(answered) for answered in answers],
+                **_counts(exchange),
             )
 
         encoder = StreamEncoder(chat)
@@ -176,16 +203,18 @@ class OpenAIService:
         except GenerationFailed as failed:
             return failure(failed.request_id)
 
-        def whole(answered: AnswerChunk, exchange: Exchange) -> dict:
-            return text_completion(
-                model=text.model,
+        def choice(answered: AnswerChunk) -> dict:
+            return completion_choice(
+                index=answered.index,
                 text=answered.text,
                 echoed=echoed,
                 logprobs=answered.logprobs if text.sampling.logprobs is not None else None,
-                finish_reason=exchange.finish_reason or "stop",
-                prompt_tokens=exchange.prompt_tokens,
-                completion_tokens=exchange.completion_tokens,
+                finish_reason=answered.finish_reason or "stop",
             )
+
+        def whole(answers: list[AnswerChunk], exchange: Exchange) -> dict:
+            choices = [choice(answered) for answered in answers]
+            return text_completion_of(model=text.model, choices=choices, **_counts(exchange))
 
         encoder = CompletionStreamEncoder(text, echoed)
         return await self._answer(text, admitted, encoder, whole, "completions")
@@ -220,16 +249,19 @@ class OpenAIService:
             session=parsed.session_key,
             **fields,
         )
-        check_choices(parsed.sampling.n)
+        n = parsed.sampling.n
+        check_choices(n, self._config.max_ongoing_requests)
         check_engine(self._config.engine, generation)
-        return await self._admission.admit(request, caller, generation, callback)
+        return await self._admission.admit(
+            request, caller, choice_requests(generation, n), callback
+        )
 
     async def _answer(
         self,
         parsed: ChatCompletionRequest | CompletionRequest,
         admitted: tuple[Exchange, AnswerChunk | None],
-        encoder: StreamEncoder | CompletionStreamEncoder,
-        whole: Callable[[AnswerChunk, Exchange], dict],
+        encoder: ChoiceEncoder,
+        whole: WholeAnswer,
         route: str,
     ) -> Response:
         """The admitted request's answer: SSE events, or one JSON body once it is whole. A
@@ -237,17 +269,17 @@ class OpenAIService:
         exchange, first = admitted
         headers = {**id_headers(exchange.request_id), **ignored.report(parsed.ignored, route)}
         if parsed.stream:
-            events = self._admission.relay(exchange, first, SSEAnswer(encoder))
+            events = self._admission.relay(exchange, first, SSEAnswer(encoder, parsed.sampling.n))
             return self._admission.response(
                 exchange, events, media_type=SSE_MEDIA_TYPE, headers={**SSE_HEADERS, **headers}
             )
         try:
-            answered = await self._admission.collect_chunks(exchange, first)
+            answers = await self._admission.collect_choices(exchange, first, parsed.sampling.n)
         except Exception as exc:  # the outcome is recorded
             if is_client_disconnect(exc):
                 raise
             return failure(exchange.request_id)
-        body = json.dumps(whole(answered, exchange), ensure_ascii=False, separators=(",", ":"))
+        body = json.dumps(whole(answers, exchange), ensure_ascii=False, separators=(",", ":"))
         data = body.encode()
         return self._admission.response(
             exchange,
@@ -294,11 +326,15 @@ def plan_prompt(
     return prompt, echoed, params
 
 
-def check_choices(n: int) -> None:
-    """`n` > 1 needs one admitted request to run n model streams, which the admission does not
-    do yet: a 400 until it does, rather than one choice where n were asked for."""
-    if n > 1:
-        raise unsupported_parameter("n", f"is {n}; this server answers one choice per request")
+def check_choices(n: int, slots: int) -> None:
+    """`n` choices are n generations at once, each holding one of a replica's `slots`
+    (`max_ongoing_requests`; serve_app/choices.py): more than that could never run together."""
+    if n > slots:
+        raise invalid_request(
+            f"'n' is {n}, more than the {slots} generations this server runs at once "
+            "(max_ongoing_requests)",
+            "n",
+        )
 
 
 def failure(request_id: str) -> JSONResponse:

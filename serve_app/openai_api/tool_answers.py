@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.config import GenerationParams
-from serve_app.engines.features import unsupported_features
 from serve_app.model_contract import GenerationRequest, OutputConstraint
 from serve_app.openai_api.encoding import StreamEncoder
 from serve_app.openai_api.protocol import ChatCompletionRequest
+from serve_app.openai_api.sampling import check_engine
 from serve_app.openai_api.tool_calls import (
     ToolCallStream,
     delta_tool_calls,
@@ -21,7 +21,6 @@ from serve_app.openai_api.tool_calls import (
     with_tools_system,
 )
 from serve_app.openai_api.tools import forced_call_constraint
-from serve_app.refusals import unsupported_parameter
 
 
 def messages_with_tools(request: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -40,13 +39,11 @@ def tool_constraint(request: ChatCompletionRequest, engine: str) -> OutputConstr
 def engine_constraint(
     constraint: OutputConstraint | None, engine: str, param: str
 ) -> OutputConstraint | None:
-    """`constraint` if `engine` honours it, else a 400 naming `param` and the engine."""
-    probe = GenerationRequest(prompt="", params=GenerationParams(), constraint=constraint)
-    if constraint is not None and unsupported_features(engine, probe):
-        raise unsupported_parameter(
-            param,
-            f"needs decoding under {constraint.kind}, which the {engine} engine cannot do yet",
-        )
+    """`constraint` if `engine` honours it, else a 400 naming `param` and the engine (the
+    feature check of every sampling field, `sampling.check_engine`)."""
+    if constraint is not None:
+        alone = GenerationRequest(prompt="", params=GenerationParams(), constraint=constraint)
+        check_engine(engine, alone, param)
     return constraint
 
 
@@ -78,6 +75,10 @@ class ToolStreamEncoder:
         self._held = ""  # a forced call's text, parsed at the end
         self._sent_calls = 0
 
+    def for_choice(self, index: int) -> ToolStreamEncoder:
+        """A fresh encoder of choice `index` in the same stream."""
+        return ToolStreamEncoder(self._request, self._encoder.for_choice(index))
+
     def feed(self, text: str, **counts: int) -> str:
         if self._forced:
             self._held += text
@@ -93,6 +94,13 @@ class ToolStreamEncoder:
         return events
 
     def end(self, *, finish_reason: str, **counts: int) -> str:
+        return self.finish(finish_reason=finish_reason, **counts) + self.close(**counts)
+
+    def close(self, **counts: int) -> str:
+        return self._encoder.close(**counts)
+
+    def finish(self, *, finish_reason: str, **counts: int) -> str:
+        """The held text or call, then this choice's `finish_reason` chunk."""
         events = []
         if self._forced:
             call = parse_forced_call(self._held, self._request.tools)
@@ -105,5 +113,5 @@ class ToolStreamEncoder:
             if rest:
                 events.append(self._encoder.feed(rest, **counts))
         reason = "tool_calls" if self._sent_calls and finish_reason == "stop" else finish_reason
-        events.append(self._encoder.end(finish_reason=reason, **counts))
+        events.append(self._encoder.finish(finish_reason=reason, **counts))
         return "".join(events)

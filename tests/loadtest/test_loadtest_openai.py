@@ -42,3 +42,5 @@ def test_openai_users_accounting_is_exact(tmp_path: Path) -> None:
     assert "openai quit mid-stream" in done.stdout + done.stderr, output
     # The structured-output task ran; a wrong answer would be a violation in the report.
     assert "openai structured" in done.stdout + done.stderr, output
+    # The `n` choices task ran (one request, one outcome each; a missing choice is a violation).
+    assert "openai n choices" in done.stdout + done.stderr, output
