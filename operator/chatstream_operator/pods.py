@@ -24,6 +24,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from chatstream_defaults import ray_serve_env
+
 from .credentials import secret_env
 from .spec import merged
 
@@ -84,14 +86,18 @@ def container_security_context(s: Mapping[str, Any]) -> dict[str, Any]:
 
 def container_env(name: str, s: Mapping[str, Any], *, model: bool) -> list[dict[str, Any]]:
     """The service's Secret references (head only: the ingress replicas, which alone use them,
-    run there), then the Hugging Face token, then the spec's own env."""
+    run there), then the Hugging Face token, Ray Serve's mode, then the spec's own env."""
     env = [] if model else secret_env(name, s)
     token = s["model"].get("tokenSecretRef")
     if token:
         ref = {"name": token["name"], "key": token["key"]}
         env.append({"name": HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}})
-    env += [copy.deepcopy(dict(e)) for e in s.get("env") or []]
-    return env
+    own = [copy.deepcopy(dict(e)) for e in s.get("env") or []]
+    # Ray Serve's mode as `serve run` has it (chatstream_defaults.RAY_SERVE_ENV): every Ray
+    # process must see it, so it goes on both containers; the spec's own env may override it.
+    named = dict.fromkeys(e.get("name") for e in own)
+    env += [{"name": k, "value": v} for k, v in ray_serve_env(named).items()]
+    return env + own
 
 
 def model_cache_volume(s: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -87,10 +87,12 @@ def test_the_generated_secret_is_created_once_and_owned(run):
 def test_the_head_reads_secrets_from_the_generated_secret_and_the_workers_none(run):
     cluster = _rs(run, "create")["spec"]["rayClusterConfig"]
     (worker,) = cluster["workerGroupSpecs"]
-    assert worker["template"]["spec"]["containers"][0]["env"] == []
+    assert not [e for e in worker["template"]["spec"]["containers"][0]["env"] if "valueFrom" in e]
     for group in [cluster["headGroupSpec"]]:
         (container,) = group["template"]["spec"]["containers"]
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e
+        }
         assert refs["CHATSTREAM_SESSION_SECRET"] == {
             "name": f"{NAME}-chatstream",
             "key": "session-secret",

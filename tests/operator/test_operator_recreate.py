@@ -43,7 +43,8 @@ def test_an_existing_secret_is_left_alone(run):
     assert "ownerReferences" not in run.secret_after["metadata"]
     cluster = run.rayservice["spec"]["rayClusterConfig"]
     (container,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+    secret_env = [e for e in container["env"] if "valueFrom" in e]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in secret_env}
     assert refs["CHATSTREAM_SESSION_SECRET"] == f"{NAME}-chatstream"
 
 

@@ -25,6 +25,7 @@ from chatstream_operator.render import render_rayservice
 from chatstream_operator.spec import image_allowed, image_repository, validate
 from crd_schema import KUBERAY_CRD_PATH, errors, load_crd, validator_for
 
+from chatstream_defaults import RAY_SERVE_ENV
 from serve_app import config as serve_config
 
 KUBERNETES_VERSION = "1.33.0"
@@ -50,6 +51,10 @@ REDIS_SPEC = {
 @pytest.fixture(scope="module")
 def kuberay():
     return validator_for(load_crd(KUBERAY_CRD_PATH), "v1")
+
+
+# Ray Serve's mode, which `serve run` also gets (chatstream_defaults.RAY_SERVE_ENV): literals.
+SERVE_MODE = [{"name": k, "value": v} for k, v in RAY_SERVE_ENV.items()]
 
 
 def _containers(rayservice: dict) -> list[dict]:
@@ -88,19 +93,32 @@ def test_referenced_secrets_reach_the_head_only_as_secret_key_refs(kuberay):
     ]  # fmt: skip
     containers = _containers(rs)
     head, worker = containers
-    assert head["env"] == expected
-    assert worker["env"] == []
-    # Nothing is written as a literal anywhere: no env `value`, no URL in the Serve config.
-    assert not any("value" in e for c in containers for e in c["env"])
+    assert head["env"] == expected + SERVE_MODE
+    assert worker["env"] == SERVE_MODE
+    # No secret is written as a literal anywhere: no env `value` but Ray Serve's mode, no URL in
+    # the Serve config.
+    assert not any("value" in e for c in containers for e in c["env"] if e not in SERVE_MODE)
     (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
     assert app["args"]["session_store"] == "redis"
     assert "redis://" not in json.dumps(rs) and "session_secret" not in app["args"]
 
 
+def test_ray_serve_mode_reaches_every_ray_container_and_the_spec_env_overrides_it():
+    rs = render_rayservice("chat", {"engine": "mock"})
+    assert all(c["env"][-len(SERVE_MODE) :] == SERVE_MODE for c in _containers(rs))
+    off = {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "0"}
+    rs = render_rayservice("chat", {"engine": "mock", "env": [off]})
+    for container in _containers(rs):
+        mode = [e for e in container["env"] if e["name"] == off["name"]]
+        assert mode == [off]
+
+
 def test_without_references_the_generated_secret_is_used():
     rs = render_rayservice("chat", {"engine": "mock"})
     for container in _containers(rs)[:1]:  # the head
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        secret_env = container["env"][: -len(SERVE_MODE)]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in secret_env}
+        assert container["env"][-len(SERVE_MODE) :] == SERVE_MODE
         assert refs == {
             "CHATSTREAM_SESSION_SECRET": {"name": "chat-chatstream", "key": "session-secret"},
             "CHATSTREAM_ADMIN_TOKEN": {"name": "chat-chatstream", "key": "admin-token"},
