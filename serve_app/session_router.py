@@ -32,16 +32,20 @@ from ray.serve.request_router import (
 # with cloudpickle, by value, so a global of this module would be a copy per router.
 from serve_app import metrics
 
-# When a turn leaves its replica (benchmarks/bench_saturation.py measures both on the default
-# engine, one replica per core). Waiting costs the affine turn about one decode step per request
-# queued there per prefill chunk of its new tokens; going elsewhere costs a prefill of the whole
-# history, and there every chunk of it waits for a step of that replica's batch. So it leaves
-# when its replica's queue is at least SATURATION_QUEUE_LEN plus FALLBACK_COST_RATIO times the
-# least loaded other replica's: the first is where the affine TTFT passes a full prefill on an
-# idle replica, the second the ratio of the two TTFT slopes per queued request (about the
-# history's chunks over the new tokens'). PLACEHOLDER_MEASURED
-SATURATION_QUEUE_LEN = 16
-FALLBACK_COST_RATIO = 4.0
+# When a turn leaves its replica for the least loaded other one: when its replica's queue is at
+# least SATURATION_QUEUE_LEN plus FALLBACK_COST_RATIO times the other's. Waiting costs the turn
+# about a decode step per prefill chunk of its new tokens, and a step grows with the requests
+# queued; going elsewhere costs a prefill of the whole history, each chunk of which also waits
+# for a step there. Measured by benchmarks/bench_saturation.py (default engine, bfloat16, one
+# torch thread per replica as 2 replicas on 2 cores; a ~1,200-token history, 185 new tokens):
+# TTFT 0.73 s affine on an idle replica, +46 ms per queued request; a full prefill 4.6 s idle,
+# +235 ms per request queued there. So the first bound is where 0.73 s + 46 ms x q passes
+# 4.6 s (q = 85) and the ratio is 235 / 46. Both exceed what the default 32 slots
+# (max_ongoing_requests) ever reach: with them a turn leaves only a full replica, which Serve
+# itself passes over. They matter for replicas with more slots; re-measure there (the router's
+# `saturation_queue_len` and `fallback_cost_ratio` kwargs).
+SATURATION_QUEUE_LEN = 85
+FALLBACK_COST_RATIO = 5.2
 # How long a replica that left still counts as the one a session had (to report its sessions'
 # moves as fallbacks of reason `replica_gone` rather than as affine choices).
 REMEMBER_GONE_S = 600.0
