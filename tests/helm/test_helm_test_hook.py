@@ -103,15 +103,8 @@ def run_test_pod(render, tmp_path):
         base = url.rsplit("/", 1)[0]
         return subprocess.run(
             container["command"],
-            env={
-                **env,
-                "URL": url,
-                "ADMIN_URL": base,
-                "ADMIN_TOKEN": TOKEN,
-                "TMPDIR": str(tmp_path),
-                "PATH": os.environ["PATH"],
-                **extra,
-            },  # fmt: skip
+            env={**env, "URL": url, "ADMIN_URL": base, "ADMIN_TOKEN": TOKEN,
+                 "TMPDIR": str(tmp_path), "PATH": os.environ["PATH"], **extra},  # fmt: skip
             capture_output=True,
             text=True,
             timeout=60,

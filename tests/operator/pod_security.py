@@ -54,10 +54,8 @@ def violations(pod: Mapping[str, Any]) -> list[str]:
     contexts += [(c.get("name"), c.get("securityContext") or {}) for c in containers]
     for who, sc in contexts:
         selinux = sc.get("seLinuxOptions") or {}
-        if (
-            selinux.get("type", "") not in SELINUX_TYPES
-            or selinux.get("user")
-            or selinux.get("role")
+        if selinux.get("type", "") not in SELINUX_TYPES or selinux.get("user") or selinux.get(
+            "role"
         ):
             found.append(f"SELinux options of {who}")
         apparmor = (sc.get("appArmorProfile") or {}).get("type")

@@ -107,9 +107,8 @@ def test_the_network_policy_is_created_owned_and_valid(run):
 
 
 def test_an_opened_network_policy_is_closed_again(run):
-    assert (
-        run.snapshots["policy-drift"]["networkpolicy"]["spec"]
-        == (render_network_policy(NAME)["spec"])
+    assert run.snapshots["policy-drift"]["networkpolicy"]["spec"] == (
+        render_network_policy(NAME)["spec"]
     )
 
 

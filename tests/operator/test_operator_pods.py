@@ -251,9 +251,8 @@ def test_the_pods_and_the_disruption_budget_are_valid_kubernetes(version):
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": kind}, "spec": pod_spec}
         kubernetes_validate.validate(pod, version, strict=True)
     budget = render_disruption_budget("chat")
-    kubernetes_validate.validate(
-        {**budget, "metadata": {**budget["metadata"], "namespace": "ns"}}, version, strict=True
-    )
+    kubernetes_validate.validate({**budget, "metadata": {**budget["metadata"],
+                                                         "namespace": "ns"}}, version, strict=True)
 
 
 def test_the_gpu_walk_through_is_the_example_and_renders_restricted_pods():

@@ -150,9 +150,9 @@ def test_gcs_fault_tolerance_is_rendered_for_kuberay(kuberay):
         "redisAddress": "redis:6379"
     }
     assert errors(kuberay, minimal) == []
-    assert (
-        "gcsFaultToleranceOptions" not in render_rayservice("chat", {})["spec"]["rayClusterConfig"]
-    )
+    assert "gcsFaultToleranceOptions" not in render_rayservice("chat", {})["spec"][
+        "rayClusterConfig"
+    ]
 
 
 def test_the_network_policy_is_valid_and_opens_only_serve_to_everyone():
