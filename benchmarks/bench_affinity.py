@@ -5,15 +5,27 @@ a user runs, LocalServe), warms it up, then runs `--sessions` conversations at o
 `/v1/chat/completions` (streamed, greedy, `prompt_cache_key` = the conversation), each
 `--turns` turns of ~`--user-tokens`-token user messages and `--answer-tokens`-token answers;
 every turn re-sends the whole history, as a chat client does. Prints TTFT p50/p95 per turn
-number and the aggregate completion tokens/s of each run, as a Markdown table.
+number and the aggregate completion tokens/s of each run, as a Markdown table, then the
+issue's targets (last turn p50 <= 1.3 x turn 1; tok/s with affinity not below without).
+
+The headline table, on a quiet machine (each server runs alone, one after the other):
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_affinity.py --turns 6
+    PYTHONPATH=$PWD /path/to/vllm-venv/bin/python benchmarks/bench_affinity.py --turns 6 \
+        --engine vllm
+
+`--engine vllm` needs an interpreter with vLLM (`bash scripts/setup.sh --vllm`); there the
+reuse is vLLM's automatic prefix caching, always on, so its modes are `on,off` (no `none`).
+If two vLLM replicas do not fit, `--off-replicas` gives the control rows their own count
+(e.g. `--replicas 1 --off-replicas 2`: one replica with affinity against two without);
+`--server-arg key=value` passes any other setting (e.g. `cpu_kv_cache_gib=1`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import random
 import statistics
@@ -157,7 +169,7 @@ async def run(url: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
@@ -165,39 +177,87 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=48)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
+        "--off-replicas", type=int, default=0, help="replicas of the off/none rows (0: --replicas)"
+    )
+    parser.add_argument(
         "--modes",
         default="on,off",
         help="on: session affinity; off: Serve's router (a turn reuses its prefix only when it "
         "lands on the replica that keeps it); none: off and no prefix cache (every turn "
-        "prefills its whole history)",
+        "prefills its whole history; transformers engine only)",
     )
     parser.add_argument("--engine", default="transformers")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another `serve run` setting (a ChatStreamConfig field), repeatable",
+    )
     args = parser.parse_args()
+    if args.engine == "vllm":
+        if "none" in args.modes.split(","):
+            parser.error("engine=vllm always reuses prefixes (vLLM's automatic prefix caching)")
+        if importlib.util.find_spec("vllm") is None:
+            parser.error(
+                "engine=vllm: this Python has no vLLM; run the script with the interpreter of "
+                "a venv that has it (bash scripts/setup.sh --vllm)"
+            )
+    if any("=" not in item for item in args.server_arg):
+        parser.error("--server-arg takes KEY=VALUE")
+    return args
 
+
+def server_args(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    replicas = args.replicas if mode == "on" else (args.off_replicas or args.replicas)
+    settings: dict[str, Any] = {
+        "engine": args.engine,
+        "num_replicas": replicas,
+        "session_affinity": mode == "on",
+    }
+    if mode == "none":
+        settings["prefix_cache_mb"] = 0
+    return settings | dict(item.split("=", 1) for item in args.server_arg)
+
+
+def main() -> None:
+    args = parse_args()
     rows = {}
     for mode in args.modes.split(","):
-        server_args = {
-            "engine": args.engine,
-            "num_replicas": args.replicas,
-            "session_affinity": mode == "on",
-        }
-        if mode == "none":
-            server_args["prefix_cache_mb"] = 0
-        with LocalServe(server_args, startup_timeout_s=900) as server:
+        settings = server_args(args, mode)
+        with LocalServe(settings, startup_timeout_s=900) as server:
             rows[mode] = asyncio.run(run(server.url, args, tag=f"{mode}-{time.time_ns()}"))
+        rows[mode]["replicas"] = settings["num_replicas"]
         print(mode, json.dumps(rows[mode]), flush=True)
 
     turns = range(1, args.turns + 1)
-    print("\n| affinity | " + " | ".join(f"turn {t} p50 / p95 (s)" for t in turns) + " | tok/s |")
-    print("|---" * (args.turns + 2) + "|")
+    print(f"\nengine={args.engine}, {args.sessions} sessions x {args.turns} turns")
+    print(
+        "\n| affinity | replicas | "
+        + " | ".join(f"turn {t} p50 / p95 (s)" for t in turns)
+        + " | tok/s |"
+    )
+    print("|---" * (args.turns + 3) + "|")
     for mode, row in rows.items():
         cells = " | ".join(
             f"{a:.2f} / {b:.2f}" for a, b in zip(row["p50"], row["p95"], strict=True)
         )
-        print(f"| {mode} | {cells} | {row['tok_s']:.1f} |")
+        print(f"| {mode} | {row['replicas']} | {cells} | {row['tok_s']:.1f} |")
     for mode, row in rows.items():
         ratio = row["p50"][-1] / row["p50"][0]
         print(f"{mode}: last-turn p50 / turn-1 p50 = {ratio:.2f}; routing {row['routing']}")
+    if "on" in rows:
+        on = rows["on"]
+        ratio = on["p50"][-1] / on["p50"][0]
+        verdict = "met" if ratio <= 1.3 else "missed"
+        print(f"target last turn <= 1.3 x turn 1 (on): {ratio:.2f} x, {verdict}")
+        for mode in ("off", "none"):
+            if mode in rows:
+                met = on["tok_s"] >= rows[mode]["tok_s"]
+                print(
+                    f"target tok/s on >= {mode}: {on['tok_s']:.1f} vs {rows[mode]['tok_s']:.1f}, "
+                    + ("met" if met else "missed")
+                )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ one, where its KV prefix is kept (engines/prefix_cache.py), so a turn prefills o
 The replica is derived from the key alone, by rendezvous hashing over the live replicas: every
 ingress replica, and an ingress that restarted, picks the same one with nothing stored. When a
 replica goes (scale-down, drain, crash) only its own sessions move, each to its next choice in
-the same hash order, so they again agree across ingresses. When the chosen replica's queue
-reaches `saturation_queue_len` the request goes to the least loaded replica instead (Serve probes
-the others' queues and takes the shortest); a fallback only costs a full prefill, never an error.
+the same hash order, so they again agree across ingresses. When the chosen replica is so busy
+that the turn would get its first token sooner prefilling its whole history on the least loaded
+other replica (`saturated`, measured bounds), it goes there instead (Serve probes the others'
+queues and takes the shortest); a fallback only costs a full prefill, never an error.
 
 `route` is the pure decision; `SessionAffinityRouter` is the thin adapter to Serve 2.60's
 request-router API (`request_router_config` on the model deployment, builder.py).
@@ -31,12 +32,20 @@ from ray.serve.request_router import (
 # with cloudpickle, by value, so a global of this module would be a copy per router.
 from serve_app import metrics
 
-# Ongoing requests of its replica from which a session's turn goes to the least loaded replica.
-# Half the default slots (max_ongoing_requests 32): below it a batch still has room, and a
-# turn that stays keeps its prefix. NOT yet measured (the benchmark's 8 sessions over 2
-# replicas never reach it): the crossover to measure is a full prefill of the history on an
-# idle replica against a reused prefix on a busy one. Routers take it as `saturation_queue_len`.
-SATURATION_QUEUE_LEN = 16
+# When a turn leaves its replica for the least loaded other one: when its replica's queue is at
+# least SATURATION_QUEUE_LEN plus FALLBACK_COST_RATIO times the other's. Waiting costs the turn
+# about a decode step per prefill chunk of its new tokens, and a step grows with the requests
+# queued; going elsewhere costs a prefill of the whole history, each chunk of which also waits
+# for a step there. Measured by benchmarks/bench_saturation.py (default engine, bfloat16, one
+# torch thread per replica as 2 replicas on 2 cores; a ~1,200-token history, 185 new tokens):
+# TTFT 0.73 s affine on an idle replica, +46 ms per queued request; a full prefill 4.6 s idle,
+# +235 ms per request queued there. So the first bound is where 0.73 s + 46 ms x q passes
+# 4.6 s (q = 85) and the ratio is 235 / 46. Both exceed what the default 32 slots
+# (max_ongoing_requests) ever reach: with them a turn leaves only a full replica, which Serve
+# itself passes over. They matter for replicas with more slots; re-measure there (the router's
+# `saturation_queue_len` and `fallback_cost_ratio` kwargs).
+SATURATION_QUEUE_LEN = 85
+FALLBACK_COST_RATIO = 5.2
 # How long a replica that left still counts as the one a session had (to report its sessions'
 # moves as fallbacks of reason `replica_gone` rather than as affine choices).
 REMEMBER_GONE_S = 600.0
@@ -61,11 +70,27 @@ def hash_order(key: str, replicas: list[str]) -> list[str]:
     return sorted(replicas, key=lambda r: score(key, r), reverse=True)
 
 
+def saturated(
+    queue: int | None,
+    others: list[int | None],
+    saturation_queue_len: int = SATURATION_QUEUE_LEN,
+    fallback_cost_ratio: float = FALLBACK_COST_RATIO,
+) -> bool:
+    """Whether a turn waits longer on its replica (`queue` requests there) than it would take
+    to prefill its history on the least loaded of the `others` (an unknown queue counts as
+    idle, as Serve probes a replica before it sends a request there)."""
+    if queue is None or not others:
+        return False
+    lightest = min(0 if q is None else q for q in others)
+    return queue >= saturation_queue_len + fallback_cost_ratio * lightest
+
+
 def route(
     key: str | None,
     live: dict[str, int | None],
     gone: set[str] = frozenset(),
     saturation_queue_len: int = SATURATION_QUEUE_LEN,
+    fallback_cost_ratio: float = FALLBACK_COST_RATIO,
 ) -> Route:
     """Where a request of session `key` goes, given the live replicas' queue lengths (None:
     unknown) and the replicas that left recently (`gone`)."""
@@ -79,8 +104,8 @@ def route(
     reason = ""
     if gone and hash_order(key, [preferred, *gone])[0] != preferred:
         reason = "replica_gone"  # its own replica left; `preferred` is its stable next choice
-    queue = live[preferred]
-    if queue is not None and queue >= saturation_queue_len and rest:
+    others = [live[r] for r in rest]
+    if saturated(live[preferred], others, saturation_queue_len, fallback_cost_ratio):
         return Route([rest, [preferred]], preferred, "saturated")
     return Route([[preferred], rest] if rest else [[preferred]], preferred, reason)
 
@@ -114,8 +139,13 @@ class SessionAffinityRouter(RequestRouter):
     whatever its session; the base class gives it to the request it was chosen for.
     """
 
-    def initialize_state(self, saturation_queue_len: int = SATURATION_QUEUE_LEN) -> None:
+    def initialize_state(
+        self,
+        saturation_queue_len: int = SATURATION_QUEUE_LEN,
+        fallback_cost_ratio: float = FALLBACK_COST_RATIO,
+    ) -> None:
         self.saturation_queue_len = saturation_queue_len
+        self.fallback_cost_ratio = fallback_cost_ratio
         self._seen: dict[str, float] = {}  # replica id -> when it was last live
         # internal request id -> its route, until routed (bounded: a request cancelled while
         # waiting is never routed).
@@ -139,7 +169,11 @@ class SessionAffinityRouter(RequestRouter):
         cache = self.replica_queue_len_cache
         live = {rid: cache.get(r.replica_id) for rid, r in by_id.items()}
         decided = route(
-            session_key(pending_request), live, self._gone(list(by_id)), self.saturation_queue_len
+            session_key(pending_request),
+            live,
+            self._gone(list(by_id)),
+            self.saturation_queue_len,
+            self.fallback_cost_ratio,
         )
         if pending_request is not None and decided.preferred is not None:
             self._intended[pending_request.metadata.internal_request_id] = decided

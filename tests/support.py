@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,17 @@ from serve_app.config import ADMIN_TOKEN_ENV
 
 def new_request_id(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def teacher_forced_matches(
+    predicted: Sequence[int], ids: Sequence[int], prompt_len: int
+) -> tuple[int, int]:
+    """(matches, positions) of a teacher-forced top-1 comparison: `ids` is a prompt of
+    `prompt_len` tokens and a reference continuation, `predicted[i]` a model's top-1 token after
+    reading `ids[: i + 1]`; each continuation token counts once (one early difference does not
+    derail the rest, as it would comparing two free-running greedy answers)."""
+    positions = range(prompt_len, len(ids))
+    return sum(predicted[p - 1] == ids[p] for p in positions), len(positions)
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0, interval_s: float = 0.1) -> Any:

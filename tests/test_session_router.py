@@ -11,9 +11,11 @@ import pytest
 
 from serve_app.metrics import ROUTING_TALLY
 from serve_app.session_router import (
+    FALLBACK_COST_RATIO,
     SATURATION_QUEUE_LEN,
     hash_order,
     route,
+    saturated,
     session_key,
 )
 
@@ -48,6 +50,20 @@ def test_a_saturated_replica_sends_the_turn_to_the_others_first() -> None:
     assert unknown.ranks[0] == [preferred]
     alone = route("chat:s", {preferred: 99})  # nowhere else to go: still served
     assert alone.ranks == [[preferred]]
+
+
+def test_a_turn_leaves_only_for_a_replica_light_enough_to_prefill_its_history_sooner() -> None:
+    bound, ratio = SATURATION_QUEUE_LEN, FALLBACK_COST_RATIO
+    assert saturated(bound, [0]) and not saturated(bound - 1, [0])
+    # Each request queued on the other replica makes its full prefill `ratio` times slower.
+    assert not saturated(bound, [1]) and not saturated(bound + int(ratio) - 1, [1])
+    assert saturated(bound + ratio, [1]) and saturated(bound + 2 * ratio, [2, 9])
+    assert saturated(bound, [None, 5])  # unknown counts as idle: Serve probes it first
+    assert not saturated(None, [0]) and not saturated(99, [])  # unknown own queue; alone
+    preferred = hash_order("chat:s", REPLICAS)[0]
+    busy_others = dict.fromkeys(REPLICAS, 2) | {preferred: bound}
+    assert route("chat:s", busy_others).ranks[0] == [preferred]
+    assert route("chat:s", busy_others, saturation_queue_len=1, fallback_cost_ratio=0.5).reason
 
 
 def test_when_a_replica_goes_only_its_sessions_move() -> None:

@@ -31,6 +31,7 @@ from serve_app.engines.features import ENGINE_FEATURES  # noqa: E402
 from serve_app.engines.hf_loading import load_model  # noqa: E402
 from serve_app.engines.vllm_engine import VLLMEngine  # noqa: E402
 from serve_app.model_contract import AnswerChunk, GenerationRequest, OutputConstraint  # noqa: E402
+from tests.support import teacher_forced_matches  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -146,9 +147,8 @@ def test_teacher_forced_top1_agrees_with_transformers_float32(served, reference)
     matches = total = 0
     for ids, prompt_len in reference:
         predicted = loop.run(argmaxes(ids))  # predicted[i]: the token after ids[: i + 1]
-        for position in range(prompt_len, len(ids)):
-            matches += predicted[position - 1] == ids[position]
-            total += 1
+        same, positions = teacher_forced_matches(predicted, ids, prompt_len)
+        matches, total = matches + same, total + positions
     print(f"vLLM vs transformers float32, teacher-forced top-1: {matches}/{total}")
     assert total == len(FIDELITY_PROMPTS) * FIDELITY_TOKENS
     assert matches / total >= 0.97, f"{matches}/{total}"
