@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=["transformers", "mock"], default="transformers")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--artifacts", type=Path, default=ROOT / "test-artifacts" / "openwebui")
-    parser.add_argument("--answer-timeout", type=float, default=240.0)
+    parser.add_argument("--answer-timeout", type=float, default=1200.0)
     parser.add_argument("--startup-timeout", type=float, default=420.0)
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
