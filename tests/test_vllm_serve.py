@@ -1,5 +1,6 @@
 """The Serve application with engine=vllm end to end (`serve run` on loopback, the embedded
-SmolLM2, one service for the module): a correct answer on /chat_stream and /v1, all four
+SmolLM2, one service for the module): a correct answer on /chat_stream and /v1, the openai
+SDK's structured outputs, forced tool call and n choices, all four
 outcomes, slots freed at once after disconnects, the short load-test profile's accounting
 exact, and a dead engine that fails only its streams and is replaced. Needs vLLM
 (`bash scripts/setup.sh --test --vllm`)."""
@@ -12,10 +13,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import httpx
+import openai
 import psutil
 import pytest
+from pydantic import BaseModel
 
 pytest.importorskip(
     "vllm", reason="vLLM is not installed here: bash scripts/setup.sh --test --vllm adds it"
@@ -36,6 +40,7 @@ SERVICE_ARGS = {
     "cpu_kv_cache_gib": 1,
     "retry_after_sec": 1,
 }
+MODEL = "SmolLM2-135M-Instruct"
 LONG = {"user_input": "Write a very long story about a dragon.", "max_new_tokens": 400}
 
 
@@ -98,6 +103,58 @@ def test_success_greedy_answer_on_chat_stream_and_v1(service) -> None:
         body = v1.json()
         assert "Paris" in body["choices"][0]["message"]["content"]
         assert body["usage"]["completion_tokens"] > 0
+
+
+class Capital(BaseModel):
+    """A bounded schema: the constrained answer completes well within max_tokens."""
+
+    city: Literal["Paris", "Lyon", "Berlin"]
+    country: Literal["France", "Germany"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Berlin"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_the_openai_sdk_gets_structured_outputs_tools_and_n_choices_from_vllm(service) -> None:
+    """The ecosystem's calls, unchanged, on the second engine: `parse` with a pydantic model, a
+    forced (named) tool call, and two seeded choices. vLLM's own structured outputs decode them,
+    so they always parse."""
+    sdk = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "Which city is the capital of France?"}]
+    parsed = sdk.chat.completions.parse(
+        model=MODEL, messages=question, response_format=Capital, temperature=0, max_tokens=48
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Capital)
+
+    forced = sdk.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=48,
+    )
+    (call,) = forced.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in {"Paris", "Berlin"}
+
+    two = sdk.chat.completions.create(
+        model=MODEL, messages=question, n=2, seed=7, temperature=1.0, max_tokens=8
+    )
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    if all(c.finish_reason == "length" for c in two.choices):
+        assert two.usage.completion_tokens == 16  # usage counts both choices
+    wait_for(lambda: idle(service), timeout_s=30)
 
 
 def test_disconnect_mid_stream_frees_the_slot_at_once(service) -> None:
