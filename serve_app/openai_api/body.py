@@ -78,7 +78,7 @@ def _ignored_keys(
     return ignored
 
 
-def _strict_bool(data: Mapping[str, Any], key: str, param: str) -> bool:
+def strict_bool(data: Mapping[str, Any], key: str, param: str) -> bool:
     value = data.get(key)
     if value is None:
         return False

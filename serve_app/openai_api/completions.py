@@ -27,7 +27,6 @@ from serve_app.openai_api.protocol import (
     _ignored_keys,
     _load_body,
     _parse_stream_options,
-    _strict_bool,
     check_model,
     parse_generation_params,
     parse_prompt_cache_key,
@@ -35,6 +34,7 @@ from serve_app.openai_api.protocol import (
     parse_stop,
     parse_user,
     session_key,
+    strict_bool,
 )
 from serve_app.openai_api.sampling import Sampling, parse_sampling
 from serve_app.refusals import invalid_request
@@ -132,13 +132,13 @@ def parse_completion(
     ignored = _ignored_keys(data, _KNOWN, _NEUTRAL)
     model = check_model(data, served_model)
     prompt = parse_prompt(data.get("prompt"))
-    stream = _strict_bool(data, "stream", "stream")
+    stream = strict_bool(data, "stream", "stream")
     include_usage, continuous = _parse_stream_options(data, stream, ignored)
     params = parse_generation_params(
         {k: v for k, v in data.items() if k != "max_completion_tokens"}
     )
     sampling = parse_sampling(data, max_tokens=params.get("max_new_tokens"), legacy=True)
-    echo = _strict_bool(data, "echo", "echo")
+    echo = strict_bool(data, "echo", "echo")
     if echo and sampling.logprobs is not None:
         raise invalid_request(
             "'echo' with 'logprobs' needs the prompt's log probabilities, which this server "

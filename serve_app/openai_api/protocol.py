@@ -44,7 +44,7 @@ from serve_app.openai_api.body import (  # noqa: F401 - re-exported
     _check_keys,
     _ignored_keys,
     _load_body,
-    _strict_bool,
+    strict_bool,
 )
 from serve_app.openai_api.messages import (  # noqa: F401 - re-exported
     MAX_CONTENT_CHARS,
@@ -189,8 +189,8 @@ def _parse_stream_options(data: Mapping[str, Any], stream: bool, ignored: list[s
         )
     options = options or {}
     ignored += _ignored_keys(options, _STREAM_OPTIONS, prefix="stream_options.")
-    asked_usage = _strict_bool(options, "include_usage", "stream_options.include_usage")
-    asked_continuous = _strict_bool(
+    asked_usage = strict_bool(options, "include_usage", "stream_options.include_usage")
+    asked_continuous = strict_bool(
         options, "continuous_usage_stats", "stream_options.continuous_usage_stats"
     )
     include_usage = stream and asked_usage
@@ -268,7 +268,7 @@ def parse_chat_completion(
     ignored = _ignored_keys(data, _SUPPORTED | _HARMLESS, _NEUTRAL)
     model = check_model(data, served_model)
     messages = _parse_messages(data.get("messages"), ignored)
-    stream = _strict_bool(data, "stream", "stream")
+    stream = strict_bool(data, "stream", "stream")
     include_usage, continuous_usage = _parse_stream_options(data, stream, ignored)
     params = parse_generation_params(data)
     tools = parse_tools(data.get("tools"))

@@ -20,6 +20,7 @@ from jsonschema import SchemaError, validators
 
 from serve_app.engines.features import unsupported_features
 from serve_app.model_contract import GenerationRequest, OutputConstraint
+from serve_app.openai_api.body import strict_bool
 from serve_app.refusals import invalid_request, unsupported_parameter
 
 MAX_CHOICES = 8  # `n`: each choice is a model stream; one request must not take the whole pool
@@ -100,15 +101,6 @@ def _strict_number(value: Any, param: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _flag(data: Mapping[str, Any], key: str) -> bool:
-    value = data.get(key)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid_request(f"'{key}' must be a boolean", key, "invalid_type")
-    return value
-
-
 def parse_logit_bias(raw: Any) -> tuple[tuple[int, float], ...]:
     """`{"<token id>": bias}` -> sorted `(token_id, bias)` pairs; a zero bias is dropped."""
     if raw is None:
@@ -134,7 +126,7 @@ def parse_logit_bias(raw: Any) -> tuple[tuple[int, float], ...]:
 def parse_logprobs(data: Mapping[str, Any]) -> int | None:
     """`logprobs: true` (+ `top_logprobs`) -> the contract's count; `top_logprobs` alone is a
     400, as at OpenAI."""
-    wanted = _flag(data, "logprobs")
+    wanted = strict_bool(data, "logprobs", "logprobs")
     top = strict_int(data, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
     if top and not wanted:
         raise invalid_request(
@@ -232,7 +224,7 @@ def parse_sampling(
     }
     return Sampling(
         n=strict_int(data, "n", 1, MAX_CHOICES, 1),
-        ignore_eos=_flag(data, "ignore_eos"),
+        ignore_eos=strict_bool(data, "ignore_eos", "ignore_eos"),
         min_tokens=min_tokens,
         logit_bias=parse_logit_bias(data.get("logit_bias")),
         logprobs=parse_legacy_logprobs(data) if legacy else parse_logprobs(data),

@@ -31,9 +31,9 @@ from serve_app.openai_api.protocol import (
     ROLES,
     _check_keys,
     _load_body,
-    _strict_bool,
     _validate_param,
     check_model,
+    strict_bool,
 )
 from serve_app.openai_api.tools import (
     MAX_ARGUMENT_CHARS,
@@ -282,8 +282,8 @@ def parse_response_request(
         instructions=_optional_str(data, "instructions", MAX_INSTRUCTIONS_CHARS),
         params=params,
         seed=seed,
-        stream=_strict_bool(data, "stream", "stream"),
-        store=True if store is None else _strict_bool(data, "store", "store"),
+        stream=strict_bool(data, "stream", "stream"),
+        store=True if store is None else strict_bool(data, "store", "store"),
         previous_response_id=previous,
         metadata=_parse_metadata(data.get("metadata")),
         constraint=constraint,
