@@ -14,6 +14,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import jsonschema
 import pytest
 
 pytest.importorskip(
@@ -261,6 +262,38 @@ def test_json_schema_decodes_a_valid_instance(served, formatter) -> None:
     assert set(value) == {"name", "age"} and isinstance(value["age"], int)
 
 
+def test_sampled_json_schema_answers_are_whole_and_compact(served, formatter) -> None:
+    """The load test's structured task, on vLLM: sampled answers under a schema always end and
+    validate. With free whitespace, the small model looped on newlines until its budget ran
+    out (a cut, invalid answer); the grammar leaves it no whitespace to loop on."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "rank": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    constraint = OutputConstraint("json_schema", json.dumps(schema))
+    params = GenerationParams(temperature=1.0, max_new_tokens=64)
+    questions = ["Name a city and rank it.", "Pick a big city.", "Tell me about Rome."]
+    engine, loop = served
+
+    async def ask_all() -> list[list[AnswerChunk]]:
+        requests = [
+            GenerationRequest(prompt(formatter, q), params, constraint=constraint, seed=seed)
+            for q in questions
+            for seed in range(4)
+        ]
+        return await asyncio.gather(*(collect(engine, r) for r in requests))
+
+    for chunks in loop.run(ask_all()):
+        text = "".join(c.text for c in chunks)
+        assert chunks[-1].finish_reason == "stop" and "\n" not in text, text
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_a_seed_reproduces_a_sampled_answer(served, formatter) -> None:
     ids = prompt(formatter, "Tell me a short story.")
     params = GenerationParams(temperature=1.0, max_new_tokens=20)
@@ -341,6 +374,29 @@ def test_a_consumer_that_goes_away_aborts_its_request_at_once(served, formatter,
     assert text
 
 
+def test_n_choices_are_reproducible_per_request_and_greedy_ones_equal(served, formatter) -> None:
+    """A request's `n` choices as the ingress runs them (serve_app/choices.py): n requests at
+    once, each with the seed derived for its index."""
+    from serve_app.model_contract import merge_chunks
+    from serve_app.openai_api.sampling import choice_requests
+
+    engine, loop = served
+    ids = prompt(formatter, "Tell me a fun fact about the sea.")
+
+    async def choices(request: GenerationRequest) -> list[AnswerChunk]:
+        runs = [collect(engine, r) for r in choice_requests(request, 3)]
+        return [merge_chunks(chunks) for chunks in await asyncio.gather(*runs)]
+
+    sampled = GenerationParams(temperature=1.0, max_new_tokens=12)
+    first = loop.run(choices(GenerationRequest(ids, sampled, seed=11, logprobs=1)))
+    again = loop.run(choices(GenerationRequest(ids, sampled, seed=11, logprobs=1)))
+    assert [a.text for a in again] == [a.text for a in first]
+    assert len({a.text for a in first}) > 1  # each choice samples with its own seed
+    assert all(len(a.logprobs) == a.num_tokens > 0 for a in first)
+    greedy = loop.run(choices(GenerationRequest(ids, GREEDY)))
+    assert len({a.text for a in greedy}) == 1
+
+
 def test_a_dead_engine_fails_its_health_check(served) -> None:
     """Last in the module: it kills the module's engine."""
     engine, loop = served
@@ -365,26 +421,3 @@ def test_a_dead_engine_fails_its_health_check(served) -> None:
     while (failure := loop.run(health())) is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert isinstance(failure, EngineError)
-
-
-def test_n_choices_are_reproducible_per_request_and_greedy_ones_equal(served, formatter) -> None:
-    """A request's `n` choices as the ingress runs them (serve_app/choices.py): n requests at
-    once, each with the seed derived for its index."""
-    from serve_app.model_contract import merge_chunks
-    from serve_app.openai_api.sampling import choice_requests
-
-    engine, loop = served
-    ids = prompt(formatter, "Tell me a fun fact about the sea.")
-
-    async def choices(request: GenerationRequest) -> list[AnswerChunk]:
-        runs = [collect(engine, r) for r in choice_requests(request, 3)]
-        return [merge_chunks(chunks) for chunks in await asyncio.gather(*runs)]
-
-    sampled = GenerationParams(temperature=1.0, max_new_tokens=12)
-    first = loop.run(choices(GenerationRequest(ids, sampled, seed=11, logprobs=1)))
-    again = loop.run(choices(GenerationRequest(ids, sampled, seed=11, logprobs=1)))
-    assert [a.text for a in again] == [a.text for a in first]
-    assert len({a.text for a in first}) > 1  # each choice samples with its own seed
-    assert all(len(a.logprobs) == a.num_tokens > 0 for a in first)
-    greedy = loop.run(choices(GenerationRequest(ids, GREEDY)))
-    assert len({a.text for a in greedy}) == 1

@@ -54,6 +54,7 @@ class VLLMEngine(Engine):
             return
         # Converting a GGUF and loading the tokenizer block for seconds: off the event loop.
         self.model_dir, self.tokenizer = await asyncio.to_thread(self._prepare)
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -62,7 +63,9 @@ class VLLMEngine(Engine):
         os.environ.update(engine_env(self.config, on_cpu=on_cpu, threads=threads))
         kwargs = engine_kwargs(self.config, self.model_dir, on_cpu=on_cpu)
         logger.warning("starting vLLM: %s", kwargs)
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        structured = StructuredOutputsConfig(**kwargs.pop("structured_outputs_config"))
+        args = AsyncEngineArgs(**kwargs, structured_outputs_config=structured)
+        self.llm = AsyncLLM.from_engine_args(args)
 
     def _prepare(self) -> tuple[str, Any]:
         from transformers import AutoTokenizer

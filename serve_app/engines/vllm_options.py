@@ -35,6 +35,10 @@ def engine_kwargs(config: ChatStreamConfig, model_dir: str, *, on_cpu: bool) -> 
         "enforce_eager": on_cpu if config.enforce_eager is None else config.enforce_eager,
         "enable_prefix_caching": True,
         "enable_chunked_prefill": True,
+        # llguidance, the grammar library of the transformers engine too, and compact JSON:
+        # with free whitespace a small model can loop on newlines until its budget runs out,
+        # and the answer is then cut, not valid (seen in the load test's structured task).
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
         "tensor_parallel_size": config.tensor_parallel_size,
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "seed": 0,
