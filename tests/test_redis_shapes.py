@@ -339,7 +339,11 @@ async def test_sentinel_failover_mid_load_loses_nothing_acknowledged(sentinels):
 
     try:
         *_, (old, new) = await asyncio.gather(*(worker(i) for i in range(6)), kill_primary())
-        assert servers.primary_port() == new != old
+        assert new != old  # the sentinels failed over
+        # On a loaded machine they may fail over once more (down-after is 1 s: seen in CI, back
+        # to the restarted old primary). What this test guards holds whichever is primary now:
+        # nothing acknowledged is lost.
+        assert servers.primary_port() in {new, old}
         assert "StoreUnavailable" in log, "the failover went unnoticed"
         assert set(log) == {"ok", "StoreUnavailable"}, {e for e in log if e != "ok"}
         totals = await store.outcome_totals()
