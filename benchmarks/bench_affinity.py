@@ -5,7 +5,8 @@ a user runs, LocalServe), warms it up, then runs `--sessions` conversations at o
 `/v1/chat/completions` (streamed, greedy, `prompt_cache_key` = the conversation), each
 `--turns` turns of ~`--user-tokens`-token user messages and `--answer-tokens`-token answers;
 every turn re-sends the whole history, as a chat client does. Prints TTFT p50/p95 per turn
-number and the aggregate completion tokens/s of each run, as a Markdown table, then the
+number and the aggregate completion tokens/s of each run, as a Markdown table, how the
+router's rendezvous hash spreads the sessions over the replicas (from Ray's dashboard), then the
 issue's targets (last turn p50 <= 1.3 x turn 1; tok/s with affinity not below without).
 
 The headline table, on a quiet machine (each server runs alone, one after the other):
@@ -27,14 +28,21 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import random
 import statistics
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from serve_app.config import MODEL_DEPLOYMENT_NAME
 from serve_app.local_server import LocalServe
+from serve_app.session_router import hash_order
+
+RAY_DASHBOARD = "http://127.0.0.1:8265"  # the Ray cluster `serve run` starts
 
 WORDS = [
     "river",
@@ -157,6 +165,7 @@ async def run(url: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         )
         wall = time.monotonic() - start
         load = (await client.get("/load")).json()
+    keys = [f"v1:{tag}-{s}" for s in range(args.sessions)]  # protocol.session_key's
     per_turn = [[r[t][0] for r in results] for t in range(args.turns)]
     tokens = sum(tok for r in results for _, tok in r)
     return {
@@ -166,7 +175,35 @@ async def run(url: str, args: argparse.Namespace, tag: str) -> dict[str, Any]:
         "tokens": tokens,
         "wall": wall,
         "routing": load.get("routing"),
+        "sessions_per_replica": sessions_per_replica(keys),
     }
+
+
+def sessions_per_replica(keys: list[str]) -> list[int]:
+    """How the router's rendezvous hashing spreads the sessions `keys` over the running model
+    replicas, most first (an uneven split leaves a core idle while the other queues); [] if
+    Ray's dashboard does not answer."""
+    # Ray 2.60's dashboard wants the cluster's token when it has one (where `ray` keeps it).
+    token_file = Path.home() / ".ray" / "auth_token"
+    token = os.environ.get("RAY_AUTH_TOKEN") or (
+        token_file.read_text().strip() if token_file.exists() else ""
+    )
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        reply = httpx.get(f"{RAY_DASHBOARD}/api/serve/applications/", headers=headers, timeout=10)
+        apps = reply.json()["applications"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return []
+    replicas = [
+        replica["replica_id"]
+        for app in apps.values()
+        for replica in app["deployments"].get(MODEL_DEPLOYMENT_NAME, {}).get("replicas", [])
+        if replica.get("state") == "RUNNING"
+    ]
+    if not replicas:
+        return []
+    chosen = Counter(hash_order(key, replicas)[0] for key in keys)
+    return sorted((chosen.get(r, 0) for r in replicas), reverse=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -245,7 +282,11 @@ def main() -> None:
         print(f"| {mode} | {row['replicas']} | {cells} | {row['tok_s']:.1f} |")
     for mode, row in rows.items():
         ratio = row["p50"][-1] / row["p50"][0]
-        print(f"{mode}: last-turn p50 / turn-1 p50 = {ratio:.2f}; routing {row['routing']}")
+        split = "/".join(map(str, row.get("sessions_per_replica") or [])) or "?"
+        print(
+            f"{mode}: last-turn p50 / turn-1 p50 = {ratio:.2f}; routing {row['routing']}; "
+            f"sessions per replica by the affine hash: {split}"
+        )
     if "on" in rows:
         on = rows["on"]
         ratio = on["p50"][-1] / on["p50"][0]

@@ -352,14 +352,16 @@ def run_rounds(
     rounds: int,
     modes: dict[str, Any],
     step_s: dict[int, float],
+    rounds_at: dict[int, int] | None = None,
 ) -> list[Row]:
-    """`modes`: name -> fn(level, offsets) -> (wall, streams, cpu dict | None), alternated."""
+    """`modes`: name -> fn(level, offsets) -> (wall, streams, cpu dict | None), alternated.
+    `rounds_at`: more rounds at some levels (at 1 stream, 2 rounds are 2 TTFT samples)."""
     rows = []
     for level in levels:
         offsets = [i * step_s.get(level, 0.0) / level for i in range(level)]
         results: dict[str, list] = {m: [] for m in modes}
         cpus: dict[str, list] = {m: [] for m in modes}
-        for _ in range(rounds):
+        for _ in range(max(rounds, (rounds_at or {}).get(level, 0))):
             for name, fn in modes.items():
                 wall, streams, cpu = fn(level, offsets)
                 results[name].append((wall, streams))
