@@ -11,10 +11,14 @@ the sentinels' ports, each data server's port and directory with its `redis.conf
 2. wait until every sentinel names one new primary and it answers `ROLE` as a master;
 3. at least `down_sec` after the kill, start the old primary again from its `redis.conf`; the
    sentinels turn it into a replica of the new primary;
-4. recovered once it replicates (`master_link_status:up`): from then on an outcome's `WAIT`
-   for one replica succeeds again.
+4. recovered once the set is whole: the sentinels name one primary, and every other server,
+   the restarted one included, replicates from it (`master_link_status:up`). From then on an
+   outcome's `WAIT` for one replica succeeds again. On a loaded machine the sentinels may
+   fail over once more meanwhile (seen in CI, back to the restarted old primary); the set is
+   whole all the same, and `primary` says which one leads it.
 
-`down_at` is the kill, `up_at` the end of step 4; `detail` says how long the failover took.
+`down_at` is the kill, `up_at` the end of step 4; `new_primary` is the one first promoted,
+`detail` says how long the failover took.
 """
 
 from __future__ import annotations
@@ -77,6 +81,19 @@ def _replicates_from(port: int, primary: int) -> bool:
     )
 
 
+def settled_primary(description: dict[str, Any]) -> int | None:
+    """The primary of a whole set: the one every answering sentinel names, a master, with
+    every other data server replicating from it; None while the set is not whole."""
+    named = _primary_ports(description)
+    if len(named) != 1:
+        return None
+    primary = next(iter(named))
+    others = [int(s["port"]) for s in description["servers"] if int(s["port"]) != primary]
+    if _role(primary) != "master" or not all(_replicates_from(p, primary) for p in others):
+        return None
+    return primary
+
+
 def _redis_pid(server: dict[str, Any]) -> int:
     directory, port = Path(server["dir"]), int(server["port"])
     pid = int((directory / "redis.pid").read_text().strip())
@@ -94,13 +111,14 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
-def _wait(check: Any, timeout: float) -> bool:
+def _wait(check: Any, timeout: float) -> Any:
+    """Poll `check` until it gives a truthy value, and return that; None after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return True
+        if value := check():
+            return value
         time.sleep(0.1)
-    return False
+    return None
 
 
 def fail_over(
@@ -145,20 +163,27 @@ def fail_over(
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # outlives this process; stopped by its pid (redis.pid)
     )
-    if not _wait(lambda: _replicates_from(old, new[0]), recovery_timeout):
+    primary = _wait(lambda: settled_primary(description), recovery_timeout)
+    if primary is None:
         return {
             "killed": killed,
             "recovered": False,
             "detail": f"new primary {new[0]} after {failover_sec:.1f}s; the old primary "
-            f"(restarted as pid {restarted.pid}) did not become its replica",
+            f"(restarted as pid {restarted.pid}) did not rejoin the set as a replica",
         }
     up_at = time.time()
+    back = (
+        "replicates from it"
+        if primary == new[0]
+        else f"rejoined; the sentinels then failed over once more, to port {primary}"
+    )
     return {
         "killed": killed,
         "recovered": True,
         "seconds": round(up_at - down_at, 1),
         "detail": f"sentinels promoted port {new[0]} after {failover_sec:.1f}s; the old "
-        f"primary restarted as pid {restarted.pid} and replicates from it",
+        f"primary restarted as pid {restarted.pid} and {back}",
+        "primary": primary,
         "down_at": down_at,
         "up_at": up_at,
         "state_lost": False,

@@ -457,6 +457,18 @@ class SentinelSet(_Group):
         ready = state["is_master"] and not (state["is_sdown"] or state["is_odown"])
         return int(state["port"]) if ready else None
 
+    def request_failover(self) -> bool:
+        """Ask sentinel 0 for a failover (`SENTINEL FAILOVER`); False while it has no replica
+        it would promote (NOGOODSLAVE) or a failover is under way."""
+        import redis
+
+        try:
+            with self._sentinel(0) as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", self.service)
+        except redis.ResponseError:
+            return False
+        return True
+
     def wait_for_failover(self, old_port: int, timeout_s: float = 30.0) -> int:
         """Wait until every sentinel has finished failing over to a primary that answers as
         one; its port."""
