@@ -152,10 +152,14 @@ async def test_serve_keeps_sessions_on_their_replica_falls_back_and_survives_a_k
 
     ROUTING_TALLY.clear()
     homes = {}
-    for i in range(6):
+    # Six sessions, and more until both replicas hold one: the hash of random replica ids puts
+    # six on one replica in 1 run of 32 (seen in CI), twenty in 1 of 500,000.
+    for i in range(20):
         served = {await ask(serve_handle, f"chat:{i}") for _ in range(5)}
         assert len(served) == 1, served  # sticky
         homes[f"chat:{i}"] = served.pop()
+        if i >= 5 and len(set(homes.values())) == 2:
+            break
     assert len(set(homes.values())) == 2  # and the sessions use both replicas
     assert ROUTING_TALLY[("affine", "")] >= 30
 
