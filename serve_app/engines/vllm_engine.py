@@ -141,5 +141,9 @@ class VLLMEngine(Engine):
                     await asyncio.shield(engine.abort(request_id))
 
     def shutdown(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
+        # Drop the reference as well: vLLM's lazy imports keep `start`'s frame, and with it this
+        # object, alive to the end of the process. An AsyncLLM still held then is finalised
+        # with the interpreter: its __del__ fails there, and the process can crash (CI: 139).
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
