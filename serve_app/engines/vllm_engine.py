@@ -141,9 +141,10 @@ class VLLMEngine(Engine):
                     await asyncio.shield(engine.abort(request_id))
 
     def shutdown(self) -> None:
-        # Drop the reference as well: vLLM's lazy imports keep `start`'s frame, and with it this
-        # object, alive to the end of the process. An AsyncLLM still held then is finalised
-        # with the interpreter: its __del__ fails there, and the process can crash (CI: 139).
+        # Drop the reference as well: the frames of vLLM's imports in `start` stay alive to the
+        # end of the process (held inside vLLM), and `start`'s frame holds this object. An
+        # AsyncLLM still held then is finalised with the interpreter: its __del__ fails there,
+        # and the process can crash (CI's pytest: exit 139).
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.shutdown()
