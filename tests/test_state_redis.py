@@ -62,11 +62,14 @@ class Stream(threading.Thread):
     def run(self) -> None:
         body = {"user_input": self.user_input, "max_new_tokens": self.max_new_tokens}
         headers = {"X-ChatStream-Request-Id": self.request_id}
-        with self.client.stream("POST", "/chat_stream", json=body, headers=headers) as response:
-            for chunk in response.iter_text():
-                self.text += chunk
-                self.first_chunk.set()
-            self.status_code = response.status_code
+        try:
+            with self.client.stream("POST", "/chat_stream", json=body, headers=headers) as r:
+                for chunk in r.iter_text():
+                    self.text += chunk
+                    self.first_chunk.set()
+                self.status_code = r.status_code
+        except httpx.TransportError:  # a cut stream, which the tests look for: status None
+            return
 
 
 def first_chunk_seen(client: httpx.Client, text: str) -> Stream:
