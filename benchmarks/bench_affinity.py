@@ -28,12 +28,10 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import os
 import random
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +39,7 @@ import httpx
 from serve_app.config import MODEL_DEPLOYMENT_NAME
 from serve_app.local_server import LocalServe
 from serve_app.session_router import hash_order
+from tests.ray_cluster import auth_headers  # the cluster's token, as the tests send it
 
 RAY_DASHBOARD = "http://127.0.0.1:8265"  # the Ray cluster `serve run` starts
 
@@ -183,14 +182,10 @@ def sessions_per_replica(keys: list[str]) -> list[int]:
     """How the router's rendezvous hashing spreads the sessions `keys` over the running model
     replicas, most first (an uneven split leaves a core idle while the other queues); [] if
     Ray's dashboard does not answer."""
-    # Ray 2.60's dashboard wants the cluster's token when it has one (where `ray` keeps it).
-    token_file = Path.home() / ".ray" / "auth_token"
-    token = os.environ.get("RAY_AUTH_TOKEN") or (
-        token_file.read_text().strip() if token_file.exists() else ""
-    )
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        reply = httpx.get(f"{RAY_DASHBOARD}/api/serve/applications/", headers=headers, timeout=10)
+        reply = httpx.get(
+            f"{RAY_DASHBOARD}/api/serve/applications/", headers=auth_headers(), timeout=10
+        )
         apps = reply.json()["applications"]
     except (httpx.HTTPError, KeyError, ValueError):
         return []
