@@ -83,7 +83,31 @@ def run_load_profiles(
     output = done.stdout + done.stderr
     log = reports_dir / service_log
     tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no service log)"
-    assert done.returncode == 0, f"{output[-12000:]}\n--- service log tail ---\n{tail}"
+    assert done.returncode == 0, load_failure(output, tail)
+
+
+def accounting_section(output: str) -> str:
+    """The accounting report(s) a load run printed (from the table's header to its verdict):
+    what went wrong, which the tail of Locust's statistics that follows it does not show."""
+    sections, current = [], None
+    for line in output.splitlines():
+        if line.startswith("outcome / rejection"):
+            current = [line]
+        elif current is not None:
+            current.append(line)
+            if line.startswith("ACCOUNTING "):
+                sections.append("\n".join(current))
+                current = None
+    return "\n\n".join(sections) or "(no accounting report printed)"
+
+
+def load_failure(output: str, service_tail: str, tail_chars: int = 8000) -> str:
+    """The message for a failed load run: its accounting report, the tail of its output, and
+    the tail of the service's log."""
+    return (
+        f"--- accounting ---\n{accounting_section(output)}\n--- output tail ---\n"
+        f"{output[-tail_chars:]}\n--- service log tail ---\n{service_tail}"
+    )
 
 
 def run_locust(url: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ pytest.importorskip(
 
 from loadtest.run_profile import PROFILES, ROOT, locust_command  # noqa: E402
 from serve_app.local_server import LocalServe  # noqa: E402
-from tests.support import new_request_id, outcome_of, wait_for  # noqa: E402
+from tests.support import load_failure, new_request_id, outcome_of, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +204,7 @@ def test_short_load_profile_accounting_is_exact(service, tmp_path: Path) -> None
         command, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False
     )
     output = done.stdout + done.stderr
-    assert done.returncode == 0, f"{output[-8000:]}\n--- service ---\n{service.log_tail(80)}"
+    assert done.returncode == 0, load_failure(output, service.log_tail(80))
     accounting = json.loads((tmp_path / "ci-accounting.json").read_text())
     assert accounting["ok"], accounting
     seen = {row["key"]: row["client"] for row in accounting["rows"]}
