@@ -129,14 +129,14 @@ def pick_dtype(requested: str, device: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def cpu_dtype(requested: str) -> str:
-    """What a CPU replica computes in: `requested`, or for "auto" bfloat16 on a CPU that
-    multiplies it natively (AVX-512 BF16 / AMX: about 1.7-1.8x float32 at batch 8 on a quiet
-    2-core box, 98.6 % teacher-forced top-1 agreement with float32 on the README's prompt set),
-    else float32."""
+def cpu_dtype(requested: str, native_bf16: bool) -> str:
+    """What a CPU replica computes in, with either engine: `requested`, or for "auto" bfloat16
+    on a CPU that multiplies it natively (`native_bf16`, AVX-512 BF16 / AMX: about 1.7-1.8x
+    float32 at batch 8 on a quiet 2-core box, 98.6 % teacher-forced top-1 agreement with float32
+    on the README's prompt set), else float32 (without them bfloat16 is emulated, and slower)."""
     if requested != "auto":
         return requested
-    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+    return "bfloat16" if native_bf16 else "float32"
 
 
 def apply_precision(model: Any, dtype: str, quantization: str) -> Any:
@@ -182,14 +182,15 @@ def load_model(config: ChatStreamConfig) -> tuple[Any, str]:
     )
     model.to(device)
     model.eval()
+    computed = cpu_dtype(config.dtype, cpu_has_fast_bf16()) if device == "cpu" else dtype
     if device == "cpu":
-        apply_precision(model, cpu_dtype(config.dtype), config.quantization)
+        apply_precision(model, computed, config.quantization)
     elif config.quantization != "none":
         raise ValueError(f"quantization={config.quantization!r} is for CPU replicas only")
     logger.info(
         "model loaded in %.1f s (%s, quantization: %s, torch threads: %d)",
         time.monotonic() - started,
-        cpu_dtype(config.dtype) if device == "cpu" else dtype,
+        computed,
         config.quantization,
         torch.get_num_threads(),
     )

@@ -20,6 +20,7 @@ from typing import Any
 from serve_app.config import ChatStreamConfig
 from serve_app.engines.base import Engine, EngineError
 from serve_app.engines.chat_tokens import prompt_token_ids
+from serve_app.engines.hf_loading import cpu_has_fast_bf16
 from serve_app.engines.threads import ray_cpu_allotment, torch_threads
 from serve_app.engines.vllm_options import (
     answer_chunk,
@@ -61,7 +62,9 @@ class VLLMEngine(Engine):
         on_cpu = not cuda_present()
         threads = torch_threads(self.config, ray_cpu_allotment())
         os.environ.update(engine_env(self.config, on_cpu=on_cpu, threads=threads))
-        kwargs = engine_kwargs(self.config, self.model_dir, on_cpu=on_cpu)
+        kwargs = engine_kwargs(
+            self.config, self.model_dir, on_cpu=on_cpu, native_bf16=cpu_has_fast_bf16()
+        )
         logger.warning("starting vLLM: %s", kwargs)
         structured = StructuredOutputsConfig(**kwargs.pop("structured_outputs_config"))
         args = AsyncEngineArgs(**kwargs, structured_outputs_config=structured)

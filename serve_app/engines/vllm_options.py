@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve_app.config import ChatStreamConfig
+from serve_app.engines.hf_loading import cpu_dtype
 from serve_app.model_contract import (
     AnswerChunk,
     FinishReason,
@@ -17,8 +18,11 @@ from serve_app.model_contract import (
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 
 
-def engine_kwargs(config: ChatStreamConfig, model_dir: str, *, on_cpu: bool) -> dict[str, Any]:
-    """`AsyncEngineArgs` keywords for `config` (`model_dir`: what vllm_weights resolved)."""
+def engine_kwargs(
+    config: ChatStreamConfig, model_dir: str, *, on_cpu: bool, native_bf16: bool = False
+) -> dict[str, Any]:
+    """`AsyncEngineArgs` keywords for `config` (`model_dir`: what vllm_weights resolved;
+    `native_bf16`: the CPU multiplies bfloat16 natively, see hf_loading.cpu_has_fast_bf16)."""
     if config.quantization != "none":
         # ChatStream's int8 is its own CPU path for transformers; vLLM reads a quantized
         # model's method from the model's own config.
@@ -29,7 +33,9 @@ def engine_kwargs(config: ChatStreamConfig, model_dir: str, *, on_cpu: bool) -> 
     kwargs: dict[str, Any] = {
         "model": model_dir,
         "tokenizer": config.tokenizer or None,
-        "dtype": config.dtype,
+        # On a CPU, "auto" is the default engine's rule; vLLM's own would be bfloat16 on any
+        # CPU, emulated (4-5x as long to the first token) where it has no native bfloat16.
+        "dtype": cpu_dtype(config.dtype, native_bf16) if on_cpu else config.dtype,
         "max_num_seqs": config.max_ongoing_requests,
         # On a CPU, compiled graphs gave wrong text (../shared/notes/vllm-on-cpu.md).
         "enforce_eager": on_cpu if config.enforce_eager is None else config.enforce_eager,
