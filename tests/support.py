@@ -83,7 +83,7 @@ def run_load_profiles(
     output = done.stdout + done.stderr
     log = reports_dir / service_log
     tail = log.read_text(errors="replace")[-6000:] if log.exists() else "(no service log)"
-    assert done.returncode == 0, load_failure(output, tail)
+    assert done.returncode == 0, load_failure(output, tail, tail_chars=12000)
 
 
 def accounting_section(output: str) -> str:
